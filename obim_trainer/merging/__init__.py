@@ -1,0 +1,29 @@
+"""Pure tensor math for merging: one module per method, chosen by name through the registry.
+
+Nothing here reads files, builds models or talks to other processes.
+"""
+
+from obim_trainer.merging.registry import (
+    MergeMethod,
+    MethodParams,
+    available_methods,
+    build_method,
+    get_method,
+    register_method,
+)
+from obim_trainer.merging.task import MergeOutput, ParamKind, TensorTask
+
+# Built-in methods register themselves on import.
+from obim_trainer.merging import obim  # noqa: E402, F401, I001
+
+__all__ = [
+    "MergeMethod",
+    "MergeOutput",
+    "MethodParams",
+    "ParamKind",
+    "TensorTask",
+    "available_methods",
+    "build_method",
+    "get_method",
+    "register_method",
+]

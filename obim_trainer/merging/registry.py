@@ -1,0 +1,145 @@
+"""The registry of merge methods.
+
+A method is a :class:`MergeMethod` subclass with a name, a pydantic ``Params``
+model (the parameters users set from the CLI, YAML or Python, with mergekit's
+names where mergekit has them), and a ``merge`` that turns one
+:class:`~obim_trainer.merging.task.TensorTask` into one tensor.
+
+Built-in methods register themselves with :func:`register_method` when
+``obim_trainer.merging`` is imported. Other packages add methods through the
+entry-point group ``obim_trainer.methods``; each entry point names a
+``MergeMethod`` subclass (or a module that registers some on import).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from obim_trainer.errors import ConfigError
+from obim_trainer.merging.task import MergeOutput, TensorTask
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "obim_trainer.methods"
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameters: unknown names are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MergeMethod(ABC):
+    """A merge method: pure tensor math on one :class:`TensorTask` at a time.
+
+    Subclasses set ``name``, ``Params`` and ``summary``, may override
+    :meth:`validate_for` to check parameters against the number of checkpoints,
+    and implement :meth:`merge`.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    needs_activation_stats: ClassVar[bool] = False
+    """True when the method reads ``TensorTask.input_sq_mean`` (the engine then runs calibration)."""
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+
+    def __init__(self, params: MethodParams | Mapping[str, Any] | None = None, *, num_models: int) -> None:
+        self.params = params if isinstance(params, self.Params) else parse_params(self, params or {})
+        self.num_models = num_models
+        self._check_model_count()
+        self.validate_for(num_models)
+
+    def _check_model_count(self) -> None:
+        k = self.num_models
+        if k < self.min_models or (self.max_models is not None and k > self.max_models):
+            wanted = (
+                f"exactly {self.min_models}"
+                if self.max_models == self.min_models
+                else f"at least {self.min_models}"
+                + (f" and at most {self.max_models}" if self.max_models is not None else "")
+            )
+            raise ConfigError(f"method '{self.name}' needs {wanted} checkpoint(s), got {k}.")
+
+    def validate_for(self, num_models: int) -> None:  # noqa: B027 - optional hook
+        """Check parameters that depend on K; raise :class:`ConfigError` with the fix."""
+
+    @abstractmethod
+    def merge(self, task: TensorTask) -> MergeOutput:
+        """Merge one tensor. Return float32 on ``task.device``."""
+
+    def describe(self) -> dict[str, Any]:
+        """Parameters as recorded in ``obim_merge.json``."""
+        return {"method": self.name, **self.params.model_dump(mode="json")}
+
+
+def parse_params(method: type[MergeMethod] | MergeMethod, raw: Mapping[str, Any]) -> MethodParams:
+    """Validate raw parameters, turning pydantic's report into one readable :class:`ConfigError`."""
+    try:
+        return method.Params.model_validate(dict(raw))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'params'}: {err['msg']}" for err in exc.errors()
+        )
+        known = ", ".join(method.Params.model_fields) or "none"
+        raise ConfigError(
+            f"invalid parameters for method '{method.name}': {problems}. Parameters it accepts: {known}."
+        ) from None
+
+
+_REGISTRY: dict[str, type[MergeMethod]] = {}
+_entry_points_loaded = False
+
+
+def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator that adds a method to the registry under ``cls.name``."""
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ConfigError(f"two merge methods are both named '{cls.name}': {existing} and {cls}.")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = ep.load()
+        except Exception as exc:  # a broken plugin must not break the built-in methods
+            logger.warning("could not load merge method plugin %r (%s): %s", ep.name, ep.value, exc)
+            continue
+        if isinstance(loaded, type) and issubclass(loaded, MergeMethod):
+            register_method(loaded)
+
+
+def available_methods() -> dict[str, type[MergeMethod]]:
+    """Every registered method by name, plugins included, sorted by name."""
+    _load_entry_points()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_method(name: str) -> type[MergeMethod]:
+    """The method class registered as ``name``; a :class:`ConfigError` listing the choices if none is."""
+    methods = available_methods()
+    try:
+        return methods[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown merge method '{name}'. Available: {', '.join(methods)}. "
+            "Run `obim-merge-ckpts --list-methods` for their parameters."
+        ) from None
+
+
+def build_method(name: str, params: Mapping[str, Any] | None, num_models: int) -> MergeMethod:
+    """Look up, validate and instantiate a method for K = ``num_models`` checkpoints."""
+    return get_method(name)(params or {}, num_models=num_models)

@@ -1,0 +1,113 @@
+"""What a merge method sees of one tensor.
+
+The engine streams the model one tensor name at a time. For each name it builds
+a :class:`TensorTask`: the base tensor, lazy access to the K checkpoint tensors,
+and what the engine knows about the parameter (its kind, its decoder block, the
+activation statistics of each checkpoint). Methods are pure functions of a task;
+they never touch files, models or processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+
+class ParamKind(str, Enum):
+    """How a parameter enters the network, which decides how OBIM scores it."""
+
+    LINEAR = "linear"
+    """Weight of an ``nn.Linear`` or transformers' ``Conv1D``: OBM saliency from activations."""
+    EMBEDDING = "embedding"
+    """Weight of an ``nn.Embedding``: random saliency, or token frequency on request."""
+    OTHER = "other"
+    """Norms, biases and anything else: random saliency ("random pruning" in the paper)."""
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed that depends only on ``seed`` and ``parts`` (stable across runs and processes)."""
+    text = "\x1f".join([str(seed), *map(str, parts)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+@dataclass
+class TensorTask:
+    """One tensor of the base and of each of the K checkpoints, plus what is known about it.
+
+    Attributes:
+        name: Tensor name as stored in the checkpoints (``model.layers.3.mlp.up_proj.weight``).
+        base: The base tensor θ_B in float32 on the compute device.
+        kind: How the parameter is used (see :class:`ParamKind`).
+        block_index: Index ``l`` of the decoder block the tensor belongs to, ``None`` outside blocks.
+        seed: Seed for this tensor; methods draw randomness only through :meth:`generator`.
+        input_sq_mean: Per checkpoint, the mean of x² per input feature of this layer, already
+            shaped to broadcast against the weight (``[1, in]`` for ``nn.Linear``, ``[in, 1]`` for
+            ``Conv1D``). ``None`` when the tensor is not a Linear weight or no statistics exist.
+        token_counts: For embeddings, how often each row's token occurs in the calibration data,
+            shaped ``[vocab, 1]``; ``None`` otherwise.
+    """
+
+    name: str
+    base: Tensor
+    _load: Callable[[int], Tensor] = field(repr=False)
+    num_models: int
+    kind: ParamKind = ParamKind.OTHER
+    block_index: int | None = None
+    seed: int = 0
+    input_sq_mean: Sequence[Tensor | None] | None = None
+    token_counts: Tensor | None = None
+
+    @classmethod
+    def from_tensors(
+        cls,
+        name: str,
+        base: Tensor,
+        checkpoints: Sequence[Tensor],
+        **kwargs: object,
+    ) -> TensorTask:
+        """Build a task from tensors already in memory (tests, the Python API)."""
+        base32 = base.float()
+        models = [t.to(device=base32.device, dtype=torch.float32) for t in checkpoints]
+        return cls(name=name, base=base32, _load=lambda k: models[k].clone(), num_models=len(models), **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def checkpoint(self, k: int) -> Tensor:
+        """θ_k in float32 on the compute device: a fresh tensor the caller owns (loaded on each call)."""
+        if not 0 <= k < self.num_models:
+            raise IndexError(f"checkpoint index {k} out of range for {self.num_models} checkpoints")
+        return self._load(k)
+
+    def delta(self, k: int) -> Tensor:
+        """Task vector δ_k = θ_k − θ_B in float32."""
+        return self.checkpoint(k).sub_(self.base)
+
+    def generator(self, *parts: object) -> torch.Generator:
+        """A CPU generator seeded from this tensor's seed and ``parts`` (e.g. the checkpoint index)."""
+        return torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, self.name, *parts))
+
+    def rand_like_base(self, *parts: object) -> Tensor:
+        """Uniform [0, 1) noise shaped like the tensor, reproducible on every device."""
+        noise = torch.rand(self.base.shape, generator=self.generator(*parts), dtype=torch.float32)
+        return noise.to(self.device)
+
+
+@dataclass
+class MergeOutput:
+    """What a method returns for one tensor.
+
+    Attributes:
+        tensor: The merged tensor θ_M in float32 (the engine casts it to the output dtype).
+        owned: Optional number of positions taken from each checkpoint (for OBIM, |mask_k|);
+            used for ownership statistics in logs and tests.
+    """
+
+    tensor: Tensor
+    owned: list[int] | None = None
