@@ -86,8 +86,14 @@ def make_tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32):
 
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB_SIZE, n_positions=128,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        vocab_size=VOCAB_SIZE,
+        n_positions=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     return GPT2LMHeadModel(cfg).to(dtype)
 
@@ -146,7 +152,9 @@ def _model_family(tmp_path_factory, tokenizer_dir: Path, name: str, factory: Cal
     base = factory()
     base_dir = save_model_folder(base, root / "base", tokenizer_dir)
     ckpts = [
-        save_model_folder(perturbed_copy(base, seed=10 + i, scale=0.05 * (i + 1)), root / f"checkpoint-{(i + 1) * 10}", tokenizer_dir)
+        save_model_folder(
+            perturbed_copy(base, seed=10 + i, scale=0.05 * (i + 1)), root / f"checkpoint-{(i + 1) * 10}", tokenizer_dir
+        )
         for i in range(k)
     ]
     return base_dir, ckpts

@@ -3,6 +3,8 @@
 Nothing here reads files, builds models or talks to other processes.
 """
 
+# Built-in methods register themselves on import.
+from obim_trainer.merging import obim  # noqa: F401
 from obim_trainer.merging.registry import (
     MergeMethod,
     MethodParams,
@@ -12,9 +14,6 @@ from obim_trainer.merging.registry import (
     register_method,
 )
 from obim_trainer.merging.task import MergeOutput, ParamKind, TensorTask
-
-# Built-in methods register themselves on import.
-from obim_trainer.merging import obim  # noqa: E402, F401, I001
 
 __all__ = [
     "MergeMethod",

@@ -75,6 +75,10 @@ class MergeMethod(ABC):
     def merge(self, task: TensorTask) -> MergeOutput:
         """Merge one tensor. Return float32 on ``task.device``."""
 
+    def describe_tensor(self, block_index: int | None) -> str:
+        """A short note on how a tensor of block ``block_index`` is merged (shown by ``--dry-run``)."""
+        return ""
+
     def describe(self) -> dict[str, Any]:
         """Parameters as recorded in ``obim_merge.json``."""
         return {"method": self.name, **self.params.model_dump(mode="json")}
@@ -85,9 +89,7 @@ def parse_params(method: type[MergeMethod] | MergeMethod, raw: Mapping[str, Any]
     try:
         return method.Params.model_validate(dict(raw))
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'params'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'params'}: {err['msg']}" for err in exc.errors())
         known = ", ".join(method.Params.model_fields) or "none"
         raise ConfigError(
             f"invalid parameters for method '{method.name}': {problems}. Parameters it accepts: {known}."

@@ -1,0 +1,190 @@
+"""How fast is a merge compared with just reading the inputs and writing the output?
+
+Builds a synthetic Llama-shaped model (default ~270M parameters, bf16) and K checkpoints
+on disk, computes their activation statistics once (cached beside each checkpoint, as a
+real run would have them), then measures in fresh processes, on the same warm files:
+
+* the I/O floor: read every tensor of the base and the K checkpoints, write one output;
+* the merge: ``merge_checkpoints`` with the cached statistics;
+
+and prints both, their ratio and each process's peak RSS against the budget
+2 GB + 4 × the largest tensor. Run: ``python benchmarks/merge_speed.py [--layers 16 ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("merge_speed")
+
+
+def llama_config(args: argparse.Namespace):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 128),
+        vocab_size=args.vocab,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+
+
+def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a Llama checkpoint, from the model built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+def write_model(folder: Path, config, shapes: dict[str, tuple[int, ...]], seed: int, base: Path | None) -> None:
+    """Write a model tensor by tensor; checkpoints are the base plus small structured noise."""
+    from obim_trainer.checkpoints import ShardedSafetensorsWriter, open_checkpoint
+
+    folder.mkdir(parents=True)
+    config.save_pretrained(folder)
+    gen = torch.Generator().manual_seed(seed)
+    plan = [(n, s, torch.bfloat16) for n, s in shapes.items()]
+    reader = open_checkpoint(base) if base is not None else None
+    with ShardedSafetensorsWriter(folder, plan, max_shard_size=2 * 10**9, metadata={"format": "pt"}) as writer:
+        for name, shape in shapes.items():
+            if reader is None:
+                t = torch.randn(shape, generator=gen) * 0.02 + (1.0 if name.endswith("norm.weight") else 0.0)
+            else:
+                t = reader.read(name).float() + torch.randn(shape, generator=gen) * 0.002
+            writer.write(name, t.to(torch.bfloat16))
+        writer.close()
+    if reader is not None:
+        reader.close()
+
+
+def write_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = ["merging checkpoints recovers what continued pre-training forgot"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>").save_pretrained(folder)
+
+
+def child_floor(work: Path, k: int) -> dict:
+    """Read every input tensor and write one output: the least any merge must do."""
+    from obim_trainer.checkpoints import ShardedSafetensorsWriter, open_checkpoint
+
+    start = time.perf_counter()
+    readers = [open_checkpoint(work / "base"), *(open_checkpoint(work / f"checkpoint-{i}") for i in range(k))]
+    infos = readers[0].tensor_infos()
+    out = work / "floor-out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    plan = [(n, i.shape, i.dtype) for n, i in infos.items()]
+    with ShardedSafetensorsWriter(out, plan, max_shard_size=5 * 10**9, metadata={"format": "pt"}) as writer:
+        for name in infos:
+            tensors = [r.read(name) for r in readers]
+            writer.write(name, tensors[-1])
+        writer.close()
+    return {"seconds": time.perf_counter() - start}
+
+
+def child_merge(work: Path, k: int, method: str) -> dict:
+    from obim_trainer.merge import merge_checkpoints
+
+    start = time.perf_counter()
+    merge_checkpoints(
+        base=work / "base",
+        checkpoints=[work / f"checkpoint-{i}" for i in range(k)],
+        method=method,
+        calibration_data=work / "calib.jsonl",
+        calibration_samples=8,
+        output=work / f"merged-{method}",
+        overwrite=True,
+        progress=False,
+    )
+    return {"seconds": time.perf_counter() - start}
+
+
+def run_child(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--k", type=int, default=3, help="number of checkpoints")
+    parser.add_argument("--method", default="obim")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the fastest counts")
+    parser.add_argument("--workdir", type=Path, help="keep the synthetic models here (default: a temp dir)")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        kind, work, k = args.child[0], Path(args.child[1]), int(args.child[2])
+        result = child_floor(work, k) if kind == "floor" else child_merge(work, k, args.child[3])
+        result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="obim-bench-"))
+    config = llama_config(args)
+    shapes = tensor_shapes(config)
+    numel = sum(torch.Size(s).numel() for s in shapes.values())
+    largest = max(torch.Size(s).numel() for s in shapes.values()) * 2  # bf16 bytes
+    if not (work / "base").exists():
+        logger.info("writing a %.0fM-parameter base and %d checkpoints to %s", numel / 1e6, args.k, work)
+        write_model(work / "base", config, shapes, seed=0, base=None)
+        write_tokenizer(work / "base")
+        for i in range(args.k):
+            write_model(work / f"checkpoint-{i}", config, shapes, seed=i + 1, base=work / "base")
+        calib = ["continued pre-training teaches a new language"] * 8
+        (work / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in calib))
+    logger.info("computing (or reusing) activation statistics once, untimed")
+    run_child("merge", str(work), str(args.k), args.method)
+
+    floors = [run_child("floor", str(work), str(args.k)) for _ in range(args.repeats)]
+    merges = [run_child("merge", str(work), str(args.k), args.method) for _ in range(args.repeats)]
+    floor = min(f["seconds"] for f in floors)
+    merge = min(m["seconds"] for m in merges)
+    peak = max(m["peak_rss"] for m in merges)
+    budget = 2 * 10**9 + 4 * largest
+    logger.info("model: %.0fM parameters, bf16, K=%d, largest tensor %.0f MB", numel / 1e6, args.k, largest / 1e6)
+    logger.info("I/O floor (read %d models, write 1): %.2f s", args.k + 1, floor)
+    logger.info("%s merge (end to end, cached statistics): %.2f s", args.method, merge)
+    logger.info("ratio merge / floor: %.2f (target <= 2)", merge / floor)
+    logger.info(
+        "peak RSS of the merge: %.2f GB (budget 2 GB + 4 x largest = %.2f GB) %s",
+        peak / 1e9,
+        budget / 1e9,
+        "ok" if peak <= budget else "OVER",
+    )
+    logger.info("peak RSS of the floor: %.2f GB", max(f["peak_rss"] for f in floors) / 1e9)
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

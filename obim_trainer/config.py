@@ -1,0 +1,115 @@
+"""The configuration of one offline merge, shared by the CLI, YAML files and the Python API.
+
+A YAML file holds the same keys as :class:`MergeConfig` (``method``/``params`` as in
+``configs/merge/*.yaml``); command-line flags override it key by key, and method
+parameters given on the command line override ``params`` entry by entry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from obim_trainer.errors import ConfigError
+
+OutputDType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class MergeConfig(BaseModel):
+    """Everything ``obim-merge-ckpts`` needs. Paths are kept as given and resolved when used."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    base: Path = Field(description="Folder of the base model (config, tokenizer, weights).")
+    checkpoints: list[Path] = Field(default_factory=list, description="Checkpoint folders, in the given order.")
+    run_dir: Path | None = Field(default=None, description="Trainer output folder to pick checkpoints from.")
+    top_k: int | None = Field(default=None, ge=1, description="How many checkpoints to pick from run_dir.")
+    metric: str | None = Field(default=None, description="trainer_state.json metric to rank checkpoints by.")
+    metric_mode: Literal["auto", "min", "max"] = "auto"
+
+    method: str = "obim"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    calibration_data: Any = Field(default=None, description="JSONL/text/parquet path or a datasets.Dataset.")
+    calibration_samples: int = Field(default=100, ge=1)
+    calibration_max_length: int = Field(default=512, ge=1)
+    calibration_batch_size: int = Field(default=8, ge=1)
+    calibration_text_field: str = "text"
+    stats_cache_dir: Path | None = None
+    recompute_stats: bool = False
+
+    output: Path | None = None
+    out_shard_size: str | int = "5GB"
+    tokenizer_source: Path | None = None
+    dtype: OutputDType = "auto"
+    device: str = "cpu"
+    seed: int = 0
+    overwrite: bool = False
+    dry_run: bool = False
+    progress: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "cpu" and not value.startswith("cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_choose_checkpoints(self) -> MergeConfig:
+        if self.checkpoints and self.run_dir is not None:
+            raise ValueError("give either checkpoints or run_dir (with top_k and metric), not both")
+        if self.run_dir is not None and (self.top_k is None or self.metric is None):
+            raise ValueError("run_dir needs top_k and metric (e.g. --top-k 3 --metric eval_ja_loss)")
+        if not self.checkpoints and self.run_dir is None:
+            raise ValueError(
+                "no checkpoints: pass --checkpoints DIR [DIR ...] or --run-dir DIR --top-k K --metric NAME"
+            )
+        if self.output is None and not self.dry_run:
+            raise ValueError("no output folder: pass --output DIR (or --dry-run to only print the plan)")
+        return self
+
+    @classmethod
+    def build(cls, values: dict[str, Any]) -> MergeConfig:
+        """Validate ``values``, turning pydantic's report into one :class:`ConfigError`."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, "merge configuration")) from None
+
+
+def format_validation_error(exc: ValidationError, what: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"invalid {what}: " + "; ".join(parts)
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML merge configuration into a plain dict; relative paths stay relative to the caller's cwd."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``overrides``; ``params`` is merged entry by entry instead of replaced."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if key == "params" and isinstance(merged.get("params"), dict):
+            merged["params"] = {**merged["params"], **value}
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,109 @@
+"""What a merged folder says about itself: ``obim_merge.json`` and a short model card.
+
+A merged model is only trustworthy if it can be reproduced: the manifest records the
+method and every parameter, the inputs with sizes and fingerprints, where the
+activation statistics came from, library versions and timings.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import obim_trainer
+from obim_trainer.checkpoints import CheckpointReader
+
+MANIFEST_NAME = "obim_merge.json"
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+    import torch
+    import transformers
+
+    return {
+        "obim_trainer": obim_trainer.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def describe_input(reader: CheckpointReader) -> dict[str, Any]:
+    """A checkpoint's path, weight files with sizes, and its fingerprint."""
+    files = reader.weight_files()
+    return {
+        "path": str(reader.path.resolve()),
+        "files": [{"name": f.name, "size": f.stat().st_size} for f in files],
+        "size": sum(f.stat().st_size for f in files),
+        "fingerprint": reader.fingerprint(),
+    }
+
+
+@dataclass
+class MergeManifest:
+    """Everything recorded in ``obim_merge.json``."""
+
+    method: dict[str, Any]
+    seed: int
+    base: dict[str, Any]
+    checkpoints: list[dict[str, Any]]
+    output: dict[str, Any]
+    calibration: dict[str, Any] | None = None
+    statistics: list[dict[str, Any]] = field(default_factory=list)
+    ownership_share: list[float] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "method": self.method,
+            "seed": self.seed,
+            "base": self.base,
+            "checkpoints": self.checkpoints,
+            "calibration": self.calibration,
+            "statistics": self.statistics,
+            "ownership_share": self.ownership_share,
+            "output": self.output,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "versions": _versions(),
+        }
+
+    def write(self, folder: Path) -> dict[str, Any]:
+        data = self.to_dict()
+        (folder / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
+        (folder / "README.md").write_text(model_card(data))
+        return data
+
+
+def model_card(data: dict[str, Any]) -> str:
+    """A short model card: what was merged, how, and how to reproduce it."""
+    method = data["method"]
+    params = {k: v for k, v in method.items() if k != "method"}
+    lines = [
+        "---",
+        "tags: [merge, obim-trainer]",
+        "---",
+        f"# Merged with obim-trainer ({method['method']})",
+        "",
+        f"Base: `{data['base']['path']}`",
+        "",
+        "Checkpoints, in merge order:",
+        *(f"{i + 1}. `{c['path']}`" for i, c in enumerate(data["checkpoints"])),
+        "",
+        f"Parameters: `{json.dumps(params)}`, seed {data['seed']}.",
+    ]
+    if data.get("ownership_share"):
+        shares = ", ".join(f"{s:.1%}" for s in data["ownership_share"])
+        lines += ["", f"Share of positions taken from each checkpoint: {shares}."]
+    lines += [
+        "",
+        "OBIM: Optimal Brain Iterative Merging (arXiv 2502.12217). Full record: `obim_merge.json`.",
+        "",
+    ]
+    return "\n".join(lines)

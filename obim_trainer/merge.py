@@ -1,0 +1,256 @@
+"""``merge_checkpoints``: one offline merge from folders on disk to a new model folder.
+
+The order of work is chosen so that nothing is lost and mistakes surface early:
+configuration and inputs are validated before any statistics are computed, the
+output location is checked before any statistics are computed, statistics are cached
+beside each checkpoint, and the merged folder only appears, complete, at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from obim_trainer.calibration import (
+    ActivationStats,
+    CalibrationSet,
+    load_calibration_texts,
+    load_or_compute_stats,
+    stats_key,
+    tokenize_calibration,
+)
+from obim_trainer.checkpoints import (
+    CheckpointReader,
+    ShardedSafetensorsWriter,
+    atomic_output_dir,
+    copy_model_files,
+    open_checkpoint,
+    parse_size,
+)
+from obim_trainer.config import MergeConfig
+from obim_trainer.engine import MergeEngine, MergePlan, plan_merge
+from obim_trainer.errors import CheckpointError, ConfigError
+from obim_trainer.manifest import MergeManifest, describe_input
+from obim_trainer.merging import MergeMethod, build_method
+from obim_trainer.model_layout import ModelLayout
+from obim_trainer.selection import select_top_checkpoints
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeResult:
+    """What :func:`merge_checkpoints` did: the output folder (``None`` for a dry run), plan and record."""
+
+    output: Path | None
+    checkpoints: list[Path]
+    plan: MergePlan
+    manifest: dict[str, Any] | None = None
+    plan_text: str | None = None
+
+
+def resolve_checkpoints(config: MergeConfig) -> list[Path]:
+    """The checkpoint folders to merge: as given, or the top-k of ``run_dir`` by ``metric`` (best first)."""
+    if config.checkpoints:
+        return list(config.checkpoints)
+    assert config.run_dir is not None and config.metric is not None and config.top_k is not None
+    chosen = select_top_checkpoints(config.run_dir, config.metric, config.top_k, config.metric_mode)
+    return [c.path for c in chosen]
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} was asked for but CUDA is not available here; use --device cpu")
+    return device
+
+
+def model_max_positions(folder: Path) -> int | None:
+    """The longest input the model accepts, from its config (``None`` if it does not say)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def prepare_calibration(config: MergeConfig) -> CalibrationSet:
+    """Calibration texts tokenized with the base's tokenizer (or ``tokenizer_source``)."""
+    from transformers import AutoTokenizer
+
+    if config.calibration_data is None:
+        raise ConfigError(
+            f"method '{config.method}' scores weights by activations and needs calibration text: pass "
+            "--calibration-data FILE (JSONL with a 'text' field, .txt or .parquet; ~100 samples of the new domain)"
+        )
+    tokenizer_dir = config.tokenizer_source or config.base
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot load a tokenizer from {tokenizer_dir} ({exc}); pass --tokenizer-source DIR with tokenizer files"
+        ) from None
+    texts = load_calibration_texts(
+        config.calibration_data, num_samples=config.calibration_samples, text_field=config.calibration_text_field
+    )
+    max_length = min(config.calibration_max_length, model_max_positions(config.base) or config.calibration_max_length)
+    if max_length < config.calibration_max_length:
+        logger.info("calibration samples are cut to %d tokens, the model's maximum number of positions", max_length)
+    calibration = tokenize_calibration(texts, tokenizer, max_length=max_length)
+    logger.info("calibration: %d samples, %d tokens", len(calibration.input_ids), calibration.num_tokens)
+    return calibration
+
+
+def checkpoint_stats(
+    reader: CheckpointReader, calibration: CalibrationSet, config: MergeConfig, device: torch.device
+) -> tuple[ActivationStats, dict[str, Any]]:
+    """Statistics of one checkpoint, computed on that checkpoint and cached beside it."""
+    from transformers import AutoModelForCausalLM
+
+    key = stats_key(calibration.fingerprint(), reader.fingerprint())
+
+    def compute() -> ActivationStats:
+        logger.info("computing activation statistics of %s", reader.path)
+        model = AutoModelForCausalLM.from_pretrained(reader.path, dtype="auto").to(device)
+        try:
+            return ActivationStats.collect(
+                model, calibration, batch_size=config.calibration_batch_size, device=device, progress=config.progress
+            )
+        finally:
+            del model
+
+    stats, source = load_or_compute_stats(
+        reader.path, key, compute, cache_dir=config.stats_cache_dir, recompute=config.recompute_stats
+    )
+    return stats, {"checkpoint": str(reader.path), "key": key, "source": source}
+
+
+def _open_inputs(stack: ExitStack, config: MergeConfig, checkpoints: list[Path]):
+    base = stack.enter_context(open_checkpoint(config.base))
+    readers = [stack.enter_context(open_checkpoint(p)) for p in checkpoints]
+    return base, readers
+
+
+def _write_config(folder: Path, plan: MergePlan) -> None:
+    """Record the output dtype in config.json so ``dtype="auto"`` loads it as written."""
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    dtypes = {t.dtype for t in plan.tensors if t.dtype.is_floating_point}
+    if len(dtypes) == 1:
+        name = str(dtypes.pop()).removeprefix("torch.")
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = name
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def format_plan(plan: MergePlan, method: MergeMethod, checkpoints: list[Path]) -> str:
+    """The dry-run plan: method and parameters, checkpoints in order, then every tensor."""
+    lines = [f"method: {json.dumps(method.describe())}"]
+    lines += [f"checkpoint {k}: {path}" for k, path in enumerate(checkpoints)]
+    if plan.dropped_tied:
+        lines.append(f"tied: {plan.dropped_tied} is written once, as the input embedding")
+    lines.append(f"{'tensor':<56} {'shape':<16} {'dtype':<9} {'kind':<9} {'block':<5} how")
+    for t in plan.tensors:
+        block = "-" if t.block_index is None else str(t.block_index)
+        lines.append(
+            f"{t.name:<56} {'x'.join(map(str, t.shape)):<16} {str(t.dtype).removeprefix('torch.'):<9} "
+            f"{t.kind.value:<9} {block:<5} {method.describe_tensor(t.block_index)}"
+        )
+    lines.append(f"{len(plan.tensors)} tensors, {plan.num_parameters:,} parameters")
+    return "\n".join(lines)
+
+
+def merge_checkpoints(config: MergeConfig | None = None, /, **kwargs: Any) -> MergeResult:
+    """Merge checkpoints into their base and write a Hugging Face model folder.
+
+    Call with a :class:`MergeConfig` or with its fields as keyword arguments::
+
+        merge_checkpoints(base="qwen2-7b", checkpoints=["run/checkpoint-3000", "run/checkpoint-4000"],
+                          calibration_data="calib.jsonl", output="merged")
+
+    Returns a :class:`MergeResult`. Every user-fixable problem raises an
+    :class:`~obim_trainer.errors.OBIMError` before any output exists.
+    """
+    if config is None:
+        config = MergeConfig.build(kwargs)
+    elif kwargs:
+        config = MergeConfig.build({**config.model_dump(), **kwargs})
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    device = resolve_device(config.device)
+    checkpoints = resolve_checkpoints(config)
+    method = build_method(config.method, config.params, num_models=len(checkpoints))
+    shard_size = parse_size(config.out_shard_size)
+    if not config.base.is_dir():
+        raise CheckpointError(f"base folder {config.base} does not exist; pass the base model's folder to --base")
+    with ExitStack() as stack:
+        base, readers = _open_inputs(stack, config, checkpoints)
+        layout = ModelLayout.from_pretrained_dir(config.base)
+        plan = plan_merge(base, readers, layout, config.dtype)
+        calibration = prepare_calibration(config) if method.needs_activation_stats else None
+        if config.dry_run:
+            text = format_plan(plan, method, checkpoints)
+            logger.info("dry run, nothing written:\n%s", text)
+            return MergeResult(output=None, checkpoints=checkpoints, plan=plan, plan_text=text)
+        assert config.output is not None
+        inputs = [config.base, *checkpoints, *([config.tokenizer_source] if config.tokenizer_source else [])]
+        output = stack.enter_context(atomic_output_dir(config.output, overwrite=config.overwrite, inputs=inputs))
+        stats, stats_sources = None, []
+        if calibration is not None:
+            t0 = time.perf_counter()
+            pairs = [checkpoint_stats(r, calibration, config, device) for r in readers]
+            stats, stats_sources = [s for s, _ in pairs], [src for _, src in pairs]
+            timings["statistics_s"] = time.perf_counter() - t0
+        engine = MergeEngine(base, readers, method, layout, stats, device=device, seed=config.seed)
+        metadata = {"format": "pt", "merged_by": "obim-trainer", "method": method.name}
+        with ShardedSafetensorsWriter(output, plan.write_plan(), shard_size, metadata=metadata) as writer:
+            report = engine.run(plan, writer.write, progress=config.progress)
+            files = writer.close()
+        timings["merge_s"] = report.seconds
+        copy_model_files(config.base, config.tokenizer_source, output)
+        _write_config(output, plan)
+        timings["total_s"] = time.perf_counter() - start
+        manifest = MergeManifest(
+            method=method.describe(),
+            seed=config.seed,
+            base=describe_input(base),
+            checkpoints=[describe_input(r) for r in readers],
+            output={
+                "path": str(config.output.resolve()),
+                "files": [f.name for f in files],
+                "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in plan.tensors}),
+                "num_tensors": len(plan.tensors),
+                "num_parameters": plan.num_parameters,
+            },
+            calibration=_describe_calibration(config, calibration),
+            statistics=stats_sources,
+            ownership_share=report.ownership_share(len(readers)) if report.owned else None,
+            timings=timings,
+        ).write(output)
+    logger.info("merged %d checkpoints into %s in %.1f s", len(checkpoints), config.output, timings["total_s"])
+    return MergeResult(output=config.output, checkpoints=checkpoints, plan=plan, manifest=manifest)
+
+
+def _describe_calibration(config: MergeConfig, calibration: CalibrationSet | None) -> dict[str, Any] | None:
+    if calibration is None:
+        return None
+    source = config.calibration_data
+    return {
+        "source": str(source) if isinstance(source, (str, Path)) else type(source).__name__,
+        "samples": len(calibration.input_ids),
+        "tokens": calibration.num_tokens,
+        "max_length": config.calibration_max_length,
+        "fingerprint": calibration.fingerprint(),
+    }

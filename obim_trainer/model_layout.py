@@ -1,0 +1,130 @@
+"""What each stored tensor is in the network, read from the base's config without loading weights.
+
+OBIM scores ``nn.Linear``/``Conv1D`` weights by activations and everything else at
+random, and rotates the merge order by decoder block. Both need to know, per tensor
+name, the kind of module it belongs to and its block index. Building the model on the
+``meta`` device from ``config.json`` gives that at no memory cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from obim_trainer.errors import CheckpointError
+from obim_trainer.merging.task import ParamKind
+
+logger = logging.getLogger(__name__)
+
+BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def block_index(name: str) -> int | None:
+    """Index of the decoder block a tensor belongs to (``model.layers.7.…`` → 7), ``None`` outside blocks."""
+    match = BLOCK_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(module, Conv1D)
+
+
+@dataclass
+class ModelLayout:
+    """Kinds of the model's parameters and which pair of names is tied.
+
+    Attributes:
+        kinds: Parameter name → :class:`ParamKind`.
+        input_embedding: Name of the input embedding weight, if found.
+        output_embedding: Name of the output projection (``lm_head``) weight, if found.
+        tied: Whether the config ties the two (then only the input embedding is stored).
+        prefix: The model's ``base_model_prefix`` (``model``, ``transformer``), used to match
+            files saved without it.
+    """
+
+    kinds: dict[str, ParamKind] = field(default_factory=dict)
+    input_embedding: str | None = None
+    output_embedding: str | None = None
+    tied: bool = False
+    prefix: str = ""
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ModelLayout:
+        kinds: dict[str, ParamKind] = {}
+        module_names: dict[int, str] = {}
+        for mod_name, module in model.named_modules(remove_duplicate=False):
+            module_names.setdefault(id(module), mod_name)
+            if isinstance(module, nn.Linear) or _is_conv1d(module):
+                kind = ParamKind.LINEAR
+            elif isinstance(module, nn.Embedding):
+                kind = ParamKind.EMBEDDING
+            else:
+                kind = ParamKind.OTHER
+            for p_name, _ in module.named_parameters(recurse=False):
+                full = f"{mod_name}.{p_name}" if mod_name else p_name
+                kinds[full] = kind if p_name == "weight" else ParamKind.OTHER
+
+        def weight_name(getter: str) -> str | None:
+            module = getattr(model, getter, lambda: None)()
+            return f"{module_names[id(module)]}.weight" if module is not None and id(module) in module_names else None
+
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+        return cls(
+            kinds=kinds,
+            input_embedding=weight_name("get_input_embeddings"),
+            output_embedding=weight_name("get_output_embeddings"),
+            tied=bool(getattr(text_config, "tie_word_embeddings", False)),
+            prefix=getattr(model, "base_model_prefix", "") or "",
+        )
+
+    @classmethod
+    def from_pretrained_dir(cls, folder: Path) -> ModelLayout:
+        """Layout of the model described by ``folder/config.json``, built on the meta device."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"cannot read the model config in {folder} ({exc}); "
+                "the base folder must hold a transformers config.json"
+            ) from None
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+        except (ValueError, KeyError) as exc:
+            logger.warning(
+                "%s is not a causal LM transformers can build (%s); every tensor gets random saliency", folder, exc
+            )
+            return cls()
+        return cls.from_model(model)
+
+    def kind(self, name: str) -> ParamKind:
+        """Kind of a stored tensor; files saved without the ``prefix.`` are matched too."""
+        if name in self.kinds:
+            return self.kinds[name]
+        if self.prefix and f"{self.prefix}.{name}" in self.kinds:
+            return self.kinds[f"{self.prefix}.{name}"]
+        return ParamKind.OTHER
+
+    def is_vocabulary_tensor(self, name: str) -> bool:
+        """Whether rows of this tensor index the vocabulary (embedding or lm_head)."""
+        candidates = {self.input_embedding, self.output_embedding} - {None}
+        return any(name == c or (self.prefix and f"{self.prefix}.{name}" == c) for c in candidates)
+
+    def redundant_tied_name(self, names: set[str]) -> str | None:
+        """The stored output-embedding name to drop because it is tied to the input embedding."""
+        if not (self.tied and self.input_embedding and self.output_embedding):
+            return None
+        out, inp = self.output_embedding, self.input_embedding
+        return out if out in names and inp in names else None

@@ -1,0 +1,106 @@
+"""Which checkpoints to merge: the top-k of a Trainer run by a metric in ``trainer_state.json``.
+
+The paper merges "the 3 best checkpoints by Japanese evaluation" with the base. A
+Trainer run records every evaluation in ``log_history`` of ``trainer_state.json``
+(in the run folder at the end of training and in every ``checkpoint-N``), so the
+choice needs nothing but files already on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from obim_trainer.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+MetricMode = Literal["auto", "min", "max"]
+
+
+@dataclass(frozen=True)
+class ScoredCheckpoint:
+    """A checkpoint folder with the metric the Trainer logged at its step."""
+
+    path: Path
+    step: int
+    value: float
+
+
+def resolve_mode(metric: str, mode: MetricMode) -> Literal["min", "max"]:
+    """``auto`` means lower is better for losses and perplexities, higher for everything else."""
+    if mode != "auto":
+        return mode
+    lowered = metric.lower()
+    return "min" if ("loss" in lowered or "perplexity" in lowered or lowered.endswith("ppl")) else "max"
+
+
+def list_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """``checkpoint-N`` folders of a run, by step."""
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist; pass the Trainer's output_dir to --run-dir")
+    found = {}
+    for child in run_dir.iterdir():
+        match = CHECKPOINT_DIR.match(child.name)
+        if match and child.is_dir():
+            found[int(match.group(1))] = child
+    if not found:
+        raise CheckpointError(f"run folder {run_dir} holds no checkpoint-N folders; is it the Trainer's output_dir?")
+    return dict(sorted(found.items()))
+
+
+def metric_by_step(run_dir: Path, checkpoints: dict[int, Path], metric: str) -> dict[int, float]:
+    """Every logged value of ``metric`` by step, merged from all ``trainer_state.json`` files of the run."""
+    states = [run_dir / "trainer_state.json", *(p / "trainer_state.json" for p in checkpoints.values())]
+    values: dict[int, float] = {}
+    for state_file in states:
+        if not state_file.is_file():
+            continue
+        try:
+            history = json.loads(state_file.read_text()).get("log_history", [])
+        except (json.JSONDecodeError, OSError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{state_file} is not a readable trainer_state.json ({exc}); remove or repair it"
+            ) from None
+        for entry in history:
+            if metric in entry and "step" in entry:
+                values[int(entry["step"])] = float(entry[metric])
+    return values
+
+
+def select_top_checkpoints(
+    run_dir: str | Path, metric: str, top_k: int, mode: MetricMode = "auto"
+) -> list[ScoredCheckpoint]:
+    """The ``top_k`` best checkpoints of a run by ``metric``, best first; ties go to the later step.
+
+    Only checkpoints whose own step has a logged value are candidates. Raises
+    :class:`CheckpointError` / :class:`ConfigError` naming the run folder and the fix.
+    """
+    run_dir = Path(run_dir)
+    if top_k < 1:
+        raise ConfigError(f"top_k must be at least 1, got {top_k}")
+    checkpoints = list_checkpoints(run_dir)
+    values = metric_by_step(run_dir, checkpoints, metric)
+    if not values:
+        raise ConfigError(
+            f"no '{metric}' in the trainer_state.json files of {run_dir}; pick a metric the Trainer logged "
+            "(e.g. eval_loss, or eval_<name>_loss when eval_dataset is a dict)"
+        )
+    scored = [ScoredCheckpoint(path, step, values[step]) for step, path in checkpoints.items() if step in values]
+    missing = [step for step in checkpoints if step not in values]
+    if missing:
+        logger.warning("checkpoints without a logged %s are not candidates: steps %s", metric, missing)
+    if len(scored) < top_k:
+        raise ConfigError(
+            f"top_k={top_k} but only {len(scored)} checkpoint(s) of {run_dir} have a logged '{metric}'; lower --top-k"
+        )
+    sign = 1.0 if resolve_mode(metric, mode) == "min" else -1.0
+    ranked = sorted(scored, key=lambda c: (sign * c.value, -c.step))
+    chosen = ranked[:top_k]
+    logger.info("selected by %s: %s", metric, ", ".join(f"{c.path.name} ({c.value:.4g})" for c in chosen))
+    return chosen

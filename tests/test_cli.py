@@ -1,0 +1,123 @@
+"""The obim-merge-ckpts command: YAML plus flags, listing, help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from obim_trainer.cli import build_parser, config_from_args, main
+from obim_trainer.merging import available_methods
+from tests.conftest import copy_tree
+
+
+def test_yaml_with_flag_overrides_produces_a_loadable_model(llama_family, calibration_jsonl, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, ckpts = llama_family
+    base, ckpts = copy_tree(base, tmp_path / "base"), [copy_tree(c, tmp_path / c.name) for c in ckpts]
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(base),
+                "checkpoints": [str(c) for c in ckpts],
+                "calibration_data": str(calibration_jsonl),
+                "output": str(tmp_path / "from-yaml"),
+                "method": "obim",
+                "params": {"ratios": [0.2, 0.2, 0.2], "order": "given"},
+                "seed": 3,
+            }
+        )
+    )
+    code = main(
+        [
+            "--config",
+            str(config),
+            "--output",
+            str(tmp_path / "from-flags"),
+            "--order",
+            "rotation",
+            "--no-progress",
+            "--calibration-samples",
+            "12",
+        ]
+    )
+    assert code == 0
+    out = tmp_path / "from-flags"
+    assert not (tmp_path / "from-yaml").exists()
+    manifest = json.loads((out / "obim_merge.json").read_text())
+    assert manifest["method"] == {
+        "method": "obim",
+        "ratios": [0.2, 0.2, 0.2],
+        "order": "rotation",
+        "priority": None,
+        "embedding_saliency": "random",
+    }
+    assert manifest["seed"] == 3 and manifest["calibration"]["samples"] == 12
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = model.generate(__import__("torch").tensor([[1, 5, 9]]), max_new_tokens=3, do_sample=False)
+    assert ids.shape == (1, 6)
+    assert (out / "README.md").read_text().startswith("---")
+
+
+def test_flags_override_yaml_params_entry_by_entry(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "base": "b",
+                "checkpoints": ["c1"],
+                "output": "o",
+                "method": "obim",
+                "params": {"order": "given", "embedding_saliency": "token_frequency"},
+            }
+        )
+    )
+    args = build_parser().parse_args(["--config", str(config), "--order", "rotation", "--param", "ratios=[1.0]"])
+    cfg = config_from_args(args)
+    assert cfg.params == {"order": "rotation", "embedding_saliency": "token_frequency", "ratios": [1.0]}
+    assert str(cfg.base) == "b" and cfg.calibration_samples == 100
+
+
+def test_list_methods_shows_every_method_with_parameters(capsys):
+    assert main(["--list-methods"]) == 0
+    text = capsys.readouterr().out
+    for name, cls in available_methods().items():
+        assert f"\n{name}" in f"\n{text}"
+        for field in cls.Params.model_fields:
+            assert f"{field}:" in text
+    assert "ratios: default None" in text and "[needs --calibration-data]" in text
+
+
+def test_console_script_help_is_for_newcomers():
+    out = subprocess.run(
+        [sys.executable, "-m", "obim_trainer.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for fragment in ("Optimal Brain Iterative Merging", "--calibration-data", "--run-dir", "--dry-run", "examples:"):
+        assert fragment in out
+
+
+def test_dry_run_prints_the_plan(llama_family, calibration_jsonl, tmp_path, capsys):
+    base, ckpts = llama_family
+    code = main(
+        [
+            "--base",
+            str(base),
+            "--checkpoints",
+            *map(str, ckpts),
+            "--calibration-data",
+            str(calibration_jsonl),
+            "--dry-run",
+            "--ratios",
+            "0.5",
+            "0.25",
+            "0.25",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert '"ratios": [0.5, 0.25, 0.25]' in out
+    assert "model.layers.1.mlp.up_proj.weight" in out and "128x64" in out
