@@ -48,11 +48,6 @@ def _try_load(path: Path, key: str) -> ActivationStats | None:
         return None
 
 
-def _writable(folder: Path) -> bool:
-    target = folder / STATS_DIRNAME
-    return os.access(target if target.exists() else folder, os.W_OK)
-
-
 def load_or_compute_stats(
     checkpoint_dir: Path,
     key: str,
@@ -77,8 +72,9 @@ def load_or_compute_stats(
                 logger.info("reusing activation statistics %s", path)
                 return stats, "cached"
     stats = compute()
-    target = candidates[0] if _writable(checkpoint_dir) else candidates[1]
-    if target is candidates[1]:
-        logger.info("%s is read-only; keeping its statistics in %s", checkpoint_dir, target.parent)
-    stats.save(target, key)
+    try:
+        stats.save(candidates[0], key)
+    except OSError as exc:
+        logger.info("cannot write beside %s (%s); keeping its statistics in %s", checkpoint_dir, exc, cache)
+        stats.save(candidates[1], key)
     return stats, "computed"
