@@ -98,7 +98,7 @@ def child_floor(work: Path, k: int) -> dict:
     plan = [(n, i.shape, i.dtype) for n, i in infos.items()]
     with ShardedSafetensorsWriter(out, plan, max_shard_size=5 * 10**9, metadata={"format": "pt"}) as writer:
         for name in infos:
-            tensors = [r.read(name) for r in readers]
+            tensors = [r.read(name).clone() for r in readers]  # clone: really touch every byte
             writer.write(name, tensors[-1])
         writer.close()
     return {"seconds": time.perf_counter() - start}

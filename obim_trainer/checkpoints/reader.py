@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +123,8 @@ def _read_index(index_file: Path) -> dict[str, str]:
     return weight_map
 
 
-def _safetensors_header(file: Path) -> dict[str, Any]:
-    """Parse and check a safetensors header against the file size, without reading any data."""
+def _safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
+    """Parse and check a safetensors header against the file size; return it and where the data starts."""
     try:
         size = file.stat().st_size
         with file.open("rb") as handle:
@@ -140,25 +141,37 @@ def _safetensors_header(file: Path) -> dict[str, Any]:
     end = max((meta["data_offsets"][1] for key, meta in header.items() if key != "__metadata__"), default=0)
     if end > data_size:
         raise _corrupt(file, f"header describes {end} bytes of data but the file holds {data_size}")
-    return header
+    return header, 8 + header_len
 
 
 class SafetensorsReader(CheckpointReader):
-    """``model.safetensors`` or shards listed in ``model.safetensors.index.json``."""
+    """``model.safetensors`` or shards listed in ``model.safetensors.index.json``.
+
+    Tensors are read with ``pread`` into buffers they own rather than through a memory map:
+    mapped pages of every input file would otherwise stay resident and count against the
+    merge's memory, which must stay at a few tensors.
+    """
 
     def __init__(self, path: Path, files: list[Path]) -> None:
         super().__init__(path)
         self._files = files
         self._infos: dict[str, TensorInfo] = {}
+        self._spans: dict[str, tuple[int, int]] = {}
         for file in files:
-            for name, meta in _safetensors_header(file).items():
+            header, data_start = _safetensors_header(file)
+            for name, meta in header.items():
                 if name == "__metadata__":
                     continue
                 dtype = _ST_DTYPES.get(meta["dtype"])
                 if dtype is None:
                     raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {meta['dtype']}")
                 self._infos[name] = TensorInfo(name, tuple(meta["shape"]), dtype, file)
-        self._handles: dict[Path, Any] = {}
+                begin, end = meta["data_offsets"]
+                expected = torch.Size(meta["shape"]).numel() * torch.empty((), dtype=dtype).element_size()
+                if end - begin != expected:
+                    raise _corrupt(file, f"tensor {name} spans {end - begin} bytes, its shape needs {expected}")
+                self._spans[name] = (data_start + begin, end - begin)
+        self._fds: dict[Path, int] = {}
 
     @classmethod
     def from_index(cls, path: Path, index_file: Path) -> SafetensorsReader:
@@ -182,29 +195,34 @@ class SafetensorsReader(CheckpointReader):
     def weight_files(self) -> list[Path]:
         return list(self._files)
 
-    def _handle(self, file: Path) -> Any:
-        from safetensors import safe_open
-
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            except Exception as exc:  # safetensors raises its own error types
-                raise _corrupt(file, exc) from None
-        return self._handles[file]
+    def _fd(self, file: Path) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY)
+        return self._fds[file]
 
     def read(self, name: str) -> Tensor:
         info = self._infos.get(name)
         if info is None:
             raise CheckpointError(f"tensor {name} is not stored in {self.path}")
+        offset, nbytes = self._spans[name]
+        if nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buffer = bytearray(nbytes)
+        view, done = memoryview(buffer), 0
         try:
-            return self._handle(info.file).get_tensor(name).contiguous()
-        except CheckpointError:
-            raise
-        except Exception as exc:
+            while done < nbytes:
+                got = os.preadv(self._fd(info.file), [view[done:]], offset + done)
+                if got == 0:
+                    raise OSError(f"unexpected end of file after {done} of {nbytes} bytes")
+                done += got
+        except OSError as exc:
             raise _corrupt(info.file, f"reading {name}: {exc}") from None
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 class TorchBinReader(CheckpointReader):

@@ -36,15 +36,20 @@ def iterative_merge(
     counts = apportion(numel, [ratios[k] for k in order])
     result = task.base.clone()
     taken = torch.zeros(task.base.shape, dtype=torch.bool, device=task.device)
+    free = numel
     owned = [0] * task.num_models
-    for k, count in zip(order, counts, strict=False):
+    for k, count in zip(order, counts, strict=True):
         if count == 0:
             continue
         theta = task.checkpoint(k)
-        scores = saliency(task, k, theta - task.base)
-        mask = select_top(scores, count, available=~taken)
-        del scores
-        result[mask] = theta[mask]
+        if count == free:  # the rest is this checkpoint's: no scores needed
+            mask = ~taken
+        else:
+            scores = saliency(task, k, theta - task.base)
+            mask = select_top(scores, count, exclude=taken, num_available=free)
+            del scores
+        torch.where(mask, theta, result, out=result)
         taken |= mask
+        free -= count
         owned[k] = count
     return MergeOutput(tensor=result, owned=owned)

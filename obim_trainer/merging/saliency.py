@@ -18,7 +18,9 @@ from torch import Tensor
 from obim_trainer.merging.task import ParamKind, TensorTask
 
 SaliencyFn = Callable[[TensorTask, int, Tensor], Tensor]
-"""``(task, k, delta_k) -> scores`` of the same shape, ≥ 0, higher is more salient."""
+"""``(task, k, delta_k) -> scores`` of the same shape, ≥ 0, higher is more salient.
+
+``delta_k`` belongs to the saliency function, which may overwrite it to save memory."""
 
 
 def random_saliency(task: TensorTask, k: int, delta: Tensor) -> Tensor:
@@ -36,7 +38,7 @@ def obm_saliency(task: TensorTask, k: int, delta: Tensor) -> Tensor:
             f"OBM saliency of Linear weight {task.name} needs activation statistics of checkpoint {k}; "
             "run the merge with calibration data"
         )
-    return delta.square().mul_(sq_mean)
+    return delta.square_().mul_(sq_mean)
 
 
 def token_frequency_saliency(task: TensorTask, k: int, delta: Tensor) -> Tensor:
@@ -46,10 +48,10 @@ def token_frequency_saliency(task: TensorTask, k: int, delta: Tensor) -> Tensor:
     exact analogue of eq. 5. Other tensors fall back to :func:`obm_saliency`.
     """
     if task.kind is ParamKind.EMBEDDING and task.token_counts is not None:
-        return delta.square().mul_(task.token_counts)
+        return delta.square_().mul_(task.token_counts)
     return obm_saliency(task, k, delta)
 
 
 def magnitude_saliency(task: TensorTask, k: int, delta: Tensor) -> Tensor:
     """|δ|: TIES' trimming criterion, used by the ``ties_im`` ablation (Table 3)."""
-    return delta.abs()
+    return delta.abs_()

@@ -33,37 +33,62 @@ def apportion(numel: int, ratios: Sequence[float]) -> list[int]:
     return counts
 
 
-def select_top(scores: Tensor, count: int, available: Tensor | None = None) -> Tensor:
-    """Boolean mask of exactly ``count`` positions with the highest ``scores`` inside ``available``.
+def _float_keys(values: Tensor) -> Tensor:
+    """int32 keys that sort like the float32 values; a view, not a copy, when no value is negative."""
+    bits = values.to(torch.float32).view(torch.int32)
+    if bool(values.min() >= 0):
+        return bits
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # flip magnitude bits of negative floats
+
+
+def select_top(
+    scores: Tensor,
+    count: int,
+    available: Tensor | None = None,
+    *,
+    exclude: Tensor | None = None,
+    num_available: int | None = None,
+) -> Tensor:
+    """Boolean mask of exactly ``count`` positions with the highest ``scores`` among the candidates.
 
     Args:
         scores: Any shape, float; NaN is not allowed.
         count: How many positions to select.
         available: Boolean mask of candidate positions (``None``: all).
+        exclude: Boolean mask of positions that are not candidates (the complement of
+            ``available``; saves a full-size temporary when the caller holds it).
+        num_available: Number of candidates if the caller knows it (saves a pass).
 
-    Ties at the threshold go to the lowest flat index. Raises ``ValueError`` if ``count``
-    exceeds the number of available positions.
+    A radix select on the float bits: one histogram of the top 16 bits finds the bucket that
+    holds the threshold, everything above it is taken, and only that bucket's members are
+    sorted. Ties at the threshold go to the lowest flat index. Raises ``ValueError`` if
+    ``count`` exceeds the number of candidates.
     """
     flat = scores.reshape(-1)
-    avail = None if available is None else available.reshape(-1)
-    n_avail = flat.numel() if avail is None else int(avail.sum())
-    if count < 0 or count > n_avail:
-        raise ValueError(f"cannot select {count} of {n_avail} available positions")
+    if available is not None:
+        exclude = ~available.reshape(-1)
+    elif exclude is not None:
+        exclude = exclude.reshape(-1)
+    if num_available is None:
+        num_available = flat.numel() - (0 if exclude is None else int(exclude.sum()))
+    if count < 0 or count > num_available:
+        raise ValueError(f"cannot select {count} of {num_available} available positions")
     if count == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    if count == n_avail:
-        return torch.ones_like(scores, dtype=torch.bool) if avail is None else avail.view(scores.shape).clone()
-    work = flat.to(torch.float32, copy=True)
-    if avail is not None:
-        work.masked_fill_(~avail, -math.inf)
-    # the count-th largest value is the (numel - count + 1)-th smallest
-    threshold = torch.kthvalue(work.cpu() if work.device.type == "mps" else work, work.numel() - count + 1).values
-    mask = work > threshold
-    missing = count - int(mask.sum())
-    if missing > 0:
-        ties = work == threshold
-        if avail is not None:
-            ties &= avail
-        tie_rank = ties.cumsum(0, dtype=torch.int64)
-        mask |= ties & (tie_rank <= missing)
+    if count == num_available:
+        return torch.ones_like(scores, dtype=torch.bool) if exclude is None else (~exclude).view(scores.shape)
+    keys = _float_keys(flat)
+    # bucket 0 holds the excluded positions; buckets 1..65536 the top 16 bits of the keys
+    buckets = torch.bitwise_right_shift(keys, 16).add_((1 << 15) + 1)
+    if exclude is not None:
+        buckets.masked_fill_(exclude, 0)
+    hist = torch.bincount(buckets, minlength=(1 << 16) + 1)
+    from_top = hist.flip(0).cumsum(0)
+    bucket = hist.numel() - 1 - int(torch.searchsorted(from_top, count))
+    above = int(from_top[hist.numel() - 1 - bucket]) - int(hist[bucket])
+    mask = buckets > bucket
+    members = (buckets == bucket).nonzero().squeeze(1)
+    del buckets
+    order = torch.sort(keys[members], descending=True, stable=True).indices
+    mask[members[order[: count - above]]] = True
     return mask.view(scores.shape)
