@@ -172,7 +172,7 @@ def format_methods() -> str:
         for field_name, field in cls.Params.model_fields.items():
             default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
             doc = f" — {field.description}" if field.description else ""
-            body.append(f"    {field_name}: {default}{doc}")
+            body.append(f"    {field.alias or field_name}: {default}{doc}")
         blocks.append("\n".join([head, *body]))
     return "\n\n".join(blocks) + "\n"
 

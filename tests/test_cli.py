@@ -87,8 +87,8 @@ def test_list_methods_shows_every_method_with_parameters(capsys):
     text = capsys.readouterr().out
     for name, cls in available_methods().items():
         assert f"\n{name}" in f"\n{text}"
-        for field in cls.Params.model_fields:
-            assert f"{field}:" in text
+        for name, field in cls.Params.model_fields.items():
+            assert f"{field.alias or name}:" in text
     assert "ratios: default None" in text and "[needs --calibration-data]" in text
 
 

@@ -1,11 +1,11 @@
 """Per-input-feature activation statistics of every Linear layer: the diagonal of OBM's Hessian.
 
 For a layer y = Wx with the layer-wise MSE objective, H = 2XXᵀ (the paper's eq. 6), and OBM
-needs only h_jj = 2·Σ_tokens x_j². Forward pre-hooks add Σx² over the real (non-padding)
-tokens of each batch into a float32 vector per layer, in place: no per-token Python, no
-stored activations. The same recorder works on a live model inside a training loop; under
-data parallelism or ZeRO-3 each rank records its share and :meth:`ActivationStats.all_reduce`
-sums them.
+needs only h_jj = 2·Σ_tokens x_j² (eq. 5). Forward pre-hooks add Σx² over the real
+(non-padding) tokens of each batch into a float32 vector per layer, in place: no per-token
+Python, no stored activations. The same recorder works on a live model inside a training loop;
+under data parallelism or ZeRO-3 each rank records its share and
+:meth:`ActivationStats.all_reduce` sums them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,41 +30,54 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
 TOKEN_COUNTS_KEY = "__token_counts__"
+# DDP / DeepSpeed engines and torch.compile wrap the model; its own parameter names come after these
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _conv1d_type() -> type | None:
     try:
         from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
+    except ImportError:  # pragma: no cover - transformers is a dependency; the guard keeps hooks usable without it
         return None
     return Conv1D
 
 
 def _strip_wrappers(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix) :], True
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
     return name
 
 
 def linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, int, int]]:
-    """``(weight name, module, input axis of the weight, in_features)`` of every Linear and Conv1D."""
+    """``(weight name, module, input axis of the weight, in_features)`` of every Linear and Conv1D.
+
+    Sizes come from the module attributes, not the weight, which ZeRO-3 partitions to nothing.
+    """
     conv1d = _conv1d_type()
     for name, module in model.named_modules():
-        weight_name = _strip_wrappers(f"{name}.weight")
+        weight_name = _strip_wrappers(f"{name}.weight" if name else "weight")
         if isinstance(module, nn.Linear):
             yield weight_name, module, 1, module.in_features
         elif conv1d is not None and isinstance(module, conv1d):
-            yield weight_name, module, 0, module.nx if hasattr(module, "nx") else module.weight.shape[0]
+            yield weight_name, module, 0, module.nx  # Conv1D stores its weight as [in, out]
+
+
+def _collective_device(group: Any) -> torch.device:
+    """Gloo reduces CPU tensors; NCCL (and other accelerator backends) need them on the current device."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or "mpi" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 @dataclass
 class ActivationStats:
-    """Σ x_j² and token counts per Linear weight, plus token frequencies for embeddings."""
+    """Σ x_j² and token counts per Linear weight, plus token frequencies for embeddings.
+
+    Keys are weight parameter names as the model names them (``model.layers.0.mlp.up_proj.weight``).
+    """
 
     sq_sum: dict[str, Tensor] = field(default_factory=dict)
     count: dict[str, int] = field(default_factory=dict)
@@ -72,7 +85,10 @@ class ActivationStats:
     token_counts: Tensor | None = None
 
     def input_sq_mean(self, name: str, weight_ndim: int = 2) -> Tensor | None:
-        """mean_j(x²) shaped to broadcast against the weight: ``[1, in]`` (Linear) or ``[in, 1]`` (Conv1D)."""
+        """mean_j(x²) shaped to broadcast against the weight: ``[1, in]`` (Linear) or ``[in, 1]`` (Conv1D).
+
+        ``None`` for a weight without statistics. A layer that never ran (count 0) gets zeros.
+        """
         if name not in self.sq_sum:
             return None
         mean = self.sq_sum[name] / max(self.count[name], 1)
@@ -89,24 +105,48 @@ class ActivationStats:
         batch_size: int = 8,
         device: str | torch.device | None = None,
         progress: bool = True,
-        desc: str = "activation statistics",
+        desc: str | None = None,
     ) -> ActivationStats:
-        """Run ``model`` on the calibration samples (forward only) and record the statistics."""
+        """Run ``model`` on the calibration samples (forward only, no labels) and record the statistics.
+
+        Args:
+            model: A causal LM taking ``input_ids``/``attention_mask``; it is not moved.
+            calibration: The tokenized samples.
+            batch_size: Samples per forward pass.
+            device: Where the batches go; the device of the model's first parameter by default.
+            progress: Show a progress bar.
+            desc: Progress-bar label; names the model (``config.name_or_path``) by default.
+        """
         device = torch.device(device) if device is not None else next(model.parameters()).device
+        name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
         was_training = model.training
         model.eval()
         recorder = ActivationRecorder(model)
         n_batches = -(-len(calibration.input_ids) // batch_size)
+        batches = tqdm(
+            calibration.batches(batch_size),
+            total=n_batches,
+            desc=desc or f"activation statistics of {name}",
+            unit="batch",
+            disable=not progress,
+        )
         try:
+            # no_grad, not inference_mode: ZeRO-3's parameter-gathering hooks break on inference tensors
             with recorder.attached(), torch.no_grad():
-                for ids, mask in tqdm(
-                    calibration.batches(batch_size), total=n_batches, desc=desc, unit="batch", disable=not progress
-                ):
-                    recorder.set_token_mask(mask.to(device))
-                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                for ids, mask in batches:
+                    mask = mask.to(device)
+                    recorder.set_token_mask(mask)
+                    model(input_ids=ids.to(device), attention_mask=mask, use_cache=False)
         finally:
             model.train(was_training)
         stats = recorder.stats()
+        unseen = [n for n, c in stats.count.items() if c == 0]
+        if unseen:
+            logger.warning(
+                "%d layer(s) never ran on the calibration data and have no activation statistics (e.g. %s)",
+                len(unseen),
+                unseen[0],
+            )
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         vocab = getattr(embeddings, "num_embeddings", None)
         if vocab:
@@ -114,48 +154,56 @@ class ActivationStats:
         return stats
 
     def all_reduce(self, group: Any = None) -> None:
-        """Sum the statistics over all ranks (no-op outside ``torch.distributed``).
+        """Sum the statistics over all ranks of ``group`` (no-op outside ``torch.distributed``).
 
-        Keys are visited in sorted order so every rank enters the same collectives in the same order.
+        Three collectives (sums, counts, token counts) over keys in sorted order, so every rank
+        enters the same collectives in the same order; every rank must hold the same layers.
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return
+        device = _collective_device(group)
         names = sorted(self.sq_sum)
         if names:
-            flat = torch.cat([self.sq_sum[n].float() for n in names])
+            flat = torch.cat([self.sq_sum[n].float().cpu() for n in names]).to(device)
             dist.all_reduce(flat, group=group)
-            offsets = 0
-            for n in names:
-                size = self.sq_sum[n].numel()
-                self.sq_sum[n] = flat[offsets : offsets + size].clone()
-                offsets += size
-            counts = torch.tensor([self.count[n] for n in names], dtype=torch.float64)
+            sums = flat.cpu().split([self.sq_sum[n].numel() for n in names])
+            self.sq_sum = {n: s.clone() for n, s in zip(names, sums, strict=True)}
+            # float64 holds integer counts exactly up to 2**53 and every backend reduces it
+            counts = torch.tensor([self.count[n] for n in names], dtype=torch.float64, device=device)
             dist.all_reduce(counts, group=group)
-            self.count = {n: int(c) for n, c in zip(names, counts.tolist(), strict=False)}
+            self.count = {n: int(c) for n, c in zip(names, counts.tolist(), strict=True)}
         if self.token_counts is not None:
-            dist.all_reduce(self.token_counts, group=group)
+            token_counts = self.token_counts.to(device=device, dtype=torch.int64)
+            dist.all_reduce(token_counts, group=group)
+            self.token_counts = token_counts.cpu()
 
     def save(self, path: Path, key: str, extra_metadata: dict[str, str] | None = None) -> None:
-        """Write a small safetensors file atomically (temporary file, fsync, rename)."""
-        from safetensors.torch import save_file
+        """Write a small safetensors file atomically (temporary file, fsync, rename).
 
-        tensors = {n: t.contiguous().float() for n, t in self.sq_sum.items()}
+        A failure to write raises ``OSError`` and leaves no partial file behind.
+        """
+        from safetensors.torch import save
+
+        tensors = {n: t.detach().float().cpu().contiguous() for n, t in self.sq_sum.items()}
         if self.token_counts is not None:
-            tensors[TOKEN_COUNTS_KEY] = self.token_counts.to(torch.int64).contiguous()
+            tensors[TOKEN_COUNTS_KEY] = self.token_counts.to(torch.int64).cpu().contiguous()
         metadata = {
+            **(extra_metadata or {}),
             "key": key,
             "format_version": FORMAT_VERSION,
             "count": json.dumps(self.count),
             "in_axis": json.dumps(self.in_axis),
-            **(extra_metadata or {}),
         }
+        payload = save(tensors, metadata=metadata)
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            save_file(tensors, str(tmp), metadata=metadata)
-            with tmp.open("rb") as handle:
+            with tmp.open("wb") as handle:
+                handle.write(payload)
+                handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
         finally:
@@ -176,7 +224,8 @@ class ActivationStats:
             raise CalibrationError(f"statistics file {path} is unreadable ({exc}); delete it to recompute") from None
         if meta.get("format_version") != FORMAT_VERSION:
             raise CalibrationError(
-                f"statistics file {path} has format {meta.get('format_version')}, not {FORMAT_VERSION}"
+                f"statistics file {path} has format {meta.get('format_version')}, not {FORMAT_VERSION}; "
+                "delete it to recompute"
             )
         if expected_key is not None and meta.get("key") != expected_key:
             raise CalibrationError(f"statistics file {path} was computed for other inputs (key mismatch)")
@@ -187,68 +236,84 @@ class ActivationStats:
 
 
 class ActivationRecorder:
-    """Forward pre-hooks that accumulate Σx² over non-padding tokens for every Linear/Conv1D of a model."""
+    """Forward pre-hooks that accumulate Σx² over non-padding tokens for every Linear/Conv1D of a model.
+
+    Usage inside any loop (a Trainer callback, a ZeRO-3 engine's ``module``)::
+
+        recorder = ActivationRecorder(model)
+        with recorder.attached(), torch.no_grad():
+            for batch in batches:
+                recorder.set_token_mask(batch["attention_mask"])
+                model(**batch)
+        stats = recorder.stats()
+
+    Attach it around forward passes only: with gradient checkpointing, a backward pass re-runs
+    the forward and would count every token twice.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._layers = list(linear_layers(model))
         self._sq: dict[str, Tensor] = {}
         self._count: dict[str, int] = {}
-        self._axis: dict[str, int] = {}
         self._mask: Tensor | None = None
+        self._mask_tokens = 0
         self._warned: set[str] = set()
 
     def set_token_mask(self, attention_mask: Tensor | None) -> None:
-        """The current batch's attention mask; tokens where it is 0 are not counted."""
-        self._mask = None if attention_mask is None else attention_mask.reshape(-1).to(torch.float32)
+        """The current batch's attention mask; tokens where it is 0 are not counted (``None``: count all)."""
+        if attention_mask is None:
+            self._mask = None
+            return
+        self._mask = attention_mask.reshape(-1).to(torch.float32)
+        self._mask_tokens = int(self._mask.sum())  # one device sync per batch, not one per layer
 
-    def _hook(self, name: str, in_features: int):
-        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not args or not torch.is_tensor(args[0]):
+    def _hook(self, name: str, in_features: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            inputs = args[0] if args else next(iter(kwargs.values()), None)
+            if not torch.is_tensor(inputs):
                 return
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            if x.shape[-1] != in_features:
-                return
+            x = inputs.detach().reshape(-1, in_features)
+            sq = x.float().square()
+            acc = self._sq.get(name)
+            if acc is None:
+                acc = self._sq[name] = torch.zeros(in_features, dtype=torch.float32, device=x.device)
             mask = self._mask
             if mask is not None and mask.numel() != x.shape[0]:
-                if name not in self._warned:
+                if name not in self._warned:  # e.g. an MoE expert sees only its routed tokens
                     self._warned.add(name)
                     logger.info("%s sees %d rows, not one per token; counting all of them", name, x.shape[0])
                 mask = None
-            sq = x.float().square()
-            acc = self._sq.get(name)
-            if acc is None or acc.device != x.device:
-                acc = self._sq[name] = torch.zeros(in_features, dtype=torch.float32, device=x.device)
             if mask is None:
-                acc.add_(sq.sum(0))
+                acc.add_(sq.sum(0).to(acc.device))
                 self._count[name] = self._count.get(name, 0) + x.shape[0]
             else:
-                acc.addmv_(sq.t(), mask.to(sq.device))
-                self._count[name] = self._count.get(name, 0) + int(mask.sum())
+                acc.add_((sq.t() @ mask.to(sq.device)).to(acc.device))
+                self._count[name] = self._count.get(name, 0) + self._mask_tokens
 
         return hook
 
     @contextmanager
     def attached(self) -> Iterator[ActivationRecorder]:
-        handles = []
-        for name, module, axis, in_features in self._layers:
-            self._axis[name] = axis
-            handles.append(module.register_forward_pre_hook(self._hook(name, in_features)))
+        """Hooks on every Linear/Conv1D while inside; statistics keep accumulating over re-entries."""
+        handles = [
+            module.register_forward_pre_hook(self._hook(name, in_features), with_kwargs=True)
+            for name, module, _axis, in_features in self._layers
+        ]
         try:
             yield self
         finally:
-            for h in handles:
-                h.remove()
+            for handle in handles:
+                handle.remove()
             self._mask = None
 
     def stats(self) -> ActivationStats:
-        """What was recorded so far (layers never called get zeros), on the CPU."""
-        sq = {}
-        for name, _module, _axis, in_features in self._layers:
-            acc = self._sq.get(name)
-            sq[name] = acc.cpu() if acc is not None else torch.zeros(in_features)
+        """What was recorded so far, on the CPU (layers that never ran get zeros and count 0)."""
         return ActivationStats(
-            sq_sum=sq,
-            count={name: self._count.get(name, 0) for name in sq},
-            in_axis={name: self._axis.get(name, axis) for name, _m, axis, _f in self._layers},
+            sq_sum={
+                name: self._sq[name].cpu() if name in self._sq else torch.zeros(in_features)
+                for name, _module, _axis, in_features in self._layers
+            },
+            count={name: self._count.get(name, 0) for name, *_ in self._layers},
+            in_axis={name: axis for name, _module, axis, _features in self._layers},
         )

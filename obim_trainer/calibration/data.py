@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,29 @@ from obim_trainer.errors import CalibrationError
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+FIELD_HINT = "pass --calibration-text-field (calibration_text_field) with the right name"
 
 
-def _from_jsonl(path: Path, field: str, limit: int) -> list[str]:
+def _as_text(value: Any, field: str, where: str) -> str | None:
+    """The sample's text, ``None`` for a missing/blank one; anything but a string is an error."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise CalibrationError(f"{where}: field '{field}' holds {type(value).__name__}, not text; {FIELD_HINT}")
+    return value if value.strip() else None
+
+
+def _first_texts(values: Iterable[str | None], limit: int) -> list[str]:
     texts: list[str] = []
+    for text in values:
+        if text is not None:
+            texts.append(text)
+            if len(texts) == limit:
+                break
+    return texts
+
+
+def _jsonl_values(path: Path, field: str) -> Iterator[str | None]:
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -36,93 +55,103 @@ def _from_jsonl(path: Path, field: str, limit: int) -> list[str]:
                 raise CalibrationError(
                     f"{path} line {number} is not valid JSON ({exc.msg}); fix or remove that line"
                 ) from None
-            if not isinstance(row, dict) or field not in row:
-                found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                raise CalibrationError(
-                    f"{path} line {number} has no '{field}' field (found: {found}); "
-                    "pass --calibration-text-field with the right name"
-                )
-            if str(row[field]).strip():
-                texts.append(str(row[field]))
-                if len(texts) == limit:
-                    break
-    return texts
+            yield _row_text(row, field, f"{path} line {number}")
 
 
-def _from_json(path: Path, field: str, limit: int) -> list[str]:
+def _row_text(row: Any, field: str, where: str) -> str | None:
+    if not isinstance(row, dict) or field not in row:
+        found = ", ".join(row) if isinstance(row, dict) else f"a {type(row).__name__}, not an object"
+        raise CalibrationError(f"{where} has no '{field}' field (found: {found}); {FIELD_HINT}")
+    return _as_text(row[field], field, where)
+
+
+def _json_values(path: Path, field: str) -> Iterator[str | None]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
-        return _from_jsonl(path, field, limit)  # JSON Lines saved as .json
+        yield from _jsonl_values(path, field)  # JSON Lines saved as .json
+        return
     if not isinstance(data, list):
         raise CalibrationError(f"{path} must hold a list of objects with a '{field}' field, or JSON Lines")
-    rows = [r.get(field) if isinstance(r, dict) else r for r in data]
-    return [str(t) for t in rows if t is not None and str(t).strip()][:limit]
+    for index, row in enumerate(data):
+        yield _row_text(row, field, f"{path} item {index}")
 
 
-def _from_parquet(path: Path, field: str, limit: int) -> list[str]:
+def _txt_values(path: Path) -> Iterator[str | None]:
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            text = line.rstrip("\r\n")
+            yield text if text.strip() else None
+
+
+def _parquet_values(path: Path, field: str) -> Iterator[str | None]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.ParquetFile(path)
+        columns = table.schema_arrow.names
     except Exception as exc:
-        raise CalibrationError(f"{path} is not a readable parquet file ({exc})") from None
-    if field not in table.column_names:
-        raise CalibrationError(
-            f"{path} has no column '{field}' (columns: {', '.join(table.column_names)}); pass --calibration-text-field"
-        )
-    return [str(t) for t in table.column(field).to_pylist() if t is not None and str(t).strip()][:limit]
+        raise CalibrationError(f"{path} is not a readable parquet file ({exc}); check the file") from None
+    if field not in columns:
+        raise CalibrationError(f"{path} has no column '{field}' (columns: {', '.join(columns)}); {FIELD_HINT}")
+    for batch in table.iter_batches(columns=[field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            yield _as_text(value, field, str(path))
 
 
-def _from_dataset(dataset: Any, field: str, limit: int) -> list[str]:
-    if field not in dataset.column_names:
+def _dataset_values(dataset: Any, field: str) -> Iterator[str | None]:
+    columns = dataset.column_names
+    if isinstance(columns, dict):
         raise CalibrationError(
-            f"the calibration dataset has no column '{field}' (columns: {', '.join(dataset.column_names)})"
+            f"the calibration data is a DatasetDict with splits {', '.join(columns)}; pass one split, "
+            "e.g. dataset['train']"
         )
-    texts = []
+    if columns is not None and field not in columns:
+        raise CalibrationError(
+            f"the calibration dataset has no column '{field}' (columns: {', '.join(columns)}); {FIELD_HINT}"
+        )
     for row in dataset:
-        if str(row[field]).strip():
-            texts.append(str(row[field]))
-            if len(texts) == limit:
-                break
-    return texts
+        yield _row_text(row, field, "the calibration dataset")
+
+
+def _file_values(path: Path, field: str) -> Iterator[str | None]:
+    if not path.exists():
+        raise CalibrationError(f"calibration file {path} does not exist; pass an existing file to --calibration-data")
+    if not path.is_file():
+        raise CalibrationError(f"{path} is not a file; pass a {'/'.join(SUFFIXES)} file to --calibration-data")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _jsonl_values(path, field)
+    if suffix == ".json":
+        return _json_values(path, field)
+    if suffix == ".txt":
+        return _txt_values(path)
+    if suffix == ".parquet":
+        return _parquet_values(path, field)
+    raise CalibrationError(f"calibration file {path} has an unknown extension; use one of {', '.join(SUFFIXES)}")
 
 
 def load_calibration_texts(source: str | Path | Any, num_samples: int = 100, text_field: str = "text") -> list[str]:
     """The first ``num_samples`` non-empty texts of a JSONL/JSON/text/parquet file or ``datasets.Dataset``.
 
-    Text files hold one sample per non-empty line. Raises :class:`CalibrationError` naming the
-    file and the fix when the source is missing, empty or unreadable.
+    Texts come in file order, so the same inputs always give the same calibration set. JSON and
+    JSONL hold objects with ``text_field``; text files hold one sample per non-empty line.
+    Raises :class:`CalibrationError` naming the file and the fix when the source is missing,
+    empty or unreadable.
     """
     if num_samples < 1:
-        raise CalibrationError(f"calibration_samples must be at least 1, got {num_samples}")
+        raise CalibrationError(f"calibration_samples must be at least 1 (got {num_samples}); ~100 works best")
     if hasattr(source, "column_names"):
-        texts = _from_dataset(source, text_field, num_samples)
         where = "the calibration dataset"
+        values = _dataset_values(source, text_field)
     else:
         path = Path(source)
-        if not path.is_file():
-            raise CalibrationError(
-                f"calibration file {path} does not exist; pass an existing file to --calibration-data"
-            )
-        suffix = path.suffix.lower()
-        try:
-            if suffix == ".jsonl":
-                texts = _from_jsonl(path, text_field, num_samples)
-            elif suffix == ".json":
-                texts = _from_json(path, text_field, num_samples)
-            elif suffix == ".txt":
-                lines = path.read_text(encoding="utf-8").splitlines()
-                texts = [line for line in lines if line.strip()][:num_samples]
-            elif suffix == ".parquet":
-                texts = _from_parquet(path, text_field, num_samples)
-            else:
-                raise CalibrationError(
-                    f"calibration file {path} has an unknown extension; use one of {', '.join(SUFFIXES)}"
-                )
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CalibrationError(f"cannot read calibration file {path} ({exc}); check it is UTF-8 text") from None
         where = str(path)
+        values = _file_values(path, text_field)
+    try:
+        texts = _first_texts(values, num_samples)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"cannot read calibration data {where} ({exc}); check it is UTF-8 text") from None
     if not texts:
         raise CalibrationError(f"{where} holds no non-empty text; give ~100 samples of the new language/domain")
     if len(texts) < num_samples:
@@ -145,12 +174,14 @@ class CalibrationSet:
         """sha256 of the token ids: changes with the texts, the tokenizer, the sample count and max length."""
         digest = hashlib.sha256()
         for ids in self.input_ids:
+            digest.update(int(ids.numel()).to_bytes(8, "little"))
             digest.update(ids.to(torch.int64).numpy().tobytes())
-            digest.update(b"\xff" * 8)
         return digest.hexdigest()
 
     def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Right-padded ``(input_ids, attention_mask)`` batches, longest samples first to limit padding."""
+        if batch_size < 1:
+            raise CalibrationError(f"calibration_batch_size must be at least 1 (got {batch_size})")
         order = sorted(range(len(self.input_ids)), key=lambda i: -self.input_ids[i].numel())
         for start in range(0, len(order), batch_size):
             chunk = [self.input_ids[i] for i in order[start : start + batch_size]]
@@ -163,7 +194,7 @@ class CalibrationSet:
             yield ids, mask
 
     def shard(self, rank: int, world_size: int) -> CalibrationSet:
-        """This rank's share of the samples (every world_size-th one), for data-parallel statistics."""
+        """This rank's share of the samples (every ``world_size``-th one), for data-parallel statistics."""
         return CalibrationSet(self.input_ids[rank::world_size], self.pad_token_id)
 
     def token_counts(self, vocab_size: int) -> Tensor:
@@ -173,7 +204,11 @@ class CalibrationSet:
 
 
 def tokenize_calibration(texts: Sequence[str], tokenizer: Any, max_length: int = 512) -> CalibrationSet:
-    """Tokenize ``texts`` (truncated to ``max_length``); empty results are dropped."""
+    """Tokenize ``texts`` (truncated to ``max_length``, with the tokenizer's special tokens, never padded).
+
+    A tokenizer without a pad token pads batches with its eos token; the attention mask keeps
+    those positions out of the statistics anyway.
+    """
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

@@ -2,8 +2,9 @@
 
 A statistics file is named by a key: the hash of the tokenized calibration data (texts,
 tokenizer, sample count, max length) and of the checkpoint's fingerprint. Other calibration
-data or a changed checkpoint give another key, so stale statistics are never found, let alone
-used. Files are only ever added to a checkpoint folder, never changed or removed.
+data or a changed checkpoint give another key, so stale statistics are never found, and a file
+whose stored key differs is never used. Only ``obim_stats/`` is ever written in a checkpoint
+folder; the checkpoint's own files are never changed or removed.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from obim_trainer.errors import CalibrationError
 logger = logging.getLogger(__name__)
 
 STATS_DIRNAME = "obim_stats"
-DEFAULT_CACHE = Path(os.environ.get("OBIM_STATS_CACHE", Path.home() / ".cache" / "obim_trainer" / "stats"))
+
+
+def default_cache_dir() -> Path:
+    """Where statistics go when a checkpoint folder is read-only: ``$OBIM_STATS_CACHE`` or ~/.cache/..."""
+    return Path(os.environ.get("OBIM_STATS_CACHE", Path.home() / ".cache" / "obim_trainer" / "stats"))
 
 
 def stats_key(calibration_fingerprint: str, checkpoint_fingerprint: str) -> str:
-    """Key of the statistics of one checkpoint on one calibration set."""
+    """Key of the statistics of one checkpoint on one calibration set (also changes with the file format)."""
     text = f"obim-stats-v{FORMAT_VERSION}\0{calibration_fingerprint}\0{checkpoint_fingerprint}"
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -35,6 +40,7 @@ def stats_path(checkpoint_dir: Path, key: str) -> Path:
 
 
 def _cache_path(cache_dir: Path, checkpoint_dir: Path, key: str) -> Path:
+    # the key already identifies the checkpoint; its folder name only helps a human browsing the cache
     return cache_dir / f"{Path(checkpoint_dir).resolve().name}-{key[:16]}.safetensors"
 
 
@@ -58,23 +64,30 @@ def load_or_compute_stats(
 ) -> tuple[ActivationStats, str]:
     """Cached statistics of a checkpoint, or freshly computed ones (then stored).
 
-    Returns ``(stats, source)`` with ``source`` ``"cached"`` or ``"computed"``. Statistics go
-    beside the checkpoint; if its folder is read-only, into ``cache_dir``
-    (default ``~/.cache/obim_trainer/stats``).
+    Looks beside the checkpoint, then in the cache folder; returns ``(stats, source)`` with
+    ``source`` ``"cached"`` or ``"computed"``. New statistics go beside the checkpoint, or into
+    ``cache_dir`` (default :func:`default_cache_dir`) when its folder cannot be written.
+    ``recompute`` ignores stored statistics and replaces them.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    cache = cache_dir or DEFAULT_CACHE
-    candidates = [stats_path(checkpoint_dir, key), _cache_path(cache, checkpoint_dir, key)]
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    beside, cached = stats_path(checkpoint_dir, key), _cache_path(cache, checkpoint_dir, key)
     if not recompute:
-        for path in candidates:
+        for path in (beside, cached):
             stats = _try_load(path, key)
             if stats is not None:
                 logger.info("reusing activation statistics %s", path)
                 return stats, "cached"
     stats = compute()
     try:
-        stats.save(candidates[0], key)
+        stats.save(beside, key)
     except OSError as exc:
-        logger.info("cannot write beside %s (%s); keeping its statistics in %s", checkpoint_dir, exc, cache)
-        stats.save(candidates[1], key)
+        logger.warning("cannot write beside %s (%s); storing its statistics in %s", checkpoint_dir, exc, cached)
+        try:
+            stats.save(cached, key)
+        except OSError as cache_exc:
+            raise CalibrationError(
+                f"cannot store activation statistics beside {checkpoint_dir} ({exc}) nor in {cache} ({cache_exc}); "
+                "pass a writable folder with --stats-cache-dir (stats_cache_dir)"
+            ) from None
     return stats, "computed"

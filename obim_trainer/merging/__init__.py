@@ -1,10 +1,9 @@
 """Pure tensor math for merging: one module per method, chosen by name through the registry.
 
-Nothing here reads files, builds models or talks to other processes.
+Nothing here reads files, builds models or talks to other processes. The registry imports the
+built-in method modules (and plugins) the first time a method is looked up.
 """
 
-# Built-in methods register themselves on import.
-from obim_trainer.merging import obim  # noqa: F401
 from obim_trainer.merging.registry import (
     MergeMethod,
     MethodParams,

@@ -10,7 +10,7 @@ from obim_trainer.errors import ConfigError
 from obim_trainer.merging.iterative import iterative_merge
 from obim_trainer.merging.order import merge_order
 from obim_trainer.merging.registry import MergeMethod, MethodParams, register_method
-from obim_trainer.merging.saliency import obm_saliency, token_frequency_saliency
+from obim_trainer.merging.saliency import SaliencyFn, obm_saliency, token_frequency_saliency
 from obim_trainer.merging.task import MergeOutput, TensorTask
 
 RATIO_TOLERANCE = 1e-6
@@ -71,7 +71,10 @@ class OBIM(MergeMethod):
     def describe_tensor(self, block_index: int | None) -> str:
         return f"order {self.order_for(block_index)}"
 
-    def merge(self, task: TensorTask) -> MergeOutput:
+    def saliency(self) -> SaliencyFn:
+        """How positions are scored: OBM (eq. 5), with token frequency for embeddings on request."""
         p: OBIMParams = self.params  # type: ignore[assignment]
-        saliency = token_frequency_saliency if p.embedding_saliency == "token_frequency" else obm_saliency
-        return iterative_merge(task, self.ratios, self.order_for(task.block_index), saliency)
+        return token_frequency_saliency if p.embedding_saliency == "token_frequency" else obm_saliency
+
+    def merge(self, task: TensorTask) -> MergeOutput:
+        return iterative_merge(task, self.ratios, self.order_for(task.block_index), self.saliency())

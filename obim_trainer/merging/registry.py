@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
@@ -81,7 +82,7 @@ class MergeMethod(ABC):
 
     def describe(self) -> dict[str, Any]:
         """Parameters as recorded in ``obim_merge.json``."""
-        return {"method": self.name, **self.params.model_dump(mode="json")}
+        return {"method": self.name, **self.params.model_dump(mode="json", by_alias=True)}
 
 
 def parse_params(method: type[MergeMethod] | MergeMethod, raw: Mapping[str, Any]) -> MethodParams:
@@ -95,6 +96,22 @@ def parse_params(method: type[MergeMethod] | MergeMethod, raw: Mapping[str, Any]
             f"invalid parameters for method '{method.name}': {problems}. Parameters it accepts: {known}."
         ) from None
 
+
+BUILT_IN_MODULES = (
+    "obim",
+    "ablations",
+    "average",
+    "breadcrumbs",
+    "consensus",
+    "dare",
+    "della",
+    "model_stock",
+    "pcb",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+    "widen",
+)
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}
 _entry_points_loaded = False
@@ -114,6 +131,8 @@ def _load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
+    for module in BUILT_IN_MODULES:
+        import_module(f"obim_trainer.merging.{module}")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             loaded = ep.load()
