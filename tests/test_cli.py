@@ -121,3 +121,33 @@ def test_dry_run_prints_the_plan(llama_family, calibration_jsonl, tmp_path, caps
     out = capsys.readouterr().out
     assert '"ratios": [0.5, 0.25, 0.25]' in out
     assert "model.layers.1.mlp.up_proj.weight" in out and "128x64" in out
+
+
+def test_baseline_from_yaml_with_param_override(llama_family, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    base, ckpts = llama_family
+    code = main(
+        [
+            "--config",
+            "configs/merge/dare_ties.yaml",
+            "--base",
+            str(base),
+            "--checkpoints",
+            *map(str, ckpts),
+            "--param",
+            "density=0.6",
+            "--seed",
+            "4",
+            "--output",
+            str(tmp_path / "m"),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    manifest = json.loads((tmp_path / "m" / "obim_merge.json").read_text())
+    assert manifest["method"]["method"] == "dare_ties" and manifest["method"]["density"] == 0.6
+    assert manifest["method"]["rescale_mode"] == "inverse" and manifest["calibration"] is None
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in merged.values())

@@ -231,3 +231,27 @@ def test_dry_run_writes_nothing_and_shows_rotated_orders(llama_family, calibrati
     q1 = next(line for line in lines if line.startswith("model.layers.1.self_attn.q_proj.weight"))
     assert "64x64" in q0 and "linear" in q0
     assert "order [0, 1, 2]" in q0 and "order [1, 2, 0]" in q1
+
+
+def test_baseline_methods_need_no_calibration_and_compute_no_statistics(llama_family, tmp_path):
+    base, ckpts = copied_family(llama_family, tmp_path)
+    result = merge_checkpoints(
+        base=base, checkpoints=ckpts, method="ties", params={"density": 0.5}, output=tmp_path / "ties", progress=False
+    )
+    assert result.manifest["method"]["method"] == "ties" and result.manifest["statistics"] == []
+    assert not any((c / STATS_DIRNAME).exists() for c in ckpts)
+    merged = load_output(result.output)
+    assert not torch.equal(merged["model.norm.weight"], load_file(base / "model.safetensors")["model.norm.weight"])
+
+
+def test_ties_obm_computes_statistics(llama_family, calibration_jsonl, tmp_path):
+    base, ckpts = copied_family(llama_family, tmp_path)
+    result = merge_checkpoints(
+        base=base,
+        checkpoints=ckpts[:2],
+        method="ties_obm",
+        calibration_data=calibration_jsonl,
+        output=tmp_path / "m",
+        progress=False,
+    )
+    assert [s["source"] for s in result.manifest["statistics"]] == ["computed", "computed"]

@@ -1,7 +1,9 @@
-"""Σx² per input feature of every Linear/Conv1D, over real tokens only."""
+"""Σx² per input feature of every Linear/Conv1D, over real tokens only, and its reduction across ranks."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,18 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from torch import nn
 from transformers import AutoTokenizer
+from transformers.pytorch_utils import Conv1D
 
-from obim_trainer.calibration import ActivationStats, tokenize_calibration
+from obim_trainer.calibration import ActivationRecorder, ActivationStats, CalibrationSet, tokenize_calibration
 from obim_trainer.errors import CalibrationError
 from tests.conftest import make_texts, make_tiny_gpt2, make_tiny_llama
 
 
-def reference_stats(model, calibration):
-    """One sample at a time (no padding at all), inputs captured whole and summed in the test."""
+def reference_stats(model: nn.Module, calibration: CalibrationSet) -> tuple[dict, dict]:
+    """One sample at a time (no padding at all), whole inputs captured and summed in float64."""
     sums, counts, handles = {}, {}, []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+        if isinstance(module, (nn.Linear, Conv1D)):
 
             def grab(_m, args, name=f"{name}.weight"):
                 x = args[0].reshape(-1, args[0].shape[-1]).double()
@@ -38,7 +43,7 @@ def reference_stats(model, calibration):
 
 
 @pytest.fixture(scope="module")
-def calibration(tokenizer_dir):
+def calibration(tokenizer_dir) -> CalibrationSet:
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     return tokenize_calibration(make_texts(10, seed=3), tok, max_length=96)
 
@@ -48,37 +53,159 @@ def test_padded_batches_equal_the_unpadded_reference(factory, calibration):
     model = factory(seed=2).eval()
     stats = ActivationStats.collect(model, calibration, batch_size=4, progress=False)
     sums, counts = reference_stats(model, calibration)
-    assert set(stats.sq_sum) == set(sums)
+    assert set(stats.sq_sum) == set(sums) and len(sums) >= 8
     for name in sums:
         assert stats.count[name] == counts[name] == calibration.num_tokens
+        assert stats.sq_sum[name].dtype == torch.float32
         torch.testing.assert_close(stats.sq_sum[name].double(), sums[name], rtol=1e-4, atol=1e-5)
-    assert int(stats.token_counts.sum()) == calibration.num_tokens
+    assert torch.equal(stats.token_counts, calibration.token_counts(320))
 
 
-def test_conv1d_axis_and_broadcast_shapes(calibration):
-    stats = ActivationStats.collect(make_tiny_gpt2(), calibration, batch_size=8, progress=False)
-    name = "transformer.h.0.mlp.c_proj.weight"  # Conv1D weight [in=256, out=64]
-    assert stats.in_axis[name] == 0 and stats.sq_sum[name].shape == (256,)
-    assert stats.input_sq_mean(name).shape == (256, 1)
+def test_padding_is_excluded_from_sums_and_counts():
+    model = make_tiny_llama(seed=4)
+    short, long = torch.tensor([1, 40, 41, 42]), torch.arange(1, 60)
+    # pad with a real, frequent token so that counting padding would change the sums
+    batched = CalibrationSet([short, long], pad_token_id=40)
+    alone = [ActivationStats.collect(model, CalibrationSet([s], 40), progress=False) for s in (short, long)]
+    together = ActivationStats.collect(model, batched, batch_size=2, progress=False)
+    for name, total in together.sq_sum.items():
+        assert together.count[name] == 4 + 59
+        torch.testing.assert_close(total, alone[0].sq_sum[name] + alone[1].sq_sum[name], rtol=1e-5, atol=1e-6)
+    unmasked = ActivationRecorder(model)
+    with unmasked.attached(), torch.no_grad():
+        ids, _mask = next(batched.batches(2))
+        model(input_ids=ids, use_cache=False)  # no token mask: every position counts
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert unmasked.stats().count[name] == 2 * 59
+    assert not torch.allclose(unmasked.stats().sq_sum[name], together.sq_sum[name])
+
+
+def test_conv1d_axis_sizes_and_broadcast_shapes(calibration):
+    gpt2 = make_tiny_gpt2()
+    stats = ActivationStats.collect(gpt2, calibration, batch_size=8, progress=False)
+    conv_names = {f"{n}.weight" for n, m in gpt2.named_modules() if isinstance(m, Conv1D)}
+    assert len(conv_names) == 8 and set(stats.sq_sum) == conv_names | {"lm_head.weight"}
+    weights = dict(gpt2.named_parameters(remove_duplicate=False))
+    for name in conv_names:
+        assert stats.in_axis[name] == 0 and stats.sq_sum[name].shape == (weights[name].shape[0],)
+    assert stats.in_axis["lm_head.weight"] == 1
+    for name in stats.sq_sum:
+        mean = stats.input_sq_mean(name)
+        assert (mean * weights[name]).shape == weights[name].shape
+        torch.testing.assert_close(mean.flatten(), stats.sq_sum[name] / calibration.num_tokens)
+    assert stats.input_sq_mean("transformer.h.0.mlp.c_proj.weight").shape == (4 * 64, 1)
     llama = ActivationStats.collect(make_tiny_llama(), calibration, batch_size=8, progress=False)
     assert llama.in_axis["model.layers.0.mlp.down_proj.weight"] == 1
     assert llama.input_sq_mean("model.layers.0.mlp.down_proj.weight").shape == (1, 128)
     assert llama.input_sq_mean("not.a.layer.weight") is None
 
 
-def test_save_load_round_trip_and_key_check(calibration, tmp_path):
+def test_collect_restores_training_mode_and_names_the_model_in_the_progress_bar(calibration, capsys):
+    model = make_tiny_llama().train()
+    ActivationStats.collect(model, calibration, batch_size=5, progress=True)
+    assert model.training and "activation statistics of LlamaForCausalLM" in capsys.readouterr().err
+
+
+class ToyMoE(nn.Module):
+    """Tokens routed by parity to one of two experts (called with a keyword input); one layer never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 8)
+        self.router = nn.Linear(8, 2)
+        self.experts = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+        self.unused = nn.Linear(8, 3)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        hidden = self.embed(input_ids).reshape(-1, 8)
+        self.router(hidden)
+        routes = input_ids.reshape(-1) % 2
+        return [expert(input=hidden[routes == e]) for e, expert in enumerate(self.experts)]
+
+
+class Wrapper(nn.Module):
+    """Stands in for DDP / a DeepSpeed engine: the model lives under ``module``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def test_routed_layers_count_their_rows_and_unused_layers_are_reported(caplog):
+    torch.manual_seed(0)
+    model = ToyMoE()
+    calib = CalibrationSet([torch.tensor([3, 4, 5, 6, 7]), torch.tensor([8, 9]), torch.tensor([10])], pad_token_id=1)
+    with caplog.at_level(logging.INFO, logger="obim_trainer.calibration.activation_stats"):
+        stats = ActivationStats.collect(model, calib, batch_size=2, progress=False)
+    assert stats.count["router.weight"] == calib.num_tokens == 8
+    expected_sq, expected_rows = [torch.zeros(8), torch.zeros(8)], [0, 0]
+    with torch.no_grad():
+        for ids, _mask in calib.batches(2):  # experts see every routed row, padding included
+            hidden, routes = model.embed(ids).reshape(-1, 8), ids.reshape(-1) % 2
+            for e in (0, 1):
+                expected_sq[e] += hidden[routes == e].square().sum(0)
+                expected_rows[e] += int((routes == e).sum())
+    for e in (0, 1):
+        assert stats.count[f"experts.{e}.weight"] == expected_rows[e]
+        torch.testing.assert_close(stats.sq_sum[f"experts.{e}.weight"], expected_sq[e])
+    assert sum(expected_rows) == 5 * 2 + 1 > calib.num_tokens
+    assert "experts.0.weight sees" in caplog.text and caplog.text.count("experts.0.weight sees") == 1
+    assert stats.count["unused.weight"] == 0 and torch.equal(stats.sq_sum["unused.weight"], torch.zeros(8))
+    assert "1 layer(s) never ran" in caplog.text
+
+
+def test_recorder_on_a_wrapped_live_model_uses_the_model_own_names(calibration):
+    model = make_tiny_llama(seed=5)
+    expected = ActivationStats.collect(model, calibration, batch_size=4, progress=False)
+    model.train()  # a training loop's model, gradients enabled
+    recorder = ActivationRecorder(Wrapper(model))
+    for ids, mask in calibration.batches(3):
+        with recorder.attached():  # attaching per step keeps accumulating
+            recorder.set_token_mask(mask)
+            model(input_ids=ids, attention_mask=mask, use_cache=False).logits.sum().backward()
+    stats = recorder.stats()
+    assert set(stats.sq_sum) == set(expected.sq_sum) and "model.layers.1.self_attn.o_proj.weight" in stats.sq_sum
+    assert stats.count == expected.count
+    for name in expected.sq_sum:
+        torch.testing.assert_close(stats.sq_sum[name], expected.sq_sum[name], rtol=1e-4, atol=1e-5)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_save_load_round_trip_and_rejections(calibration, tmp_path):
     stats = ActivationStats.collect(make_tiny_llama(), calibration, batch_size=8, progress=False)
-    path = tmp_path / "s.safetensors"
-    stats.save(path, key="abc")
+    path = tmp_path / "stats" / "s.safetensors"
+    stats.save(path, key="abc", extra_metadata={"checkpoint": "ckpt-10", "key": "not-this"})
+    assert [p.name for p in path.parent.iterdir()] == ["s.safetensors"]  # no temporary file left
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["key"] == "abc" and meta["checkpoint"] == "ckpt-10" and json.loads(meta["count"]) == stats.count
     again = ActivationStats.load(path, expected_key="abc")
     assert again.count == stats.count and again.in_axis == stats.in_axis
     assert all(torch.equal(again.sq_sum[n], stats.sq_sum[n]) for n in stats.sq_sum)
     assert torch.equal(again.token_counts, stats.token_counts)
     with pytest.raises(CalibrationError, match="key mismatch"):
         ActivationStats.load(path, expected_key="other")
-    path.write_bytes(b"garbage")
-    with pytest.raises(CalibrationError, match="unreadable"):
+    ActivationStats(stats.sq_sum, {}, stats.in_axis).save(path, key="abc")
+    with pytest.raises(CalibrationError, match="inconsistent"):
         ActivationStats.load(path)
+    stats.save(path, key="abc", extra_metadata={"format_version": "0"})  # our metadata wins over extras
+    assert ActivationStats.load(path).count == stats.count
+    path.write_bytes(b"garbage")
+    with pytest.raises(CalibrationError, match=r"s\.safetensors is unreadable"):
+        ActivationStats.load(path)
+
+
+def test_all_reduce_is_a_no_op_without_a_process_group(calibration):
+    stats = ActivationStats.collect(make_tiny_llama(), calibration, batch_size=8, progress=False)
+    before = {n: t.clone() for n, t in stats.sq_sum.items()}, dict(stats.count)
+    stats.all_reduce()
+    assert stats.count == before[1] and all(torch.equal(stats.sq_sum[n], t) for n, t in before[0].items())
 
 
 def test_all_reduce_over_two_processes_equals_one_process(calibration, tmp_path):
@@ -86,7 +213,8 @@ def test_all_reduce_over_two_processes_equals_one_process(calibration, tmp_path)
     script = tmp_path / "reduce.py"
     script.write_text(
         textwrap.dedent(f"""
-        import os, torch, torch.distributed as dist
+        from pathlib import Path
+        import torch, torch.distributed as dist
         from obim_trainer.calibration import ActivationStats, CalibrationSet
         from tests.conftest import make_tiny_llama
         dist.init_process_group("gloo")
@@ -94,26 +222,29 @@ def test_all_reduce_over_two_processes_equals_one_process(calibration, tmp_path)
         data = torch.load({str(tmp_path / "calib.pt")!r})
         calib = CalibrationSet(data["ids"], data["pad"]).shard(rank, world)
         stats = ActivationStats.collect(make_tiny_llama(seed=2), calib, batch_size=3, progress=False)
+        stats.save(Path({str(tmp_path)!r}) / f"rank{{rank}}.safetensors", key="k")
         stats.all_reduce()
-        if rank == 0:
-            stats.save(__import__("pathlib").Path({str(tmp_path / "reduced.safetensors")!r}), key="k")
+        stats.save(Path({str(tmp_path)!r}) / f"reduced{{rank}}.safetensors", key="k")
         dist.destroy_process_group()
     """)
     )
     root = Path(__file__).parents[2]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", str(script)],
-        timeout=240,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        timeout=300,
         cwd=root,
         env=env,
         capture_output=True,
         text=True,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    reduced = ActivationStats.load(tmp_path / "reduced.safetensors")
     single = ActivationStats.collect(make_tiny_llama(seed=2), calibration, batch_size=3, progress=False)
-    assert reduced.count == single.count
-    for name in single.sq_sum:
-        torch.testing.assert_close(reduced.sq_sum[name], single.sq_sum[name], rtol=1e-5, atol=1e-5)
-    assert torch.equal(reduced.token_counts, single.token_counts)
+    shares = [ActivationStats.load(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    assert 0 < shares[0].count["lm_head.weight"] < single.count["lm_head.weight"]  # each rank saw only its half
+    for rank in (0, 1):
+        reduced = ActivationStats.load(tmp_path / f"reduced{rank}.safetensors")
+        assert reduced.count == single.count
+        for name in single.sq_sum:
+            torch.testing.assert_close(reduced.sq_sum[name], single.sq_sum[name], rtol=1e-5, atol=1e-5)
+        assert torch.equal(reduced.token_counts, single.token_counts)

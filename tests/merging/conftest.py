@@ -1,0 +1,24 @@
+"""Builders for single-tensor merge tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from obim_trainer.merging import ParamKind, TensorTask, build_method
+
+
+def random_family(k: int = 3, shape=(8, 12), seed: int = 0, scale: float = 0.1):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen)
+    return base, [base + scale * torch.randn(shape, generator=gen) for _ in range(k)]
+
+
+def run(method: str, params: dict, base: torch.Tensor, ckpts, *, kind=ParamKind.OTHER, seed: int = 0, **kw):
+    task = TensorTask.from_tensors("model.layers.0.mlp.up_proj.weight", base, ckpts, kind=kind, seed=seed, **kw)
+    return build_method(method, params, num_models=len(ckpts)).merge(task).tensor
+
+
+@pytest.fixture
+def family():
+    return random_family()
