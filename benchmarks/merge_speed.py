@@ -5,10 +5,13 @@ on disk, computes their activation statistics once (cached beside each checkpoin
 real run would have them), then measures in fresh processes, on the same warm files:
 
 * the I/O floor: read every tensor of the base and the K checkpoints, write one output;
-* the merge: ``merge_checkpoints`` with the cached statistics;
+* each method: ``merge_checkpoints`` end to end (OBIM with its cached statistics), and the
+  streaming part alone (the engine's own timing, without start-up and model layout);
+* mergekit (``mergekit-yaml``, if installed) on the same folders, for the methods it has;
 
-and prints both, their ratio and each process's peak RSS against the budget
-2 GB + 4 × the largest tensor. Run: ``python benchmarks/merge_speed.py [--layers 16 ...]``.
+and prints the times, their ratios to the floor and each process's peak RSS against the
+budget 2 GB + 4 × the largest tensor.
+Run: ``python benchmarks/merge_speed.py [--methods obim,ties] [--layers 16 ...]``.
 """
 
 from __future__ import annotations
@@ -106,9 +109,11 @@ def child_floor(work: Path, k: int) -> dict:
 
 def child_merge(work: Path, k: int, method: str) -> dict:
     from obim_trainer.merge import merge_checkpoints
+    from obim_trainer.merging import get_method
 
+    k = get_method(method).max_models or k
     start = time.perf_counter()
-    merge_checkpoints(
+    result = merge_checkpoints(
         base=work / "base",
         checkpoints=[work / f"checkpoint-{i}" for i in range(k)],
         method=method,
@@ -118,7 +123,55 @@ def child_merge(work: Path, k: int, method: str) -> dict:
         overwrite=True,
         progress=False,
     )
-    return {"seconds": time.perf_counter() - start}
+    shutil.rmtree(work / f"merged-{method}", ignore_errors=True)
+    return {"seconds": time.perf_counter() - start, "stream_seconds": result.manifest["timings"]["merge_s"]}
+
+
+MERGEKIT_NAMES = {
+    "task_arithmetic": "task_arithmetic",
+    "ties": "ties",
+    "dare_linear": "dare_linear",
+    "dare_ties": "dare_ties",
+    "della": "della",
+    "breadcrumbs": "breadcrumbs",
+    "breadcrumbs_ties": "breadcrumbs_ties",
+    "model_stock": "model_stock",
+    "slerp": "slerp",
+    "average": "linear",
+}
+
+
+def mergekit_config(work: Path, k: int, name: str) -> dict:
+    """The same merge as a mergekit config (default parameters, density 0.5 where it applies)."""
+    params = {} if name in ("model_stock", "slerp") else {"weight": 1.0}
+    if name not in ("model_stock", "slerp", "linear", "task_arithmetic"):
+        params["density"] = 0.5
+    models = [{"model": str(work / f"checkpoint-{i}"), **({"parameters": params} if params else {})} for i in range(k)]
+    config: dict = {"merge_method": name, "models": models, "dtype": "bfloat16"}
+    if name != "linear":
+        config["models"].insert(0, {"model": str(work / "base")})
+        config["base_model"] = str(work / "base")
+    if name == "slerp":
+        config["parameters"] = {"t": 0.5}
+    return config
+
+
+def mergekit_seconds(work: Path, k: int, method: str) -> float | None:
+    """Wall time of ``mergekit-yaml`` for the same merge, or None when mergekit is not installed."""
+    exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
+    if method not in MERGEKIT_NAMES or not Path(exe).exists():
+        return None
+    cfg = work / f"mergekit-{method}.yml"
+    cfg.write_text(json.dumps(mergekit_config(work, 1 if method == "slerp" else k, MERGEKIT_NAMES[method])))
+    out = work / f"mergekit-out-{method}"
+    start = time.perf_counter()
+    run = subprocess.run([exe, str(cfg), str(out), "--quiet"], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    if run.returncode != 0:
+        logger.warning("mergekit %s failed: %s", method, run.stderr[-500:])
+        return None
+    return seconds
 
 
 def run_child(*args: str) -> dict:
@@ -135,7 +188,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--k", type=int, default=3, help="number of checkpoints")
-    parser.add_argument("--method", default="obim")
+    parser.add_argument("--methods", default="all", help="comma-separated methods, or 'all' (default)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the fastest counts")
     parser.add_argument("--workdir", type=Path, help="keep the synthetic models here (default: a temp dir)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -162,26 +215,43 @@ def main() -> None:
             write_model(work / f"checkpoint-{i}", config, shapes, seed=i + 1, base=work / "base")
         calib = ["continued pre-training teaches a new language"] * 8
         (work / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in calib))
+    from obim_trainer.merging import available_methods
+
+    methods = list(available_methods()) if args.methods == "all" else args.methods.split(",")
     logger.info("computing (or reusing) activation statistics once, untimed")
-    run_child("merge", str(work), str(args.k), args.method)
+    run_child("merge", str(work), str(args.k), "obim")
 
     floors = [run_child("floor", str(work), str(args.k)) for _ in range(args.repeats)]
-    merges = [run_child("merge", str(work), str(args.k), args.method) for _ in range(args.repeats)]
     floor = min(f["seconds"] for f in floors)
-    merge = min(m["seconds"] for m in merges)
-    peak = max(m["peak_rss"] for m in merges)
     budget = 2 * 10**9 + 4 * largest
     logger.info("model: %.0fM parameters, bf16, K=%d, largest tensor %.0f MB", numel / 1e6, args.k, largest / 1e6)
-    logger.info("I/O floor (read %d models, write 1): %.2f s", args.k + 1, floor)
-    logger.info("%s merge (end to end, cached statistics): %.2f s", args.method, merge)
-    logger.info("ratio merge / floor: %.2f (target <= 2)", merge / floor)
     logger.info(
-        "peak RSS of the merge: %.2f GB (budget 2 GB + 4 x largest = %.2f GB) %s",
-        peak / 1e9,
-        budget / 1e9,
-        "ok" if peak <= budget else "OVER",
+        "I/O floor (read %d models, write 1): %.2f s, peak RSS %.2f GB",
+        args.k + 1,
+        floor,
+        max(f["peak_rss"] for f in floors) / 1e9,
     )
-    logger.info("peak RSS of the floor: %.2f GB", max(f["peak_rss"] for f in floors) / 1e9)
+    rows = [
+        f"{'method':<17} {'end-to-end':>10} {'/floor':>7} {'stream':>8} {'/floor':>7} "
+        f"{'peak RSS':>9} {'mergekit':>9} {'mk/ours':>8}"
+    ]
+    for method in methods:
+        runs = [run_child("merge", str(work), str(args.k), method) for _ in range(args.repeats)]
+        total = min(r["seconds"] for r in runs)
+        stream = min(r["stream_seconds"] for r in runs)
+        peak = max(r["peak_rss"] for r in runs)
+        theirs = mergekit_seconds(work, args.k, method)
+        rows.append(
+            f"{method:<17} {total:>9.2f}s {total / floor:>7.2f} {stream:>7.2f}s {stream / floor:>7.2f} "
+            f"{peak / 1e9:>7.2f}GB{'' if peak <= budget else '!'} "
+            + (f"{theirs:>8.2f}s {theirs / total:>8.2f}" if theirs else f"{'-':>9} {'-':>8}")
+        )
+        logger.info(rows[-1])
+    logger.info(
+        "\n%s\n(RSS budget 2 GB + 4 x largest tensor = %.2f GB; '!' marks a method over it)",
+        "\n".join(rows),
+        budget / 1e9,
+    )
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 
