@@ -122,7 +122,7 @@ class ActivationStats:
         was_training = model.training
         model.eval()
         recorder = ActivationRecorder(model)
-        n_batches = -(-len(calibration.input_ids) // batch_size)
+        n_batches = -(-len(calibration.input_ids) // max(batch_size, 1))  # batches() rejects batch_size < 1
         batches = tqdm(
             calibration.batches(batch_size),
             total=n_batches,

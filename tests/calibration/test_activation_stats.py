@@ -208,25 +208,29 @@ def test_all_reduce_is_a_no_op_without_a_process_group(calibration):
     assert stats.count == before[1] and all(torch.equal(stats.sq_sum[n], t) for n, t in before[0].items())
 
 
-def test_all_reduce_over_two_processes_equals_one_process(calibration, tmp_path):
+def run_two_ranks(tmp_path: Path, calibration: CalibrationSet, body: str) -> None:
+    """``body`` (process group + ``model``) on 2 ranks; each collects its half, reduces, saves both states."""
     torch.save({"ids": calibration.input_ids, "pad": calibration.pad_token_id}, tmp_path / "calib.pt")
-    script = tmp_path / "reduce.py"
+    script = tmp_path / "ranks.py"
     script.write_text(
         textwrap.dedent(f"""
         from pathlib import Path
         import torch, torch.distributed as dist
         from obim_trainer.calibration import ActivationStats, CalibrationSet
         from tests.conftest import make_tiny_llama
-        dist.init_process_group("gloo")
+        out = Path({str(tmp_path)!r})
+        data = torch.load(out / "calib.pt")
+        """)
+        + textwrap.dedent(body)
+        + textwrap.dedent("""
         rank, world = dist.get_rank(), dist.get_world_size()
-        data = torch.load({str(tmp_path / "calib.pt")!r})
-        calib = CalibrationSet(data["ids"], data["pad"]).shard(rank, world)
-        stats = ActivationStats.collect(make_tiny_llama(seed=2), calib, batch_size=3, progress=False)
-        stats.save(Path({str(tmp_path)!r}) / f"rank{{rank}}.safetensors", key="k")
+        stats = ActivationStats.collect(model, CalibrationSet(data["ids"], data["pad"]).shard(rank, world),
+                                        batch_size=3, progress=False)
+        stats.save(out / f"rank{rank}.safetensors", key="k")
         stats.all_reduce()
-        stats.save(Path({str(tmp_path)!r}) / f"reduced{{rank}}.safetensors", key="k")
+        stats.save(out / f"reduced{rank}.safetensors", key="k")
         dist.destroy_process_group()
-    """)
+        """)
     )
     root = Path(__file__).parents[2]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
@@ -239,12 +243,41 @@ def test_all_reduce_over_two_processes_equals_one_process(calibration, tmp_path)
         text=True,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def assert_reduced_equals_single_process(tmp_path: Path, calibration: CalibrationSet) -> None:
     single = ActivationStats.collect(make_tiny_llama(seed=2), calibration, batch_size=3, progress=False)
-    shares = [ActivationStats.load(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
-    assert 0 < shares[0].count["lm_head.weight"] < single.count["lm_head.weight"]  # each rank saw only its half
+    share = ActivationStats.load(tmp_path / "rank0.safetensors")
+    assert 0 < share.count["lm_head.weight"] < single.count["lm_head.weight"]  # each rank saw only its half
     for rank in (0, 1):
         reduced = ActivationStats.load(tmp_path / f"reduced{rank}.safetensors")
         assert reduced.count == single.count
         for name in single.sq_sum:
             torch.testing.assert_close(reduced.sq_sum[name], single.sq_sum[name], rtol=1e-5, atol=1e-5)
         assert torch.equal(reduced.token_counts, single.token_counts)
+
+
+def test_all_reduce_over_two_processes_equals_one_process(calibration, tmp_path):
+    body = """
+        dist.init_process_group("gloo")
+        model = make_tiny_llama(seed=2)
+    """
+    run_two_ranks(tmp_path, calibration, body)
+    assert_reduced_equals_single_process(tmp_path, calibration)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_engine_with_partitioned_weights(calibration, tmp_path):
+    pytest.importorskip("deepspeed")
+    body = """
+        import os
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="gloo")
+        config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+        tiny = make_tiny_llama(seed=2)
+        model, *_ = deepspeed.initialize(model=tiny, config=config, model_parameters=list(tiny.parameters()))
+        assert tiny.model.layers[0].mlp.up_proj.weight.numel() == 0  # partitioned: no rank holds the whole weight
+    """
+    run_two_ranks(tmp_path, calibration, body)  # the engine itself: names under its "module." are stripped
+    assert_reduced_equals_single_process(tmp_path, calibration)

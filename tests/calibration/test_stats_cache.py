@@ -2,64 +2,173 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from obim_trainer.calibration import ActivationStats, load_or_compute_stats, stats_key, stats_path
+from obim_trainer.calibration import (
+    ActivationStats,
+    CalibrationSet,
+    load_calibration_texts,
+    load_or_compute_stats,
+    stats_key,
+    stats_path,
+    tokenize_calibration,
+)
 from obim_trainer.calibration.stats_cache import STATS_DIRNAME
-
-
-def fake_stats(value: float) -> ActivationStats:
-    return ActivationStats({"w": torch.full((3,), value)}, {"w": 4}, {"w": 1}, torch.tensor([1, 2]))
+from obim_trainer.checkpoints import open_checkpoint
+from obim_trainer.errors import CalibrationError
+from tests.conftest import copy_tree
 
 
 @pytest.fixture
-def ckpt(tmp_path):
-    folder = tmp_path / "checkpoint-10"
-    folder.mkdir()
-    (folder / "model.safetensors").write_bytes(b"weights")
-    return folder
+def ckpt(llama_family, tmp_path) -> Path:
+    return copy_tree(llama_family[1][0], tmp_path / "checkpoint-10")
 
 
-def test_reuse_then_invalidation_by_key(ckpt, tmp_path):
-    calls = []
-
-    def compute(v=1.0):
-        calls.append(v)
-        return fake_stats(v)
-
-    key = stats_key("calib", "ckpt-v1")
-    _, source = load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache")
-    stats, source2 = load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache")
-    assert (source, source2, len(calls)) == ("computed", "cached", 1)
-    assert torch.equal(stats.sq_sum["w"], torch.ones(3))
-    other = stats_key("calib", "ckpt-v2")
-    assert other != key and stats_key("calib2", "ckpt-v1") != key
-    _, source3 = load_or_compute_stats(ckpt, other, lambda: compute(2.0), cache_dir=tmp_path / "cache")
-    assert source3 == "computed" and calls == [1.0, 2.0]
-    assert stats_path(ckpt, key).is_file() and stats_path(ckpt, other).is_file()
+def make_calibration(tokenizer_dir: Path, calibration_jsonl: Path, samples: int) -> CalibrationSet:
+    texts = load_calibration_texts(calibration_jsonl, num_samples=samples)
+    return tokenize_calibration(texts, AutoTokenizer.from_pretrained(tokenizer_dir), max_length=32)
 
 
-def test_corrupt_file_is_recomputed(ckpt, tmp_path):
-    key = stats_key("c", "k")
-    load_or_compute_stats(ckpt, key, lambda: fake_stats(1.0), cache_dir=tmp_path / "cache")
-    stats_path(ckpt, key).write_bytes(b"broken")
-    stats, source = load_or_compute_stats(ckpt, key, lambda: fake_stats(3.0), cache_dir=tmp_path / "cache")
-    assert source == "computed" and torch.equal(stats.sq_sum["w"], torch.full((3,), 3.0))
+@pytest.fixture
+def calibration(tokenizer_dir, calibration_jsonl) -> CalibrationSet:
+    return make_calibration(tokenizer_dir, calibration_jsonl, 8)
 
 
-def test_unwritable_checkpoint_folder_uses_the_cache_dir(ckpt, tmp_path):
-    # a file where the statistics folder should be makes the checkpoint folder unwritable for us, even as root
+class CountingCompute:
+    """``compute`` for the cache: the real statistics of a checkpoint folder, counting the calls."""
+
+    def __init__(self, folder: Path, calibration: CalibrationSet) -> None:
+        self.folder, self.calibration, self.calls = folder, calibration, 0
+
+    def __call__(self) -> ActivationStats:
+        self.calls += 1
+        model = AutoModelForCausalLM.from_pretrained(self.folder)
+        return ActivationStats.collect(model, self.calibration, batch_size=4, progress=False)
+
+
+def key_of(folder: Path, calibration: CalibrationSet) -> str:
+    with open_checkpoint(folder) as reader:
+        return stats_key(calibration.fingerprint(), reader.fingerprint())
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def assert_same_stats(a: ActivationStats, b: ActivationStats) -> None:
+    assert a.count == b.count and a.in_axis == b.in_axis and torch.equal(a.token_counts, b.token_counts)
+    assert all(torch.equal(a.sq_sum[n], b.sq_sum[n]) for n in a.sq_sum)
+
+
+def test_second_call_reuses_the_statistics_beside_the_checkpoint(ckpt, calibration, tmp_path):
+    compute = CountingCompute(ckpt, calibration)
+    key = key_of(ckpt, calibration)
+    first, source = load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache")
+    again, source2 = load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache")
+    assert (source, source2, compute.calls) == ("computed", "cached", 1)
+    assert_same_stats(first, again)
+    assert stats_path(ckpt, key) == ckpt / STATS_DIRNAME / f"{key[:16]}.safetensors" and stats_path(ckpt, key).is_file()
+    assert not (tmp_path / "cache").exists()
+    _, forced = load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache", recompute=True)
+    assert forced == "computed" and compute.calls == 2
+
+
+def test_a_changed_checkpoint_or_calibration_set_is_recomputed(
+    ckpt, calibration, tokenizer_dir, calibration_jsonl, tmp_path
+):
+    compute = CountingCompute(ckpt, calibration)
+    key = key_of(ckpt, calibration)
+    before, _ = load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache")
+    other_calibration = make_calibration(tokenizer_dir, calibration_jsonl, 9)
+    other_key = key_of(ckpt, other_calibration)
+    assert other_key != key
+    _, source = load_or_compute_stats(
+        ckpt, other_key, CountingCompute(ckpt, other_calibration), cache_dir=tmp_path / "cache"
+    )
+    assert source == "computed"
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(3.0)
+    model.save_pretrained(ckpt)  # training wrote a new checkpoint into the same folder
+    new_key = key_of(ckpt, calibration)
+    assert new_key not in (key, other_key)
+    after, source = load_or_compute_stats(ckpt, new_key, compute, cache_dir=tmp_path / "cache")
+    assert source == "computed" and compute.calls == 2
+    name = "model.layers.0.mlp.down_proj.weight"  # input of down_proj grew with up_proj
+    assert not torch.allclose(after.sq_sum[name], before.sq_sum[name])
+    assert len(list((ckpt / STATS_DIRNAME).iterdir())) == 3
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "other key"])
+def test_unusable_stats_files_are_never_used(ckpt, calibration, tmp_path, damage, caplog):
+    compute = CountingCompute(ckpt, calibration)
+    key = key_of(ckpt, calibration)
+    path = stats_path(ckpt, key)
+    path.parent.mkdir()
+    if damage == "corrupt":
+        path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00broken")
+    else:
+        ActivationStats({"x.weight": torch.ones(4)}, {"x.weight": 1}, {"x.weight": 1}).save(path, key="0" * 64)
+    with caplog.at_level(logging.WARNING):
+        stats, source = load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache")
+    assert source == "computed" and compute.calls == 1 and "model.layers.0.mlp.up_proj.weight" in stats.sq_sum
+    assert f"not using {path}" in caplog.text
+    again, source = load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache")
+    assert source == "cached" and compute.calls == 1
+    assert_same_stats(stats, again)
+
+
+def test_unwritable_checkpoint_folder_falls_back_to_the_cache_dir(ckpt, calibration, tmp_path, caplog):
+    # a file where the statistics folder belongs makes the checkpoint unwritable for us, even as root
     (ckpt / STATS_DIRNAME).write_text("not a folder")
-    _, source = load_or_compute_stats(ckpt, "k" * 64, lambda: fake_stats(1.0), cache_dir=tmp_path / "cache")
-    assert source == "computed" and (ckpt / STATS_DIRNAME).read_text() == "not a folder"
-    assert len(list((tmp_path / "cache").iterdir())) == 1
-    _, again = load_or_compute_stats(ckpt, "k" * 64, lambda: fake_stats(2.0), cache_dir=tmp_path / "cache")
-    assert again == "cached"
+    compute = CountingCompute(ckpt, calibration)
+    key = key_of(ckpt, calibration)
+    with caplog.at_level(logging.WARNING):
+        _, source = load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache")
+    stored = list((tmp_path / "cache").iterdir())
+    assert source == "computed" and [p.name for p in stored] == [f"checkpoint-10-{key[:16]}.safetensors"]
+    assert str(stored[0]) in caplog.text and (ckpt / STATS_DIRNAME).read_text() == "not a folder"
+    _, again = load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache")
+    assert again == "cached" and compute.calls == 1
 
 
-def test_existing_checkpoint_files_are_untouched(ckpt, tmp_path):
-    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in ckpt.iterdir()}
-    load_or_compute_stats(ckpt, stats_key("c", "k"), lambda: fake_stats(1.0), cache_dir=tmp_path / "cache")
-    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in ckpt.iterdir() if p.name != STATS_DIRNAME}
-    assert after == before
+def test_default_cache_dir_and_nowhere_to_write(ckpt, tmp_path, monkeypatch):
+    (ckpt / STATS_DIRNAME).write_text("not a folder")
+    stats = ActivationStats({"x.weight": torch.ones(4)}, {"x.weight": 2}, {"x.weight": 1})
+    monkeypatch.setenv("OBIM_STATS_CACHE", str(tmp_path / "env-cache"))
+    load_or_compute_stats(ckpt, "a" * 64, lambda: stats)
+    assert (tmp_path / "env-cache" / f"checkpoint-10-{'a' * 16}.safetensors").is_file()
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    with pytest.raises(CalibrationError, match=r"nor in .*blocked.*--stats-cache-dir"):
+        load_or_compute_stats(ckpt, "b" * 64, lambda: stats, cache_dir=tmp_path / "blocked")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_checkpoint_folder_falls_back_to_the_cache_dir(ckpt, tmp_path):
+    ckpt.chmod(0o555)
+    try:
+        _, source = load_or_compute_stats(ckpt, "c" * 64, lambda: ActivationStats(), cache_dir=tmp_path / "cache")
+    finally:
+        ckpt.chmod(0o755)
+    assert source == "computed" and (tmp_path / "cache" / f"checkpoint-10-{'c' * 16}.safetensors").is_file()
+    assert not (ckpt / STATS_DIRNAME).exists()
+
+
+def test_existing_checkpoint_files_are_never_touched(ckpt, calibration, tmp_path):
+    before = snapshot(ckpt)
+    compute = CountingCompute(ckpt, calibration)
+    key = key_of(ckpt, calibration)
+    for recompute in (False, False, True):
+        load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache", recompute=recompute)
+    after = snapshot(ckpt)
+    assert {name: after[name] for name in before} == before
+    assert set(after) - set(before) == {f"{STATS_DIRNAME}/{key[:16]}.safetensors"}
