@@ -1,8 +1,8 @@
 """Outputs that appear whole or not at all.
 
-A merge writes into a temporary sibling of the output folder (same filesystem, so the final
-rename is atomic), fsyncs everything and renames it into place. Any failure, Ctrl-C
-included, removes the temporary folder: the inputs and any earlier output are untouched.
+A merge writes into a temporary sibling of the output folder (same parent, so the same
+filesystem and an atomic rename), fsyncs everything and renames it into place. Any failure,
+Ctrl-C included, removes the temporary folder: the inputs and any earlier output are untouched.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def fsync_tree(folder: Path) -> None:
-    """fsync every file under ``folder`` and the folders themselves."""
+    """fsync every file under ``folder`` and every folder, so a rename publishes data already on disk."""
     for root, _dirs, files in os.walk(folder):
         for name in files:
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
@@ -45,41 +45,99 @@ def _is_within(path: Path, folder: Path) -> bool:
 
 
 def check_output_location(output: Path, *, overwrite: bool, inputs: Sequence[Path]) -> Path:
-    """Refuse an output that is, contains or lies inside an input, or that exists without ``overwrite``."""
-    target = output.resolve()
+    """Refuse an output that is, contains or lies inside an input folder (symlinks resolved), that
+    is a file, or that exists without ``overwrite``. Returns the resolved output path."""
+    target = Path(output).resolve()
     for given in inputs:
         source = Path(given).resolve()
-        if _is_within(target, source) or _is_within(source, target):
-            relation = "is" if target == source else ("inside" if _is_within(target, source) else "contains")
+        if target == source:
+            raise OutputError(f"output {output} is the input folder {given}; write the merged model somewhere else")
+        if _is_within(target, source):
             raise OutputError(
-                f"output {output} {relation} the input folder {given}; write the merged model somewhere else"
-                if relation != "inside"
-                else f"output {output} lies inside the input folder {given}; choose a folder outside every input"
+                f"output {output} lies inside the input folder {given}; choose a folder outside every input"
             )
+        if _is_within(source, target):
+            raise OutputError(
+                f"output {output} contains the input folder {given}, which replacing it would delete; "
+                "choose a folder that holds no input"
+            )
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"output {output} exists and is a file, not a folder; choose another output folder")
     if target.exists() and not overwrite:
         raise OutputError(f"output {output} already exists; pass --overwrite to replace it or choose another folder")
     return target
 
 
-@contextmanager
-def atomic_output_dir(output: Path, *, overwrite: bool = False, inputs: Sequence[Path] = ()) -> Iterator[Path]:
-    """Yield a temporary folder that becomes ``output`` when the block ends without an exception."""
-    target = check_output_location(Path(output), overwrite=overwrite, inputs=inputs)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_tree(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+def _sibling(target: Path, kind: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _warn_about_leftovers(target: Path) -> None:
+    if not target.parent.is_dir():
+        return
+    leftovers = sorted(
+        p.name for kind in ("tmp", "old") for p in target.parent.glob(f".{target.name}.{kind}-*") if p.is_dir()
+    )
+    if leftovers:
+        logger.warning(
+            "found %s in %s, left by an interrupted write (or one still running); delete them to free the space",
+            ", ".join(leftovers),
+            target.parent,
+        )
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``; an existing ``target`` is moved aside first and deleted after,
+    and moved back if the rename fails, so there is always a complete output."""
+    if not target.exists():
+        tmp.rename(target)
+    else:
+        old = _sibling(target, "old")
+        try:
             target.rename(old)
             tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-        _fsync_dir(target.parent)
+        except BaseException:
+            if old.exists() and not target.exists():
+                old.rename(target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        if old.exists():
+            logger.warning("could not delete the previous output, moved aside to %s; delete it yourself", old)
+    _fsync_dir(target.parent)
+
+
+@contextmanager
+def atomic_output_dir(output: Path, *, overwrite: bool = False, inputs: Sequence[Path] = ()) -> Iterator[Path]:
+    """Yield an empty temporary folder that becomes ``output`` when the block ends without an exception.
+
+    Refusals (:func:`check_output_location`) happen before anything is written. On an exception,
+    :class:`KeyboardInterrupt` included, the temporary folder is deleted and the exception
+    re-raised; an earlier ``output`` is left as it was.
+    """
+    target = check_output_location(Path(output), overwrite=overwrite, inputs=inputs)
+    _warn_about_leftovers(target)
+    tmp = _sibling(target, "tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise OutputError(
+            f"cannot create {tmp} next to the output {output} ({exc.strerror or exc}); choose a writable location"
+        ) from None
+    try:
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        fsync_tree(tmp)
+        _replace(tmp, target)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise OutputError(
+                f"could not move the finished output into {output} ({exc}); any earlier output is unchanged. "
+                "Check free disk space and permissions, then run again"
+            ) from exc
         raise
     logger.info("wrote %s", target)

@@ -1,10 +1,15 @@
 """Reading model folders tensor by tensor.
 
 A merge touches every tensor of K+1 models; holding one model, let alone K, is not an
-option at 7B×4 on 24 GB. Readers therefore open files lazily and serve one tensor at a
-time: safetensors through ``safe_open`` (header parsed once, data read per tensor), and
-``.bin`` files through ``torch.load(mmap=True, weights_only=True)`` so that only the pages
-of the tensor being read come into memory.
+option at 7B×4 on 24 GB. Readers therefore parse headers once and serve one tensor at a
+time. Safetensors files are read with plain positioned reads into a buffer the returned
+tensor owns, rather than through ``safe_open``'s memory map: the mapped pages of every input
+would otherwise stay resident (and count in the process's RSS) for as long as the files are
+open. ``.bin`` files go through ``torch.load(mmap=True, weights_only=True)``, which is the only
+lazy way to read them.
+
+Corruption is caught at open time where it is cheap (header syntax, offsets, file sizes,
+index against shards), so a bad checkpoint fails before any output is written.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import math
+import pickle
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
@@ -30,17 +37,30 @@ SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+PEFT_ADAPTER = "adapter_model.safetensors"
+SUPPORTED = (
+    f"{SAFETENSORS_SINGLE}; {SAFETENSORS_INDEX} with its shards; a single other *.safetensors file; "
+    f"{BIN_SINGLE}; {BIN_INDEX} with its shards"
+)
 FINGERPRINT_EDGE = 64 * 1024
+MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+_ZIP_MAGIC = b"PK\x03\x04"
+_LISTED_FILES = 12
 
-_ST_DTYPES = {
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
@@ -55,6 +75,10 @@ class TensorInfo:
     dtype: torch.dtype
     file: Path
 
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
 
 class CheckpointReader(ABC):
     """One model folder, read one tensor at a time."""
@@ -64,36 +88,49 @@ class CheckpointReader(ABC):
 
     @abstractmethod
     def tensor_infos(self) -> dict[str, TensorInfo]:
-        """Every stored tensor, in file order."""
+        """Every stored tensor, in file order (files in name order, tensors in storage order)."""
 
     @abstractmethod
     def read(self, name: str) -> Tensor:
-        """One tensor in its stored dtype, on the CPU, contiguous."""
+        """One tensor in its stored dtype, on the CPU, contiguous, owning its memory."""
 
     @abstractmethod
     def weight_files(self) -> list[Path]:
         """The files holding the weights."""
 
     def fingerprint(self) -> str:
-        """A cheap, change-detecting fingerprint of the weight files (not a content hash).
+        """A cheap, change-detecting fingerprint of the weight files — not a content hash.
 
-        sha256 over each file's name, size, modification time and its first and last 64 KiB:
-        rewriting a checkpoint changes it, copying it with a new mtime changes it too (which
-        only costs a recomputation, never a stale reuse).
+        sha256 over each weight file's name, size, modification time and first and last 64 KiB
+        (which hold the safetensors header and the last tensors). Re-saving a checkpoint changes
+        it; so does touching or copying a file (which costs a recomputation of cached statistics,
+        never a stale reuse). Hashing whole multi-GB files would cost minutes per merge.
         """
         digest = hashlib.sha256()
-        for f in sorted(self.weight_files()):
-            stat = f.stat()
-            digest.update(f"{f.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
-            with f.open("rb") as handle:
-                digest.update(handle.read(FINGERPRINT_EDGE))
-                if stat.st_size > FINGERPRINT_EDGE:
-                    handle.seek(max(FINGERPRINT_EDGE, stat.st_size - FINGERPRINT_EDGE))
-                    digest.update(handle.read())
+        for file in sorted(self.weight_files()):
+            try:
+                stat = file.stat()
+                digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+                with file.open("rb") as handle:
+                    digest.update(handle.read(FINGERPRINT_EDGE))
+                    if stat.st_size > FINGERPRINT_EDGE:
+                        handle.seek(max(FINGERPRINT_EDGE, stat.st_size - FINGERPRINT_EDGE))
+                        digest.update(handle.read(FINGERPRINT_EDGE))
+            except OSError as exc:
+                raise _unreadable(file, exc) from None
         return digest.hexdigest()
 
-    def close(self) -> None:  # noqa: B027 - readers without handles need nothing
-        """Release file handles."""
+    def _info(self, name: str) -> TensorInfo:
+        info = self.tensor_infos().get(name)
+        if info is None:
+            raise CheckpointError(
+                f"tensor {name} is not stored in {self.path}; check the name against the checkpoint's "
+                "weight files (all inputs must have the same architecture)"
+            )
+        return info
+
+    def close(self) -> None:  # noqa: B027 - a reader without handles has nothing to release
+        """Release file handles and memory maps."""
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -108,85 +145,136 @@ class CheckpointReader(ABC):
 
 
 def _corrupt(file: Path, detail: object) -> CheckpointError:
-    return CheckpointError(
-        f"{file} is not a readable weights file ({detail}); it is corrupt or truncated: re-save or re-download it"
-    )
+    return CheckpointError(f"{file} is corrupt or truncated ({detail}); re-save or re-download it")
+
+
+def _unreadable(file: Path, exc: OSError) -> CheckpointError:
+    return CheckpointError(f"cannot read {file} ({exc.strerror or exc}); check that it exists and is readable")
 
 
 def _read_index(index_file: Path) -> dict[str, str]:
+    """The ``weight_map`` of a transformers index file: tensor name → shard file name."""
     try:
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise _corrupt(index_file, f"no valid weight_map: {exc}") from None
+        content = json.loads(index_file.read_text())
+    except OSError as exc:
+        raise _unreadable(index_file, exc) from None
+    except ValueError as exc:
+        raise _corrupt(index_file, f"not valid JSON: {exc}") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise _corrupt(index_file, "empty weight_map")
+        raise _corrupt(index_file, "no weight_map, or an empty one")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise _corrupt(index_file, "the weight_map must map tensor names to shard file names")
     return weight_map
 
 
-def _safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
-    """Parse and check a safetensors header against the file size; return it and where the data starts."""
+def _shards_of(folder: Path, index_file: Path, weight_map: dict[str, str]) -> list[Path]:
+    files = sorted({folder / shard for shard in weight_map.values()})
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{index_file} names shard(s) {', '.join(missing)} that are missing from {folder}; "
+            "download or copy the missing shards, or re-save the checkpoint"
+        )
+    return files
+
+
+def _check_index_matches(index_file: Path, weight_map: dict[str, str], infos: dict[str, TensorInfo]) -> None:
+    for name, shard in weight_map.items():
+        info = infos.get(name)
+        if info is None or info.file.name != Path(shard).name:
+            where = "no shard" if info is None else info.file.name
+            raise _corrupt(index_file, f"it puts tensor {name} in {shard}, but {where} holds it")
+
+
+def _tensor_entry(file: Path, name: str, meta: Any) -> tuple[int, int, TensorInfo]:
+    """Validate one header entry; return its data offsets and its description."""
+    try:
+        code, shape, (begin, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise _corrupt(file, f"malformed header entry for tensor {name}: {meta!r}") from None
+    if not (
+        isinstance(shape, list)
+        and all(isinstance(d, int) and d >= 0 for d in shape)
+        and all(isinstance(o, int) and o >= 0 for o in (begin, end))
+    ):
+        raise _corrupt(file, f"malformed shape or offsets for tensor {name}: {meta!r}")
+    dtype = SAFETENSORS_DTYPES.get(code)
+    if dtype is None:
+        raise CheckpointError(
+            f"tensor {name} in {file} has dtype {code!r}, which cannot be merged (supported: "
+            f"{', '.join(SAFETENSORS_DTYPES)}); convert the checkpoint to bfloat16, float16 or float32"
+        )
+    info = TensorInfo(name, tuple(shape), dtype, file)
+    if end - begin != info.nbytes:
+        raise _corrupt(file, f"tensor {name} spans {end - begin} bytes but its shape and dtype need {info.nbytes}")
+    return begin, end, info
+
+
+def _safetensors_header(file: Path) -> list[tuple[TensorInfo, int]]:
+    """Parse and check a safetensors header against the file; return each tensor with the
+    absolute offset of its data, in file order.
+
+    The checks are those ``safetensors`` makes before it reads anything (offsets contiguous
+    from 0 and covering the data exactly), plus the file size, so that a truncated download
+    fails here and not halfway through a merge.
+    """
     try:
         size = file.stat().st_size
         with file.open("rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
-                raise ValueError("file shorter than the 8-byte header length")
+                raise _corrupt(file, f"{size} bytes, too short for the 8-byte header length")
             header_len = int.from_bytes(prefix, "little")
-            if header_len > size - 8:
-                raise ValueError(f"header length {header_len} exceeds the file size {size}")
+            if header_len > min(size - 8, MAX_HEADER_BYTES):
+                raise _corrupt(file, f"it announces a {header_len}-byte header but holds {size} bytes in all")
             header = json.loads(handle.read(header_len))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise _corrupt(file, exc) from None
+    except OSError as exc:
+        raise _unreadable(file, exc) from None
+    except ValueError as exc:  # JSON and UTF-8 decoding errors
+        raise _corrupt(file, f"the header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise _corrupt(file, "the header is not a JSON object")
+    entries = sorted(
+        (_tensor_entry(file, name, meta) for name, meta in header.items() if name != "__metadata__"),
+        key=lambda entry: (entry[0], entry[1]),
+    )
+    position = 0
+    for begin, end, info in entries:
+        if begin != position:
+            raise _corrupt(file, f"tensor {info.name} starts at data byte {begin}, expected {position}")
+        position = end
     data_size = size - 8 - header_len
-    end = max((meta["data_offsets"][1] for key, meta in header.items() if key != "__metadata__"), default=0)
-    if end > data_size:
-        raise _corrupt(file, f"header describes {end} bytes of data but the file holds {data_size}")
-    return header, 8 + header_len
+    if position != data_size:
+        raise _corrupt(file, f"the header describes {position} bytes of tensor data but the file holds {data_size}")
+    return [(info, 8 + header_len + begin) for begin, _, info in entries]
 
 
 class SafetensorsReader(CheckpointReader):
-    """``model.safetensors`` or shards listed in ``model.safetensors.index.json``.
+    """``model.safetensors``, the shards listed in ``model.safetensors.index.json``, or one
+    other safetensors file. Headers are parsed at open; data is read per tensor."""
 
-    Tensors are read with ``pread`` into buffers they own rather than through a memory map:
-    mapped pages of every input file would otherwise stay resident and count against the
-    merge's memory, which must stay at a few tensors.
-    """
-
-    def __init__(self, path: Path, files: list[Path]) -> None:
+    def __init__(self, path: Path, files: Sequence[Path]) -> None:
         super().__init__(path)
-        self._files = files
+        self._files = list(files)
         self._infos: dict[str, TensorInfo] = {}
-        self._spans: dict[str, tuple[int, int]] = {}
-        for file in files:
-            header, data_start = _safetensors_header(file)
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                dtype = _ST_DTYPES.get(meta["dtype"])
-                if dtype is None:
-                    raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {meta['dtype']}")
-                self._infos[name] = TensorInfo(name, tuple(meta["shape"]), dtype, file)
-                begin, end = meta["data_offsets"]
-                expected = torch.Size(meta["shape"]).numel() * torch.empty((), dtype=dtype).element_size()
-                if end - begin != expected:
-                    raise _corrupt(file, f"tensor {name} spans {end - begin} bytes, its shape needs {expected}")
-                self._spans[name] = (data_start + begin, end - begin)
-        self._fds: dict[Path, int] = {}
+        self._offsets: dict[str, int] = {}
+        self._handles: dict[Path, BinaryIO] = {}
+        for file in self._files:
+            for info, offset in _safetensors_header(file):
+                if info.name in self._infos:
+                    raise CheckpointError(
+                        f"tensor {info.name} is stored twice in {path}, in {self._infos[info.name].file.name} "
+                        f"and {file.name}; re-save the checkpoint"
+                    )
+                self._infos[info.name] = info
+                self._offsets[info.name] = offset
 
     @classmethod
     def from_index(cls, path: Path, index_file: Path) -> SafetensorsReader:
         weight_map = _read_index(index_file)
-        files = sorted({path / shard for shard in weight_map.values()})
-        for f in files:
-            if not f.is_file():
-                raise CheckpointError(
-                    f"{index_file} names shard {f.name}, which is missing from {path}; re-save the checkpoint"
-                )
-        reader = cls(path, files)
-        for name, shard in weight_map.items():
-            info = reader._infos.get(name)
-            if info is None or info.file.name != shard:
-                raise _corrupt(index_file, f"tensor {name} is not in shard {shard}")
+        reader = cls(path, _shards_of(path, index_file, weight_map))
+        _check_index_matches(index_file, weight_map, reader._infos)
         return reader
 
     def tensor_infos(self) -> dict[str, TensorInfo]:
@@ -195,74 +283,101 @@ class SafetensorsReader(CheckpointReader):
     def weight_files(self) -> list[Path]:
         return list(self._files)
 
-    def _fd(self, file: Path) -> int:
-        if file not in self._fds:
-            self._fds[file] = os.open(file, os.O_RDONLY)
-        return self._fds[file]
+    def _handle(self, file: Path) -> BinaryIO:
+        if file not in self._handles:
+            self._handles[file] = file.open("rb", buffering=0)  # unbuffered: readinto goes straight to the tensor
+        return self._handles[file]
 
     def read(self, name: str) -> Tensor:
-        info = self._infos.get(name)
-        if info is None:
-            raise CheckpointError(f"tensor {name} is not stored in {self.path}")
-        offset, nbytes = self._spans[name]
-        if nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        buffer = bytearray(nbytes)
-        view, done = memoryview(buffer), 0
+        info = self._info(name)
+        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, done = memoryview(data.numpy()), 0
         try:
-            while done < nbytes:
-                got = os.preadv(self._fd(info.file), [view[done:]], offset + done)
-                if got == 0:
-                    raise OSError(f"unexpected end of file after {done} of {nbytes} bytes")
+            handle = self._handle(info.file)
+            handle.seek(self._offsets[name])
+            while done < info.nbytes:
+                got = handle.readinto(view[done:])
+                if not got:
+                    raise _corrupt(info.file, f"it ended {done} bytes into tensor {name}; did it change while open?")
                 done += got
         except OSError as exc:
-            raise _corrupt(info.file, f"reading {name}: {exc}") from None
-        return torch.frombuffer(buffer, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
+            raise _unreadable(info.file, exc) from None
+        return data.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+
+def _is_zip(file: Path) -> bool:
+    try:
+        with file.open("rb") as handle:
+            return handle.read(4) == _ZIP_MAGIC
+    except OSError as exc:
+        raise _unreadable(file, exc) from None
+
+
+def _torch_load(file: Path, mmap: bool) -> dict[str, Tensor]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{file} holds Python objects besides tensors, which are not loaded for safety "
+            f"({str(exc).splitlines()[0]}); re-save the model with save_pretrained (safetensors)"
+        ) from None
+    except Exception as exc:  # torch reports corrupt archives as RuntimeError, EOFError, ...
+        raise _corrupt(file, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
+        found = type(state).__name__ if not isinstance(state, dict) else "a dict with non-tensor values"
+        raise CheckpointError(
+            f"{file} holds {found}, not a state dict of tensors (a training checkpoint wrapping the "
+            "weights?); save the model itself with save_pretrained"
+        )
+    return state
 
 
 class TorchBinReader(CheckpointReader):
-    """``pytorch_model.bin`` or shards listed in ``pytorch_model.bin.index.json``, memory-mapped."""
+    """``pytorch_model.bin`` or the shards listed in ``pytorch_model.bin.index.json``.
 
-    def __init__(self, path: Path, files: list[Path], weight_map: dict[str, str] | None = None) -> None:
+    Zip-format files (torch ≥ 1.6) are memory-mapped, so a tensor costs only the pages it
+    occupies. Legacy (pre-zip) files cannot be mapped and are loaded whole, one file at a time.
+    """
+
+    def __init__(self, path: Path, files: Sequence[Path]) -> None:
         super().__init__(path)
-        self._files = files
-        self._loaded: dict[Path, dict[str, Tensor]] = {}
+        self._files = list(files)
+        self._mapped: dict[Path, dict[str, Tensor]] = {}
+        self._resident: tuple[Path, dict[str, Tensor]] | None = None
         self._infos: dict[str, TensorInfo] = {}
-        for file in files:
-            for name, t in self._load(file).items():
-                self._infos[name] = TensorInfo(name, tuple(t.shape), t.dtype, file)
-        if weight_map is not None:
-            for name in weight_map:
-                if name not in self._infos:
-                    raise CheckpointError(f"the index of {path} names tensor {name}, which no shard holds; re-save it")
+        for file in self._files:
+            for name, tensor in self._state(file).items():
+                if name in self._infos:
+                    raise CheckpointError(
+                        f"tensor {name} is stored twice in {path}, in {self._infos[name].file.name} and "
+                        f"{file.name}; re-save the checkpoint"
+                    )
+                self._infos[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype, file)
 
-    def _load(self, file: Path) -> dict[str, Tensor]:
-        if file not in self._loaded:
-            try:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise _corrupt(file, exc) from None
-                logger.info("%s is in the legacy (non-zip) format and cannot be memory-mapped; loading it whole", file)
-                state = self._load_unmapped(file)
-            except Exception as exc:
-                raise _corrupt(file, exc) from None
-            if not isinstance(state, dict):
-                raise _corrupt(file, f"expected a state dict, found {type(state).__name__}")
-            self._loaded[file] = state
-        return self._loaded[file]
+    @classmethod
+    def from_index(cls, path: Path, index_file: Path) -> TorchBinReader:
+        weight_map = _read_index(index_file)
+        reader = cls(path, _shards_of(path, index_file, weight_map))
+        _check_index_matches(index_file, weight_map, reader._infos)
+        return reader
 
-    @staticmethod
-    def _load_unmapped(file: Path) -> dict[str, Tensor]:
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise _corrupt(file, exc) from None
+    def _state(self, file: Path) -> dict[str, Tensor]:
+        if file in self._mapped:
+            return self._mapped[file]
+        if self._resident is not None and self._resident[0] == file:
+            return self._resident[1]
+        if _is_zip(file):
+            self._mapped[file] = _torch_load(file, mmap=True)
+            return self._mapped[file]
+        logger.info("%s is in the legacy (pre-zip) torch format and cannot be memory-mapped; loading it whole", file)
+        self._resident = None  # at most one unmapped file in memory
+        self._resident = (file, _torch_load(file, mmap=False))
+        return self._resident[1]
 
     def tensor_infos(self) -> dict[str, TensorInfo]:
         return self._infos
@@ -271,43 +386,71 @@ class TorchBinReader(CheckpointReader):
         return list(self._files)
 
     def read(self, name: str) -> Tensor:
-        info = self._infos.get(name)
-        if info is None:
-            raise CheckpointError(f"tensor {name} is not stored in {self.path}")
-        return self._load(info.file)[name].clone().contiguous()
+        info = self._info(name)
+        return self._state(info.file)[name].clone(memory_format=torch.contiguous_format)
 
     def close(self) -> None:
-        self._loaded.clear()
+        self._mapped.clear()
+        self._resident = None
 
 
-SUPPORTED = f"{SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} with shards, {BIN_SINGLE}, {BIN_INDEX} with shards"
+def _describe_folder(path: Path) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    shown = ", ".join(names[:_LISTED_FILES]) or "nothing"
+    return shown + (f" and {len(names) - _LISTED_FILES} more" if len(names) > _LISTED_FILES else "")
+
+
+def _no_weights_hint(path: Path) -> str:
+    if (path / PEFT_ADAPTER).is_file() or (path / "adapter_config.json").is_file():
+        return (
+            "It looks like a PEFT adapter: merge it into its base model with peft's merge_and_unload() "
+            "and save_pretrained the result."
+        )
+    if any(path.glob("global_step*")):
+        return (
+            "It looks like a DeepSpeed checkpoint: consolidate it with the zero_to_fp32.py script saved beside "
+            "it, or set stage3_gather_16bit_weights_on_model_save=true so the Trainer saves model weights."
+        )
+    return "Save the model with save_pretrained."
 
 
 def open_checkpoint(path: str | Path) -> CheckpointReader:
-    """Open a model folder in whichever supported format it holds.
+    """Open a model folder in whichever supported format it holds, as transformers would.
 
-    Raises :class:`CheckpointError` naming the folder, what was found and what is supported.
+    Raises :class:`CheckpointError` naming the folder or file and what to do when the folder is
+    missing, holds no recognised weights, or its weights are corrupt or inconsistent.
     """
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; pass the folder that holds config.json and the model weights")
     if not path.is_dir():
         raise CheckpointError(
-            f"{path} does not exist or is not a folder; pass the folder that holds config.json and the model weights"
+            f"{path} is a file, not a folder; pass the folder that holds config.json and the model weights"
         )
-    if (path / SAFETENSORS_INDEX).is_file():
-        return SafetensorsReader.from_index(path, path / SAFETENSORS_INDEX)
-    if (path / SAFETENSORS_SINGLE).is_file():
-        return SafetensorsReader(path, [path / SAFETENSORS_SINGLE])
-    if (path / BIN_INDEX).is_file():
-        weight_map = _read_index(path / BIN_INDEX)
-        files = sorted({path / shard for shard in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{path / BIN_INDEX} names missing shard(s) {missing}; re-save the checkpoint")
-        return TorchBinReader(path, files, weight_map)
-    if (path / BIN_SINGLE).is_file():
-        return TorchBinReader(path, [path / BIN_SINGLE])
-    found = sorted(p.name for p in path.iterdir())
+    present = [n for n in (SAFETENSORS_SINGLE, SAFETENSORS_INDEX, BIN_SINGLE, BIN_INDEX) if (path / n).is_file()]
+    if present:
+        chosen = present[0]
+        if len(present) > 1:
+            logger.info("%s holds %s; reading %s, as transformers does", path, ", ".join(present), chosen)
+        file = path / chosen
+        if chosen == SAFETENSORS_SINGLE:
+            return SafetensorsReader(path, [file])
+        if chosen == SAFETENSORS_INDEX:
+            return SafetensorsReader.from_index(path, file)
+        if chosen == BIN_SINGLE:
+            return TorchBinReader(path, [file])
+        return TorchBinReader.from_index(path, file)
+    others = sorted(f for f in path.glob("*.safetensors") if f.name != PEFT_ADAPTER and f.is_file())
+    if len(others) == 1:
+        logger.info("reading %s, the only safetensors file in %s", others[0].name, path)
+        return SafetensorsReader(path, others)
+    if others:
+        raise CheckpointError(
+            f"{path} holds several safetensors files ({', '.join(f.name for f in others)}) but no "
+            f"{SAFETENSORS_INDEX} saying how they form one model; restore the index or re-save the model "
+            "with save_pretrained"
+        )
     raise CheckpointError(
-        f"no model weights recognised in {path} (found: {', '.join(found) or 'nothing'}). "
-        f"Supported: {SUPPORTED}. Save the model with save_pretrained."
+        f"no model weights recognised in {path} (found: {_describe_folder(path)}). Supported: {SUPPORTED}. "
+        + _no_weights_hint(path)
     )

@@ -1,18 +1,20 @@
 """Writing sharded safetensors one tensor at a time.
 
-``safetensors.torch.save_file`` needs a whole shard in memory (5 GB by default). The merge
+``safetensors.torch.save_file`` needs a whole shard in memory (5 GB by default). A merge
 knows every output name, shape and dtype before it starts, so all shard boundaries and
-headers can be computed up front and each shard written as a stream: 8-byte header length,
+headers are computed up front and each shard is written as a stream: 8-byte header length,
 JSON header padded with spaces to 8-byte alignment, then the raw bytes of each tensor as it
-is produced. Memory is one tensor, and the files are what transformers writes.
+is produced. Memory is one tensor, and the files are the ones transformers writes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -20,20 +22,12 @@ from typing import BinaryIO
 import torch
 from torch import Tensor
 
-from obim_trainer.errors import ConfigError
+from obim_trainer.checkpoints.reader import SAFETENSORS_DTYPES
+from obim_trainer.errors import ConfigError, OutputError
 
-_DTYPE_CODES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 _UNITS = {
     "": 1,
     "B": 1,
@@ -52,30 +46,65 @@ PlanEntry = tuple[str, tuple[int, ...], torch.dtype]
 
 
 def parse_size(text: str | int) -> int:
-    """``"5GB"`` → 5·10⁹, ``"2GiB"`` → 2·2³⁰, ``"500MB"``, ``"1e9"``, ``1000`` (as transformers reads sizes)."""
+    """Bytes in ``"5GB"`` (5·10⁹), ``"500MB"``, ``"2GiB"`` (2·2³⁰), ``"1e9"`` or ``1000``.
+
+    Decimal and binary units as transformers reads ``max_shard_size``; the unit is not case
+    sensitive (``"500mb"`` means bytes, where transformers would read a lowercase b as bits).
+    """
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ConfigError(f"cannot read the size {text!r}; write it like 5GB, 500MB or 2GiB")
     if isinstance(text, int):
         size = text
     else:
-        match = _SIZE.match(str(text))
+        match = _SIZE.match(text)
         unit = match.group(2).upper() if match else None
         if match is None or unit not in _UNITS:
             raise ConfigError(f"cannot read the size {text!r}; write it like 5GB, 500MB or 2GiB")
         size = int(float(match.group(1)) * _UNITS[unit])
     if size <= 0:
-        raise ConfigError(f"a shard size must be positive, got {text!r}")
+        raise ConfigError(f"a shard size must be positive, got {text!r}; write it like 5GB, 500MB or 2GiB")
     return size
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """Where one planned tensor goes: its shard, its absolute byte offset there and its size."""
+
+    shard: int
+    offset: int
+    nbytes: int
+
+
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
-def _shard_plan(plan: Sequence[PlanEntry], max_shard_size: int) -> list[list[PlanEntry]]:
-    shards: list[list[PlanEntry]] = [[]]
+def _check_plan(plan: Sequence[PlanEntry]) -> None:
+    if not plan:
+        raise ValueError("the write plan is empty; there is nothing to write")
+    seen: set[str] = set()
+    for name, shape, dtype in plan:
+        if name in seen:
+            raise ValueError(f"tensor {name} appears twice in the write plan")
+        if dtype not in _DTYPE_CODES:
+            raise ValueError(f"tensor {name}: dtype {dtype} cannot be stored in safetensors")
+        if any(not isinstance(d, int) or d < 0 for d in shape):
+            raise ValueError(f"tensor {name}: invalid shape {shape}")
+        seen.add(name)
+
+
+def _split(plan: Sequence[PlanEntry], max_shard_size: int) -> list[list[PlanEntry]]:
+    """Greedy split in plan order, as ``huggingface_hub.split_torch_state_dict_into_shards`` does.
+
+    A tensor larger than ``max_shard_size`` gets a shard of its own. (The hub moves such a tensor
+    ahead of the shard being filled; here that shard ends instead, so shards stay contiguous in
+    plan order and only one file is ever open.)
+    """
+    shards: list[list[PlanEntry]] = []
     size = 0
     for entry in plan:
         nbytes = _nbytes(entry[1], entry[2])
-        if shards[-1] and size + nbytes > max_shard_size:
+        if not shards or size + nbytes > max_shard_size:
             shards.append([])
             size = 0
         shards[-1].append(entry)
@@ -83,31 +112,47 @@ def _shard_plan(plan: Sequence[PlanEntry], max_shard_size: int) -> list[list[Pla
     return shards
 
 
-def _header_bytes(entries: Sequence[PlanEntry], metadata: dict[str, str]) -> bytes:
+def _layout(entries: Sequence[PlanEntry], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """The header of one shard and each tensor's absolute offset in it.
+
+    Data is laid out by element size, largest first (as safetensors does), and the header is
+    padded to a multiple of 8, so every tensor starts at a multiple of its element size and can
+    be memory-mapped without copying. Writes still arrive in plan order; each seeks to its slot.
+    """
+    ordered = sorted(entries, key=lambda e: -e[2].itemsize)
     header: dict[str, object] = {"__metadata__": metadata}
-    offset = 0
-    for name, shape, dtype in entries:
-        if dtype not in _DTYPE_CODES:
-            raise ValueError(f"tensor {name}: dtype {dtype} cannot be stored in safetensors")
+    offsets: dict[str, int] = {}
+    position = 0
+    for name, shape, dtype in ordered:
         nbytes = _nbytes(shape, dtype)
-        header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+        offsets_pair = [position, position + nbytes]
+        header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": offsets_pair}
+        offsets[name] = position
+        position += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
+    start = 8 + len(raw)
+    return len(raw).to_bytes(8, "little") + raw, {name: start + offset for name, offset in offsets.items()}
 
 
 def _tensor_bytes(tensor: Tensor) -> memoryview:
+    """The tensor's bytes without a copy when it is already a contiguous CPU tensor."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _write_error(file: Path, exc: OSError) -> OutputError:
+    return OutputError(f"cannot write {file} ({exc.strerror or exc}); free disk space or choose another output folder")
 
 
 class ShardedSafetensorsWriter:
-    """Stream tensors, in plan order, into shards of at most ``max_shard_size`` bytes.
+    """Stream tensors, in plan order, into shards of at most ``max_shard_size`` bytes of data.
 
-    One shard is written as ``model.safetensors``; several as
-    ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``. A tensor
-    larger than ``max_shard_size`` gets a shard of its own.
+    One shard is written as ``model.safetensors``; several as ``model-0000i-of-0000N.safetensors``
+    plus ``model.safetensors.index.json``, with the names, split and index transformers'
+    ``save_pretrained`` would produce for the same tensors in the same order. Leaving the
+    ``with`` block normally closes the writer; on an exception the partial files stay for the
+    caller's atomic output folder to discard.
     """
 
     def __init__(
@@ -118,65 +163,104 @@ class ShardedSafetensorsWriter:
         metadata: dict[str, str] | None = None,
     ) -> None:
         self.folder = Path(folder)
-        self.metadata = {"format": "pt", **(metadata or {})}
-        self._shards = _shard_plan(list(plan), max_shard_size)
-        n = len(self._shards)
-        self._names = (
-            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        metadata = {"format": "pt", **(metadata or {})}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError(f"safetensors metadata must map strings to strings, got {metadata!r}")
+        if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size <= 0:
+            raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
+        self._plan = [(name, tuple(shape), dtype) for name, shape, dtype in plan]
+        _check_plan(self._plan)
+        shards = _split(self._plan, max_shard_size)
+        n = len(shards)
+        self._files = (
+            [self.folder / SINGLE_FILE]
+            if n == 1
+            else [self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
-        self._queue = [(s, e) for s, entries in enumerate(self._shards) for e in entries]
+        self._headers: list[bytes] = []
+        self._slots: dict[str, _Slot] = {}
+        self._remaining = [len(entries) for entries in shards]
+        for shard, entries in enumerate(shards):
+            header, offsets = _layout(entries, metadata)
+            self._headers.append(header)
+            for name, shape, dtype in entries:
+                self._slots[name] = _Slot(shard, offsets[name], _nbytes(shape, dtype))
         self._position = 0
-        self._open_shard = -1
         self._handle: BinaryIO | None = None
-        self._written: list[Path] = []
+        self._closed: list[Path] | None = None
 
-    def _start_shard(self, shard: int) -> None:
-        self._finish_shard()
-        path = self.folder / self._names[shard]
-        self._handle = path.open("wb")
-        self._handle.write(_header_bytes(self._shards[shard], self.metadata))
-        self._open_shard = shard
-        self._written.append(path)
+    def _open_shard(self, shard: int) -> BinaryIO:
+        file = self._files[shard]
+        try:
+            handle = file.open("wb")
+            handle.write(self._headers[shard])
+        except OSError as exc:
+            raise _write_error(file, exc) from None
+        return handle
 
-    def _finish_shard(self) -> None:
-        if self._handle is not None:
+    def _finish_shard(self, shard: int) -> None:
+        assert self._handle is not None
+        try:
             self._handle.flush()
             os.fsync(self._handle.fileno())
             self._handle.close()
-            self._handle = None
+        except OSError as exc:
+            raise _write_error(self._files[shard], exc) from None
+        self._handle = None
 
     def write(self, name: str, tensor: Tensor) -> None:
-        """Append the next planned tensor; its name, shape and dtype must match the plan."""
-        if self._position >= len(self._queue):
-            raise ValueError(f"tensor {name} was not planned: all {len(self._queue)} planned tensors are written")
-        shard, (p_name, p_shape, p_dtype) = self._queue[self._position]
-        if name != p_name or tuple(tensor.shape) != tuple(p_shape) or tensor.dtype != p_dtype:
+        """Write the next planned tensor; its name, shape and dtype must match the plan."""
+        if self._closed is not None or self._position >= len(self._plan):
+            raise ValueError(f"tensor {name} was not planned: all {len(self._plan)} planned tensors are written")
+        p_name, p_shape, p_dtype = self._plan[self._position]
+        if name != p_name or tuple(tensor.shape) != p_shape or tensor.dtype != p_dtype:
             raise ValueError(
-                f"expected tensor {p_name} {tuple(p_shape)} {p_dtype} next, "
-                f"got {name} {tuple(tensor.shape)} {tensor.dtype}"
+                f"expected tensor {p_name} {p_shape} {p_dtype} next, got {name} {tuple(tensor.shape)} {tensor.dtype}"
             )
-        if shard != self._open_shard:
-            self._start_shard(shard)
-        assert self._handle is not None
-        self._handle.write(_tensor_bytes(tensor))
+        slot = self._slots[name]
+        if self._handle is None:
+            self._handle = self._open_shard(slot.shard)
+        try:
+            self._handle.seek(slot.offset)
+            self._handle.write(_tensor_bytes(tensor))
+        except OSError as exc:
+            raise _write_error(self._files[slot.shard], exc) from None
         self._position += 1
+        self._remaining[slot.shard] -= 1
+        if self._remaining[slot.shard] == 0:
+            self._finish_shard(slot.shard)
 
     def close(self) -> list[Path]:
-        """Finish the last shard, write the index (several shards) and return the files written."""
-        if self._position != len(self._queue):
-            missing = [e[0] for _, e in self._queue[self._position :]]
-            raise ValueError(f"{len(missing)} planned tensor(s) were not written, first: {missing[0]}")
-        if not self._queue:
-            self._start_shard(0)
-        self._finish_shard()
-        if len(self._shards) > 1:
-            weight_map = {e[0]: self._names[s] for s, e in self._queue}
-            total = sum(_nbytes(shape, dtype) for _, (_, shape, dtype) in self._queue)
-            index = self.folder / "model.safetensors.index.json"
-            index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-            self._written.append(index)
-        files, self._written = list(self._written), []
-        return files
+        """Check every planned tensor was written, write the index (several shards), fsync, and
+        return the files written: shards in order, then the index. Calling it again is harmless."""
+        if self._closed is not None:
+            return list(self._closed)
+        if self._position != len(self._plan):
+            missing = len(self._plan) - self._position
+            raise ValueError(f"{missing} planned tensor(s) were not written, first: {self._plan[self._position][0]}")
+        files = list(self._files)
+        if len(files) > 1:
+            files.append(self._write_index())
+        self._closed = files
+        return list(files)
+
+    def _write_index(self) -> Path:
+        index = self.folder / INDEX_FILE
+        content = {
+            "metadata": {
+                "total_parameters": sum(math.prod(shape) for _, shape, _ in self._plan),
+                "total_size": sum(slot.nbytes for slot in self._slots.values()),
+            },
+            "weight_map": {name: self._files[slot.shard].name for name, slot in self._slots.items()},
+        }
+        try:
+            with index.open("w", encoding="utf-8") as handle:
+                handle.write(json.dumps(content, indent=2, sort_keys=True) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise _write_error(index, exc) from None
+        return index
 
     def __enter__(self) -> ShardedSafetensorsWriter:
         return self
@@ -184,7 +268,10 @@ class ShardedSafetensorsWriter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        # On failure the partial files stay for the caller's atomic folder to discard.
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        try:
+            if exc_type is None:
+                self.close()
+        finally:  # on failure the partial files stay for the caller's atomic output folder to discard
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
