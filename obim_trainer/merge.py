@@ -133,7 +133,24 @@ def checkpoint_stats(
     stats, source = load_or_compute_stats(
         reader.path, key, compute, cache_dir=config.stats_cache_dir, recompute=config.recompute_stats
     )
+    if not all(bool(torch.isfinite(t).all()) for t in stats.sq_sum.values()):
+        raise_nonfinite(reader)
     return stats, {"checkpoint": str(reader.path), "key": key, "source": source}
+
+
+def raise_nonfinite(reader: CheckpointReader) -> None:
+    """Name the tensor behind non-finite activations (NaN/Inf weights), or say the activations overflow."""
+    for name, info in reader.tensor_infos().items():
+        tensor = reader.read(name)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"tensor {name} in {info.file} contains NaN or Inf. The checkpoint is broken (diverged "
+                "training?); leave it out of the merge."
+            )
+    raise CheckpointError(
+        f"checkpoint {reader.path} produces NaN/Inf activations on the calibration data although its weights are "
+        "finite (overflow in its dtype?); check the checkpoint or leave it out of the merge."
+    )
 
 
 def _open_inputs(stack: ExitStack, config: MergeConfig, checkpoints: list[Path]):

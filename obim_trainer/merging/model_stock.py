@@ -1,15 +1,18 @@
 """Model Stock (Jang et al. 2024): move from the base toward the checkpoints' average by
-t = N·cos θ / (1 + (N − 1)·cos θ), where θ is the mean angle between task vectors.
+t = N·cos θ / (1 + (N − 1)·cos θ), where cos θ is the mean cosine between the N task vectors.
 
-With cos θ ≤ 0 the formula extrapolates away from the average (t ≤ 0, or unbounded near
-cos θ = −1/(N−1)). ``clamp_t: true`` (default) keeps t in [0, 1], i.e. falls back to the base
-when the task vectors disagree; ``clamp_t: false`` reproduces mergekit, which only maps the
-singular point to the base.
+The derivation assumes the fine-tuned weights lie around a common centre at angle θ < 90°.
+With cos θ ≤ 0 the checkpoints disagree and the formula leaves [0, 1]: t < 0 pushes away from
+the average, and near cos θ = −1/(N − 1) it explodes. ``clip_cos: true`` (default) treats
+cos θ ≤ 0 as 0, so such a tensor keeps the base (t = 0); ``clip_cos: false`` reproduces
+mergekit, which only maps the singular point itself to the base.
+
+Cosines are exact (the product of norms is not clamped as mergekit does at 1e-6, which biases
+cos θ toward 0 for task vectors with norms below 1e-3). Streams one task vector at a time:
+the sum of the task vectors, the sum of their unit vectors and the pairwise dot products.
 """
 
 from __future__ import annotations
-
-import itertools
 
 import torch
 from pydantic import Field
@@ -18,38 +21,52 @@ from torch import Tensor
 from obim_trainer.merging.registry import MergeMethod, MethodParams, register_method
 from obim_trainer.merging.task import MergeOutput, TensorTask
 
+SINGULAR_EPS = 1e-6
+"""mergekit keeps the base where |1 + (N − 1)·cos θ| is below this."""
+
+
+def _filters(tensor: Tensor, filter_wise: bool) -> Tensor:
+    """The tensor as [filters, entries]: one filter per output row, or the whole tensor as one."""
+    if filter_wise and tensor.dim() >= 2:
+        return tensor.reshape(-1, tensor.shape[-1])
+    return tensor.reshape(1, -1)
+
+
+def interpolation_ratio(cos: Tensor, num_models: int, clip_cos: bool) -> Tensor:
+    """t = N·cos / (1 + (N − 1)·cos), 0 at the singular point and, with ``clip_cos``, for cos ≤ 0."""
+    if clip_cos:
+        cos = cos.clamp_min(0.0)
+    denominator = 1 + (num_models - 1) * cos
+    singular = denominator.abs() < SINGULAR_EPS
+    ratio = num_models * cos / torch.where(singular, torch.ones_like(denominator), denominator)
+    return ratio.masked_fill_(singular, 0.0)
+
 
 class ModelStockParams(MethodParams):
-    filter_wise: bool = Field(default=False, description="one t per output row instead of per tensor")
-    clamp_t: bool = Field(default=True, description="keep t in [0, 1] (false: mergekit's unclamped t)")
+    filter_wise: bool = Field(default=False, description="one t per output row instead of one per tensor (mergekit)")
+    clip_cos: bool = Field(default=True, description="treat cos θ ≤ 0 as 0, keeping the base (false: mergekit's t)")
 
 
 @register_method
 class ModelStock(MergeMethod):
     name = "model_stock"
-    summary = "Model Stock: interpolate base → checkpoint average by the angle between task vectors."
+    summary = "Model Stock (Jang et al. 2024): interpolate base → checkpoint average by the angle between task vectors."
     Params = ModelStockParams
     min_models = 2
 
-    def interpolation(self, deltas: list[Tensor]) -> Tensor:
-        cosines = []
-        for a, b in itertools.combinations(deltas, 2):
-            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-        cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-        n = len(deltas)
-        denominator = 1 + (n - 1) * cos
-        singular = denominator.abs() < 1e-6
-        t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denominator))
-        return t.clamp(0, 1) if self.params.clamp_t else t
-
     def merge(self, task: TensorTask) -> MergeOutput:
-        base = task.base
-        if self.params.filter_wise:
-            flat = base.reshape(1, -1) if base.dim() < 2 else base.reshape(base.shape[0], -1)
-        else:
-            flat = base.reshape(1, -1)
-        deltas = [task.delta(k).reshape(flat.shape) for k in range(task.num_models)]
-        t = self.interpolation(deltas)
-        average_delta = torch.stack(deltas).mean(dim=0)
-        return MergeOutput(tensor=(flat + t * average_delta).reshape(base.shape))
+        base = _filters(task.base, self.params.filter_wise)
+        total = torch.zeros_like(base)
+        unit_total = torch.zeros_like(base)
+        pair_dots = torch.zeros((base.shape[0], 1), dtype=torch.float32, device=task.device)
+        for k in range(task.num_models):
+            delta = _filters(task.delta(k), self.params.filter_wise)
+            total.add_(delta)
+            unit = delta.div_(torch.linalg.vector_norm(delta, dim=1, keepdim=True).clamp_min_(torch.finfo().tiny))
+            pair_dots.add_((unit * unit_total).sum(dim=1, keepdim=True))  # Σ_{j<k} u_j·u_k
+            unit_total.add_(unit)
+        n = task.num_models
+        cos = pair_dots.div_(n * (n - 1) / 2).clamp_(-1.0, 1.0)
+        ratio = interpolation_ratio(cos, n, self.params.clip_cos)
+        merged = total.mul_(ratio / n).add_(base)
+        return MergeOutput(tensor=merged.view(task.base.shape))

@@ -1,31 +1,38 @@
-"""OBIM: Optimal Brain Iterative Merging (arXiv 2502.12217) = OBM saliency + iterative merging."""
+"""OBIM: Optimal Brain Iterative Merging (arXiv 2502.12217) = OBM saliency + iterative merging.
+
+Each checkpoint scores its own task vector by OBM saliency, s_ij ∝ mean_j(x²)·δ_ij² (eq. 5
+with the layer-wise Hessian H = 2XXᵀ of eq. 6), and the checkpoints then claim disjoint sets
+of positions one after another, each taking its n_k share of the most salient positions still
+free (Algorithm 1, eq. 8). The default n_k = 1/K makes every position come from exactly one
+checkpoint; the order rotates by one per decoder block (O^{l+1} = LR(O^l, 1)). This module only
+holds the parameters and their validation; the math lives in :mod:`~obim_trainer.merging.saliency`,
+:mod:`~obim_trainer.merging.order` and :mod:`~obim_trainer.merging.iterative`.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field
 
 from obim_trainer.errors import ConfigError
 from obim_trainer.merging.iterative import iterative_merge
-from obim_trainer.merging.order import merge_order
+from obim_trainer.merging.order import OrderMode, merge_order
 from obim_trainer.merging.registry import MergeMethod, MethodParams, register_method
 from obim_trainer.merging.saliency import SaliencyFn, obm_saliency, token_frequency_saliency
+from obim_trainer.merging.selection import RATIO_TOLERANCE
 from obim_trainer.merging.task import MergeOutput, TensorTask
-
-RATIO_TOLERANCE = 1e-6
 
 
 class OBIMParams(MethodParams):
     ratios: list[float] | None = Field(
-        default=None, description="share n_k of each tensor per checkpoint (default 1/K; sum <= 1)"
+        default=None, description="share n_k of each tensor per checkpoint, in the given order (default 1/K; sum <= 1)"
     )
-    order: Literal["rotation", "given", "priority"] = Field(
-        default="rotation", description="rotation (by decoder block), given, or priority"
-    )
+    order: OrderMode = Field(default="rotation", description="rotation (by decoder block), given, or priority")
     priority: list[float] | None = Field(default=None, description="with order=priority: higher goes first")
     embedding_saliency: Literal["random", "token_frequency"] = Field(
-        default="random", description="saliency of embedding rows"
+        default="random", description="saliency of embedding rows: random (the paper) or token frequency"
     )
 
 
@@ -39,42 +46,44 @@ class OBIM(MergeMethod):
     Params = OBIMParams
     needs_activation_stats = True
 
+    @property
+    def _params(self) -> OBIMParams:
+        return self.params  # type: ignore[return-value]
+
     def validate_for(self, num_models: int) -> None:
-        p: OBIMParams = self.params  # type: ignore[assignment]
-        if p.ratios is not None:
-            if len(p.ratios) != num_models:
+        ratios = self._params.ratios
+        if ratios is not None:
+            if len(ratios) != num_models:
                 raise ConfigError(
-                    f"obim: ratios has {len(p.ratios)} value(s) {p.ratios} but there are {num_models} "
+                    f"{self.name}: ratios has {len(ratios)} value(s) {ratios} but there are {num_models} "
                     "checkpoints; give one n_k per checkpoint or omit ratios for 1/K each"
                 )
-            if any(not 0.0 <= r <= 1.0 for r in p.ratios):
-                raise ConfigError(f"obim: every ratio must lie in [0, 1], got {p.ratios}")
-            if sum(p.ratios) > 1.0 + RATIO_TOLERANCE:
+            if not all(0.0 <= r <= 1.0 for r in ratios):
                 raise ConfigError(
-                    f"obim: ratios {p.ratios} sum to {sum(p.ratios):.4g} > 1; each position can be owned by "
-                    "one checkpoint only (paper, Algorithm 1 footnote): scale them down"
+                    f"{self.name}: every ratio must lie in [0, 1], got {ratios}; n_k is a share of each tensor"
                 )
-        if p.order == "priority":
-            merge_order(num_models, None, "priority", p.priority)
-        elif p.priority is not None:
-            raise ConfigError("obim: priority is only used with order 'priority'; set order: priority or drop it")
+            if math.fsum(ratios) > 1.0 + RATIO_TOLERANCE:
+                raise ConfigError(
+                    f"{self.name}: ratios {ratios} sum to {math.fsum(ratios):.4g} > 1, but each position can be "
+                    "owned by one checkpoint only (the paper's footnote: Σ n_k ≤ 1); scale them down"
+                )
+        merge_order(num_models, None, self._params.order, self._params.priority)
 
     @property
     def ratios(self) -> list[float]:
-        p: OBIMParams = self.params  # type: ignore[assignment]
-        return list(p.ratios) if p.ratios is not None else [1.0 / self.num_models] * self.num_models
+        """n_k per checkpoint (by checkpoint index): the given ratios, or 1/K each."""
+        given = self._params.ratios
+        return list(given) if given is not None else [1.0 / self.num_models] * self.num_models
 
     def order_for(self, block_index: int | None) -> list[int]:
-        p: OBIMParams = self.params  # type: ignore[assignment]
-        return merge_order(self.num_models, block_index, p.order, p.priority)
+        return merge_order(self.num_models, block_index, self._params.order, self._params.priority)
 
     def describe_tensor(self, block_index: int | None) -> str:
         return f"order {self.order_for(block_index)}"
 
     def saliency(self) -> SaliencyFn:
         """How positions are scored: OBM (eq. 5), with token frequency for embeddings on request."""
-        p: OBIMParams = self.params  # type: ignore[assignment]
-        return token_frequency_saliency if p.embedding_saliency == "token_frequency" else obm_saliency
+        return token_frequency_saliency if self._params.embedding_saliency == "token_frequency" else obm_saliency
 
     def merge(self, task: TensorTask) -> MergeOutput:
         return iterative_merge(task, self.ratios, self.order_for(task.block_index), self.saliency())

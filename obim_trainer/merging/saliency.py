@@ -1,18 +1,21 @@
-"""Saliency of each position of a task vector: which changes matter most to the layer's output.
+"""Saliency of each position of a task vector: how much removing that change would hurt the layer.
 
-OBM (Optimal Brain Merging, the paper's §3.1): for a linear layer with the layer-wise MSE
-objective ‖ΔW X‖² (eq. 6) the Hessian is H = 2XXᵀ, so the saliency of δ_ij is
-s_ij = ½·h_jj·δ_ij² = Σ_tokens x_j² · δ_ij² (eq. 5). Only the diagonal of H is needed, i.e.
-the per-input-feature sum of squared activations. Scaling a tensor's scores does not change
-the ranking inside it, so the mean over tokens is used. "For nonlinear layers, such as bias
-layers, we apply random pruning": everything that is not a Linear weight gets seeded
-uniform noise, identical on every device.
+OBM (Optimal Brain Merging, the paper's §3.1) scores δ_i by the loss increase of setting it to
+zero, s_i = ½·h_ii·δ_i² (eq. 5). For a linear layer with the layer-wise MSE objective ‖ΔW X‖²
+(eq. 6) the Hessian is H = 2XXᵀ, whose diagonal entry for weight (i, j) is 2·Σ_tokens x_j²: so
+s_ij = Σ_tokens x_j²·δ_ij², and only the per-input-feature sum of squared activations is needed
+(forward passes, no labels). Scaling a tensor's scores does not change the ranking inside it,
+so the mean over tokens is used. "For nonlinear layers, such as bias layers, we apply random
+pruning": everything that is not a Linear weight gets seeded uniform noise, identical on every
+device. Embeddings can instead be scored by token frequency, the exact analogue of eq. 5 for a
+one-hot input.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from obim_trainer.merging.task import ParamKind, TensorTask
@@ -23,13 +26,31 @@ SaliencyFn = Callable[[TensorTask, int, Tensor], Tensor]
 ``delta_k`` belongs to the saliency function, which may overwrite it to save memory."""
 
 
+def _check_broadcast(task: TensorTask, what: str, factor: Tensor, delta: Tensor) -> None:
+    """A clear error instead of a broadcasting failure deep inside torch."""
+    try:
+        fits = torch.broadcast_shapes(factor.shape, delta.shape) == delta.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{what} for {task.name} has shape {tuple(factor.shape)}, which does not broadcast to the "
+            f"tensor's shape {tuple(delta.shape)}; the statistics belong to another model: recompute them"
+        )
+
+
 def random_saliency(task: TensorTask, k: int, delta: Tensor) -> Tensor:
-    """Seeded uniform scores: random pruning for parameters without activation statistics."""
+    """Seeded uniform scores: the paper's random pruning for parameters without a Hessian estimate."""
     return task.rand_like_base("saliency", k)
 
 
 def obm_saliency(task: TensorTask, k: int, delta: Tensor) -> Tensor:
-    """mean_j(x²)·δ_ij² for Linear weights (eq. 5 with H = 2XXᵀ); random for everything else."""
+    """mean_j(x²)·δ_ij² for Linear weights (eq. 5 with H = 2XXᵀ from eq. 6); random for everything else.
+
+    Raises:
+        ValueError: a Linear weight without activation statistics for checkpoint ``k``, or with
+            statistics of the wrong shape.
+    """
     if task.kind is not ParamKind.LINEAR:
         return random_saliency(task, k, delta)
     sq_mean = None if task.input_sq_mean is None else task.input_sq_mean[k]
@@ -38,20 +59,23 @@ def obm_saliency(task: TensorTask, k: int, delta: Tensor) -> Tensor:
             f"OBM saliency of Linear weight {task.name} needs activation statistics of checkpoint {k}; "
             "run the merge with calibration data"
         )
+    _check_broadcast(task, f"activation statistics of checkpoint {k}", sq_mean, delta)
     return delta.square_().mul_(sq_mean)
 
 
 def token_frequency_saliency(task: TensorTask, k: int, delta: Tensor) -> Tensor:
-    """Embedding rows scored by how often their token occurs in the calibration data times δ².
+    """Embedding rows scored by their token's count in the calibration data times δ².
 
-    The input of an embedding is one-hot, so Σ x_j² over tokens is the token's count: the
-    exact analogue of eq. 5. Other tensors fall back to :func:`obm_saliency`.
+    An embedding's input is one-hot, so Σ_tokens x_j² for row j is the token's count: eq. 5
+    with the embedding's exact Hessian diagonal. Embeddings without counts and every other
+    tensor fall back to :func:`obm_saliency`.
     """
-    if task.kind is ParamKind.EMBEDDING and task.token_counts is not None:
-        return delta.square_().mul_(task.token_counts)
-    return obm_saliency(task, k, delta)
+    if task.kind is not ParamKind.EMBEDDING or task.token_counts is None:
+        return obm_saliency(task, k, delta)
+    _check_broadcast(task, "token counts", task.token_counts, delta)
+    return delta.square_().mul_(task.token_counts)
 
 
 def magnitude_saliency(task: TensorTask, k: int, delta: Tensor) -> Tensor:
-    """|δ|: TIES' trimming criterion, used by the ``ties_im`` ablation (Table 3)."""
+    """|δ|: TIES' trimming criterion, used by the ``ties_im`` ablation (the paper's Table 3)."""
     return delta.abs_()

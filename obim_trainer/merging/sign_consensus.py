@@ -1,22 +1,52 @@
-"""TIES' sign election and disjoint mean, shared by every method with a sign consensus step."""
+"""TIES' sign election and disjoint mean, shared by every method with a sign consensus step
+(TIES, DARE-TIES, DELLA, Breadcrumbs-TIES and the ``ties_obm`` ablation).
+
+The vote is on the weighted task vectors, as in mergekit: a checkpoint's weight is also its
+say in the vote. Where the weighted deltas sum to exactly zero the TIES paper's sgn(0) = 0
+elects no sign, so nothing agrees and the entry keeps the base (``sign_tie: zero``, the default);
+mergekit elects + there (``sign_tie: positive``). Exact cancellation is rare in float32 but
+common enough in bfloat16 checkpoints, where deltas take few distinct values.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
 from torch import Tensor
 
-
-def majority_sign(weighted_deltas: Tensor) -> Tensor:
-    """Sign of the summed (weighted) deltas, ±1, ties to +1 (TIES' "elect", as mergekit votes)."""
-    return (weighted_deltas.sum(dim=0) >= 0).to(weighted_deltas.dtype).mul_(2).sub_(1)
+SignTie = Literal["zero", "positive"]
 
 
-def agreement(weighted_deltas: Tensor, sign: Tensor) -> Tensor:
-    """Which entries agree with the elected sign (zero deltas never do)."""
-    return weighted_deltas.sign() == sign
+def elect_sign(weighted_deltas: Tensor, tie: SignTie = "zero") -> Tensor:
+    """Sign of Σ_k w_k·δ_k per entry (TIES' "elect"); where the sum is 0: 0 or +1 by ``tie``.
+
+    ``weighted_deltas`` is stacked ``[K, ...]``; the result has the shape of one delta.
+    """
+    total = weighted_deltas.sum(dim=0)
+    if tie == "positive":
+        return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    return total.sign_()
 
 
-def disjoint_mean(weighted_deltas: Tensor, weights: Tensor, keep: Tensor) -> Tensor:
-    """Σ_k w_k·δ_k over agreeing entries divided by Σ_k w_k over the same entries (0 → 1)."""
-    divisor = (weights * keep).sum(dim=0)
-    divisor[divisor == 0] = 1
-    return (weighted_deltas * keep).sum(dim=0).div_(divisor)
+def disjoint_merge(
+    weighted_deltas: Tensor, weights: Sequence[float], sign: Tensor, *, normalize: bool = True
+) -> Tensor:
+    """Σ_k w_k·δ_k over the entries whose sign agrees with ``sign``; zero deltas never agree.
+
+    With ``normalize`` this is TIES' disjoint mean: divided, entry by entry, by Σ_k w_k over the
+    agreeing checkpoints (by their count for unit weights); an entry nobody agrees on stays 0.
+    One checkpoint at a time, so the temporaries are the size of one delta.
+    """
+    merged = torch.zeros_like(sign)
+    divisor = torch.zeros_like(sign) if normalize else None
+    elected = sign != 0
+    for k, weight in enumerate(weights):
+        agree = (weighted_deltas[k].sign() == sign).logical_and_(elected)
+        merged.add_(torch.where(agree, weighted_deltas[k], 0.0))
+        if divisor is not None:
+            divisor.add_(agree.to(divisor.dtype), alpha=weight)
+    if divisor is None:
+        return merged
+    return merged.div_(divisor.masked_fill_(divisor == 0, 1.0))

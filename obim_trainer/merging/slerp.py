@@ -1,5 +1,11 @@
-"""SLERP between the base and one checkpoint (mergekit's ``slerp``): spherical interpolation of the
-whole tensor, linear when the two are (anti)collinear. t = 0 is the base, t = 1 the checkpoint."""
+"""SLERP (mergekit's ``slerp``): spherical interpolation between the base and one checkpoint.
+
+The whole tensor is one vector: θ_M = sin((1 − t)Ω)/sin Ω · θ_B + sin(tΩ)/sin Ω · θ_1 with Ω the angle
+between them, and linear interpolation when they are (anti)collinear (|cos Ω| > 0.9995), where
+the formula is 0/0, or when either is zero (no direction; mergekit takes a zero tensor as
+orthogonal to everything there). t = 0 is the base, t = 1 the checkpoint. To interpolate two
+checkpoints, pass one of them as the base.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ class SlerpParams(MethodParams):
 @register_method
 class Slerp(MergeMethod):
     name = "slerp"
-    summary = "Spherical interpolation between the base and one checkpoint."
+    summary = "SLERP: spherical interpolation between the base (t = 0) and one checkpoint (t = 1)."
     Params = SlerpParams
     min_models = 1
     max_models = 1
@@ -29,12 +35,10 @@ class Slerp(MergeMethod):
         t = self.params.t
         a, b = task.base.reshape(-1), task.checkpoint(0).reshape(-1)
         norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-        norm_a = norm_a if norm_a > EPS else torch.ones_like(norm_a)
-        norm_b = norm_b if norm_b > EPS else torch.ones_like(norm_b)
-        dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
-        if dot.abs() > DOT_THRESHOLD:
+        dot = torch.dot(a / norm_a, b / norm_b).clamp(-1, 1) if min(norm_a, norm_b) > EPS else None
+        if dot is None or dot.abs() > DOT_THRESHOLD:
             merged = (1 - t) * a + t * b
         else:
             theta = torch.acos(dot)
-            merged = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+            merged = (torch.sin((1 - t) * theta) / torch.sin(theta)) * a + (torch.sin(t * theta) / torch.sin(theta)) * b
         return MergeOutput(tensor=merged.reshape(task.base.shape))

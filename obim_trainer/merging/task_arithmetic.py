@@ -1,8 +1,12 @@
-"""Task arithmetic and the family built on it (TIES, DARE, DELLA, Breadcrumbs): sparsify each task
-vector, weight it, optionally elect a sign per entry, sum, normalize, scale.
+"""Task arithmetic and the family built on it (TIES, DARE, DELLA, Breadcrumbs, the ``ties_obm`` ablation).
 
-This is one pipeline with two hooks (``sparsify`` and ``consensus``), as in mergekit's
-generalized task arithmetic; each method is a small subclass, never a copy.
+θ_M = θ_B + λ·combine_k(w_k·sparsify_k(δ_k)), mergekit's "generalized task arithmetic": one
+pipeline with two hooks. ``sparsify`` drops entries of each task vector (identity here);
+``consensus`` replaces the plain sum by TIES' sign election and disjoint merge. Each method of
+the family is a small subclass that fills a hook, never a copy.
+
+Without consensus the task vectors are summed one at a time (memory: the sum and one delta).
+Sign election needs every weighted delta at once, so consensus methods stack the K deltas.
 """
 
 from __future__ import annotations
@@ -13,48 +17,66 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import Tensor
 
-from obim_trainer.merging.per_model import per_model
+from obim_trainer.merging.per_model import PerModel, per_model
 from obim_trainer.merging.registry import MergeMethod, MethodParams, register_method
-from obim_trainer.merging.sign_consensus import agreement, disjoint_mean, majority_sign
+from obim_trainer.merging.sign_consensus import SignTie, disjoint_merge, elect_sign
 from obim_trainer.merging.task import MergeOutput, TensorTask
+
+NORMALIZE_EPS = 1e-8
+"""mergekit divides by Σ w_k only when it is at least this far from zero."""
 
 
 class TaskArithmeticParams(MethodParams):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
 
-    weight: float | list[float] = Field(
-        default=1.0, description="weight of each task vector (one or one per checkpoint)"
+    weight: PerModel = Field(
+        default=1.0, description="weight w_k of each task vector: one number or one per checkpoint"
     )
-    lambda_: float = Field(default=1.0, alias="lambda", description="scale of the merged task vector")
-    normalize: bool = Field(default=False, description="divide by the sum of the weights")
+    lambda_: float = Field(default=1.0, alias="lambda", description="scale λ of the merged task vector")
+    normalize: bool = Field(default=False, description="divide the weighted sum by Σ w_k")
+
+
+class SignElectionParams(MethodParams):
+    sign_tie: SignTie = Field(
+        default="zero",
+        description="where weighted deltas cancel exactly: zero keeps the base (TIES paper, sgn 0 = 0); "
+        "positive elects + (mergekit)",
+    )
 
 
 @register_method
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
-    summary = "θ_B + λ·Σ_k w_k·δ_k (Ilharco et al. 2023)."
+    summary = "Task arithmetic (Ilharco et al. 2023): θ_B + λ·Σ_k w_k·δ_k."
     Params = TaskArithmeticParams
     consensus: ClassVar[bool] = False
+    """True: TIES' sign election and disjoint merge instead of a plain sum."""
 
     def validate_for(self, num_models: int) -> None:
         self.weights = per_model(self.params.weight, num_models, "weight", self.name)
 
     def sparsify(self, task: TensorTask, k: int, delta: Tensor) -> Tensor:
-        """Hook: the task vector of checkpoint k after dropping entries (identity here)."""
+        """Hook: checkpoint k's task vector after dropping entries (it owns ``delta``; identity here)."""
         return delta
 
     def merge(self, task: TensorTask) -> MergeOutput:
-        k_models = task.num_models
-        deltas = torch.stack([self.sparsify(task, k, task.delta(k)) for k in range(k_models)])
-        weights = torch.tensor(self.weights, dtype=torch.float32, device=task.device)
-        weights = weights.view(k_models, *([1] * task.base.dim()))
-        deltas.mul_(weights)
-        if self.consensus:
-            keep = agreement(deltas, majority_sign(deltas))
-            mixed = disjoint_mean(deltas, weights, keep) if self.params.normalize else (deltas * keep).sum(dim=0)
-        else:
-            mixed = deltas.sum(dim=0)
-            if self.params.normalize:
-                divisor = weights.sum(dim=0)
-                mixed.div_(torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor))
-        return MergeOutput(tensor=mixed.mul_(self.params.lambda_).add_(task.base))
+        mixed = self._sign_consensus(task) if self.consensus else self._weighted_sum(task)
+        if self.params.lambda_ != 1.0:
+            mixed.mul_(self.params.lambda_)
+        return MergeOutput(tensor=mixed.add_(task.base))
+
+    def _weighted_sum(self, task: TensorTask) -> Tensor:
+        mixed = torch.zeros_like(task.base)
+        for k, weight in enumerate(self.weights):
+            mixed.add_(self.sparsify(task, k, task.delta(k)), alpha=weight)
+        total = sum(self.weights)
+        if self.params.normalize and abs(total) >= NORMALIZE_EPS:
+            mixed.div_(total)
+        return mixed
+
+    def _sign_consensus(self, task: TensorTask) -> Tensor:
+        weighted = torch.empty((task.num_models, *task.base.shape), dtype=torch.float32, device=task.device)
+        for k, weight in enumerate(self.weights):
+            weighted[k] = self.sparsify(task, k, task.delta(k)).mul_(weight)
+        sign = elect_sign(weighted, self.params.sign_tie)
+        return disjoint_merge(weighted, self.weights, sign, normalize=self.params.normalize)

@@ -1,77 +1,112 @@
-"""WIDEN (Yu et al., ICLR 2025, "Extend model merging from fine-tuned to pre-trained LLMs via
-weight disentanglement").
+"""WIDEN (Yu et al., ICLR 2025, "Extend model merging from fine-tuned to pre-trained LLMs via weight
+disentanglement"): merge by how much each checkpoint changed each weight column, not by how large
+its task vector is, so that a continued-pretraining checkpoint with large deltas does not drown a
+fine-tuned one.
 
-A weight is disentangled into magnitude m (the norm of each input column over the output
-dimension) and direction D = W / m. Each checkpoint's divergence from the base, Δm = |m_n − m_pre|
-and ΔD = 1 − cos(D_n, D_pre) per column, is ranked inside that checkpoint (ascending; score =
+A weight is disentangled into magnitudes m (the norm of each input column over the output
+dimension) and directions D = W / m. Each checkpoint's divergence from the base, Δm = |m_n − m_pre|
+and ΔD = 1 − cos(D_n, D_pre) per column, is ranked inside that checkpoint (ascending, score =
 position / columns, eq. 3) and turned into importance by a softmax over the checkpoints (eq. 4).
-Where a checkpoint's ranked score exceeds t × its mean score, the softmax score is replaced by
-s (eqs. 5–6). W_M = W_pre + Σ_n ½(M_n + D_n) ⊙ (W_n − W_pre) (eq. 7). One-dimensional
-parameters use magnitudes only, |θ_n − θ_pre| per entry. t < 0 with s = 1/N is averaging;
-s = λ is task arithmetic.
+Where a checkpoint's score exceeds t × its mean score, the importance is replaced by s
+(score calibration, eqs. 5–6). W_M = W_pre + Σ_n ½(M_n + D_n) ⊙ (W_n − W_pre) (eq. 7).
+
+As in the authors' code: embedding matrices are transposed first (one column per token), and
+parameters with fewer than two dimensions (norms, biases) have no direction: their importance is
+the calibrated softmax of the raw |θ_n − θ_pre| per entry. t < 0 with s = 1/N is averaging;
+t < 0 with s = λ is task arithmetic.
+
+Zero columns have no direction: a column that is zero in both the base and a checkpoint has not
+changed (ΔD = 0); one that is zero in only one of them has turned completely (ΔD = 1). Never NaN.
+Other 2-D weights are read as ``nn.Linear`` ``[out, in]``, so a ``Conv1D`` weight (``[in, out]``,
+GPT-2) is ranked by output rows instead of input columns.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
 from obim_trainer.merging.registry import MergeMethod, MethodParams, register_method
-from obim_trainer.merging.task import MergeOutput, TensorTask
-
-EPS = 1e-8
+from obim_trainer.merging.task import MergeOutput, ParamKind, TensorTask
 
 
 def ranked_scores(divergence: Tensor) -> Tensor:
-    """Rank of each column inside its checkpoint, ascending, as position / columns in [0, 1) (eq. 3)."""
+    """Rank of each column inside its checkpoint, ascending, as position / columns in [0, 1) (eq. 3).
+
+    ``divergence`` is [N, columns]; equal values rank by column index (a stable sort).
+    """
     columns = divergence.shape[1]
-    ranks = divergence.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
-    return ranks.to(torch.float32) / columns
+    order = divergence.argsort(dim=1, stable=True)
+    positions = torch.arange(columns, device=divergence.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions).to(torch.float32).div_(columns)
 
 
-def importance(divergence: Tensor, t: float, s: float) -> Tensor:
-    """Softmax over checkpoints of the ranked scores (eq. 4), calibrated to s where a score exceeds
-    t × that checkpoint's mean score (eqs. 5–6). ``divergence`` is [N, columns]."""
-    scores = ranked_scores(divergence)
-    weights = F.softmax(scores, dim=0)
-    calibrate = scores > t * scores.mean(dim=1, keepdim=True)
-    return torch.where(calibrate, torch.full_like(weights, s), weights)
+def importance(significance: Tensor, t: float, s: float) -> Tensor:
+    """Softmax over checkpoints (eq. 4), set to ``s`` where a checkpoint's significance exceeds
+    ``t`` × its mean over the columns (eqs. 5–6). ``significance`` is [N, columns]."""
+    weights = torch.softmax(significance, dim=0)
+    calibrate = significance > t * significance.mean(dim=1, keepdim=True)
+    return weights.masked_fill_(calibrate, s)
+
+
+def columns(tensor: Tensor, kind: ParamKind) -> Tensor:
+    """A view of a ≥2-D weight as [columns, entries]: input columns of a Linear weight, rows of an embedding."""
+    rows = tensor.reshape(tensor.shape[0], -1)
+    return rows if kind is ParamKind.EMBEDDING else rows.T
+
+
+def direction_divergence(cols: Tensor, base_cols: Tensor, norms: Tensor, base_norms: Tensor) -> Tensor:
+    """1 − cos between each column and the base's, with zero columns handled (see the module doc)."""
+    product = norms * base_norms
+    cos = torch.linalg.vecdot(cols, base_cols, dim=1).div_(product.clamp_min(torch.finfo().tiny)).clamp_(-1, 1)
+    both_zero = (norms == 0) & (base_norms == 0)
+    return cos.masked_fill_(both_zero, 1.0).neg_().add_(1.0)
 
 
 class WidenParams(MethodParams):
-    t: float = Field(default=1.0, description="calibration threshold (paper grid: 1.0, 2.0)")
-    s: float = Field(default=1.0, description="calibrated score (paper: 1.0)")
+    t: float = Field(default=1.0, description="calibration threshold: × the mean score (paper grid: 1.0, 2.0)")
+    s: float = Field(default=1.0, description="importance given to calibrated entries (paper: 1.0)")
 
 
 @register_method
 class Widen(MergeMethod):
     name = "widen"
-    summary = "WIDEN: magnitude/direction disentanglement, in-model ranking, calibrated softmax importance."
+    summary = (
+        "WIDEN (Yu et al. 2025): magnitude/direction disentanglement, in-model ranking, calibrated softmax "
+        "importance; built for merging continued-pretraining and fine-tuned checkpoints."
+    )
     Params = WidenParams
 
     def merge(self, task: TensorTask) -> MergeOutput:
-        base = task.base
-        checkpoints = [task.checkpoint(k) for k in range(task.num_models)]
-        deltas = torch.stack([c - base for c in checkpoints])
+        if task.base.dim() < 2:
+            return MergeOutput(tensor=self._merge_entries(task))
+        return MergeOutput(tensor=self._merge_columns(task))
+
+    def _merge_entries(self, task: TensorTask) -> Tensor:
+        deltas = torch.stack([task.delta(k).reshape(-1) for k in range(task.num_models)])
+        weight = importance(deltas.abs(), self.params.t, self.params.s)
+        return deltas.mul_(weight).sum(dim=0).view(task.base.shape).add_(task.base)
+
+    def _merge_columns(self, task: TensorTask) -> Tensor:
+        n = task.num_models
+        base_cols = columns(task.base, task.kind)
+        base_norms = torch.linalg.vector_norm(base_cols, dim=1)
+        deltas = torch.empty((n, *task.base.shape), dtype=torch.float32, device=task.device)
+        magnitude_div = torch.empty((n, base_cols.shape[0]), dtype=torch.float32, device=task.device)
+        direction_div = torch.empty_like(magnitude_div)
+        for k in range(n):
+            theta = task.checkpoint(k)
+            cols = columns(theta, task.kind)
+            norms = torch.linalg.vector_norm(cols, dim=1)
+            magnitude_div[k] = (norms - base_norms).abs_()
+            direction_div[k] = direction_divergence(cols, base_cols, norms, base_norms)
+            deltas[k] = theta.sub_(task.base)
         t, s = self.params.t, self.params.s
-        if base.dim() < 2:
-            weight = importance(deltas.abs().reshape(len(checkpoints), -1), t, s).view_as(deltas)
-            return MergeOutput(tensor=base + (weight * deltas).sum(dim=0))
-        rows = base.reshape(base.shape[0], -1)
-        m_pre = torch.linalg.vector_norm(rows, dim=0)
-        d_pre = rows / m_pre.clamp_min(EPS)
-        mag_div, dir_div = [], []
-        for c in checkpoints:
-            c_rows = c.reshape(rows.shape)
-            m_n = torch.linalg.vector_norm(c_rows, dim=0)
-            d_n = c_rows / m_n.clamp_min(EPS)
-            mag_div.append((m_n - m_pre).abs())
-            # zero columns have no direction: cos is taken as 1 (no divergence), never NaN
-            cos = (d_n * d_pre).sum(dim=0)
-            both = (m_n > EPS) & (m_pre > EPS)
-            dir_div.append(torch.where(both, 1 - cos, torch.zeros_like(cos)))
-        weight = 0.5 * (importance(torch.stack(mag_div), t, s) + importance(torch.stack(dir_div), t, s))
-        merged = rows + (weight.unsqueeze(1) * deltas.reshape(len(checkpoints), *rows.shape)).sum(dim=0)
-        return MergeOutput(tensor=merged.reshape(base.shape))
+        weight = importance(ranked_scores(magnitude_div), t, s).add_(importance(ranked_scores(direction_div), t, s))
+        weight.mul_(0.5)
+        merged = task.base.clone()
+        merged_cols = columns(merged, task.kind)
+        for k in range(n):
+            merged_cols.add_(columns(deltas[k], task.kind) * weight[k].unsqueeze(1))
+        return merged

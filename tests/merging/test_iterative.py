@@ -1,0 +1,144 @@
+"""Iterative merging (Algorithm 1 / eq. 8) with given scores, checked against a plain greedy loop."""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import pytest
+import torch
+
+from obim_trainer.merging.iterative import iterative_merge
+from obim_trainer.merging.task import TensorTask
+
+
+def plain_counts(numel: int, ratios: list[float]) -> list[int]:
+    """Largest remainders, written out: floors, then one more for the largest fractional parts."""
+    total = math.floor(numel * sum(ratios) + 0.5)
+    counts = [math.floor(r * numel) for r in ratios]
+    for i in sorted(range(len(ratios)), key=lambda i: (-(ratios[i] * numel - counts[i]), i))[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def plain_iterative(base, ckpts, scores, ratios, order):
+    """Algorithm 1 with Python lists: each checkpoint in order takes its best free positions."""
+    numel = base.numel()
+    result = base.flatten().tolist()
+    owner = [-1] * numel
+    for k, count in zip(order, plain_counts(numel, [ratios[k] for k in order]), strict=True):
+        s = scores[k].flatten().tolist()
+        free = sorted((i for i in range(numel) if owner[i] < 0), key=lambda i: (-s[i], i))
+        theta = ckpts[k].flatten().tolist()
+        for i in free[:count]:
+            owner[i] = k
+            result[i] = theta[i]
+    return torch.tensor(result).view(base.shape), owner
+
+
+def given_scores(scores):
+    """A saliency function that returns fixed scores per checkpoint and records who was scored."""
+
+    def saliency(task, k, delta):
+        saliency.calls.append(k)
+        return scores[k].clone()
+
+    saliency.calls = []
+    return saliency
+
+
+def family(k=3, shape=(7, 9), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen)
+    ckpts = [base + torch.randn(shape, generator=gen) for _ in range(k)]
+    scores = [torch.randint(0, 5, shape, generator=gen).float() for _ in range(k)]  # heavy ties
+    return base, ckpts, scores
+
+
+@pytest.mark.parametrize(
+    ("ratios", "order"),
+    [
+        ([1 / 3] * 3, [0, 1, 2]),
+        ([1 / 3] * 3, [2, 0, 1]),
+        ([0.4, 0.45, 0.1], [1, 2, 0]),
+        ([0.5, 0.0, 0.3], [0, 1, 2]),
+        ([0.2, 0.2, 0.2], [2, 1, 0]),
+        ([0.6, 0.0, 0.4], [1, 0]),  # a subset of the checkpoints
+    ],
+)
+def test_agrees_with_the_plain_greedy_loop(ratios, order):
+    for seed in range(3):
+        base, ckpts, scores = family(seed=seed)
+        task = TensorTask.from_tensors("w", base, ckpts)
+        out = iterative_merge(task, ratios, order, given_scores(scores))
+        expected, owner = plain_iterative(base, ckpts, scores, ratios, order)
+        assert torch.equal(out.tensor, expected)
+        assert out.owned == [owner.count(k) for k in range(3)], "owned is indexed by checkpoint, not by order"
+        counts = dict(zip(order, plain_counts(base.numel(), [ratios[k] for k in order]), strict=True))
+        assert out.owned == [counts.get(k, 0) for k in range(3)]
+        if math.isclose(sum(ratios[k] for k in order), 1.0):
+            assert -1 not in owner, "shares summing to 1 cover every position"
+
+
+def test_saliency_sees_the_task_vector_and_the_last_checkpoint_takes_the_rest_unscored():
+    base, ckpts, scores = family()
+    seen = {}
+
+    def saliency(task, k, delta):
+        seen[k] = delta.clone()
+        return scores[k].clone()
+
+    task = TensorTask.from_tensors("w", base, ckpts)
+    out = iterative_merge(task, [1 / 3] * 3, [1, 2, 0], saliency)
+    assert sorted(seen) == [1, 2], "checkpoint 0 goes last and owns every position still free"
+    for k, delta in seen.items():
+        assert torch.equal(delta, ckpts[k] - base)
+    assert out.owned == [21, 21, 21]
+
+
+def test_owned_positions_hold_theta_k_itself_not_base_plus_delta():
+    base = torch.full((4, 4), 1e7)
+    ckpts = [torch.linspace(0.1, 1.6, 16).view(4, 4), torch.linspace(2.1, 3.6, 16).view(4, 4)]
+    assert not torch.equal(base + (ckpts[0] - base), ckpts[0]), "the sum would round"
+    scores = [torch.arange(16.0).view(4, 4), torch.arange(16.0).flip(0).view(4, 4)]
+    out = iterative_merge(TensorTask.from_tensors("w", base, ckpts), [0.5, 0.5], [0, 1], given_scores(scores))
+    from_first = out.tensor == ckpts[0]
+    assert int(from_first.sum()) == 8
+    assert torch.equal(out.tensor[~from_first], ckpts[1][~from_first])
+
+
+def test_each_checkpoint_is_loaded_once_and_never_two_at_a_time():
+    base, ckpts, scores = family(k=4)
+    loads, alive = [], []
+
+    def load(k):
+        assert all(ref() is None for ref in alive), "an earlier checkpoint is still held"
+        loads.append(k)
+        theta = ckpts[k].clone()
+        alive.append(weakref.ref(theta))
+        return theta
+
+    task = TensorTask(name="w", base=base, _load=load, num_models=4)
+    out = iterative_merge(task, [0.3, 0.0, 0.3, 0.3], [3, 2, 1, 0], given_scores(scores))
+    assert loads == [3, 2, 0], "a checkpoint with no share is never read"
+    expected, _ = plain_iterative(base, ckpts, scores, [0.3, 0.0, 0.3, 0.3], [3, 2, 1, 0])
+    assert torch.equal(out.tensor, expected)
+
+
+def test_partial_shares_leave_the_base_elsewhere():
+    base, ckpts, scores = family(shape=(11, 13))
+    out = iterative_merge(TensorTask.from_tensors("w", base, ckpts), [0.1, 0.25, 0.15], [0, 1, 2], given_scores(scores))
+    owned_by = [(out.tensor == c) & (c != base) for c in ckpts]
+    untouched = ~(owned_by[0] | owned_by[1] | owned_by[2])
+    assert [int(m.sum()) for m in owned_by] == out.owned == plain_counts(143, [0.1, 0.25, 0.15])
+    assert torch.equal(out.tensor[untouched], base[untouched])
+    assert int(untouched.sum()) == 143 - sum(out.owned)
+
+
+def test_empty_tensor_and_bad_orders():
+    task = TensorTask.from_tensors("w", torch.zeros(0, 4), [torch.zeros(0, 4)] * 2)
+    out = iterative_merge(task, [0.5, 0.5], [0, 1], given_scores([torch.zeros(0, 4)] * 2))
+    assert out.tensor.shape == (0, 4) and out.owned == [0, 0]
+    for order in ([0, 0], [0, 2]):
+        with pytest.raises(ValueError, match="distinct checkpoint indices"):
+            iterative_merge(task, [0.5, 0.5], order, given_scores([]))
