@@ -42,6 +42,7 @@ def llama_config(args: argparse.Namespace):
         num_attention_heads=args.hidden // 64,
         num_key_value_heads=max(1, args.hidden // 128),
         vocab_size=args.vocab,
+        architectures=["LlamaForCausalLM"],
         tie_word_embeddings=False,
         dtype="bfloat16",
     )
