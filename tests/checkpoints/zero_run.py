@@ -1,0 +1,119 @@
+"""A two-step DeepSpeed ZeRO run on two CPU processes that leaves a Trainer checkpoint.
+
+:func:`launch` starts it; each rank runs this file under torch.distributed.run:
+python -m torch.distributed.run --nproc_per_node 2 tests/checkpoints/zero_run.py OUTPUT STAGE [LAYERS HIDDEN]
+
+The tiny Llama ties its embeddings and freezes its final norm, so the checkpoint has shared and
+frozen parameters besides the partitioned trainable ones; it trains in bfloat16, so the fp32 master
+weights differ from the 16-bit model.safetensors the Trainer saves beside them (ZeRO-3 gathers it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.conftest import VOCAB_SIZE, make_tiny_llama
+
+ROOT = Path(__file__).parents[2]
+SEQUENCE = 16
+
+
+def free_port() -> int:
+    """A port to rendezvous on (DeepSpeed's CPU communication hangs with --master_port 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(output: Path, stage: int, layers: int = 2, hidden: int = 64, timeout_s: float | None = None) -> Path:
+    """Train under ZeRO-``stage`` on two CPU processes; return the ``checkpoint-2`` folder the Trainer wrote.
+
+    The run gets its own process group, so a timeout ends the ranks too, not only the launcher.
+    """
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
+    script = [__file__, str(output), str(stage), str(layers), str(hidden)]
+    process = subprocess.Popen(
+        [*command, *script],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"the ZeRO-{stage} run failed ({process.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    return output / "checkpoint-2"
+
+
+def deepspeed_config(stage: int) -> dict:
+    zero: dict = {"stage": stage}
+    if stage == 3:  # without a zero threshold, parameters this small stay whole on every rank
+        zero |= {"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True}
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": zero,
+    }
+
+
+def main(output_dir: str, stage: str, layers: str = "2", hidden: str = "64") -> None:
+    from transformers import Trainer, TrainingArguments
+
+    size = int(hidden)
+    model = make_tiny_llama(
+        seed=0, tie=True, num_hidden_layers=int(layers), hidden_size=size, intermediate_size=2 * size
+    )
+    model.model.norm.weight.requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(16):
+        ids = torch.randint(4, VOCAB_SIZE, (SEQUENCE,), generator=generator)
+        data.append({"input_ids": ids, "labels": ids})
+    args = TrainingArguments(
+        output_dir=output_dir,
+        use_cpu=True,  # DeepSpeed's batch-size check fails on CPU without it
+        deepspeed=deepspeed_config(int(stage)),
+        bf16=True,
+        max_steps=2,
+        save_steps=2,
+        save_only_model=False,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=100,
+        seed=0,
+    )
+    Trainer(model=model, args=args, train_dataset=data).train()
+    # leaving the process group to interpreter shutdown aborts a rank now and then ("terminate called ...")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
