@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "OBIMCallback": "obim_trainer.callback",
+    "OBIMConfig": "obim_trainer.callback_config",
     "merge_checkpoints": "obim_trainer.merge",
     "MergeResult": "obim_trainer.merge",
     "MergeConfig": "obim_trainer.config",
@@ -22,12 +24,16 @@ __all__ = [
     "MergeConfig",
     "MergeMethod",
     "MergeResult",
+    "OBIMCallback",
+    "OBIMConfig",
     "available_methods",
     "merge_checkpoints",
     "register_method",
 ]
 
 if TYPE_CHECKING:
+    from obim_trainer.callback import OBIMCallback
+    from obim_trainer.callback_config import OBIMConfig
     from obim_trainer.config import MergeConfig
     from obim_trainer.merge import MergeResult, merge_checkpoints
     from obim_trainer.merging import MergeMethod, available_methods, register_method

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from obim_trainer.calibration import ActivationRecorder, ActivationStats, CalibrationSet, tokenize_calibration
 from obim_trainer.errors import CalibrationError
 from tests.conftest import make_texts, make_tiny_gpt2, make_tiny_llama
+from tests.launch import run_env, run_isolated, torchrun
 
 
 def reference_stats(model: nn.Module, calibration: CalibrationSet) -> tuple[dict, dict]:
@@ -232,17 +230,8 @@ def run_two_ranks(tmp_path: Path, calibration: CalibrationSet, body: str) -> Non
         dist.destroy_process_group()
         """)
     )
-    root = Path(__file__).parents[2]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
-        timeout=300,
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    status, log = run_isolated([*torchrun(2), str(script)], run_env(), 300)
+    assert status == 0, log
 
 
 def assert_reduced_equals_single_process(tmp_path: Path, calibration: CalibrationSet) -> None:

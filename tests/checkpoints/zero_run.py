@@ -10,60 +10,23 @@ weights differ from the 16-bit model.safetensors the Trainer saves beside them (
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 from tests.conftest import VOCAB_SIZE, make_tiny_llama
+from tests.launch import run_env, run_isolated, torchrun
 
-ROOT = Path(__file__).parents[2]
 SEQUENCE = 16
 
 
-def free_port() -> int:
-    """A port to rendezvous on (DeepSpeed's CPU communication hangs with --master_port 0)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def launch(output: Path, stage: int, layers: int = 2, hidden: int = 64, timeout_s: float | None = None) -> Path:
-    """Train under ZeRO-``stage`` on two CPU processes; return the ``checkpoint-2`` folder the Trainer wrote.
-
-    The run gets its own process group, so a timeout ends the ranks too, not only the launcher.
-    """
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
+def launch(output: Path, stage: int, layers: int = 2, hidden: int = 64, timeout_s: float = 600) -> Path:
+    """Train under ZeRO-``stage`` on two CPU processes; return the ``checkpoint-2`` folder the Trainer wrote."""
     script = [__file__, str(output), str(stage), str(layers), str(hidden)]
-    process = subprocess.Popen(
-        [*command, *script],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-    if process.returncode != 0:
-        raise RuntimeError(f"the ZeRO-{stage} run failed ({process.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    status, log = run_isolated([*torchrun(2), *script], run_env(DS_ACCELERATOR="cpu"), timeout_s)
+    if status != 0:
+        raise RuntimeError(f"the ZeRO-{stage} run failed ({status}):\n{log}")
     return output / "checkpoint-2"
 
 

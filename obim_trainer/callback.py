@@ -1,0 +1,415 @@
+"""``OBIMCallback``: merge the best checkpoints of a Trainer run back into the base while it trains.
+
+At every save, on the live model and with every rank taking part, the callback records the
+checkpoint's activation statistics beside it (so the merge needs no extra pass over the
+checkpoint) and its per-language evaluation. On rank 0 it then keeps the best checkpoints
+(protected from ``save_total_limit``), merges them with the base through the offline engine
+when the schedule says so, evaluates the merge, and logs it all to the W&B run the Trainer
+opened. Decisions taken on rank 0 are shared with every rank. This module is glue: the work
+lives in :mod:`~obim_trainer.distributed`, :mod:`~obim_trainer.evaluation`,
+:mod:`~obim_trainer.selectors`, :mod:`~obim_trainer.checkpoint_guard`, :mod:`~obim_trainer.merge`
+and :mod:`~obim_trainer.tracking`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from obim_trainer.calibration import ActivationStats, CalibrationSet, stats_key, stats_path
+from obim_trainer.callback_config import OBIMConfig
+from obim_trainer.checkpoint_guard import CheckpointGuard, link_or_copy
+from obim_trainer.checkpoints import open_checkpoint, parse_size
+from obim_trainer.checkpoints.detect import hf_format
+from obim_trainer.distributed import (
+    ZeroGatherer,
+    collect_live_stats,
+    plain_model_loading,
+    run_on_main,
+)
+from obim_trainer.errors import ConfigError
+from obim_trainer.evaluation import METRIC_PREFIX, PerLanguageEvaluator, load_eval_sets
+from obim_trainer.merge import merge_checkpoints, prepare_calibration
+from obim_trainer.merging import build_method
+from obim_trainer.selectors import Candidate, Selector, build_selector
+from obim_trainer.tracking import RunLogger, make_run_logger, summarize_merge
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RECORD_FILE = "candidates.json"
+TRAINER_TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def trainer_eval_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The Trainer's evaluation metrics (``eval_*``, timings left out) with a perplexity for each loss."""
+    kept = {
+        k: float(v)
+        for k, v in metrics.items()
+        if k.startswith("eval_") and not k.endswith(TRAINER_TIMING_SUFFIXES) and isinstance(v, (int, float))
+    }
+    for name, value in list(kept.items()):
+        if name.endswith("_loss"):
+            kept.setdefault(name.removesuffix("_loss") + "_perplexity", math.exp(min(value, 700.0)))
+    return kept
+
+
+@dataclass
+class MergedModel:
+    step: int
+    path: Path
+    checkpoints: list[int]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class OBIMCallback(TrainerCallback):
+    """Merge the best checkpoints of a run with its base (OBIM, arXiv 2502.12217) during training.
+
+    Args:
+        config: An :class:`OBIMConfig`, a mapping of its fields, or a YAML file with them.
+        selector: How to pick the checkpoints to merge (default: ``config.selector`` by
+            ``config.select_metric``).
+        run_logger: Where records go (default: the Trainer's W&B run on the main process, if any).
+
+    Example::
+
+        trainer = Trainer(model=model, args=args, train_dataset=train,
+                          eval_dataset={"en": en_eval, "ja": ja_eval},
+                          callbacks=[OBIMCallback(OBIMConfig(base_model="base", calibration_data="ja.jsonl",
+                                                             select_metric="eval_ja_loss", top_k=3))])
+    """
+
+    def __init__(
+        self,
+        config: OBIMConfig | Mapping[str, Any] | str | Path,
+        *,
+        selector: Selector | None = None,
+        run_logger: RunLogger | None = None,
+    ) -> None:
+        if isinstance(config, (str, Path)):
+            config = OBIMConfig.from_yaml(config)
+        elif not isinstance(config, OBIMConfig):
+            config = OBIMConfig.build(config)
+        self.config = config
+        self.selector = selector or build_selector(config.selector, config.select_metric, config.select_mode)
+        self._run_logger = run_logger
+        self.run_logger: RunLogger = run_logger or make_run_logger(None)
+        self.root = Path(self.config.output_subdir)
+        self.guard = CheckpointGuard(self.root / "selected")
+        self.calibration: CalibrationSet | None = None
+        self.evaluator: PerLanguageEvaluator | None = None
+        self.candidates: dict[int, Candidate] = {}
+        self.selected: list[int] = []
+        self.merged: list[MergedModel] = []
+        self.latest_merge: Path | None = None
+        self._trainer_metrics: dict[int, dict[str, float]] = {}
+        self._recorded_steps: set[int] = set()
+        self._saves = 0
+        self._needs_stats = True
+        self._device = "cpu"
+
+    # ---- Trainer events ----
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.root = Path(args.output_dir) / self.config.output_subdir
+        self.guard = CheckpointGuard(self.root / "selected")
+        self.run_logger = self._run_logger or make_run_logger(args.report_to)
+        self._device = str(args.device)
+        self._check_setup(args)
+        calibration, eval_sets = run_on_main(self._prepare_data, "preparing OBIM calibration and evaluation data")
+        self.calibration = calibration
+        self.evaluator = PerLanguageEvaluator(eval_sets, batch_size=self.config.eval_batch_size) if eval_sets else None
+        if state.global_step > 0:
+            self.latest_merge = run_on_main(lambda: self._resume(state.global_step), "reading the OBIM record")
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: Mapping[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if metrics:  # with a dict eval_dataset, the Trainer reports one language at a time
+            self._trainer_metrics.setdefault(state.global_step, {}).update(trainer_eval_metrics(metrics))
+
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        step = state.global_step
+        if step in self._recorded_steps or model is None:
+            return
+        self._recorded_steps.add(step)
+        folder = Path(args.output_dir) / f"checkpoint-{step}"
+        device = torch.device(args.device)
+        timings: dict[str, float] = {}
+        with _timed(timings, "consolidate_s"):
+            self._ensure_weights(model, folder)
+        stats = None
+        if self.calibration is not None:
+            with _timed(timings, "statistics_s"):
+                stats = collect_live_stats(
+                    model, self.calibration, batch_size=self.config.calibration_batch_size, device=device
+                )
+        with _timed(timings, "evaluation_s"):
+            metrics = dict(self._trainer_metrics.pop(step, {}))
+            if self.evaluator is not None:
+                metrics.update(self.evaluator.evaluate_model(model, device))
+        self._saves += 1
+        candidate = Candidate(step=step, path=folder, metrics=metrics)
+        self._guarded(lambda: self._after_save(candidate, stats, timings), f"OBIM selection and merge at step {step}")
+
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.config.merge_at_end:
+            self._guarded(lambda: self._final_merge(state.global_step), "the final OBIM merge")
+        if self.config.load_merged_at_end and model is not None:
+            if self.latest_merge is None:
+                logger.warning("load_merged_at_end: no merge was made, the model keeps its trained weights")
+            else:
+                ZeroGatherer(model).load_checkpoint(self.latest_merge)
+
+    # ---- every rank ----
+
+    def _check_setup(self, args: TrainingArguments) -> None:
+        config = self.config
+        self._needs_stats = build_method(config.method, config.params, num_models=config.top_k).needs_activation_stats
+        if config.select_metric.startswith(METRIC_PREFIX) and config.eval_data is None:
+            raise ConfigError(
+                f"select_metric '{config.select_metric}' comes from the OBIM evaluator, which has no eval_data; "
+                "give eval_data={language: file} or select by a Trainer metric such as eval_loss"
+            )
+        if config.selector == "top_k" and config.select_metric.startswith("eval_") and args.eval_strategy == "no":
+            raise ConfigError(
+                f"select_metric '{config.select_metric}' is a Trainer evaluation metric but eval_strategy is 'no'; "
+                "set eval_strategy (with eval_steps equal to save_steps) or select by an obim_<language>_loss metric"
+            )
+
+    def _prepare_data(self) -> tuple[CalibrationSet | None, dict[str, CalibrationSet] | None]:
+        """Calibration and evaluation samples, tokenized once on rank 0 and sent to every rank."""
+        from transformers import AutoTokenizer
+
+        config = self.config
+        if not (config.base_model / "config.json").is_file():
+            raise ConfigError(
+                f"base_model {config.base_model} has no config.json; give the folder of the model the run started from"
+            )
+        calibration = None
+        if self._needs_stats:
+            # prepare_calibration reads only the calibration and tokenizer fields of the merge configuration
+            calibration = prepare_calibration(config.merge_config([config.base_model], None))
+        eval_sets = None
+        if config.eval_data is not None:
+            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_source or config.base_model)
+            eval_sets = load_eval_sets(
+                config.eval_data,
+                tokenizer,
+                max_samples=config.eval_samples,
+                max_length=config.eval_max_length,
+                text_field=config.eval_text_field,
+            )
+        return calibration, eval_sets
+
+    def _ensure_weights(self, model: nn.Module, folder: Path) -> None:
+        """Write Hugging Face weights into a checkpoint that has none (ZeRO-3 without 16-bit gathering)."""
+        if run_on_main(lambda: hf_format(folder) is not None, f"looking for model weights in {folder}"):
+            return
+        if not self.config.consolidate_checkpoints:
+            raise ConfigError(
+                f"{folder} holds no model weights (DeepSpeed ZeRO-3 with stage3_gather_16bit_weights_on_model_save "
+                "off?); set consolidate_checkpoints=True or turn that DeepSpeed option on"
+            )
+        ZeroGatherer(model).write_checkpoint(folder, parse_size(self.config.out_shard_size))
+
+    def _guarded(self, fn: Callable[[], Path | None], what: str) -> None:
+        """Run rank-0 work for every rank; with ``on_error='warn'`` a failure is logged and training goes on."""
+        try:
+            self.latest_merge = run_on_main(fn, what)
+        except Exception as exc:  # raised on every rank alike (see run_on_main), so all go on together
+            if self.config.on_error == "raise":
+                raise
+            logger.error("%s failed, training goes on: %s", what, exc)
+
+    # ---- rank 0 ----
+
+    def _after_save(
+        self, candidate: Candidate, stats: ActivationStats | None, timings: dict[str, float]
+    ) -> Path | None:
+        step = candidate.step
+        candidate.protected = self.guard.protect(candidate.path, step)
+        if stats is not None:
+            candidate.stats_key = self._store_stats(stats, candidate)
+        self.candidates[step] = candidate
+        self.run_logger.log_checkpoint(step, candidate.metrics)
+        changed = self._select(step)
+        every = self.config.merge_every_saves
+        if (every and self._saves % every == 0) or (changed and self.config.merge_on_change):
+            self._merge(step, timings)
+        self.run_logger.log_timings(step, timings)
+        self._write_record()
+        return self.latest_merge
+
+    def _final_merge(self, step: int) -> Path | None:
+        timings: dict[str, float] = {}
+        if self._merge(step, timings):
+            self.run_logger.log_timings(step, timings)
+            self._write_record()
+        return self.latest_merge
+
+    def _store_stats(self, stats: ActivationStats, candidate: Candidate) -> str:
+        """Store the statistics under the key the offline merge computes for this checkpoint's weights.
+
+        The key comes from the protected copy, which holds exactly the Hugging Face weights the merge
+        reads; the file is linked beside the original too, where it serves every reader of the same files.
+        """
+        assert self.calibration is not None and candidate.protected is not None
+        with open_checkpoint(candidate.protected) as reader:
+            key = stats_key(self.calibration.fingerprint(), reader.fingerprint())
+        stored = stats_path(candidate.protected, key)
+        stats.save(stored, key)
+        beside = stats_path(candidate.path, key)
+        beside.parent.mkdir(exist_ok=True)
+        link_or_copy(str(stored), str(beside))
+        return key
+
+    def _select(self, step: int) -> bool:
+        """Update the selection; protected copies of checkpoints that are not selected are released.
+
+        True when the selected set changed.
+        """
+        available = [c for c in self.candidates.values() if c.available]
+        chosen = [c.step for c in self.selector.select(available, self.config.top_k)]
+        for candidate in self.candidates.values():
+            if candidate.step in chosen and candidate.protected is None:
+                candidate.protected = self.guard.protect(candidate.path, candidate.step)
+            elif candidate.step not in chosen and candidate.protected is not None:
+                self.guard.release(candidate.step)
+                candidate.protected = None
+        changed = set(chosen) != set(self.selected)
+        self.selected = chosen
+        self.run_logger.log_candidates(step, list(self.candidates.values()), self._selected_candidates())
+        return changed
+
+    def _selected_candidates(self) -> list[Candidate]:
+        return [self.candidates[s] for s in self.selected]
+
+    def _merge(self, step: int, timings: dict[str, float]) -> bool:
+        """Merge the selected checkpoints unless too few are selected or the last merge had the same ones."""
+        chosen = self._selected_candidates()
+        if len(chosen) < self.config.min_checkpoints:
+            logger.info("%d checkpoint(s) selected, fewer than min_checkpoints; no merge yet", len(chosen))
+            return False
+        if self.merged and self.merged[-1].checkpoints == self.selected:
+            logger.info("checkpoints %s are already merged in %s", self.selected, self.merged[-1].path)
+            return False
+        output = self.root / f"merged-step-{step}"
+        merge_config = self.config.merge_config([c.merge_path for c in chosen], output)
+        with _timed(timings, "merge_s"), plain_model_loading():
+            result = merge_checkpoints(merge_config)
+        merged = MergedModel(step=step, path=output, checkpoints=[c.step for c in chosen])
+        if self.evaluator is not None:
+            with _timed(timings, "merged_evaluation_s"):
+                device = self.config.eval_device or self._device
+                merged.metrics = self.evaluator.evaluate_folder(output, device)
+        self.merged.append(merged)
+        self.latest_merge = output
+        self._prune_merged()
+        self.run_logger.log_merge(step, merged.metrics, chosen)
+        if self.run_logger.enabled and self.config.log_saliency:
+            with _timed(timings, "summary_s"):
+                self._log_summary(step, chosen, (result.manifest or {}).get("ownership_share"))
+        logger.info("merged checkpoints %s into %s", merged.checkpoints, output)
+        return True
+
+    def _log_summary(self, step: int, chosen: list[Candidate], ownership_share: list[float] | None) -> None:
+        method = build_method(self.config.method, self.config.params, num_models=len(chosen))
+        stats = [
+            ActivationStats.load(stats_path(c.merge_path, c.stats_key), c.stats_key) if c.stats_key else None
+            for c in chosen
+        ]
+        layers = summarize_merge(
+            self.config.base_model,
+            [c.merge_path for c in chosen],
+            method,
+            stats,
+            seed=self.config.seed,
+            blocks=self.config.saliency_blocks,
+        )
+        self.run_logger.log_merge_summary(step, layers, chosen, ownership_share, bins=self.config.histogram_bins)
+
+    def _prune_merged(self) -> None:
+        while len(self.merged) > self.config.keep_merged:
+            old = self.merged.pop(0)
+            shutil.rmtree(old.path, ignore_errors=True)
+            logger.info("deleted %s (keep_merged=%d)", old.path, self.config.keep_merged)
+
+    def _write_record(self) -> None:
+        """``<output_dir>/obim/candidates.json``: what was evaluated, selected and merged (read on resume)."""
+        record = {
+            "select_metric": self.config.select_metric,
+            "candidates": [c.to_dict() for c in sorted(self.candidates.values(), key=lambda c: c.step)],
+            "selected": self.selected,
+            "merged": [{**m.__dict__, "path": str(m.path)} for m in self.merged],
+            "saves": self._saves,
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{RECORD_FILE}.tmp"
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(self.root / RECORD_FILE)
+
+    def _resume(self, global_step: int) -> Path | None:
+        """Pick up the record of the run being resumed (candidates up to ``global_step``)."""
+        file = self.root / RECORD_FILE
+        if not file.is_file():
+            return None
+        try:
+            record = json.loads(file.read_text())
+            candidates = [Candidate.from_dict(c) for c in record["candidates"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("ignoring unreadable %s (%s); selection starts afresh", file, exc)
+            return None
+        self.candidates = {c.step: c for c in candidates if c.step <= global_step}
+        self.selected = [s for s in record.get("selected", []) if s in self.candidates]
+        self.merged = [
+            MergedModel(m["step"], Path(m["path"]), m["checkpoints"], m.get("metrics", {}))
+            for m in record.get("merged", [])
+            if m["step"] <= global_step and Path(m["path"]).is_dir()
+        ]
+        self._saves = int(record.get("saves", len(self.candidates)))
+        self.latest_merge = self.merged[-1].path if self.merged else None
+        logger.info("resumed the OBIM record: %d candidates, selected %s", len(self.candidates), self.selected)
+        return self.latest_merge

@@ -1,0 +1,131 @@
+"""Settings of :class:`~obim_trainer.callback.OBIMCallback`, from Python or from YAML.
+
+The merge settings (method, params, calibration) have the names and meaning they have in
+:class:`~obim_trainer.config.MergeConfig`, so a merge made during training can be repeated
+offline with ``obim-merge-ckpts`` from the same values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from obim_trainer.config import MergeConfig, OutputDType, format_validation_error, load_yaml_config
+from obim_trainer.errors import ConfigError
+
+
+class OBIMConfig(BaseModel):
+    """What the callback records at each save, which checkpoints it merges, when, and where."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    base_model: Path = Field(description="Folder of the base model the run started from (config, tokenizer, weights).")
+    tokenizer_source: Path | None = Field(default=None, description="Tokenizer folder if the base has none.")
+
+    # activation statistics, recorded on the live model at every save
+    calibration_data: Any = Field(default=None, description="JSONL/text/parquet path or a datasets.Dataset.")
+    calibration_samples: int = Field(default=100, ge=1)
+    calibration_max_length: int = Field(default=512, ge=1)
+    calibration_batch_size: int = Field(default=8, ge=1)
+    calibration_text_field: str = "text"
+
+    # the project's per-language evaluator (checkpoints and merged models alike)
+    eval_data: dict[str, Any] | None = Field(
+        default=None, description="{language: file or dataset}; texts or pre-tokenized input_ids."
+    )
+    eval_samples: int = Field(default=200, ge=1, description="Samples per language.")
+    eval_max_length: int = Field(default=512, ge=2)
+    eval_batch_size: int = Field(default=8, ge=1)
+    eval_text_field: str = "text"
+    eval_device: str | None = Field(
+        default=None, description="Where merged models are evaluated (default: the Trainer's device)."
+    )
+
+    # selection
+    select_metric: str = Field(
+        default="eval_loss", description="e.g. eval_ja_loss (Trainer) or obim_ja_loss (evaluator)."
+    )
+    select_mode: Literal["auto", "min", "max"] = "auto"
+    top_k: int = Field(default=3, ge=1)
+    selector: str = Field(default="top_k", description="A registered selector: top_k or latest.")
+
+    # merging
+    method: str = "obim"
+    params: dict[str, Any] = Field(default_factory=dict)
+    merge_every_saves: int = Field(default=0, ge=0, description="Merge every N saves (0: not by count).")
+    merge_on_change: bool = Field(default=False, description="Merge whenever the selected set changes.")
+    merge_at_end: bool = True
+    min_checkpoints: int = Field(default=2, ge=1, description="Merge only once this many checkpoints are selected.")
+    keep_merged: int = Field(default=2, ge=1, description="How many merged-step-N folders to keep.")
+    load_merged_at_end: bool = Field(default=False, description="Load the last merge into the trained model.")
+    merge_device: str = "cpu"
+    dtype: OutputDType = "auto"
+    out_shard_size: str | int = "5GB"
+    seed: int = 0
+
+    # ZeRO-3 with stage3_gather_16bit_weights_on_model_save off saves no model weights
+    consolidate_checkpoints: bool = Field(
+        default=True, description="Write model.safetensors into checkpoints that lack model weights."
+    )
+
+    output_subdir: str = Field(default="obim", description="Folder under output_dir for merges and protected copies.")
+    log_saliency: bool = Field(default=True, description="Log saliency histograms and ownership per layer type.")
+    saliency_blocks: int = Field(default=3, ge=1, description="Decoder blocks sampled for saliency statistics.")
+    histogram_bins: int = Field(default=64, ge=2)
+    on_error: Literal["raise", "warn"] = Field(
+        default="warn", description="A failed merge stops training (raise) or is logged and skipped (warn)."
+    )
+
+    @model_validator(mode="after")
+    def _can_merge(self) -> OBIMConfig:
+        if self.min_checkpoints > self.top_k:
+            raise ValueError(
+                f"min_checkpoints={self.min_checkpoints} exceeds top_k={self.top_k}: no merge would ever run"
+            )
+        return self
+
+    @classmethod
+    def build(cls, values: Mapping[str, Any]) -> OBIMConfig:
+        """Validate ``values``, turning pydantic's report into one :class:`ConfigError`."""
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, "OBIM callback configuration")) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, section: str | None = None) -> OBIMConfig:
+        """Read a YAML file, or one top-level ``section`` of it (``obim:`` in ``configs/callback/example.yaml``)."""
+        data = load_yaml_config(path)
+        if section is not None:
+            if not isinstance(data.get(section), dict):
+                raise ConfigError(f"config file {path} has no '{section}:' mapping with the callback settings")
+            data = data[section]
+        return cls.build(data)
+
+    def merge_config(self, checkpoints: list[Path], output: Path | None) -> MergeConfig:
+        """The offline merge of ``checkpoints`` with these settings (``output=None``: a dry run)."""
+        return MergeConfig.build(
+            {
+                "base": self.base_model,
+                "checkpoints": checkpoints,
+                "method": self.method,
+                "params": self.params,
+                "calibration_data": self.calibration_data,
+                "calibration_samples": self.calibration_samples,
+                "calibration_max_length": self.calibration_max_length,
+                "calibration_batch_size": self.calibration_batch_size,
+                "calibration_text_field": self.calibration_text_field,
+                "tokenizer_source": self.tokenizer_source,
+                "output": output,
+                "dry_run": output is None,
+                "overwrite": True,  # merged-step-N belongs to this run; a resumed run may redo a step
+                "out_shard_size": self.out_shard_size,
+                "dtype": self.dtype,
+                "device": self.merge_device,
+                "seed": self.seed,
+                "progress": False,
+            }
+        )

@@ -1,0 +1,125 @@
+"""Who this process is, and decisions taken once on rank 0 and shared with every rank.
+
+Ranks come from ``torch.distributed``, not from ``TrainingArguments.process_index``: some CPU
+launches report ``process_index == 0`` on every process, and a decision taken by several
+"rank 0"s writes the same folder twice. Outside a process group the launcher's ``RANK``
+environment variable is the fallback, so a stray process never believes it is the main one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from obim_trainer.calibration.activation_stats import _collective_device
+from obim_trainer.errors import OBIMError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class RankFailure(OBIMError):
+    """Work done on rank 0 for every rank failed; raised on every rank so none waits forever."""
+
+
+def is_distributed() -> bool:
+    """True inside an initialized ``torch.distributed`` process group with more than one rank."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's global rank: ``torch.distributed`` first, then the launcher's ``RANK``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    import torch.distributed as dist
+
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj: T | None, src: int = 0) -> T:
+    """``obj`` as rank ``src`` holds it, on every rank (each rank must call this, in the same order)."""
+    import torch.distributed as dist
+
+    if not is_distributed():
+        return obj  # type: ignore[return-value]
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]  # type: ignore[return-value]
+
+
+def all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
+    """``tensor`` reduced (``sum`` or ``max``) over all ranks, on the CPU (collective; itself alone)."""
+    import torch.distributed as dist
+
+    if not is_distributed():
+        return tensor
+    reduced = tensor.to(_collective_device(None))  # gloo reduces CPU tensors, NCCL device tensors
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return reduced.cpu()
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` over all ranks (collective; the value itself outside a process group)."""
+    return int(all_reduce(torch.tensor([value], dtype=torch.int64), op="max").item())
+
+
+def share_failure(error: BaseException | None, what: str) -> None:
+    """Tell every rank whether rank 0 failed at ``what``; re-raise there, :class:`RankFailure` elsewhere.
+
+    Collective: every rank calls it at the same point, with ``error`` set only on rank 0.
+    """
+    message = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if message is None:
+        return
+    if error is not None:
+        raise error
+    raise RankFailure(f"{what} failed on rank 0 ({message}); see rank 0's log")
+
+
+def run_on_main(fn: Callable[[], T], what: str) -> T:
+    """Run ``fn`` on rank 0 only and give its result to every rank.
+
+    Every rank must call this at the same point. A failure on rank 0 is raised on every rank
+    (see :func:`share_failure`) instead of leaving the other ranks waiting for a result that
+    never comes.
+    """
+    result: T | None = None
+    error: Exception | None = None
+    if is_main_process():
+        try:
+            result = fn()
+        except Exception as exc:
+            error = exc
+            if is_distributed() and not isinstance(exc, OBIMError):  # the other ranks only see the message
+                logger.error("%s failed on rank 0:\n%s", what, traceback.format_exc())
+    share_failure(error, what)
+    return broadcast_object(result)

@@ -1,0 +1,117 @@
+"""The callback in real two-process DeepSpeed ZeRO-3 and ZeRO-2 runs on CPU (gloo), checked against one-process tools.
+
+DeepSpeed is told not to gather 16-bit weights at save time, so every checkpoint's weights are
+written by the callback one module at a time; the run merges once, at the end, and loads the
+merge back into the partitioned live model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from obim_trainer.calibration import ActivationStats, stats_key, stats_path
+from obim_trainer.callback_config import OBIMConfig
+from obim_trainer.checkpoints import open_checkpoint
+from obim_trainer.cli import main as merge_cli
+from obim_trainer.merge import checkpoint_stats, prepare_calibration
+from tests.callback_run import MAX_LENGTH, build_inputs, callback_settings, eval_history
+from tests.launch import run_env, run_isolated, torchrun
+
+pytest.importorskip("deepspeed")
+ROOT = Path(__file__).parents[2]
+TIMEOUT_S = 300
+RUN_SCRIPT = ROOT / "tests/distributed/zero_callback_run.py"
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("zero3")
+    inputs = build_inputs(work / "inputs")
+    output, result = work / "run", work / "result.json"
+    script = [str(RUN_SCRIPT), str(inputs.root), str(output), str(result), "3"]
+    status, log = run_isolated([*torchrun(2), *script], run_env(DS_ACCELERATOR="cpu"), TIMEOUT_S)
+    assert status == 0, log
+    return inputs, output, json.loads(result.read_text())
+
+
+def test_the_run_ends_with_one_merge_loaded_into_the_partitioned_model(zero3_run):
+    _, output, result = zero3_run
+    assert result["world_size"] == 2 and result["partitioned"]
+    assert sorted(p.name for p in (output / "obim").glob("merged-step-*")) == ["merged-step-6"]
+    assert result["latest_merge"] == str(output / "obim" / "merged-step-6")
+    assert result["live_equals_merged"]
+
+
+def test_selection_follows_the_trainers_metric(zero3_run):
+    _, output, result = zero3_run
+    history = eval_history(output, "eval_ja_loss")
+    best = sorted(history, key=lambda step: (history[step], -step))[:2]
+    assert result["selected"] == [str(output / "obim" / "selected" / f"checkpoint-{s}") for s in best]
+
+
+def test_consolidated_checkpoints_equal_deepspeeds_own_reconstruction(zero3_run):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    _, output, _ = zero3_run
+    last = output / "checkpoint-6"
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(last))
+    written = load_file(last / "model.safetensors")
+    assert set(written) == set(reference)
+    assert all(torch.equal(written[k], reference[k]) for k in reference)
+
+
+def test_the_merge_is_identical_to_obim_merge_ckpts_in_one_process(zero3_run, tmp_path):
+    inputs, output, result = zero3_run
+    offline = tmp_path / "offline"
+    argv = ["--base", str(inputs.base), "--checkpoints", *result["selected"], "--output", str(offline)]
+    argv += ["--calibration-data", str(inputs.calibration), "--calibration-max-length", str(MAX_LENGTH)]
+    assert merge_cli([*argv, "--calibration-batch-size", "4", "--no-progress"]) == 0
+    manifest = json.loads((offline / "obim_merge.json").read_text())
+    assert [s["source"] for s in manifest["statistics"]] == ["cached", "cached"]  # no extra pass
+    ours, theirs = (
+        load_file(Path(result["latest_merge"]) / "model.safetensors"),
+        load_file(offline / "model.safetensors"),
+    )
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    final = load_file(output / "checkpoint-6" / "model.safetensors")
+    assert not all(torch.equal(ours[k], final[k]) for k in final)  # the merge is not just the last checkpoint
+
+
+def test_statistics_of_the_two_ranks_equal_one_process_statistics(zero3_run, tmp_path):
+    inputs, _, result = zero3_run
+    config = OBIMConfig.build(callback_settings(inputs)).merge_config([Path(result["selected"][0])], tmp_path / "x")
+    calibration = prepare_calibration(config)
+    with open_checkpoint(result["selected"][0]) as reader:
+        key = stats_key(calibration.fingerprint(), reader.fingerprint())
+        live = ActivationStats.load(stats_path(reader.path, key), key)
+        recomputed, _ = checkpoint_stats(
+            reader,
+            calibration,
+            config.model_copy(update={"recompute_stats": True, "stats_cache_dir": tmp_path}),
+            torch.device("cpu"),
+        )
+    assert live.count == recomputed.count
+    for name, sq in recomputed.sq_sum.items():
+        torch.testing.assert_close(live.sq_sum[name], sq, rtol=1e-5, atol=1e-6)
+
+
+def test_under_zero2_the_merge_is_made_and_loaded_back(tmp_path):
+    """ZeRO-2 shards optimizer state only: the Trainer saves whole weights and the merge loads back on every rank."""
+    inputs = build_inputs(tmp_path / "inputs")
+    output, result_file = tmp_path / "run", tmp_path / "result.json"
+    script = [str(RUN_SCRIPT), str(inputs.root), str(output), str(result_file), "2"]
+    status, log = run_isolated([*torchrun(2), *script], run_env(DS_ACCELERATOR="cpu"), TIMEOUT_S)
+    assert status == 0, log
+    result = json.loads(result_file.read_text())
+    assert result["world_size"] == 2 and not result["partitioned"]
+    assert result["latest_merge"] == str(output / "obim" / "merged-step-6")
+    assert result["live_equals_merged"]
+    history = eval_history(output, "eval_ja_loss")
+    best = sorted(history, key=lambda step: (history[step], -step))[:2]
+    assert result["selected"] == [str(output / "obim" / "selected" / f"checkpoint-{s}") for s in best]

@@ -1,0 +1,78 @@
+"""One rank of a two-process DeepSpeed ZeRO run on CPU with the callback (started by torch.distributed.run).
+
+Usage: python -m torch.distributed.run --nproc_per_node 2 tests/distributed/zero_callback_run.py \\
+    INPUTS OUTPUT RESULT STAGE
+Rank 0 writes RESULT (JSON): the callback's merges and selection, and whether the live model
+holds the merged weights after training (load_merged_at_end).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from obim_trainer.callback import OBIMCallback
+from obim_trainer.callback_config import OBIMConfig
+from obim_trainer.checkpoints import open_checkpoint
+from obim_trainer.distributed import StateEntry, ZeroGatherer, is_main_process, is_partitioned, rank, world_size
+from tests.callback_run import RunInputs, callback_settings, make_trainer, training_arguments
+
+
+def deepspeed_config(stage: int) -> dict:
+    """ZeRO-``stage``; under ZeRO-3 every parameter is partitioned and no 16-bit weights are gathered at saves."""
+    zero: dict = {"stage": stage}
+    if stage == 3:
+        zero |= {"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False}
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": zero,
+    }
+
+
+def live_equals(model: torch.nn.Module, folder: Path) -> bool:
+    """Whether every tensor of the (partitioned) live model equals the one stored in ``folder``."""
+    equal = []
+    with open_checkpoint(folder) as reader:
+
+        def compare(entry: StateEntry, tensor: torch.Tensor) -> None:
+            equal.append(torch.equal(tensor.detach().cpu(), reader.read(entry.name)))
+
+        ZeroGatherer(model).visit(compare, modify=False, what="comparing the live model")
+    return bool(equal) and all(equal)
+
+
+def main(inputs_root: str, output_dir: str, result_file: str, stage: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    inputs = RunInputs(Path(inputs_root))
+    model = AutoModelForCausalLM.from_pretrained(inputs.base)  # partitioned by the engine, not by zero.Init
+    args = training_arguments(Path(output_dir), deepspeed=deepspeed_config(int(stage)), max_steps=6)
+    callback = OBIMCallback(OBIMConfig.build(callback_settings(inputs, load_merged_at_end=True)))
+    trainer = make_trainer(inputs, args, [callback], model=model)
+    trainer.train()
+    partitioned = is_partitioned(trainer.model)
+    assert callback.latest_merge is not None, f"rank {rank()} knows of no merge"
+    matches = live_equals(trainer.model, callback.latest_merge)
+    if is_main_process():
+        result = {
+            "world_size": world_size(),
+            "partitioned": partitioned,
+            "latest_merge": str(callback.latest_merge),
+            "selected": [str(callback.candidates[s].merge_path) for s in callback.selected],
+            "candidates": {str(c.step): c.metrics for c in callback.candidates.values()},
+            "live_equals_merged": matches,
+        }
+        Path(result_file).write_text(json.dumps(result, indent=2))
+    # leaving the process group to interpreter shutdown aborts a rank now and then ("terminate called ...")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
