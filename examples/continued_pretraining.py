@@ -19,7 +19,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -27,40 +26,10 @@ from obim_trainer import OBIMCallback, OBIMConfig
 from obim_trainer.checkpoints.detect import hf_format
 from obim_trainer.config import load_yaml_config
 from obim_trainer.distributed import ZeroGatherer, is_main_process, run_on_main
-from obim_trainer.errors import ConfigError, OBIMError
+from obim_trainer.errors import OBIMError
+from obim_trainer.training_data import load_text_file, pack_blocks
 
 logger = logging.getLogger("continued_pretraining")
-
-FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
-
-
-def load_texts(path: str | Path) -> Any:
-    """A local JSONL/JSON/text/parquet file as a ``datasets.Dataset`` with its text column."""
-    from datasets import load_dataset
-
-    path = Path(path)
-    if path.suffix not in FORMATS:
-        raise ConfigError(f"data file {path} has an unknown extension; use one of {', '.join(FORMATS)}")
-    if not path.is_file():
-        raise ConfigError(f"data file {path} does not exist; fix the path in the data: section")
-    return load_dataset(FORMATS[path.suffix], data_files=str(path), split="train")
-
-
-def pack(dataset: Any, tokenizer: Any, text_field: str, block_size: int) -> Any:
-    """Tokenize and pack into blocks of ``block_size`` tokens, as continued pre-training reads text."""
-
-    def tokenize(rows: dict[str, list[str]]) -> dict[str, Any]:
-        ids = tokenizer(rows[text_field])["input_ids"]
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        return {"input_ids": [sample + eos for sample in ids]}
-
-    def group(rows: dict[str, list[list[int]]]) -> dict[str, Any]:
-        stream = list(chain.from_iterable(rows["input_ids"]))
-        full = len(stream) // block_size * block_size  # the tail shorter than a block is dropped
-        return {"input_ids": [stream[i : i + block_size] for i in range(0, full, block_size)] or [stream]}
-
-    tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
-    return tokenized.map(group, batched=True)
 
 
 def save_final_model(trainer: Any, output_dir: Path) -> None:
@@ -112,8 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     text_field = data.get("text_field", "text")
     block_size = int(data.get("block_size", 1024))
     with args.main_process_first(desc="tokenizing"):
-        train = pack(load_texts(data["train"]), tokenizer, text_field, block_size)
-        evals = {lang: pack(load_texts(path), tokenizer, text_field, block_size) for lang, path in data["eval"].items()}
+        train = pack_blocks(load_text_file(data["train"]), tokenizer, text_field, block_size)
+        evals = {
+            lang: pack_blocks(load_text_file(path), tokenizer, text_field, block_size)
+            for lang, path in data["eval"].items()
+        }
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     trainer = Trainer(

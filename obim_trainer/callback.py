@@ -357,10 +357,7 @@ class OBIMCallback(TrainerCallback):
 
     def _log_summary(self, step: int, chosen: list[Candidate], ownership_share: list[float] | None) -> None:
         method = build_method(self.config.method, self.config.params, num_models=len(chosen))
-        stats = [
-            ActivationStats.load(stats_path(c.merge_path, c.stats_key), c.stats_key) if c.stats_key else None
-            for c in chosen
-        ]
+        stats = [c.load_stats() for c in chosen]
         layers = summarize_merge(
             self.config.base_model,
             [c.merge_path for c in chosen],

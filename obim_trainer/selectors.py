@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from obim_trainer.calibration import ActivationStats, stats_path
 from obim_trainer.errors import ConfigError
 from obim_trainer.selection import MetricMode, resolve_mode
 
@@ -48,6 +49,12 @@ class Candidate:
     @property
     def available(self) -> bool:
         return self.merge_path.is_dir()
+
+    def load_stats(self) -> ActivationStats | None:
+        """The activation statistics recorded at its save (``None`` if none were)."""
+        if self.stats_key is None:
+            return None
+        return ActivationStats.load(stats_path(self.merge_path, self.stats_key), self.stats_key)
 
     def to_dict(self) -> dict[str, Any]:
         return {

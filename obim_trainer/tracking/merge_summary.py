@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,11 @@ def layer_type(name: str) -> str:
     match = BLOCK_INDEX.search(name)
     inner = name[match.end() :] if match else name
     return inner.removesuffix(".weight")
+
+
+def block_group(tensor: TensorPlan) -> str:
+    """Group tensors by decoder block (``block 7``), for :func:`summarize_merge`."""
+    return f"block {tensor.block_index}"
 
 
 def sampled_blocks(block_indices: set[int], count: int) -> list[int]:
@@ -103,8 +108,14 @@ def summarize_merge(
     *,
     seed: int = 0,
     blocks: int = 3,
+    group_by: Callable[[TensorPlan], str] | None = None,
 ) -> dict[str, LayerSummary]:
-    """Per layer type, saliency and ownership over ``blocks`` sampled decoder blocks of a merge."""
+    """Per layer type, saliency and ownership over ``blocks`` sampled decoder blocks of a merge.
+
+    ``group_by`` names the group of each tensor instead (e.g. :func:`block_group` for one summary
+    per decoder block); ``blocks`` still chooses which blocks are visited.
+    """
+    group = group_by or (lambda tensor: layer_type(tensor.name))
     summaries: dict[str, LayerSummary] = {}
     with ExitStack() as stack:
         base_reader = stack.enter_context(open_checkpoint(base))
@@ -116,7 +127,7 @@ def summarize_merge(
         generator = torch.Generator().manual_seed(seed)
         for tensor in plan.tensors:
             if tensor.block_index in chosen and tensor.dtype.is_floating_point:
-                _add_tensor(summaries.setdefault(layer_type(tensor.name), LayerSummary()), engine, tensor, generator)
+                _add_tensor(summaries.setdefault(group(tensor), LayerSummary()), engine, tensor, generator)
     logger.debug("merge summary over blocks %s: %d layer types", sorted(chosen), len(summaries))
     return summaries
 

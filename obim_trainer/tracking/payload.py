@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -22,4 +23,11 @@ class Histogram:
     edges: list[float]
 
 
-Value = float | int | Table | Histogram
+@dataclass(frozen=True)
+class Image:
+    """A picture already written to ``path`` (a W&B image)."""
+
+    path: Path
+
+
+Value = float | int | Table | Histogram | Image

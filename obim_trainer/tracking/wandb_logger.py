@@ -16,7 +16,7 @@ import numpy as np
 
 from obim_trainer.distributed import is_main_process
 from obim_trainer.tracking.logger import NullLogger, RunLogger
-from obim_trainer.tracking.payload import Histogram, Table, Value
+from obim_trainer.tracking.payload import Histogram, Image, Table, Value
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ class WandbLogger(RunLogger):
     def _convert(self, value: Value) -> Any:
         if isinstance(value, Table):
             return self._wandb.Table(columns=value.columns, data=value.rows)
+        if isinstance(value, Image):
+            return self._wandb.Image(str(value.path))
         if isinstance(value, Histogram):
             return self._wandb.Histogram(np_histogram=(np.asarray(value.counts), np.asarray(value.edges)))
         return value

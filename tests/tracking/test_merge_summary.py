@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from obim_trainer.calibration import ActivationStats, tokenize_calibration
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.merging import build_method
-from obim_trainer.tracking import layer_type, sampled_blocks, summarize_merge
+from obim_trainer.tracking import block_group, layer_type, sampled_blocks, summarize_merge
 from tests.conftest import make_texts
 
 
@@ -70,3 +70,16 @@ def test_methods_without_statistics_have_no_saliency(family_stats):
     layers = summarize_merge(base, ckpts, build_method("task_arithmetic", {}, num_models=3), [None] * 3, blocks=1)
     assert all(h is None for h in layers["mlp.up_proj"].histograms(8))
     assert layers["mlp.up_proj"].ownership_share() is None
+
+
+def test_grouping_by_block_splits_each_blocks_ownership(family_stats):
+    base, ckpts, stats = family_stats
+    method = build_method("obim", {}, num_models=3)
+    by_block = summarize_merge(base, ckpts, method, stats, blocks=2, group_by=block_group)
+    by_type = summarize_merge(base, ckpts, method, stats, blocks=2)
+    assert sorted(by_block) == ["block 0", "block 1"]
+    assert sum(s.numel for s in by_block.values()) == sum(s.numel for s in by_type.values())
+    totals = [sum(s.owned[k] for s in by_block.values()) for k in range(3)]
+    assert totals == [sum(s.owned[k] for s in by_type.values()) for k in range(3)]
+    rotation = [by_block[b].ownership_share() for b in ("block 0", "block 1")]
+    assert rotation[0] != rotation[1]  # the merge order rotates by block, so the shares differ

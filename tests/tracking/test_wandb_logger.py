@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from obim_trainer.tracking import Histogram, NullLogger, Table, WandbLogger, make_run_logger
+from obim_trainer.demo.plots import plot_ownership
+from obim_trainer.tracking import Histogram, Image, NullLogger, Table, WandbLogger, make_run_logger
 from tests.tracking.wandb_offline import fresh_wandb, history, run_dir, table
 
 
@@ -52,11 +53,13 @@ def test_values_reach_the_open_run_on_the_trainer_step_axis(wandb_dir):
     logger.emit(4, {"obim/checkpoint/eval_ja_loss": 2.5})
     logger.emit(6, {"obim/candidates": Table(["step", "selected"], [[4, True], [6, False]])})
     logger.emit(6, {"obim/saliency/mlp.up_proj/ckpt-4": Histogram([1, 3], [-2.0, -1.0, 0.0])})
+    picture = plot_ownership({"block 0": [0.25, 0.75]}, ["ckpt-4", "ckpt-6"], wandb_dir / "ownership.png")
+    logger.emit(8, {"obim/plots/ownership": Image(picture)})
     run.finish()
 
     folder = run_dir(wandb_dir)
     rows = [r for r in history(folder) if any(k.startswith("obim/") for k in r)]
-    assert [r["train/global_step"] for r in rows] == [4, 6, 6]
+    assert [r["train/global_step"] for r in rows] == [4, 6, 6, 8]
     assert rows[0]["obim/checkpoint/eval_ja_loss"] == 2.5
     assert table(folder, "obim/candidates", rows[1]) == {
         "columns": ["step", "selected"],
@@ -65,3 +68,5 @@ def test_values_reach_the_open_run_on_the_trainer_step_axis(wandb_dir):
     assert rows[2]["obim/saliency/mlp.up_proj/ckpt-4/_type"] == "histogram"
     assert rows[2]["obim/saliency/mlp.up_proj/ckpt-4/values"] == [1, 3]
     assert rows[2]["obim/saliency/mlp.up_proj/ckpt-4/bins"] == [-2.0, -1.0, 0.0]
+    image = rows[3]["obim/plots/ownership/path"]
+    assert rows[3]["obim/plots/ownership/_type"] == "image-file" and (folder / "files" / image).is_file()

@@ -1,0 +1,71 @@
+"""The demo's text: per-language train and evaluation files, pretraining and calibration mixes."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from itertools import chain, zip_longest
+from pathlib import Path
+
+from obim_trainer.demo.config import DemoConfig
+from obim_trainer.demo.fortunes import language_entries, split_entries
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Where the demo's JSONL files (``{"text": ...}`` per line) are."""
+
+    folder: Path
+
+    def train(self, language: str) -> Path:
+        return self.folder / f"{language}_train.jsonl"
+
+    def eval(self, language: str) -> Path:
+        return self.folder / f"{language}_eval.jsonl"
+
+    @property
+    def pretraining(self) -> Path:
+        """The old languages, interleaved entry by entry."""
+        return self.folder / "pretrain.jsonl"
+
+    @property
+    def calibration(self) -> Path:
+        return self.folder / "calibration.jsonl"
+
+
+def write_jsonl(path: Path, texts: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_texts(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def prepare_corpus(config: DemoConfig, folder: Path) -> Corpus:
+    """Split each language's fortunes into train/eval (seeded) and write the files the demo reads.
+
+    Calibration takes equal numbers of training entries of every language: the paper's
+    post-pretraining statistics come from samples of all the languages it evaluates.
+    """
+    corpus = Corpus(Path(folder))
+    corpus.folder.mkdir(parents=True, exist_ok=True)
+    train: dict[str, list[str]] = {}
+    for language in config.languages:
+        entries, held_out = split_entries(language_entries(language), config.eval_entries, config.seed)
+        train[language] = entries[: config.max_train_entries]
+        write_jsonl(corpus.train(language), train[language])
+        write_jsonl(corpus.eval(language), held_out)
+    write_jsonl(corpus.pretraining, interleave([train[x] for x in config.old_languages]))
+    per_language = -(-config.calibration_samples // len(config.languages))
+    rng = random.Random(config.seed + 1)
+    calibration = interleave([rng.sample(train[x], min(per_language, len(train[x]))) for x in config.languages])
+    write_jsonl(corpus.calibration, calibration[: config.calibration_samples])
+    return corpus
+
+
+def interleave(lists: list[list[str]]) -> list[str]:
+    """One entry of each list in turn, until all are used up."""
+    return [t for t in chain.from_iterable(zip_longest(*lists)) if t is not None]
