@@ -154,6 +154,8 @@ class ZeroCheckpointReader(CheckpointReader):
     """The fp32 master weights of the DeepSpeed checkpoint in ``path`` (a Trainer ``checkpoint-N``
     folder holding ``latest`` and ``global_step*/``, or the ``global_step*`` folder itself)."""
 
+    format = "deepspeed-zero"
+
     def __init__(self, path: Path, tag: str | None = None) -> None:
         super().__init__(Path(path))
         zero_to_fp32 = _deepspeed()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from obim_trainer.checkpoints.detect import SAFETENSORS, ZERO, ZERO_SAVED, detect_format
+from obim_trainer.checkpoints.detect import SAFETENSORS, ZERO, ZERO_MASTER, ZERO_SAVED, detect_format
 from obim_trainer.checkpoints.zero_reader import ZeroCheckpointReader
 from obim_trainer.errors import CheckpointError
 from tests.checkpoints.zero_run import launch
@@ -56,7 +56,7 @@ def test_every_tensor_equals_deepspeeds_consolidation(
     folder = (
         zero_checkpoints[stage] if saved_weights else without_saved_weights(zero_checkpoints[stage], tmp_path / "c")
     )
-    assert detect_format(folder) == ZERO
+    assert detect_format(folder, zero_weights=ZERO_MASTER) == ZERO
     with ZeroCheckpointReader(folder) as reader:
         assert reader.stage == stage
         assert_equals_deepspeed(reader, deepspeed_state_dicts[stage])
@@ -85,11 +85,12 @@ def test_masters_round_to_the_saved_16bit_weights(stage, zero_checkpoints):
     assert differing > 0
 
 
-def test_masters_are_read_unless_the_saved_weights_are_asked_for(zero_checkpoints, tmp_path):
+def test_saved_weights_are_read_unless_the_masters_are_asked_for(zero_checkpoints, tmp_path):
     folder = zero_checkpoints[2]
-    assert detect_format(folder) == ZERO
+    assert detect_format(folder) == SAFETENSORS
     assert detect_format(folder, zero_weights=ZERO_SAVED) == SAFETENSORS
-    assert detect_format(without_saved_weights(folder, tmp_path / "c"), zero_weights=ZERO_SAVED) == ZERO
+    assert detect_format(folder, zero_weights=ZERO_MASTER) == ZERO
+    assert detect_format(without_saved_weights(folder, tmp_path / "c")) == ZERO
 
 
 @pytest.mark.parametrize("stage", STAGES)
