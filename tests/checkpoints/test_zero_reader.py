@@ -12,19 +12,16 @@ from safetensors.torch import load_file
 from obim_trainer.checkpoints.detect import SAFETENSORS, ZERO, ZERO_MASTER, ZERO_SAVED, detect_format
 from obim_trainer.checkpoints.zero_reader import ZeroCheckpointReader
 from obim_trainer.errors import CheckpointError
-from tests.checkpoints.zero_run import launch
 
 zero_to_fp32 = pytest.importorskip("deepspeed.utils.zero_to_fp32")
-TIMEOUT_S = 240
 STAGES = (2, 3)
 TAG = "global_step2"
 
 
 @pytest.fixture(scope="session")
-def zero_checkpoints(tmp_path_factory) -> dict[int, Path]:
+def zero_checkpoints(zero_checkpoint) -> dict[int, Path]:
     """Stage → Trainer checkpoint folder (with model.safetensors); shared, do not modify."""
-    root = tmp_path_factory.mktemp("zero")
-    return {stage: launch(root / f"zero{stage}", stage, timeout_s=TIMEOUT_S) for stage in STAGES}
+    return {stage: zero_checkpoint(stage) for stage in STAGES}
 
 
 @pytest.fixture(scope="session")
