@@ -214,10 +214,12 @@ def _write_config(folder: Path, plan: MergePlan) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def format_plan(plan: MergePlan, method: MergeMethod, checkpoints: list[Path]) -> str:
+def format_plan(plan: MergePlan, method: MergeMethod, checkpoints: list[Path], new_rows: str = "obim") -> str:
     """The dry-run plan: method and parameters, checkpoints in order, then every tensor."""
     lines = [f"method: {json.dumps(method.describe())}"]
     lines += [f"checkpoint {k}: {path}" for k, path in enumerate(checkpoints)]
+    if plan.vocab_size is not None:
+        lines.append(f"vocabulary: the checkpoints extend it to {plan.vocab_size} rows; new rows: {new_rows}")
     if plan.dropped_tied:
         lines.append(f"tied: {plan.dropped_tied} is written once, as the input embedding")
     lines.append(f"{'tensor':<56} {'shape':<16} {'dtype':<9} {'kind':<9} {'block':<5} how")
@@ -262,7 +264,7 @@ def merge_checkpoints(config: MergeConfig | None = None, /, **kwargs: Any) -> Me
         tokenizer_dir = resolve_tokenizer(config, checkpoints, plan, source)
         calibration = prepare_calibration(config, tokenizer_dir) if method.needs_activation_stats else None
         if config.dry_run:
-            text = format_plan(plan, method, checkpoints)
+            text = format_plan(plan, method, checkpoints, config.new_rows)
             logger.info("dry run, nothing written:\n%s", text)
             return MergeResult(output=None, checkpoints=checkpoints, plan=plan, plan_text=text)
         assert config.output is not None

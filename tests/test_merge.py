@@ -526,3 +526,12 @@ def test_a_folder_in_no_format_fails_before_anything_is_written(llama_family, ca
     assert f"no checkpoint format recognised in {junk} (found: logs/, weights.npz)" in message
     assert all(s in message for s in ("model.safetensors", "DeepSpeed ZeRO", "PEFT LoRA"))
     assert not (tmp_path / "m").exists()
+
+
+def test_dry_run_shows_the_extended_vocabulary(extended_run, tmp_path):
+    base, ckpts, calib = extended_run
+    result = merge_checkpoints(
+        base=base, checkpoints=ckpts, calibration_data=calib, output=tmp_path / "m", dry_run=True, new_rows="average"
+    )
+    assert "vocabulary: the checkpoints extend it to 330 rows; new rows: average" in result.plan_text
+    assert "model.embed_tokens.weight" in result.plan_text and "330x64" in result.plan_text

@@ -319,7 +319,8 @@ class ZeroCheckpointReader(CheckpointReader):
         self._info(name)
         if name not in self._loaders:
             raise CheckpointError(f"{self} was closed; open the checkpoint again to read {name}")
-        return self._loaders[name]()
+        # DeepSpeed saves the fp32 partitions as tensors that require grad; a reader returns plain data
+        return self._loaders[name]().detach()
 
     def weight_files(self) -> list[Path]:
         return [*self._model_files, *self._optim_files]

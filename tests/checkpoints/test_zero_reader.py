@@ -40,6 +40,7 @@ def assert_equals_deepspeed(reader: ZeroCheckpointReader, expected: dict[str, to
     assert list(infos) == list(expected)
     for name, tensor in expected.items():
         got = reader.read(name)
+        assert not got.requires_grad, name
         assert got.dtype == tensor.dtype == infos[name].dtype, name
         assert tuple(got.shape) == infos[name].shape, name
         assert torch.equal(got, tensor), name
