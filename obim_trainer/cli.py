@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "min", "max"],
         help="Whether lower or higher is better (auto: lower for losses/perplexities).",
     )
+    inputs.add_argument(
+        "--zero-weights",
+        choices=["auto", "saved", "master"],
+        help="DeepSpeed checkpoints: auto (default) reads the saved model.safetensors when present, else the "
+        "fp32 master weights of the ZeRO shards; saved requires the saved weights; master reads the fp32 masters.",
+    )
 
     method = parser.add_argument_group("how to merge")
     method.add_argument("--method", help="Merge method (default obim); see --list-methods.")
@@ -117,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["random", "token_frequency"],
         help="OBIM: saliency of embedding rows (default random, as the paper).",
     )
+    method.add_argument(
+        "--new-rows",
+        choices=["obim", "best", "average", "first"],
+        help="Extended vocabulary: embedding/lm_head rows the base lacks. obim (default): merged by the method "
+        "with the base taken as zero; best: from the best checkpoint by --metric; first: from the first "
+        "checkpoint; average: their mean.",
+    )
     method.add_argument("--seed", type=int, help="Seed for random saliency and random methods (default 0).")
 
     calib = parser.add_argument_group("calibration (methods that score weights by activations)")
@@ -134,11 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--output", type=Path, help="New folder for the merged model (appears only when complete).")
     out.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     out.add_argument("--out-shard-size", help="Largest safetensors shard (default 5GB).")
-    out.add_argument("--tokenizer-source", type=Path, help="Copy the tokenizer from here instead of the base.")
+    out.add_argument(
+        "--tokenizer-source",
+        type=Path,
+        help="Copy the tokenizer from here (default: the base's, or the first checkpoint's when the "
+        "checkpoints extend the vocabulary); calibration texts are tokenized with it too.",
+    )
     out.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="Output dtype (default auto: the checkpoints' dtype). Math is always float32.",
+        help="Output dtype (default auto: each tensor in the base's dtype, whatever the checkpoints hold). "
+        "Math is always float32.",
     )
     out.add_argument("--device", help="cpu (default) or cuda[:N] for the merge math and statistics.")
     out.add_argument("--dry-run", action="store_true", help="Validate inputs and print the plan; write nothing.")

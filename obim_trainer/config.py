@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from obim_trainer.errors import ConfigError
 
 OutputDType = Literal["auto", "float32", "bfloat16", "float16"]
+ZeroWeights = Literal["auto", "saved", "master"]
+NewRows = Literal["obim", "best", "average", "first"]
 
 
 class MergeConfig(BaseModel):
@@ -41,10 +43,28 @@ class MergeConfig(BaseModel):
     stats_cache_dir: Path | None = None
     recompute_stats: bool = False
 
+    zero_weights: ZeroWeights = Field(
+        default="auto",
+        description=(
+            "DeepSpeed checkpoints: 'auto' reads the weights the Trainer saved (model.safetensors) when present, "
+            "else the fp32 master weights; 'saved' requires the saved ones; 'master' reads the fp32 masters."
+        ),
+    )
+    new_rows: NewRows = Field(
+        default="obim",
+        description=(
+            "Extended vocabularies: how embedding/lm_head rows the base lacks are merged. 'obim': the merge "
+            "method itself with the base taken as zero there; 'best': from the best checkpoint by metric; "
+            "'first': from the first checkpoint; 'average': the mean of the checkpoints."
+        ),
+    )
+
     output: Path | None = None
     out_shard_size: str | int = "5GB"
     tokenizer_source: Path | None = None
-    dtype: OutputDType = "auto"
+    dtype: OutputDType = Field(
+        default="auto", description="Output dtype; 'auto' keeps each tensor's dtype in the base. Math is float32."
+    )
     device: str = "cpu"
     seed: int = 0
     overwrite: bool = False

@@ -35,10 +35,11 @@ def _versions() -> dict[str, str]:
 
 
 def describe_input(reader: CheckpointReader) -> dict[str, Any]:
-    """A checkpoint's path, weight files with sizes, and its fingerprint."""
+    """A checkpoint's path, format, weight files with sizes, and its fingerprint."""
     files = reader.weight_files()
     return {
         "path": str(reader.path.resolve()),
+        "format": reader.format,
         "files": [{"name": f.name, "size": f.stat().st_size} for f in files],
         "size": sum(f.stat().st_size for f in files),
         "fingerprint": reader.fingerprint(),

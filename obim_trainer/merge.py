@@ -34,13 +34,15 @@ from obim_trainer.checkpoints import (
     open_checkpoint,
     parse_size,
 )
+from obim_trainer.checkpoints.model_files import TOKENIZER_FILES
+from obim_trainer.checkpoints.model_loading import load_model
 from obim_trainer.config import MergeConfig
 from obim_trainer.engine import MergeEngine, MergePlan, plan_merge
 from obim_trainer.errors import CheckpointError, ConfigError
 from obim_trainer.manifest import MergeManifest, describe_input
 from obim_trainer.merging import MergeMethod, build_method
 from obim_trainer.model_layout import ModelLayout
-from obim_trainer.selection import select_top_checkpoints
+from obim_trainer.selection import best_checkpoint, select_top_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +87,36 @@ def model_max_positions(folder: Path) -> int | None:
     return None
 
 
-def prepare_calibration(config: MergeConfig) -> CalibrationSet:
-    """Calibration texts tokenized with the base's tokenizer (or ``tokenizer_source``)."""
+def resolve_tokenizer(config: MergeConfig, checkpoints: list[Path], plan: MergePlan, source: int) -> Path:
+    """The folder whose tokenizer the output gets and calibration uses.
+
+    ``tokenizer_source`` if given; else, when the checkpoints extend the vocabulary, checkpoint
+    ``source`` (the first or best), whose tokenizer knows the new tokens — the base's would not; else the base.
+    """
+    if config.tokenizer_source is not None:
+        return config.tokenizer_source
+    if plan.vocab_size is None:
+        return config.base
+    folder = checkpoints[source]
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"the checkpoints extend the vocabulary to {plan.vocab_size} tokens, but {folder} holds no tokenizer "
+            "files and the base's tokenizer lacks the new tokens; pass --tokenizer-source DIR with the tokenizer the "
+            "run trained with (Trainer saves it in each checkpoint when given processing_class=tokenizer)"
+        )
+    logger.info("the checkpoints extend the vocabulary; using the tokenizer of %s", folder)
+    return folder
+
+
+def new_rows_source(config: MergeConfig, checkpoints: list[Path], plan: MergePlan) -> int:
+    """Which checkpoint the ``best``/``first`` rules (and the tokenizer of an extended vocabulary) come from."""
+    if config.new_rows != "best" or plan.vocab_size is None or config.run_dir is not None:
+        return 0  # with --run-dir the checkpoints are already best first
+    return best_checkpoint(checkpoints, config.metric, config.metric_mode)
+
+
+def prepare_calibration(config: MergeConfig, tokenizer_dir: Path | None = None) -> CalibrationSet:
+    """Calibration texts tokenized with ``tokenizer_dir`` (default: ``tokenizer_source`` or the base's)."""
     from transformers import AutoTokenizer
 
     if config.calibration_data is None:
@@ -94,7 +124,7 @@ def prepare_calibration(config: MergeConfig) -> CalibrationSet:
             f"method '{config.method}' scores weights by activations and needs calibration text: pass "
             "--calibration-data FILE (JSONL with a 'text' field, .txt or .parquet; ~100 samples of the new domain)"
         )
-    tokenizer_dir = config.tokenizer_source or config.base
+    tokenizer_dir = tokenizer_dir or config.tokenizer_source or config.base
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except (OSError, ValueError) as exc:
@@ -115,14 +145,16 @@ def prepare_calibration(config: MergeConfig) -> CalibrationSet:
 def checkpoint_stats(
     reader: CheckpointReader, calibration: CalibrationSet, config: MergeConfig, device: torch.device
 ) -> tuple[ActivationStats, dict[str, Any]]:
-    """Statistics of one checkpoint, computed on that checkpoint and cached beside it."""
-    from transformers import AutoModelForCausalLM
+    """Statistics of one checkpoint, computed on that checkpoint and cached beside it.
 
+    The model is built from the reader's tensors (see :mod:`~obim_trainer.checkpoints.model_loading`), so
+    DeepSpeed and LoRA checkpoints get statistics too, and always of exactly the weights merged.
+    """
     key = stats_key(calibration.fingerprint(), reader.fingerprint())
 
     def compute() -> ActivationStats:
-        logger.info("computing activation statistics of %s", reader.path)
-        model = AutoModelForCausalLM.from_pretrained(reader.path, dtype="auto").to(device)
+        logger.info("computing activation statistics of %s (%s)", reader.path, reader.format)
+        model = load_model(reader, config.base, device)
         try:
             return ActivationStats.collect(
                 model, calibration, batch_size=config.calibration_batch_size, device=device, progress=config.progress
@@ -153,14 +185,20 @@ def raise_nonfinite(reader: CheckpointReader) -> None:
     )
 
 
-def _open_inputs(stack: ExitStack, config: MergeConfig, checkpoints: list[Path]):
-    base = stack.enter_context(open_checkpoint(config.base))
-    readers = [stack.enter_context(open_checkpoint(p)) for p in checkpoints]
+def _open_inputs(
+    stack: ExitStack, config: MergeConfig, checkpoints: list[Path]
+) -> tuple[CheckpointReader, list[CheckpointReader]]:
+    """The base and checkpoint readers, each in its own format; LoRA adapters are read against the base."""
+    base = stack.enter_context(open_checkpoint(config.base, zero_weights=config.zero_weights))
+    readers = [
+        stack.enter_context(open_checkpoint(p, zero_weights=config.zero_weights, base=base)) for p in checkpoints
+    ]
     return base, readers
 
 
 def _write_config(folder: Path, plan: MergePlan) -> None:
-    """Record the output dtype in config.json so ``dtype="auto"`` loads it as written."""
+    """Record the output dtype in config.json so ``dtype="auto"`` loads it as written, and the vocabulary
+    size of an extended vocabulary so that the model is built with the rows it stores."""
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
     dtypes = {t.dtype for t in plan.tensors if t.dtype.is_floating_point}
@@ -169,13 +207,19 @@ def _write_config(folder: Path, plan: MergePlan) -> None:
         for key in ("dtype", "torch_dtype"):
             if key in config:
                 config[key] = name
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if plan.vocab_size is not None:
+        text_config = config.get("text_config")
+        target = text_config if isinstance(text_config, dict) and "vocab_size" in text_config else config
+        target["vocab_size"] = plan.vocab_size
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def format_plan(plan: MergePlan, method: MergeMethod, checkpoints: list[Path]) -> str:
+def format_plan(plan: MergePlan, method: MergeMethod, checkpoints: list[Path], new_rows: str = "obim") -> str:
     """The dry-run plan: method and parameters, checkpoints in order, then every tensor."""
     lines = [f"method: {json.dumps(method.describe())}"]
     lines += [f"checkpoint {k}: {path}" for k, path in enumerate(checkpoints)]
+    if plan.vocab_size is not None:
+        lines.append(f"vocabulary: the checkpoints extend it to {plan.vocab_size} rows; new rows: {new_rows}")
     if plan.dropped_tied:
         lines.append(f"tied: {plan.dropped_tied} is written once, as the input embedding")
     lines.append(f"{'tensor':<56} {'shape':<16} {'dtype':<9} {'kind':<9} {'block':<5} how")
@@ -216,13 +260,15 @@ def merge_checkpoints(config: MergeConfig | None = None, /, **kwargs: Any) -> Me
         base, readers = _open_inputs(stack, config, checkpoints)
         layout = ModelLayout.from_pretrained_dir(config.base)
         plan = plan_merge(base, readers, layout, config.dtype)
-        calibration = prepare_calibration(config) if method.needs_activation_stats else None
+        source = new_rows_source(config, checkpoints, plan)
+        tokenizer_dir = resolve_tokenizer(config, checkpoints, plan, source)
+        calibration = prepare_calibration(config, tokenizer_dir) if method.needs_activation_stats else None
         if config.dry_run:
-            text = format_plan(plan, method, checkpoints)
+            text = format_plan(plan, method, checkpoints, config.new_rows)
             logger.info("dry run, nothing written:\n%s", text)
             return MergeResult(output=None, checkpoints=checkpoints, plan=plan, plan_text=text)
         assert config.output is not None
-        inputs = [config.base, *checkpoints, *([config.tokenizer_source] if config.tokenizer_source else [])]
+        inputs = [config.base, *checkpoints, tokenizer_dir]
         output = stack.enter_context(atomic_output_dir(config.output, overwrite=config.overwrite, inputs=inputs))
         stats, stats_sources = None, []
         if calibration is not None:
@@ -230,13 +276,23 @@ def merge_checkpoints(config: MergeConfig | None = None, /, **kwargs: Any) -> Me
             pairs = [checkpoint_stats(r, calibration, config, device) for r in readers]
             stats, stats_sources = [s for s, _ in pairs], [src for _, src in pairs]
             timings["statistics_s"] = time.perf_counter() - t0
-        engine = MergeEngine(base, readers, method, layout, stats, device=device, seed=config.seed)
+        engine = MergeEngine(
+            base,
+            readers,
+            method,
+            layout,
+            stats,
+            device=device,
+            seed=config.seed,
+            new_rows=config.new_rows,
+            new_rows_source=source,
+        )
         metadata = {"format": "pt", "merged_by": "obim-trainer", "method": method.name}
         with ShardedSafetensorsWriter(output, plan.write_plan(), shard_size, metadata=metadata) as writer:
             report = engine.run(plan, writer.write, progress=config.progress)
             files = writer.close()
         timings["merge_s"] = report.seconds
-        copy_model_files(config.base, config.tokenizer_source, output)
+        copy_model_files(config.base, tokenizer_dir if tokenizer_dir != config.base else None, output)
         _write_config(output, plan)
         timings["total_s"] = time.perf_counter() - start
         manifest = MergeManifest(
@@ -250,6 +306,9 @@ def merge_checkpoints(config: MergeConfig | None = None, /, **kwargs: Any) -> Me
                 "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in plan.tensors}),
                 "num_tensors": len(plan.tensors),
                 "num_parameters": plan.num_parameters,
+                "tokenizer": str(Path(tokenizer_dir).resolve()),
+                "vocab_size": plan.vocab_size,
+                "new_rows": config.new_rows if plan.vocab_size is not None else None,
             },
             calibration=_describe_calibration(config, calibration),
             statistics=stats_sources,

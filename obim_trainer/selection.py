@@ -104,3 +104,41 @@ def select_top_checkpoints(
     chosen = ranked[:top_k]
     logger.info("selected by %s: %s", metric, ", ".join(f"{c.path.name} ({c.value:.4g})" for c in chosen))
     return chosen
+
+
+def own_metric(checkpoint: Path, metric: str) -> float | None:
+    """The value of ``metric`` a checkpoint's own ``trainer_state.json`` logged at the checkpoint's step."""
+    state_file = checkpoint / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, OSError) as exc:
+        raise CheckpointError(
+            f"{state_file} is not a readable trainer_state.json ({exc}); remove or repair it"
+        ) from None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    history = state.get("log_history", []) if isinstance(state, dict) else []
+    values = [float(e[metric]) for e in history if isinstance(e, dict) and metric in e and e.get("step") == step]
+    return values[-1] if values else None
+
+
+def best_checkpoint(checkpoints: list[Path], metric: str | None, mode: MetricMode = "auto") -> int:
+    """Index of the best of ``checkpoints`` by the ``metric`` each logged at its own step (ties: the later one).
+
+    Raises :class:`ConfigError` when there is no metric or a checkpoint did not log it.
+    """
+    if metric is None:
+        raise ConfigError(
+            "new_rows='best' needs --metric to know which checkpoint is best (or pick checkpoints with --run-dir "
+            "--top-k --metric); use new_rows='first' to take the first checkpoint given"
+        )
+    values = [own_metric(c, metric) for c in checkpoints]
+    missing = [str(c) for c, v in zip(checkpoints, values, strict=True) if v is None]
+    if missing:
+        raise ConfigError(
+            f"no '{metric}' logged at the checkpoint's own step in trainer_state.json of {', '.join(missing)}; "
+            "pick a metric the Trainer logged at every save, or use new_rows='first'"
+        )
+    sign = 1.0 if resolve_mode(metric, mode) == "min" else -1.0
+    return min(range(len(checkpoints)), key=lambda i: (sign * values[i], -i))

@@ -31,6 +31,7 @@ WORDS = (
 ).split()
 
 VOCAB_SIZE = 320
+ZERO_RUN_TIMEOUT_S = 240
 
 
 def make_texts(n: int, seed: int = 0, min_words: int = 4, max_words: int = 40) -> list[str]:
@@ -158,6 +159,27 @@ def _model_family(tmp_path_factory, tokenizer_dir: Path, name: str, factory: Cal
         for i in range(k)
     ]
     return base_dir, ckpts
+
+
+@pytest.fixture(scope="session")
+def zero_checkpoint(tmp_path_factory) -> Callable[[int], Path]:
+    """``zero_checkpoint(stage)``: the ``checkpoint-2`` folder (with model.safetensors) of a real two-process
+    DeepSpeed ZeRO run on CPU (see tests/checkpoints/zero_run.py), run at most once per stage and session.
+
+    Its base is ``make_tiny_llama(seed=0, tie=True)``. Shared: copy it before writing next to it.
+    """
+    pytest.importorskip("deepspeed")
+    from tests.checkpoints.zero_run import launch
+
+    root = tmp_path_factory.mktemp("zero")
+    runs: dict[int, Path] = {}
+
+    def run(stage: int) -> Path:
+        if stage not in runs:
+            runs[stage] = launch(root / f"zero{stage}", stage, timeout_s=ZERO_RUN_TIMEOUT_S)
+        return runs[stage]
+
+    return run
 
 
 @pytest.fixture(scope="session")

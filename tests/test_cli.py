@@ -151,3 +151,34 @@ def test_baseline_from_yaml_with_param_override(llama_family, tmp_path):
     assert manifest["method"]["rescale_mode"] == "inverse" and manifest["calibration"] is None
     merged = load_file(tmp_path / "m" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in merged.values())
+
+
+def test_checkpoint_format_flags_reach_the_config():
+    required = ["--base", "b", "--checkpoints", "c", "--output", "o"]
+    flags = ["--zero-weights", "master", "--new-rows", "average", "--dtype", "bfloat16"]
+    args = build_parser().parse_args([*required, *flags])
+    cfg = config_from_args(args)
+    assert (cfg.zero_weights, cfg.new_rows, cfg.dtype) == ("master", "average", "bfloat16")
+    defaults = config_from_args(build_parser().parse_args(required))
+    assert (defaults.zero_weights, defaults.new_rows, defaults.dtype) == ("auto", "obim", "auto")
+
+
+def test_mixed_dtype_checkpoints_with_dtype_flag(llama_family, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base, ckpts = llama_family
+    half = copy_tree(ckpts[0], tmp_path / "half")
+    save_file({n: t.half() for n, t in load_file(half / "model.safetensors").items()}, half / "model.safetensors")
+    args = ["--base", str(base), "--checkpoints", str(half), str(ckpts[1]), "--method", "task_arithmetic"]
+    assert main([*args, "--output", str(tmp_path / "m"), "--dtype", "bfloat16", "--no-progress"]) == 0
+    assert {t.dtype for t in load_file(tmp_path / "m" / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_a_folder_in_no_format_exits_2_naming_it(llama_family, tmp_path, caplog):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("x")
+    code = main(["--base", str(llama_family[0]), "--checkpoints", str(junk), "--output", str(tmp_path / "m")])
+    assert code == 2 and not (tmp_path / "m").exists()
+    assert f"no checkpoint format recognised in {junk} (found: notes.txt)" in caplog.text

@@ -105,15 +105,16 @@ def test_shape_mismatch(family, calibration_jsonl, tmp_path):
     )
 
 
-def test_vocabulary_size_mismatch(family, calibration_jsonl, tmp_path):
+def test_vocabulary_size_mismatch_between_checkpoints(family, calibration_jsonl, tmp_path):
     base, ckpts = family
     name = "model.embed_tokens.weight"
     edit_weights(ckpts[0], lambda sd: sd.__setitem__(name, torch.cat([sd[name], sd[name][:8]])))
     assert_fails_cleanly(
         tmp_path,
         name,
-        "vocabulary",
-        "not supported yet",
+        "different vocabulary sizes",
+        "328, ",
+        "share one vocabulary",
         base=base,
         checkpoints=ckpts,
         calibration_data=calibration_jsonl,

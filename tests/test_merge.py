@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from obim_trainer.calibration import ActivationStats
 from obim_trainer.calibration.stats_cache import STATS_DIRNAME
+from obim_trainer.errors import CheckpointError, ConfigError
 from obim_trainer.merge import merge_checkpoints
 from obim_trainer.model_layout import ModelLayout, block_index
-from tests.conftest import copy_tree, make_texts, write_jsonl
+from tests.conftest import VOCAB_SIZE, copy_tree, make_texts, make_tiny_llama, save_model_folder, write_jsonl
 
 
 def load_output(folder: Path) -> dict[str, torch.Tensor]:
@@ -255,3 +257,281 @@ def test_ties_obm_computes_statistics(llama_family, calibration_jsonl, tmp_path)
         progress=False,
     )
     assert [s["source"] for s in result.manifest["statistics"]] == ["computed", "computed"]
+
+
+# --- every checkpoint format a continued-pretraining run leaves (issue 5) -------------------------------
+
+VOCAB_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+NEW_TOKENS = 10
+
+
+def assert_same_outputs(a: Path, b: Path) -> dict[str, torch.Tensor]:
+    first, second = load_output(a), load_output(b)
+    assert first.keys() == second.keys()
+    for name, tensor in first.items():
+        assert tensor.dtype == second[name].dtype and torch.equal(tensor, second[name]), name
+    return first
+
+
+def hf_folder(dest: Path, state: dict[str, torch.Tensor], config_from: Path) -> Path:
+    """A plain save_pretrained-style folder holding ``state`` and the config of ``config_from``."""
+    dest.mkdir()
+    save_file({n: t.contiguous().clone() for n, t in state.items()}, dest / "model.safetensors", {"format": "pt"})
+    shutil.copy2(config_from / "config.json", dest / "config.json")
+    return dest
+
+
+def test_zero3_checkpoint_merges_as_its_deepspeed_consolidation(
+    zero_checkpoint, tokenizer_dir, calibration_jsonl, tmp_path
+):
+    """A ZeRO-3 checkpoint-N without saved weights (its fp32 masters are read) beside a 16-bit HF
+    checkpoint and an fp32 base: the merge equals merging DeepSpeed's own consolidation of it."""
+    zero_to_fp32 = pytest.importorskip("deepspeed.utils.zero_to_fp32")
+    run = zero_checkpoint(3)
+    base = save_model_folder(make_tiny_llama(seed=0, tie=True), tmp_path / "base", tokenizer_dir)
+    zero_only = Path(shutil.copytree(run, tmp_path / "zero3", ignore=shutil.ignore_patterns("model.safetensors")))
+    saved = hf_folder(tmp_path / "saved", load_file(run / "model.safetensors"), run)
+    consolidated = hf_folder(
+        tmp_path / "consolidated", zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(run)), run
+    )
+    common = dict(base=base, calibration_data=calibration_jsonl, progress=False)
+    result = merge_checkpoints(checkpoints=[zero_only, saved], output=tmp_path / "a", **common)
+    merge_checkpoints(checkpoints=[consolidated, saved], output=tmp_path / "b", **common)
+    merged = assert_same_outputs(tmp_path / "a", tmp_path / "b")
+    assert [c["format"] for c in result.manifest["checkpoints"]] == ["deepspeed-zero", "safetensors"]
+    assert [s["source"] for s in result.manifest["statistics"]] == ["computed", "computed"]
+    assert {t.dtype for t in merged.values()} == {torch.float32}  # the base's dtype; the inputs mix fp32 and bf16
+    assert "lm_head.weight" not in merged  # tied: written once
+    base_sd = load_file(base / "model.safetensors")
+    assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base_sd["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_zero_checkpoint_with_saved_weights_reads_the_masters_on_request(
+    zero_checkpoint, tokenizer_dir, calibration_jsonl, tmp_path
+):
+    run = zero_checkpoint(3)
+    base = save_model_folder(make_tiny_llama(seed=0, tie=True), tmp_path / "base", tokenizer_dir)
+    both = copy_tree(run, tmp_path / "both")
+    masters = Path(shutil.copytree(run, tmp_path / "masters", ignore=shutil.ignore_patterns("model.safetensors")))
+    common = dict(base=base, calibration_data=calibration_jsonl, method="task_arithmetic", progress=False)
+    default = merge_checkpoints(checkpoints=[both], output=tmp_path / "auto", **common)
+    merge_checkpoints(checkpoints=[both], output=tmp_path / "master", zero_weights="master", **common)
+    merge_checkpoints(checkpoints=[masters], output=tmp_path / "only-masters", **common)
+    assert default.manifest["checkpoints"][0]["format"] == "safetensors"
+    assert_same_outputs(tmp_path / "master", tmp_path / "only-masters")
+    auto, master = load_output(tmp_path / "auto"), load_output(tmp_path / "master")
+    assert any(not torch.equal(auto[n], master[n]) for n in auto), "the 16-bit saved weights are not the masters"
+
+
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "modules_to_save": ["lm_head"]}
+
+
+@pytest.fixture(scope="module")
+def lora_adapters(llama_family, tmp_path_factory) -> list[Path]:
+    """Two adapters trained by a real Trainer on the llama family's base (statistics may be cached beside them)."""
+    pytest.importorskip("peft")
+    from tests.checkpoints.lora_run import train_adapter
+
+    root = tmp_path_factory.mktemp("lora_merge")
+    return [train_adapter(llama_family[0], root / f"run{seed}", LORA, seed=seed) for seed in (0, 1)]
+
+
+def test_obim_over_lora_checkpoints_equals_obim_over_their_merge_and_unload(
+    llama_family, lora_adapters, calibration_jsonl, tmp_path
+):
+    from tests.checkpoints.lora_run import merged_model
+
+    base = llama_family[0]
+    unloaded = []
+    for k, adapter in enumerate(lora_adapters):
+        merged_model(base, adapter).save_pretrained(tmp_path / f"unloaded{k}")
+        unloaded.append(tmp_path / f"unloaded{k}")
+    common = dict(base=base, calibration_data=calibration_jsonl, progress=False)
+    result = merge_checkpoints(checkpoints=lora_adapters, output=tmp_path / "from-adapters", **common)
+    merge_checkpoints(checkpoints=unloaded, output=tmp_path / "from-unloaded", **common)
+    merged = assert_same_outputs(tmp_path / "from-adapters", tmp_path / "from-unloaded")
+    assert [c["format"] for c in result.manifest["checkpoints"]] == ["peft-lora", "peft-lora"]
+    base_sd = load_file(base / "model.safetensors")
+    changed = {n for n in merged if not torch.equal(merged[n], base_sd[n])}
+    assert {"lm_head.weight", "model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"} <= (
+        changed
+    )
+    assert "model.layers.0.mlp.up_proj.weight" not in changed  # not a LoRA target: no task vector
+
+
+def train_extended_vocabulary(base: Path, output: Path) -> list[Path]:
+    """A real Trainer run after ``resize_token_embeddings``: three checkpoints with NEW_TOKENS more rows, each
+    with the extended tokenizer, and the train loss logged at every step."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens([f"<ja{i}>" for i in range(NEW_TOKENS)])
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tokenizer))
+    generator = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(12):
+        ids = torch.randint(VOCAB_SIZE - 40, len(tokenizer), (16,), generator=generator)  # new tokens included
+        data.append({"input_ids": ids, "labels": ids})
+    args = TrainingArguments(
+        output_dir=str(output),
+        use_cpu=True,
+        max_steps=3,
+        save_steps=1,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=2e-2,
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+    )
+    Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train()
+    return [output / f"checkpoint-{step}" for step in (1, 2, 3)]
+
+
+@pytest.fixture(scope="module")
+def extended_run(llama_family, tmp_path_factory) -> tuple[Path, list[Path], Path]:
+    """(base, three extended-vocabulary checkpoints, calibration JSONL using the new tokens); module-owned."""
+    root = tmp_path_factory.mktemp("extended")
+    ckpts = train_extended_vocabulary(llama_family[0], root / "run")
+    texts = [f"{t} <ja{i % NEW_TOKENS}> <ja{(3 * i) % NEW_TOKENS}>" for i, t in enumerate(make_texts(24, seed=3))]
+    return llama_family[0], ckpts, write_jsonl(root / "calib.jsonl", texts)
+
+
+def test_extended_vocabulary_new_rows_are_owned_by_the_checkpoints(extended_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, ckpts, calib = extended_run
+    result = merge_checkpoints(base=base, checkpoints=ckpts, calibration_data=calib, output=tmp_path / "m")
+    out = result.output
+    rows = VOCAB_SIZE + NEW_TOKENS
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == rows
+    assert len(AutoTokenizer.from_pretrained(out)) == rows  # the checkpoints' tokenizer, not the base's
+    assert AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().weight.shape[0] == rows
+    assert result.manifest["output"]["vocab_size"] == rows
+    merged, sds = load_output(out), [load_file(c / "model.safetensors") for c in ckpts]
+    for name in VOCAB_NAMES:
+        new = merged[name][VOCAB_SIZE:]
+        sources = torch.stack([sd[name][VOCAB_SIZE:] == new for sd in sds])
+        assert bool(sources.any(0).all()), f"{name}: a new-row value comes from no checkpoint"
+        only = [(sources[k] & ~sources[[j for j in range(3) if j != k]].any(0)).sum() for k in range(3)]
+        assert all(int(n) > 0 for n in only), f"{name}: every checkpoint owns a share of the new rows ({only})"
+
+
+def truncated(ckpt: Path, dest: Path) -> Path:
+    """The checkpoint as if it had kept the base's vocabulary: its first VOCAB_SIZE rows."""
+    state = load_file(ckpt / "model.safetensors")
+    for name in VOCAB_NAMES:
+        state[name] = state[name][:VOCAB_SIZE]
+    folder = hf_folder(dest, state, ckpt)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": VOCAB_SIZE}))
+    return folder
+
+
+def test_extended_vocabulary_base_rows_merge_as_without_the_extension(extended_run, tmp_path):
+    base, ckpts, calib = extended_run
+    common = dict(base=base, calibration_data=calib, tokenizer_source=base, progress=False)  # same calibration ids
+    merge_checkpoints(checkpoints=ckpts, output=tmp_path / "extended", **common)
+    plain = [truncated(c, tmp_path / f"plain-{c.name}") for c in ckpts]
+    merge_checkpoints(checkpoints=plain, output=tmp_path / "plain", **common)
+    extended, expected = load_output(tmp_path / "extended"), load_output(tmp_path / "plain")
+    assert extended.keys() == expected.keys()
+    for name, tensor in expected.items():
+        got = extended[name][:VOCAB_SIZE] if name in VOCAB_NAMES else extended[name]
+        assert torch.equal(got, tensor), name
+    base_sd = load_file(base / "model.safetensors")
+    assert not torch.equal(extended["lm_head.weight"][:VOCAB_SIZE], base_sd["lm_head.weight"])
+
+
+def own_loss(ckpt: Path) -> float:
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    return next(e["loss"] for e in state["log_history"] if e.get("step") == state["global_step"] and "loss" in e)
+
+
+@pytest.mark.parametrize("rule", ["first", "best", "average"])
+def test_extended_vocabulary_new_rows_rules(rule, extended_run, tmp_path):
+    base, ckpts, calib = extended_run
+    common = dict(base=base, checkpoints=ckpts, calibration_data=calib, progress=False)
+    merge_checkpoints(output=tmp_path / "obim", **common)
+    merge_checkpoints(output=tmp_path / rule, new_rows=rule, metric="loss", **common)
+    default, merged = load_output(tmp_path / "obim"), load_output(tmp_path / rule)
+    sds = [load_file(c / "model.safetensors") for c in ckpts]
+    best = min(range(len(ckpts)), key=lambda k: own_loss(ckpts[k]))
+    for name in VOCAB_NAMES:
+        news = [sd[name][VOCAB_SIZE:] for sd in sds]
+        expected = {"first": news[0], "best": news[best], "average": torch.stack(news).mean(0)}[rule]
+        assert torch.equal(merged[name][VOCAB_SIZE:], expected), name
+        assert torch.equal(merged[name][:VOCAB_SIZE], default[name][:VOCAB_SIZE]), name
+        assert not torch.equal(merged[name][VOCAB_SIZE:], default[name][VOCAB_SIZE:]), name
+    if rule == "best":
+        tokenizer_source = json.loads((tmp_path / rule / "obim_merge.json").read_text())["output"]["tokenizer"]
+        assert Path(tokenizer_source) == ckpts[best].resolve()
+
+
+def test_extended_vocabulary_without_a_tokenizer_in_the_checkpoint_asks_for_one(extended_run, tmp_path):
+    base, ckpts, calib = extended_run
+    bare = Path(shutil.copytree(ckpts[0], tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*")))
+    with pytest.raises(ConfigError, match=r"extend the vocabulary to 330 tokens, but .*bare holds no tokenizer"):
+        merge_checkpoints(base=base, checkpoints=[bare, ckpts[1]], calibration_data=calib, output=tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_mixed_dtypes_merge_in_float32_and_write_the_base_or_requested_dtype(llama_family, calibration_jsonl, tmp_path):
+    base, ckpts = copied_family(llama_family, tmp_path)
+    for ckpt, dtype in zip(ckpts, (torch.bfloat16, torch.float16), strict=False):
+        state = {n: t.to(dtype) for n, t in load_file(ckpt / "model.safetensors").items()}
+        save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
+    common = dict(base=base, checkpoints=ckpts, calibration_data=calibration_jsonl, progress=False)
+    merge_checkpoints(output=tmp_path / "auto", **common)
+    merge_checkpoints(output=tmp_path / "bf16", dtype="bfloat16", **common)
+    auto, bf16 = load_output(tmp_path / "auto"), load_output(tmp_path / "bf16")
+    base_sd = load_file(base / "model.safetensors")
+    sds = [load_file(c / "model.safetensors") for c in ckpts]
+    for name, tensor in auto.items():
+        assert tensor.dtype == torch.float32 and bf16[name].dtype == torch.bfloat16, name
+        assert torch.equal(bf16[name], tensor.to(torch.bfloat16)), name  # one rounding, of the float32 result
+        sources = torch.stack([base_sd[name] == tensor, *(sd[name].float() == tensor for sd in sds)])
+        assert bool(sources.any(0).all()), f"{name}: a value that is no input's"
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_checkpoints_sharded_differently_merge_as_unsharded(llama_family, tokenizer_dir, calibration_jsonl, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, ckpts = copied_family(llama_family, tmp_path)
+    resharded = []
+    for ckpt, size in zip(ckpts, ("60KB", "150KB", "100KB"), strict=True):
+        model = AutoModelForCausalLM.from_pretrained(ckpt)
+        folder = tmp_path / f"sharded-{ckpt.name}"
+        resharded.append(save_model_folder(model, folder, tokenizer_dir, max_shard_size=size))
+    maps = [json.loads((f / "model.safetensors.index.json").read_text())["weight_map"] for f in resharded]
+    assert len({tuple(sorted(m.items())) for m in maps}) == 3, "the shard boundaries differ"
+    common = dict(base=base, calibration_data=calibration_jsonl, progress=False)
+    merge_checkpoints(checkpoints=ckpts, output=tmp_path / "single", **common)
+    merge_checkpoints(checkpoints=resharded, output=tmp_path / "sharded", **common)
+    assert_same_outputs(tmp_path / "single", tmp_path / "sharded")
+
+
+def test_a_folder_in_no_format_fails_before_anything_is_written(llama_family, calibration_jsonl, tmp_path):
+    base, ckpts = llama_family
+    junk = tmp_path / "checkpoint-99"
+    (junk / "logs").mkdir(parents=True)
+    (junk / "weights.npz").write_bytes(b"x")
+    with pytest.raises(CheckpointError) as caught:
+        merge_checkpoints(
+            base=base, checkpoints=[ckpts[0], junk], calibration_data=calibration_jsonl, output=tmp_path / "m"
+        )
+    message = str(caught.value)
+    assert f"no checkpoint format recognised in {junk} (found: logs/, weights.npz)" in message
+    assert all(s in message for s in ("model.safetensors", "DeepSpeed ZeRO", "PEFT LoRA"))
+    assert not (tmp_path / "m").exists()
+
+
+def test_dry_run_shows_the_extended_vocabulary(extended_run, tmp_path):
+    base, ckpts, calib = extended_run
+    result = merge_checkpoints(
+        base=base, checkpoints=ckpts, calibration_data=calib, output=tmp_path / "m", dry_run=True, new_rows="average"
+    )
+    assert "vocabulary: the checkpoints extend it to 330 rows; new rows: average" in result.plan_text
+    assert "model.embed_tokens.weight" in result.plan_text and "330x64" in result.plan_text

@@ -9,9 +9,13 @@ When a folder holds several formats:
 
 * a PEFT adapter wins: a Trainer saves ``adapter_model.safetensors`` for a PEFT model even under
   DeepSpeed, and its ``global_step*/`` then holds the adapter wrapped in PEFT's module names;
-* DeepSpeed's fp32 master weights win over the 16-bit ``model.safetensors`` written beside them,
-  because they are what the optimizer held — the 16-bit file is their rounding. Pass
-  ``zero_weights="saved"`` to read the file the Trainer saved instead;
+* for a DeepSpeed checkpoint that also holds the weights the Trainer saved (``model.safetensors``,
+  the 16-bit rounding of the fp32 master weights), ``zero_weights`` decides. The default, ``"auto"``,
+  reads the saved weights when they are there and the fp32 masters otherwise (ZeRO-3 without
+  ``stage3_gather_16bit_weights_on_model_save``): the saved weights are the model the Trainer
+  evaluated — the numbers the checkpoints were selected by — and what ``from_pretrained`` loads,
+  and reading them needs neither DeepSpeed nor unpickling. ``"master"`` reads the fp32 masters
+  (the exact values the optimizer held), ``"saved"`` insists on the saved file;
 * among Hugging Face files, the first of ``model.safetensors``, its index, ``pytorch_model.bin``, its
   index wins, as in transformers.
 """
@@ -48,7 +52,8 @@ HF_FILES = {
     BIN_SINGLE: BIN,
     BIN_INDEX: BIN_SHARDED,
 }
-ZERO_MASTER, ZERO_SAVED = "master", "saved"
+ZERO_AUTO, ZERO_MASTER, ZERO_SAVED = "auto", "master", "saved"
+ZERO_WEIGHTS = (ZERO_AUTO, ZERO_SAVED, ZERO_MASTER)
 SUPPORTED = (
     f"{SAFETENSORS_SINGLE}; {SAFETENSORS_INDEX} with its shards; one other *.safetensors file; {BIN_SINGLE}; "
     f"{BIN_INDEX} with its shards; a DeepSpeed ZeRO checkpoint ({ZERO_LATEST} and global_step*/ with "
@@ -112,15 +117,16 @@ def hf_format(path: Path) -> str | None:
     return SAFETENSORS_OTHER if others else None
 
 
-def detect_format(path: str | Path, zero_weights: str = ZERO_MASTER) -> str:
+def detect_format(path: str | Path, zero_weights: str = ZERO_AUTO) -> str:
     """The format to read ``path`` as: one of the format names of this module.
 
-    ``zero_weights`` chooses, for a DeepSpeed checkpoint that also holds Hugging Face weights,
-    between the fp32 master weights (``"master"``, the default) and the saved file (``"saved"``).
+    ``zero_weights`` chooses, for a DeepSpeed checkpoint, between the weights the Trainer saved
+    beside it and the fp32 master weights (see the module docstring): ``"auto"`` (saved if present,
+    else masters), ``"saved"`` (an error when there are none) or ``"master"``.
     Raises :class:`CheckpointError` listing the folder's contents when no format matches.
     """
-    if zero_weights not in (ZERO_MASTER, ZERO_SAVED):
-        raise ConfigError(f"zero_weights must be {ZERO_MASTER!r} or {ZERO_SAVED!r}, not {zero_weights!r}")
+    if zero_weights not in ZERO_WEIGHTS:
+        raise ConfigError(f"zero_weights must be one of {', '.join(map(repr, ZERO_WEIGHTS))}, not {zero_weights!r}")
     path = Path(path)
     if not path.is_dir():
         what = "does not exist" if not path.exists() else "is a file, not a folder"
@@ -129,19 +135,29 @@ def detect_format(path: str | Path, zero_weights: str = ZERO_MASTER) -> str:
         return PEFT_LORA
     hf = hf_format(path)
     if is_zero_checkpoint(path):
-        if hf is None:
-            if zero_weights == ZERO_SAVED:
-                logger.warning("%s holds no saved weights; reading DeepSpeed's fp32 master weights", path)
-            return ZERO
-        chosen = ZERO if zero_weights == ZERO_MASTER else hf
-        logger.info("%s holds %s and %s weights; reading %s (zero_weights=%r)", path, ZERO, hf, chosen, zero_weights)
-        return chosen
+        return _zero_choice(path, hf, zero_weights)
     if hf is not None:
         return hf
     raise CheckpointError(
         f"no checkpoint format recognised in {path} (found: {describe_folder(path)}). Supported: {SUPPORTED}."
         + _hint(path)
     )
+
+
+def _zero_choice(path: Path, hf: str | None, zero_weights: str) -> str:
+    """Which weights of a DeepSpeed checkpoint to read, given the Hugging Face format saved beside it."""
+    if hf is None:
+        if zero_weights == ZERO_SAVED:
+            raise CheckpointError(
+                f"zero_weights='saved' was asked for, but {path} holds only DeepSpeed's ZeRO shards, no saved model "
+                f"weights (found: {describe_folder(path)}); use zero_weights 'auto' or 'master' to read the fp32 "
+                "master weights, or save the weights (stage3_gather_16bit_weights_on_model_save=true)"
+            )
+        logger.info("%s holds no saved model weights; reading DeepSpeed's fp32 master weights", path)
+        return ZERO
+    chosen = ZERO if zero_weights == ZERO_MASTER else hf
+    logger.info("%s holds %s and %s weights; reading %s (zero_weights=%r)", path, ZERO, hf, chosen, zero_weights)
+    return chosen
 
 
 def describe_folder(path: Path) -> str:

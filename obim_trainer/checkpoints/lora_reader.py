@@ -137,6 +137,8 @@ class LoraCheckpointReader(CheckpointReader):
     The base reader is borrowed, not owned: :meth:`close` leaves it open.
     """
 
+    format = "peft-lora"
+
     def __init__(self, path: Path, base: CheckpointReader) -> None:
         super().__init__(Path(path))
         self.base = base
@@ -269,7 +271,7 @@ class LoraCheckpointReader(CheckpointReader):
             return
         if folder.resolve() == self.base.path.resolve():
             return
-        from obim_trainer.checkpoints.reader import open_checkpoint
+        from obim_trainer.checkpoints.dispatch import open_checkpoint
 
         with open_checkpoint(folder) as other:
             same = self._same_tensors(other)

@@ -33,19 +33,9 @@ from obim_trainer.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_SINGLE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN_SINGLE = "pytorch_model.bin"
-BIN_INDEX = "pytorch_model.bin.index.json"
-PEFT_ADAPTER = "adapter_model.safetensors"
-SUPPORTED = (
-    f"{SAFETENSORS_SINGLE}; {SAFETENSORS_INDEX} with its shards; a single other *.safetensors file; "
-    f"{BIN_SINGLE}; {BIN_INDEX} with its shards"
-)
 FINGERPRINT_EDGE = 64 * 1024
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 _ZIP_MAGIC = b"PK\x03\x04"
-_LISTED_FILES = 12
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -82,6 +72,9 @@ class TensorInfo:
 
 class CheckpointReader(ABC):
     """One model folder, read one tensor at a time."""
+
+    format: str = "unknown"
+    """The format name :func:`~obim_trainer.checkpoints.detect.detect_format` gives it (for the manifest)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -254,6 +247,8 @@ class SafetensorsReader(CheckpointReader):
     """``model.safetensors``, the shards listed in ``model.safetensors.index.json``, or one
     other safetensors file. Headers are parsed at open; data is read per tensor."""
 
+    format = "safetensors"
+
     def __init__(self, path: Path, files: Sequence[Path]) -> None:
         super().__init__(path)
         self._files = list(files)
@@ -344,6 +339,8 @@ class TorchBinReader(CheckpointReader):
     occupies. Legacy (pre-zip) files cannot be mapped and are loaded whole, one file at a time.
     """
 
+    format = "bin"
+
     def __init__(self, path: Path, files: Sequence[Path]) -> None:
         super().__init__(path)
         self._files = list(files)
@@ -392,65 +389,3 @@ class TorchBinReader(CheckpointReader):
     def close(self) -> None:
         self._mapped.clear()
         self._resident = None
-
-
-def _describe_folder(path: Path) -> str:
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
-    shown = ", ".join(names[:_LISTED_FILES]) or "nothing"
-    return shown + (f" and {len(names) - _LISTED_FILES} more" if len(names) > _LISTED_FILES else "")
-
-
-def _no_weights_hint(path: Path) -> str:
-    if (path / PEFT_ADAPTER).is_file() or (path / "adapter_config.json").is_file():
-        return (
-            "It looks like a PEFT adapter: merge it into its base model with peft's merge_and_unload() "
-            "and save_pretrained the result."
-        )
-    if any(path.glob("global_step*")):
-        return (
-            "It looks like a DeepSpeed checkpoint: consolidate it with the zero_to_fp32.py script saved beside "
-            "it, or set stage3_gather_16bit_weights_on_model_save=true so the Trainer saves model weights."
-        )
-    return "Save the model with save_pretrained."
-
-
-def open_checkpoint(path: str | Path) -> CheckpointReader:
-    """Open a model folder in whichever supported format it holds, as transformers would.
-
-    Raises :class:`CheckpointError` naming the folder or file and what to do when the folder is
-    missing, holds no recognised weights, or its weights are corrupt or inconsistent.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist; pass the folder that holds config.json and the model weights")
-    if not path.is_dir():
-        raise CheckpointError(
-            f"{path} is a file, not a folder; pass the folder that holds config.json and the model weights"
-        )
-    present = [n for n in (SAFETENSORS_SINGLE, SAFETENSORS_INDEX, BIN_SINGLE, BIN_INDEX) if (path / n).is_file()]
-    if present:
-        chosen = present[0]
-        if len(present) > 1:
-            logger.info("%s holds %s; reading %s, as transformers does", path, ", ".join(present), chosen)
-        file = path / chosen
-        if chosen == SAFETENSORS_SINGLE:
-            return SafetensorsReader(path, [file])
-        if chosen == SAFETENSORS_INDEX:
-            return SafetensorsReader.from_index(path, file)
-        if chosen == BIN_SINGLE:
-            return TorchBinReader(path, [file])
-        return TorchBinReader.from_index(path, file)
-    others = sorted(f for f in path.glob("*.safetensors") if f.name != PEFT_ADAPTER and f.is_file())
-    if len(others) == 1:
-        logger.info("reading %s, the only safetensors file in %s", others[0].name, path)
-        return SafetensorsReader(path, others)
-    if others:
-        raise CheckpointError(
-            f"{path} holds several safetensors files ({', '.join(f.name for f in others)}) but no "
-            f"{SAFETENSORS_INDEX} saying how they form one model; restore the index or re-save the model "
-            "with save_pretrained"
-        )
-    raise CheckpointError(
-        f"no model weights recognised in {path} (found: {_describe_folder(path)}). Supported: {SUPPORTED}. "
-        + _no_weights_hint(path)
-    )

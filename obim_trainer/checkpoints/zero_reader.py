@@ -154,6 +154,8 @@ class ZeroCheckpointReader(CheckpointReader):
     """The fp32 master weights of the DeepSpeed checkpoint in ``path`` (a Trainer ``checkpoint-N``
     folder holding ``latest`` and ``global_step*/``, or the ``global_step*`` folder itself)."""
 
+    format = "deepspeed-zero"
+
     def __init__(self, path: Path, tag: str | None = None) -> None:
         super().__init__(Path(path))
         zero_to_fp32 = _deepspeed()
@@ -317,7 +319,8 @@ class ZeroCheckpointReader(CheckpointReader):
         self._info(name)
         if name not in self._loaders:
             raise CheckpointError(f"{self} was closed; open the checkpoint again to read {name}")
-        return self._loaders[name]()
+        # DeepSpeed saves the fp32 partitions as tensors that require grad; a reader returns plain data
+        return self._loaders[name]().detach()
 
     def weight_files(self) -> list[Path]:
         return [*self._model_files, *self._optim_files]

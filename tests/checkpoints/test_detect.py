@@ -20,6 +20,7 @@ from obim_trainer.checkpoints.detect import (
     SAFETENSORS_OTHER,
     SAFETENSORS_SHARDED,
     ZERO,
+    ZERO_MASTER,
     ZERO_SAVED,
     detect_format,
 )
@@ -83,10 +84,17 @@ def test_the_global_step_folder_itself_is_a_zero_checkpoint(folders):
     assert detect_format(folders[ZERO] / "global_step2") == ZERO
 
 
-def test_zero_masters_win_over_saved_weights_unless_saved_is_asked_for(folders, tmp_path):
+def test_saved_weights_win_over_zero_masters_unless_masters_are_asked_for(folders, tmp_path):
     folder = combined(tmp_path / "c", folders[ZERO], folders[SAFETENSORS])
-    assert detect_format(folder) == ZERO
+    assert detect_format(folder) == SAFETENSORS
     assert detect_format(folder, zero_weights=ZERO_SAVED) == SAFETENSORS
+    assert detect_format(folder, zero_weights=ZERO_MASTER) == ZERO
+
+
+def test_asking_for_saved_weights_that_are_not_there_is_an_error(folders):
+    assert detect_format(folders[ZERO]) == ZERO
+    with pytest.raises(CheckpointError, match=r"zero_weights='saved' .* holds only DeepSpeed's ZeRO shards"):
+        detect_format(folders[ZERO], zero_weights=ZERO_SAVED)
 
 
 def test_an_adapter_wins_over_the_deepspeed_checkpoint_beside_it(folders, tmp_path):

@@ -18,6 +18,7 @@ from obim_trainer.engine import MergeEngine, plan_merge
 from obim_trainer.errors import CheckpointError
 from obim_trainer.merging import build_method
 from obim_trainer.model_layout import ModelLayout
+from tests.checkpoints.lora_run import merged_state_dict, train_adapter
 from tests.conftest import VOCAB_SIZE, make_tiny_gpt2, make_tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -41,39 +42,6 @@ GPT2_ADAPTER = {
     "fan_in_fan_out": True,
     "lora_bias": True,
 }
-
-
-def train_adapter(base: Path, output: Path, config: dict, seed: int) -> Path:
-    """Two steps of a real Trainer on a LoRA model of ``base``; return the saved ``checkpoint-2``."""
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(**config))
-    generator = torch.Generator().manual_seed(seed)
-    data = []
-    for _ in range(8):
-        ids = torch.randint(4, VOCAB_SIZE, (16,), generator=generator)
-        data.append({"input_ids": ids, "labels": ids})
-    args = TrainingArguments(
-        output_dir=str(output),
-        use_cpu=True,
-        max_steps=2,
-        save_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=2e-2,
-        report_to="none",
-        disable_tqdm=True,
-        logging_steps=100,
-        seed=seed,
-    )
-    Trainer(model=model, args=args, train_dataset=data).train()
-    return output / "checkpoint-2"
-
-
-def merged_state_dict(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
-    return model.merge_and_unload().state_dict()
 
 
 @pytest.fixture(scope="module")

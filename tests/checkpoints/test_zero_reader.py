@@ -9,22 +9,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from obim_trainer.checkpoints.detect import SAFETENSORS, ZERO, ZERO_SAVED, detect_format
+from obim_trainer.checkpoints.detect import SAFETENSORS, ZERO, ZERO_MASTER, ZERO_SAVED, detect_format
 from obim_trainer.checkpoints.zero_reader import ZeroCheckpointReader
 from obim_trainer.errors import CheckpointError
-from tests.checkpoints.zero_run import launch
 
 zero_to_fp32 = pytest.importorskip("deepspeed.utils.zero_to_fp32")
-TIMEOUT_S = 240
 STAGES = (2, 3)
 TAG = "global_step2"
 
 
 @pytest.fixture(scope="session")
-def zero_checkpoints(tmp_path_factory) -> dict[int, Path]:
+def zero_checkpoints(zero_checkpoint) -> dict[int, Path]:
     """Stage → Trainer checkpoint folder (with model.safetensors); shared, do not modify."""
-    root = tmp_path_factory.mktemp("zero")
-    return {stage: launch(root / f"zero{stage}", stage, timeout_s=TIMEOUT_S) for stage in STAGES}
+    return {stage: zero_checkpoint(stage) for stage in STAGES}
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +40,7 @@ def assert_equals_deepspeed(reader: ZeroCheckpointReader, expected: dict[str, to
     assert list(infos) == list(expected)
     for name, tensor in expected.items():
         got = reader.read(name)
+        assert not got.requires_grad, name
         assert got.dtype == tensor.dtype == infos[name].dtype, name
         assert tuple(got.shape) == infos[name].shape, name
         assert torch.equal(got, tensor), name
@@ -56,7 +54,7 @@ def test_every_tensor_equals_deepspeeds_consolidation(
     folder = (
         zero_checkpoints[stage] if saved_weights else without_saved_weights(zero_checkpoints[stage], tmp_path / "c")
     )
-    assert detect_format(folder) == ZERO
+    assert detect_format(folder, zero_weights=ZERO_MASTER) == ZERO
     with ZeroCheckpointReader(folder) as reader:
         assert reader.stage == stage
         assert_equals_deepspeed(reader, deepspeed_state_dicts[stage])
@@ -85,11 +83,12 @@ def test_masters_round_to_the_saved_16bit_weights(stage, zero_checkpoints):
     assert differing > 0
 
 
-def test_masters_are_read_unless_the_saved_weights_are_asked_for(zero_checkpoints, tmp_path):
+def test_saved_weights_are_read_unless_the_masters_are_asked_for(zero_checkpoints, tmp_path):
     folder = zero_checkpoints[2]
-    assert detect_format(folder) == ZERO
+    assert detect_format(folder) == SAFETENSORS
     assert detect_format(folder, zero_weights=ZERO_SAVED) == SAFETENSORS
-    assert detect_format(without_saved_weights(folder, tmp_path / "c"), zero_weights=ZERO_SAVED) == ZERO
+    assert detect_format(folder, zero_weights=ZERO_MASTER) == ZERO
+    assert detect_format(without_saved_weights(folder, tmp_path / "c")) == ZERO
 
 
 @pytest.mark.parametrize("stage", STAGES)
