@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -33,6 +34,7 @@ from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.checkpoint_guard import CheckpointGuard, link_or_copy
 from obim_trainer.checkpoints import open_checkpoint, parse_size
 from obim_trainer.checkpoints.detect import hf_format
+from obim_trainer.comparison import evaluate_folders, pick
 from obim_trainer.distributed import (
     ZeroGatherer,
     collect_live_stats,
@@ -41,10 +43,12 @@ from obim_trainer.distributed import (
 )
 from obim_trainer.errors import ConfigError
 from obim_trainer.evaluation import METRIC_PREFIX, PerLanguageEvaluator, load_eval_sets
+from obim_trainer.manifest import MANIFEST_NAME
 from obim_trainer.merge import merge_checkpoints, prepare_calibration
 from obim_trainer.merging import build_method
 from obim_trainer.selectors import Candidate, Selector, build_selector
 from obim_trainer.tracking import RunLogger, make_run_logger, summarize_merge
+from obim_trainer.variants import merge_variants, plan_variants
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +85,7 @@ class MergedModel:
     path: Path
     checkpoints: list[int]
     metrics: dict[str, float] = field(default_factory=dict)
+    total_share: float | None = None
 
 
 class OBIMCallback(TrainerCallback):
@@ -337,26 +342,60 @@ class OBIMCallback(TrainerCallback):
             logger.info("checkpoints %s are already merged in %s", self.selected, self.merged[-1].path)
             return False
         output = self.root / f"merged-step-{step}"
-        merge_config = self.config.merge_config([c.merge_path for c in chosen], output)
-        with _timed(timings, "merge_s"), plain_model_loading():
-            result = merge_checkpoints(merge_config)
         merged = MergedModel(step=step, path=output, checkpoints=[c.step for c in chosen])
-        if self.evaluator is not None:
-            with _timed(timings, "merged_evaluation_s"):
-                device = self.config.eval_device or self._device
-                merged.metrics = self.evaluator.evaluate_folder(output, device)
+        sweep = self._sweep if self.config.total_share_sweep else self._merge_once
+        params = sweep(merged, chosen, timings)
         self.merged.append(merged)
         self.latest_merge = output
         self._prune_merged()
         self.run_logger.log_merge(step, merged.metrics, chosen)
         if self.run_logger.enabled and self.config.log_saliency:
             with _timed(timings, "summary_s"):
-                self._log_summary(step, chosen, (result.manifest or {}).get("ownership_share"))
+                manifest = json.loads((output / MANIFEST_NAME).read_text())
+                self._log_summary(step, chosen, params, manifest.get("ownership_share"))
         logger.info("merged checkpoints %s into %s", merged.checkpoints, output)
         return True
 
-    def _log_summary(self, step: int, chosen: list[Candidate], ownership_share: list[float] | None) -> None:
-        method = build_method(self.config.method, self.config.params, num_models=len(chosen))
+    def _merge_once(self, merged: MergedModel, chosen: list[Candidate], timings: dict[str, float]) -> dict[str, Any]:
+        """The configured merge into ``merged.path``, evaluated; returns the method parameters used."""
+        merge_config = self.config.merge_config([c.merge_path for c in chosen], merged.path)
+        with _timed(timings, "merge_s"), plain_model_loading():
+            merge_checkpoints(merge_config)
+        if self.evaluator is not None:
+            with _timed(timings, "merged_evaluation_s"):
+                merged.metrics = self.evaluator.evaluate_folder(merged.path, self.config.eval_device or self._device)
+        return self.config.params
+
+    def _sweep(self, merged: MergedModel, chosen: list[Candidate], timings: dict[str, float]) -> dict[str, Any]:
+        """Merge at every total share into ``sweep-step-N/``, evaluate each and move the one the objective
+        picks to ``merged.path``; returns the method parameters of the pick."""
+        assert self.evaluator is not None and self.config.total_share_sweep is not None
+        root = self.root / f"sweep-step-{merged.step}"
+        variants = plan_variants([self.config.method], self.config.params, self.config.total_share_sweep, len(chosen))
+        with _timed(timings, "merge_s"), plain_model_loading():
+            folders = merge_variants(self.config.merge_config([c.merge_path for c in chosen], root), variants, root)
+        with _timed(timings, "merged_evaluation_s"):
+            device = self.config.eval_device or self._device
+            table = evaluate_folders({n: (p, "merge") for n, p in folders.items()}, self.evaluator, device=device)
+        best = pick(table, self.config.objective)
+        variant = next(v for v in variants if v.name == best.name)
+        if merged.path.exists():
+            shutil.rmtree(merged.path)  # a resumed run redoing this step
+        os.replace(best.path, merged.path)
+        best.path = merged.path
+        if self.config.keep_sweep:
+            table.write(root)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+        merged.metrics, merged.total_share = best.metrics, variant.total_share
+        self.run_logger.log_sweep(merged.step, table)
+        logger.info("total-share sweep: kept %s (%s)", best.name, self.config.objective.describe())
+        return variant.params
+
+    def _log_summary(
+        self, step: int, chosen: list[Candidate], params: dict[str, Any], ownership_share: list[float] | None
+    ) -> None:
+        method = build_method(self.config.method, params, num_models=len(chosen))
         stats = [c.load_stats() for c in chosen]
         layers = summarize_merge(
             self.config.base_model,
@@ -402,7 +441,7 @@ class OBIMCallback(TrainerCallback):
         self.candidates = {c.step: c for c in candidates if c.step <= global_step}
         self.selected = [s for s in record.get("selected", []) if s in self.candidates]
         self.merged = [
-            MergedModel(m["step"], Path(m["path"]), m["checkpoints"], m.get("metrics", {}))
+            MergedModel(m["step"], Path(m["path"]), m["checkpoints"], m.get("metrics", {}), m.get("total_share"))
             for m in record.get("merged", [])
             if m["step"] <= global_step and Path(m["path"]).is_dir()
         ]

@@ -13,8 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from obim_trainer.comparison import Objective
 from obim_trainer.config import MergeConfig, OutputDType, format_validation_error, load_yaml_config
 from obim_trainer.errors import ConfigError
+from obim_trainer.variants import accepts_total_share
 
 
 class OBIMConfig(BaseModel):
@@ -61,6 +63,15 @@ class OBIMConfig(BaseModel):
     min_checkpoints: int = Field(default=2, ge=1, description="Merge only once this many checkpoints are selected.")
     keep_merged: int = Field(default=2, ge=1, description="How many merged-step-N folders to keep.")
     load_merged_at_end: bool = Field(default=False, description="Load the last merge into the trained model.")
+    total_share_sweep: list[float] | None = Field(
+        default=None,
+        description="Merge at each total share Σn_k (e.g. [1.0, 0.6, 0.3]; below 1 part of the base is kept), "
+        "evaluate each with eval_data and keep the one objective picks as merged-step-N.",
+    )
+    objective: Objective = Field(default_factory=Objective, description="How the sweep picks: avg or old_avg.")
+    keep_sweep: bool = Field(
+        default=False, description="Keep every sweep merge in sweep-step-N/ (disk: one model each)."
+    )
     merge_device: str = "cpu"
     dtype: OutputDType = "auto"
     out_shard_size: str | int = "5GB"
@@ -85,6 +96,13 @@ class OBIMConfig(BaseModel):
             raise ValueError(
                 f"min_checkpoints={self.min_checkpoints} exceeds top_k={self.top_k}: no merge would ever run"
             )
+        if self.total_share_sweep:
+            if self.eval_data is None:
+                raise ValueError("total_share_sweep evaluates every merge: give eval_data={language: file}")
+            if not accepts_total_share(self.method):
+                raise ValueError(f"total_share_sweep needs a method with shares n_k (obim), not '{self.method}'")
+            if not all(0.0 < s <= 1.0 for s in self.total_share_sweep):
+                raise ValueError(f"total_share_sweep values must lie in (0, 1], got {self.total_share_sweep}")
         return self
 
     @classmethod

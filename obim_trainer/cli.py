@@ -14,6 +14,7 @@ import yaml
 
 from obim_trainer.config import MergeConfig, load_yaml_config, merge_overrides
 from obim_trainer.errors import OBIMError
+from obim_trainer.merge_comparison import COMPARISON_KEYS, ComparisonConfig, compare_merges
 from obim_trainer.merging import available_methods
 
 logger = logging.getLogger("obim_trainer")
@@ -42,6 +43,10 @@ examples:
 
   # settings from YAML; flags override it
   obim-merge-ckpts --config configs/merge/obim.yaml --output ./merged-2
+
+  # compare OBIM (also keeping 40% and 70% of the base) with TIES, one table of per-language losses
+  obim-merge-ckpts --config configs/merge/obim.yaml --method obim,ties --total-share 1.0,0.6,0.3 \
+      --evaluate --eval-data en=en_eval.jsonl ja=ja_eval.jsonl --output ./compared
 
   # check everything and print the per-tensor plan without writing
   obim-merge-ckpts --config configs/merge/obim.yaml --dry-run
@@ -101,7 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     method = parser.add_argument_group("how to merge")
-    method.add_argument("--method", help="Merge method (default obim); see --list-methods.")
+    method.add_argument(
+        "--method",
+        help="Merge method (default obim); see --list-methods. Several, comma-separated (obim,ties,dare_ties), "
+        "make one merge each in --output/<method>/ to compare.",
+    )
+    method.add_argument(
+        "--total-share",
+        type=_parse_floats,
+        dest="total_shares",
+        metavar="S,S,...",
+        help="OBIM: merge once per total share Σn_k (e.g. 1.0,0.6,0.3); below 1 part of each tensor keeps the "
+        "base's values, trading new-language gain for old-language recovery. Written as --output/obim@0.6/.",
+    )
     method.add_argument(
         "--param",
         type=_parse_param,
@@ -143,8 +160,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calib.add_argument("--recompute-stats", action="store_true", help="Ignore cached statistics.")
 
+    compare = parser.add_argument_group("compare merges (with several methods or total shares)")
+    compare.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="Evaluate the base, the checkpoints and every merge per language and write --output/comparison.md/.json.",
+    )
+    compare.add_argument(
+        "--eval-data",
+        type=_parse_eval_data,
+        nargs="+",
+        metavar="LANG=FILE",
+        help="Evaluation texts per language (JSONL with 'text', .txt or .parquet), e.g. en=en.jsonl ja=ja.jsonl.",
+    )
+    compare.add_argument("--eval-samples", type=int, help="Samples per language (default 200).")
+    compare.add_argument("--eval-max-length", type=int, help="Tokens per sample (default 512).")
+    compare.add_argument(
+        "--objective",
+        choices=["avg", "old_avg"],
+        help="How to pick the best merge: avg (default) of all languages' losses; old_avg: best on the languages "
+        "other than --new-language, among merges with its loss at most --new-limit.",
+    )
+    compare.add_argument("--new-language", help="The language continued pre-training added (for old_avg).")
+    compare.add_argument("--new-limit", type=float, help="old_avg: the largest acceptable new-language loss.")
+
     out = parser.add_argument_group("output")
-    out.add_argument("--output", type=Path, help="New folder for the merged model (appears only when complete).")
+    out.add_argument(
+        "--output",
+        type=Path,
+        help="New folder for the merged model (appears only when complete); when comparing, the folder that holds "
+        "one such folder per merge and the comparison table.",
+    )
     out.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     out.add_argument("--out-shard-size", help="Largest safetensors shard (default 5GB).")
     out.add_argument(
@@ -167,10 +213,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 OBIM_FLAGS = ("ratios", "order", "priority", "embedding_saliency")
+OBJECTIVE_FLAGS = {"objective": "kind", "new_language": "new_language", "new_limit": "new_limit"}
 
 
-def config_from_args(args: argparse.Namespace) -> MergeConfig:
-    """YAML (if any) overridden by flags, validated."""
+def _parse_floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, got {text!r} (e.g. 1.0,0.6,0.3)"
+        ) from None
+
+
+def _parse_eval_data(text: str) -> tuple[str, Path]:
+    language, sep, path = text.partition("=")
+    if not sep or not language or not path:
+        raise argparse.ArgumentTypeError(f"expected LANG=FILE, got {text!r} (e.g. --eval-data en=en_eval.jsonl)")
+    return language.strip(), Path(path)
+
+
+def _split_comparison(values: dict[str, Any]) -> dict[str, Any]:
+    """Pop the comparison settings out of the merged YAML+flag values; ``method`` may list several."""
+    methods = values.pop("methods", None) or values.get("method", "obim")
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    values["method"] = methods[0] if methods else "obim"
+    compared = {key: values.pop(key) for key in COMPARISON_KEYS if key in values}
+    compared["methods"] = methods
+    return compared
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[MergeConfig, ComparisonConfig]:
+    """YAML (if any) overridden by flags, validated: the merge settings and the comparison settings."""
     given = vars(args).copy()
     for key in ("list_methods", "log_level"):
         given.pop(key, None)
@@ -179,7 +253,14 @@ def config_from_args(args: argparse.Namespace) -> MergeConfig:
     params.update({key: given.pop(key) for key in OBIM_FLAGS if key in given})
     if params:
         given["params"] = params
-    return MergeConfig.build(merge_overrides(values, given))
+    if "eval_data" in given:
+        given["eval_data"] = dict(given["eval_data"])
+    objective = {field: given.pop(flag) for flag, field in OBJECTIVE_FLAGS.items() if flag in given}
+    if objective:
+        given["objective"] = {**(values.get("objective") or {}), **objective}
+    merged = merge_overrides(values, given)
+    comparison = ComparisonConfig.build(_split_comparison(merged))
+    return MergeConfig.build(merged), comparison
 
 
 def format_methods() -> str:
@@ -209,7 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from obim_trainer.merge import merge_checkpoints
 
     try:
-        result = merge_checkpoints(config_from_args(args))
+        config, comparison = config_from_args(args)
+        if comparison.several and not config.dry_run:
+            _, table = compare_merges(config, comparison)
+            if table is not None:
+                sys.stdout.write(table.to_markdown() + "\n")
+            return 0
+        result = merge_checkpoints(config)
     except OBIMError as exc:
         logger.error("%s", exc)
         return 2

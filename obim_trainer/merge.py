@@ -157,7 +157,12 @@ def checkpoint_stats(
         model = load_model(reader, config.base, device)
         try:
             return ActivationStats.collect(
-                model, calibration, batch_size=config.calibration_batch_size, device=device, progress=config.progress
+                model,
+                calibration,
+                batch_size=config.calibration_batch_size,
+                device=device,
+                progress=config.progress,
+                desc=f"activation statistics of {reader.path.name}",
             )
         finally:
             del model

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main job: installs what it needs, then runs the CPU demo end to end.
+# The main job: installs what it needs, then runs the CPU forgetting-recovery demo end to end
+# (about 10 minutes on 2 cores). Results: outputs/demo/README.md and the PNGs beside it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/install_fortunes.sh"
 # shellcheck disable=SC1091
-source "$ROOT/scripts/setup_env.sh" "dev"
+source "$ROOT/scripts/setup_env.sh" "demo,wandb"
 cd "$ROOT"
-python examples/offline_merge.py --workdir "${OBIM_DEMO_DIR:-outputs/offline_merge}"
+obim-demo --config configs/demo/cpu.yaml --output "${OBIM_DEMO_DIR:-outputs/demo}" "$@"

@@ -77,7 +77,7 @@ def test_flags_override_yaml_params_entry_by_entry(tmp_path):
         )
     )
     args = build_parser().parse_args(["--config", str(config), "--order", "rotation", "--param", "ratios=[1.0]"])
-    cfg = config_from_args(args)
+    cfg, _ = config_from_args(args)
     assert cfg.params == {"order": "rotation", "embedding_saliency": "token_frequency", "ratios": [1.0]}
     assert str(cfg.base) == "b" and cfg.calibration_samples == 100
 
@@ -157,9 +157,9 @@ def test_checkpoint_format_flags_reach_the_config():
     required = ["--base", "b", "--checkpoints", "c", "--output", "o"]
     flags = ["--zero-weights", "master", "--new-rows", "average", "--dtype", "bfloat16"]
     args = build_parser().parse_args([*required, *flags])
-    cfg = config_from_args(args)
+    cfg, _ = config_from_args(args)
     assert (cfg.zero_weights, cfg.new_rows, cfg.dtype) == ("master", "average", "bfloat16")
-    defaults = config_from_args(build_parser().parse_args(required))
+    defaults, _ = config_from_args(build_parser().parse_args(required))
     assert (defaults.zero_weights, defaults.new_rows, defaults.dtype) == ("auto", "obim", "auto")
 
 

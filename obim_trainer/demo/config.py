@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from obim_trainer.comparison import Objective
 from obim_trainer.config import format_validation_error, load_yaml_config
 from obim_trainer.errors import ConfigError
 
@@ -54,6 +55,7 @@ class DemoConfig(BaseModel):
         default=["obim", "task_arithmetic", "ties", "dare_ties", "della", "widen", "consensus", "pcb"], min_length=1
     )
     total_shares: list[float] = Field(default=[1.0, 0.6, 0.3], description="OBIM's Σn_k sweep (1.0 = the paper).")
+    objective: Objective = Field(default_factory=Objective, description="How the table picks one merge.")
     seed: int = 0
     report_to: Literal["none", "wandb"] = "none"
 

@@ -51,10 +51,20 @@ class PerLanguageEvaluator:
         prefix: Prefix of the metric names.
     """
 
+    higher_is_better = False
+
     def __init__(self, sets: Mapping[str, CalibrationSet], *, batch_size: int = 8, prefix: str = METRIC_PREFIX) -> None:
         self.sets = dict(sets)
         self.batch_size = batch_size
         self.prefix = prefix
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.sets)
+
+    def language_metric(self, language: str) -> str:
+        """The metric that stands for ``language`` in comparison tables: its loss."""
+        return metric_names(language, self.prefix)[0]
 
     def _batches(self, samples: CalibrationSet, distributed: bool) -> Iterator[Batch]:
         if distributed:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
+from obim_trainer.comparison import ComparisonTable
 from obim_trainer.selectors import Candidate
 from obim_trainer.tracking.merge_summary import LayerSummary
 from obim_trainer.tracking.payload import Table, Value
@@ -74,6 +75,15 @@ class RunLogger(ABC):
         for label, share in zip(labels, ownership_share or [], strict=False):
             values[f"{PREFIX}/ownership/all/{label}"] = share
         self.emit(step, values)
+
+    def log_sweep(self, step: int, table: ComparisonTable) -> None:
+        """The total-share sweep: every merge's per-language values, average and which was kept."""
+        rows = [
+            [r.name, *(table.value(r, x) for x in table.languages), table.average(r), r.name == table.picked]
+            for r in table.rows
+        ]
+        columns = ["merge", *table.columns.values(), "avg", "picked"]
+        self.emit(step, {f"{PREFIX}/sweep": Table(columns, rows)})
 
     def log_timings(self, step: int, timings: Mapping[str, float]) -> None:
         """Seconds spent in statistics, merging and evaluation (``obim/time/<what>_s``)."""

@@ -1,0 +1,152 @@
+"""``obim-merge-ckpts --method obim,ties --total-share 1.0,0.6 --evaluate``: several merges and one table.
+
+Merges the same checkpoints with every method (and OBIM at every total share) into
+``<output>/<name>/``, evaluates the base, the checkpoints and every merge with one evaluator, picks
+one merge by the stated :class:`~obim_trainer.comparison.Objective` and writes
+``<output>/comparison.md`` and ``comparison.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from obim_trainer.comparison import ComparisonTable, Objective, RowKind, evaluate_folders, pick
+from obim_trainer.config import MergeConfig, format_validation_error
+from obim_trainer.errors import ConfigError
+from obim_trainer.evaluation import ModelEvaluator, PerLanguageEvaluator, load_eval_sets
+from obim_trainer.variants import MergeVariant, merge_variants, plan_variants
+
+logger = logging.getLogger(__name__)
+
+COMPARISON_KEYS = (
+    "methods",
+    "total_shares",
+    "evaluate",
+    "eval_data",
+    "eval_samples",
+    "eval_max_length",
+    "eval_batch_size",
+    "eval_text_field",
+    "eval_checkpoints",
+    "objective",
+)
+
+
+class ComparisonConfig(BaseModel):
+    """Which merges to make besides each other and how to evaluate them (names as in OBIMConfig)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    methods: list[str] = Field(min_length=1, description="Merge methods, e.g. [obim, ties, dare_ties].")
+    total_shares: list[float] | None = Field(
+        default=None, description="OBIM's Σ n_k values to sweep, e.g. [1.0, 0.6, 0.3] (1.0 is the paper)."
+    )
+    evaluate: bool = False
+    eval_data: dict[str, Path] | None = Field(default=None, description="{language: file} of evaluation texts.")
+    eval_samples: int = Field(default=200, ge=1)
+    eval_max_length: int = Field(default=512, ge=2)
+    eval_batch_size: int = Field(default=8, ge=1)
+    eval_text_field: str = "text"
+    eval_checkpoints: bool = Field(default=True, description="Also evaluate the base and the checkpoints.")
+    objective: Objective = Objective()
+
+    @model_validator(mode="after")
+    def _evaluation_has_data(self) -> ComparisonConfig:
+        if self.eval_data:
+            self.evaluate = True
+        elif self.evaluate:
+            raise ValueError("evaluate needs eval_data: pass --eval-data en=en_eval.jsonl zh=zh_eval.jsonl")
+        return self
+
+    @classmethod
+    def build(cls, values: dict[str, Any]) -> ComparisonConfig:
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, "comparison configuration")) from None
+
+    @property
+    def several(self) -> bool:
+        """Whether this asks for more than the one plain merge ``obim-merge-ckpts`` makes by default."""
+        return len(self.methods) > 1 or bool(self.total_shares) or self.evaluate
+
+
+def _check_outputs_free(root: Path, variants: list[MergeVariant], overwrite: bool) -> None:
+    """Fail before any merge when a merge would replace an existing folder (nothing lost)."""
+    taken = [v.name for v in variants if (root / v.name).exists()]
+    if taken and not overwrite:
+        raise ConfigError(
+            f"{root} already holds {', '.join(taken)}; choose another --output or pass --overwrite to replace them"
+        )
+
+
+def build_evaluator(comparison: ComparisonConfig, tokenizer_dir: Path) -> PerLanguageEvaluator:
+    """The per-language loss evaluator on ``eval_data``, tokenized with the merged models' tokenizer."""
+    from transformers import AutoTokenizer
+
+    assert comparison.eval_data is not None
+    sets = load_eval_sets(
+        comparison.eval_data,
+        AutoTokenizer.from_pretrained(tokenizer_dir),
+        max_samples=comparison.eval_samples,
+        max_length=comparison.eval_max_length,
+        text_field=comparison.eval_text_field,
+    )
+    return PerLanguageEvaluator(sets, batch_size=comparison.eval_batch_size)
+
+
+def _vocab_size(folder: Path) -> int | None:
+    return json.loads((folder / "config.json").read_text()).get("vocab_size")
+
+
+def reference_folders(config: MergeConfig, checkpoints: list[Path], merged: Path) -> dict[str, tuple[Path, RowKind]]:
+    """The base and the checkpoints that load as they are (Hugging Face weights), for the table.
+
+    A base with a smaller vocabulary than the merges cannot read their tokenizer's ids and is left out.
+    """
+    from obim_trainer.checkpoints.detect import hf_format, is_peft_adapter
+
+    folders: dict[str, tuple[Path, RowKind]] = {}
+    if _vocab_size(config.base) == _vocab_size(merged):
+        folders["base"] = (config.base, "base")
+    else:
+        logger.info("the checkpoints extend the base's vocabulary; the base is not evaluated with their tokenizer")
+    for path in checkpoints:
+        if is_peft_adapter(path) or hf_format(path) is None:
+            logger.info("%s holds no full model weights (adapter or ZeRO shards only); not evaluated", path)
+            continue
+        folders[path.name] = (path, "checkpoint")
+    return folders
+
+
+def compare_merges(
+    config: MergeConfig, comparison: ComparisonConfig, evaluator: ModelEvaluator | None = None
+) -> tuple[dict[str, Path], ComparisonTable | None]:
+    """Make every merge into ``config.output/<name>``; with evaluation, the comparison table (also written there).
+
+    ``evaluator`` replaces the one built from ``eval_data`` (e.g. the lm-eval-harness adapter).
+    """
+    from obim_trainer.merge import resolve_checkpoints
+
+    assert config.output is not None
+    checkpoints = resolve_checkpoints(config)
+    variants = plan_variants(comparison.methods, config.params, comparison.total_shares, len(checkpoints))
+    _check_outputs_free(config.output, variants, config.overwrite)
+    chosen = config.model_copy(update={"checkpoints": checkpoints, "run_dir": None})
+    merged = merge_variants(chosen, variants, config.output)
+    if not comparison.evaluate and evaluator is None:
+        return merged, None
+    first = next(iter(merged.values()))
+    evaluator = evaluator or build_evaluator(comparison, first)
+    folders = reference_folders(config, checkpoints, first) if comparison.eval_checkpoints else {}
+    folders.update({name: (path, "merge") for name, path in merged.items()})
+    table = evaluate_folders(folders, evaluator, device=config.device, progress=config.progress)
+    best = pick(table, comparison.objective)
+    table.write(config.output)
+    logger.info("picked %s (%s)", best.name, comparison.objective.describe())
+    return merged, table

@@ -1,0 +1,126 @@
+"""Several merges of the same checkpoints in one go: methods side by side and OBIM's total-share sweep.
+
+The paper fixes n_k = 1/K, so every position takes some checkpoint's delta. Keeping part of the
+base (Σ n_k < 1) trades new-language gain for old-language recovery; a sweep over the total share
+Σ n_k = s merges at each s, splitting s between the checkpoints as the ratios say
+(n_k = s · r_k / Σ r, with r_k = 1 by default), so users see the trade-off instead of guessing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from obim_trainer.config import MergeConfig
+from obim_trainer.errors import ConfigError
+from obim_trainer.merging import get_method
+
+logger = logging.getLogger(__name__)
+
+SHARED_PARAM = "ratios"
+
+
+@dataclass(frozen=True)
+class MergeVariant:
+    """One merge to make: a method, its parameters and the folder name it is written under."""
+
+    name: str
+    method: str
+    params: dict[str, Any]
+    total_share: float | None = None
+
+
+def accepts_total_share(method: str) -> bool:
+    """Whether the method has per-checkpoint shares n_k (OBIM and the iterative ablations)."""
+    return SHARED_PARAM in get_method(method).Params.model_fields
+
+
+def variant_name(method: str, total_share: float | None) -> str:
+    """``obim`` for the paper's Σ n_k = 1 (or no sweep), ``obim@0.6`` for a smaller total share."""
+    return method if total_share is None or total_share == 1.0 else f"{method}@{total_share:g}"
+
+
+def scaled_ratios(ratios: Sequence[float] | None, total_share: float, num_models: int) -> list[float]:
+    """n_k = s · r_k / Σ r: the total share split as the ratios say (equally without ratios)."""
+    weights = list(ratios) if ratios is not None else [1.0] * num_models
+    total = math.fsum(weights)
+    if len(weights) != num_models or total <= 0:
+        raise ConfigError(
+            f"ratios {weights} cannot be scaled to a total share for {num_models} checkpoints; give one positive "
+            "ratio per checkpoint or none"
+        )
+    return [total_share * w / total for w in weights]
+
+
+def method_params(method: str, params: Mapping[str, Any], methods: Sequence[str]) -> dict[str, Any]:
+    """The parameters of ``method``: ``params[method]`` when it is a mapping, plus the shared
+    top-level parameters the method declares (``density`` goes to ties and dare_ties, not to obim)."""
+    own = dict(params.get(method) or {}) if isinstance(params.get(method), Mapping) else {}
+    fields = get_method(method).Params.model_fields
+    accepted = set(fields) | {f.alias for f in fields.values() if f.alias}
+    shared = {k: v for k, v in params.items() if k not in methods and k in accepted}
+    return {**shared, **own}
+
+
+def _check_params_used(params: Mapping[str, Any], methods: Sequence[str]) -> None:
+    for key in params:
+        if key in methods:
+            continue
+        if not any(key in method_params(m, {key: None}, methods) for m in methods):
+            raise ConfigError(
+                f"parameter '{key}' belongs to none of the methods {', '.join(methods)}; see "
+                "`obim-merge-ckpts --list-methods`, or give it per method as params: {method: {key: value}}"
+            )
+
+
+def plan_variants(
+    methods: Sequence[str],
+    params: Mapping[str, Any],
+    total_shares: Sequence[float] | None,
+    num_models: int,
+) -> list[MergeVariant]:
+    """Every (method, total share) to merge, in order; shares apply to the methods that have n_k.
+
+    Raises :class:`ConfigError` for unknown methods, duplicate names, shares outside (0, 1] and
+    parameters no method takes.
+    """
+    if not methods:
+        raise ConfigError("no merge method given; name at least one, e.g. --method obim,ties")
+    for share in total_shares or []:
+        if not 0.0 < share <= 1.0:
+            raise ConfigError(f"total share {share} must lie in (0, 1]: it is Σ n_k, the part of each tensor merged")
+    _check_params_used(params, methods)
+    variants: list[MergeVariant] = []
+    for method in methods:
+        own = method_params(method, params, methods)
+        if not total_shares or not accepts_total_share(method):
+            if total_shares:
+                logger.info("%s has no per-checkpoint shares; merged once, not per total share", method)
+            variants.append(MergeVariant(method, method, own))
+            continue
+        for share in total_shares:
+            ratios = scaled_ratios(own.get(SHARED_PARAM), share, num_models)
+            variants.append(MergeVariant(variant_name(method, share), method, {**own, SHARED_PARAM: ratios}, share))
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"merges would share a folder name ({', '.join(names)}); list each method and share once")
+    return variants
+
+
+def merge_variants(config: MergeConfig, variants: Sequence[MergeVariant], output_root: Path) -> dict[str, Path]:
+    """Merge the same checkpoints once per variant into ``output_root/<name>``; statistics are computed
+    once and reused from the cache beside the checkpoints."""
+    from obim_trainer.merge import merge_checkpoints
+
+    folders = {}
+    for i, variant in enumerate(variants):
+        logger.info("merge %d/%d: %s", i + 1, len(variants), variant.name)
+        output = Path(output_root) / variant.name
+        values = {**config.model_dump(), "method": variant.method, "params": variant.params, "output": output}
+        merge_checkpoints(MergeConfig.build(values))
+        folders[variant.name] = output
+    return folders

@@ -1,0 +1,83 @@
+"""The forgetting-recovery demo end to end at test size (configs/demo/smoke.yaml), on real fortunes text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from obim_trainer.demo.config import DemoConfig
+from obim_trainer.demo.fortunes import package_files
+from obim_trainer.evaluation import PerLanguageEvaluator, load_eval_sets
+
+ROOT = Path(__file__).parents[2]
+pytestmark = pytest.mark.skipif(not package_files("fortunes-zh"), reason="run scripts/install_fortunes.sh")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from obim_trainer.demo.pipeline import run_demo
+
+    config = DemoConfig.from_yaml(ROOT / "configs" / "demo" / "smoke.yaml")
+    output = tmp_path_factory.mktemp("demo")
+    return config, output, run_demo(config, output)
+
+
+def rows_by_name(result):
+    return {row.name: row for row in result.table.rows}
+
+
+def test_forgetting_is_measured_against_the_base(demo):
+    config, _, result = demo
+    rows = rows_by_name(result)
+    last = [r for r in result.table.rows if r.kind == "checkpoint"][-1]
+    assert last.name == f"ckpt-{config.continued.steps}"
+    for language in config.old_languages:
+        loss = f"obim_{language}_loss"
+        assert result.forgetting[language] == pytest.approx(last.metrics[loss] - rows["base"].metrics[loss])
+    new = f"obim_{config.new_language}_loss"
+    assert last.metrics[new] < rows["base"].metrics[new]  # the new language was learnt
+
+
+def test_every_method_and_share_is_merged_into_a_loadable_model(demo):
+    config, output, result = demo
+    merges = [r for r in result.table.rows if r.kind == "merge"]
+    assert {m.split("@")[0] for m in (r.name for r in merges)} >= set(config.methods)
+    assert len(merges) >= len(config.methods) + len(config.total_shares) - 1
+    ids = AutoTokenizer.from_pretrained(output / "work" / "base")("你好, world", return_tensors="pt").input_ids
+    for row in merges:
+        assert row.path.parent == output / "work" / "merges"
+        logits = AutoModelForCausalLM.from_pretrained(row.path)(input_ids=ids).logits
+        assert bool(logits.isfinite().all())
+
+
+def test_table_numbers_are_what_the_evaluator_returns_for_those_folders(demo):
+    config, output, result = demo
+    data = output / "work" / "data"
+    tokenizer = AutoTokenizer.from_pretrained(output / "work" / "base")
+    sets = load_eval_sets(
+        {x: data / f"{x}_eval.jsonl" for x in config.languages},
+        tokenizer,
+        max_samples=config.eval_entries,
+        max_length=config.block_size,
+    )
+    evaluator = PerLanguageEvaluator(sets)
+    for row in result.table.rows[:: max(1, len(result.table.rows) // 4)]:
+        assert evaluator.evaluate_folder(row.path) == row.metrics
+
+
+def test_the_report_table_and_pictures_are_written(demo):
+    config, output, result = demo
+    report = (output / "README.md").read_text(encoding="utf-8")
+    for row in result.table.rows:
+        assert f"| {row.name} |" in report
+        assert f"{row.metrics[f'obim_{config.new_language}_loss']:.3f}" in report
+    saved = json.loads(result.files["table_json"].read_text())
+    assert saved and result.files["table_md"].read_text(encoding="utf-8") in report
+    for key in ("losses_png", "ownership_png", "tradeoff_png"):
+        picture = result.files[key]
+        assert picture.parent == output and picture.read_bytes()[:8] == PNG and picture.stat().st_size > 5000
+    assert not list(output.glob(".*tmp*"))

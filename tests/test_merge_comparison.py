@@ -1,0 +1,78 @@
+"""``obim-merge-ckpts`` with several methods, total shares and evaluation: merges and one table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from obim_trainer.cli import main
+from obim_trainer.evaluation import PerLanguageEvaluator, load_eval_sets
+from tests.conftest import make_texts, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def eval_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    return {x: write_jsonl(root / f"{x}.jsonl", make_texts(6, seed=s, max_words=12)) for x, s in (("en", 5), ("zh", 6))}
+
+
+def inputs(llama_family, calibration_jsonl) -> list[str]:
+    base, ckpts = llama_family
+    return ["--base", str(base), "--checkpoints", *map(str, ckpts), "--calibration-data", str(calibration_jsonl)]
+
+
+def test_methods_and_shares_merge_and_evaluate_in_one_call(
+    llama_family, calibration_jsonl, eval_files, tokenizer_dir, tmp_path, capsys
+):
+    _, ckpts = llama_family
+    out = tmp_path / "compared"
+    flags = ["--method", "obim,ties", "--param", "density=0.5", "--total-share", "1.0,0.5", "--evaluate"]
+    flags += ["--eval-data", *(f"{x}={p}" for x, p in eval_files.items()), "--eval-max-length", "24"]
+    flags += ["--objective", "old_avg", "--new-language", "zh", "--output", str(out), "--no-progress"]
+    assert main([*inputs(llama_family, calibration_jsonl), *flags]) == 0
+
+    table = json.loads((out / "comparison.json").read_text())
+    rows = {r["name"]: r for r in table["rows"]}
+    assert list(rows) == ["base", *(c.name for c in ckpts), "obim", "obim@0.5", "ties"]
+    assert {r["kind"] for r in table["rows"]} == {"base", "checkpoint", "merge"}
+    assert table["picked"] in {"obim", "obim@0.5", "ties"}
+    merges = [r for r in table["rows"] if r["kind"] == "merge"]
+    assert table["picked"] == min(merges, key=lambda r: r["metrics"]["obim_en_loss"])["name"]  # the only old language
+    assert json.loads((out / "ties" / "obim_merge.json").read_text())["method"]["density"] == 0.5
+    evaluator = PerLanguageEvaluator(
+        load_eval_sets(eval_files, AutoTokenizer.from_pretrained(tokenizer_dir), max_length=24)
+    )
+    for name in ("base", "obim@0.5"):
+        assert rows[name]["metrics"] == evaluator.evaluate_folder(rows[name]["path"])
+    AutoModelForCausalLM.from_pretrained(out / "obim@0.5")
+    printed = capsys.readouterr().out
+    assert printed.startswith("| model | kind | en | zh | avg | picked |")
+    assert printed.strip() == (out / "comparison.md").read_text(encoding="utf-8").strip()
+
+
+def test_existing_merges_are_refused_before_anything_is_written(llama_family, calibration_jsonl, tmp_path):
+    out = tmp_path / "compared"
+    (out / "ties").mkdir(parents=True)
+    (out / "ties" / "keep.txt").write_text("earlier output")
+    code = main([*inputs(llama_family, calibration_jsonl), "--method", "obim,ties", "--output", str(out)])
+    assert code == 2
+    assert sorted(p.name for p in out.iterdir()) == ["ties"]
+    assert (out / "ties" / "keep.txt").read_text() == "earlier output"
+
+
+def test_evaluate_without_data_names_the_flag(llama_family, calibration_jsonl, tmp_path, caplog):
+    args = [*inputs(llama_family, calibration_jsonl), "--method", "obim,ties", "--evaluate"]
+    assert main([*args, "--output", str(tmp_path / "o")]) == 2
+    assert "--eval-data" in caplog.text and not (tmp_path / "o").exists()
+
+
+def test_yaml_lists_methods_and_shares(llama_family, calibration_jsonl, tmp_path):
+    import yaml
+
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({"method": ["task_arithmetic", "obim"], "total_shares": [0.5]}))
+    out = tmp_path / "o"
+    assert main([*inputs(llama_family, calibration_jsonl), "--config", str(config), "--output", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["obim@0.5", "task_arithmetic"]
