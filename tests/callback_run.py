@@ -176,3 +176,27 @@ def example_config(
     config = Path(folder) / "example.yaml"
     config.write_text(yaml.safe_dump(settings))
     return config
+
+
+def assert_recorded_stats_are_the_offline_ones(folder: Path, config: Any, scratch: Path) -> None:
+    """The statistics the callback stored in ``folder`` (under the key the offline merge computes) equal
+    statistics recomputed offline on the folder's weights, in one process."""
+    import torch
+
+    from obim_trainer.calibration import ActivationStats, stats_key, stats_path
+    from obim_trainer.checkpoints import open_checkpoint
+    from obim_trainer.merge import checkpoint_stats, prepare_calibration
+
+    calibration = prepare_calibration(config)
+    with open_checkpoint(folder) as reader:
+        key = stats_key(calibration.fingerprint(), reader.fingerprint())
+        live = ActivationStats.load(stats_path(reader.path, key), key)
+        offline, _ = checkpoint_stats(
+            reader,
+            calibration,
+            config.model_copy(update={"recompute_stats": True, "stats_cache_dir": scratch}),
+            torch.device("cpu"),
+        )
+    assert live.count == offline.count
+    for name, sq in offline.sq_sum.items():
+        torch.testing.assert_close(live.sq_sum[name], sq, rtol=1e-5, atol=1e-6)

@@ -17,6 +17,23 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 
 
+def deepspeed_config(stage: int, *, gather_16bit: bool) -> dict:
+    """A DeepSpeed config for a tiny CPU run at ZeRO-``stage``. Under ZeRO-3 every parameter is partitioned
+    (without a zero threshold, parameters this small stay whole on every rank); ``gather_16bit`` decides
+    whether saves also write 16-bit model weights."""
+    zero: dict = {"stage": stage}
+    if stage == 3:
+        zero |= {"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": gather_16bit}
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": zero,
+    }
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now."""
     with socket.socket() as probe:

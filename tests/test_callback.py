@@ -18,17 +18,18 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from obim_trainer.calibration import ActivationStats, stats_key, stats_path
+from obim_trainer.calibration import stats_key, stats_path
 from obim_trainer.callback import OBIMCallback
 from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.evaluation import PerLanguageEvaluator, load_eval_sets
-from obim_trainer.merge import checkpoint_stats, merge_checkpoints, prepare_calibration
+from obim_trainer.merge import merge_checkpoints, prepare_calibration
 from obim_trainer.tracking import NullLogger, WandbLogger
 from tests.callback_run import (
     LANGUAGE_WORDS,
     MAX_LENGTH,
     RunInputs,
+    assert_recorded_stats_are_the_offline_ones,
     build_inputs,
     callback_settings,
     eval_history,
@@ -102,18 +103,7 @@ def test_checkpoints_get_the_statistics_the_offline_merge_looks_for(run, tmp_pat
     calibration = prepare_calibration(config)
     for step in run.best():
         folder = run.output / "obim" / "selected" / f"checkpoint-{step}"
-        with open_checkpoint(folder) as reader:
-            key = stats_key(calibration.fingerprint(), reader.fingerprint())
-            live = ActivationStats.load(stats_path(folder, key), key)
-            offline, _ = checkpoint_stats(
-                reader,
-                calibration,
-                config.model_copy(update={"recompute_stats": True, "stats_cache_dir": tmp_path}),
-                torch.device("cpu"),
-            )
-        assert live.count == offline.count
-        for name, sq in offline.sq_sum.items():
-            torch.testing.assert_close(live.sq_sum[name], sq, rtol=1e-5, atol=1e-6)
+        assert_recorded_stats_are_the_offline_ones(folder, config, tmp_path)
     last = run.output / "checkpoint-8"  # the original folder holds them too
     with open_checkpoint(last) as reader:
         assert stats_path(last, stats_key(calibration.fingerprint(), reader.fingerprint())).is_file()

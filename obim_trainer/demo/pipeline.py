@@ -21,7 +21,7 @@ from obim_trainer.demo.training import continue_pretraining, pretrain_base
 from obim_trainer.evaluation import metric_names
 from obim_trainer.merging import build_method
 from obim_trainer.tracking import Image, Table, block_group, make_run_logger, summarize_merge
-from obim_trainer.variants import merge_variants, plan_variants
+from obim_trainer.variants import merge_variants, plan_variants, variant_name
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,9 @@ def draw(
     }
     base = {x: loss(rows["base"].metrics, x) for x in config.languages}
     merges = {r.name: {x: loss(r.metrics, x) for x in config.languages} for r in table.rows if r.kind == "merge"}
+    sweep = {"base", *(variant_name("obim", share) for share in config.total_shares)}
     points = [
-        Point(r.name, loss(r.metrics, config.new_language), old_average(config, r.metrics), sweep="@" in r.name)
+        Point(r.name, loss(r.metrics, config.new_language), old_average(config, r.metrics), sweep=r.name in sweep)
         for r in table.rows
         if r.kind != "checkpoint" or r.name == f"ckpt-{callback.selected[0]}"
     ]

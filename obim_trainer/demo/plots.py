@@ -26,6 +26,9 @@ class Point:
     sweep: bool = False
 
 
+OFF_SCALE = 1.5  # losses above this multiple of the worst base/checkpoint loss are drawn at the top edge
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -59,9 +62,21 @@ def plot_losses(
         steps = sorted(curves[language])
         ax.plot(steps, [curves[language][s] for s in steps], "-", color="tab:blue", label="checkpoints")
         ax.axhline(base[language], color="black", linestyle="--", label="base")
+        top = OFF_SCALE * max(base[language], *curves[language].values())
         for i, (name, losses) in enumerate(merges.items()):
-            x = last * (1.04 + 0.02 * i)
-            ax.plot([x], [losses[language]], markers[i % len(markers)], label=name)
+            x, y = last * (1.04 + 0.02 * i), losses[language]
+            ax.plot([x], [min(y, top)], markers[i % len(markers)], label=name)
+            if y > top:  # a merge that broke the model would squash every other line
+                ax.annotate(
+                    f"{y:.1f}",
+                    (x, top),
+                    fontsize="xx-small",
+                    rotation=90,
+                    xytext=(0, 4),
+                    textcoords="offset points",
+                    ha="center",
+                )
+        ax.set_ylim(top=top * 1.08)
         ax.set_title(language)
         ax.set_xlabel("continued-pretraining step")
         ax.set_ylabel("loss")
@@ -88,16 +103,18 @@ def plot_ownership(shares: Mapping[str, Sequence[float]], labels: Sequence[str],
 
 
 def plot_tradeoff(points: Sequence[Point], new_language: str, path: Path) -> Path:
-    """Old-language average loss against new-language loss; the sweep points joined by a line."""
+    """Old-language average loss against new-language loss; the sweep points (the base is its end,
+    total share 0) joined by a line, labels alternating above and below so neighbours stay legible."""
     plt = _pyplot()
     figure, ax = plt.subplots(figsize=(5.5, 4.2))
-    sweep = [p for p in points if p.sweep]
+    sweep = sorted((p for p in points if p.sweep), key=lambda p: p.new_loss)
     if sweep:
         ax.plot([p.new_loss for p in sweep], [p.old_loss for p in sweep], "-o", color="tab:red", label="OBIM sweep")
-    for p in points:
+    for i, p in enumerate(sorted(points, key=lambda p: (p.new_loss, p.old_loss))):
         if not p.sweep:
             ax.plot([p.new_loss], [p.old_loss], "o", color="tab:gray")
-        ax.annotate(p.name, (p.new_loss, p.old_loss), fontsize="x-small", xytext=(3, 3), textcoords="offset points")
+        offset = (3, 3) if i % 2 == 0 else (3, -9)
+        ax.annotate(p.name, (p.new_loss, p.old_loss), fontsize="x-small", xytext=offset, textcoords="offset points")
     ax.set_xlabel(f"{new_language} loss (new language)")
     ax.set_ylabel("old languages' average loss")
     ax.set_title("Keeping part of the base: the trade-off")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tests.conftest import VOCAB_SIZE, make_tiny_llama
-from tests.launch import run_env, run_isolated, torchrun
+from tests.launch import deepspeed_config, run_env, run_isolated, torchrun
 
 SEQUENCE = 16
 
@@ -28,20 +28,6 @@ def launch(output: Path, stage: int, layers: int = 2, hidden: int = 64, timeout_
     if status != 0:
         raise RuntimeError(f"the ZeRO-{stage} run failed ({status}):\n{log}")
     return output / "checkpoint-2"
-
-
-def deepspeed_config(stage: int) -> dict:
-    zero: dict = {"stage": stage}
-    if stage == 3:  # without a zero threshold, parameters this small stay whole on every rank
-        zero |= {"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True}
-    return {
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto",
-        "gradient_clipping": "auto",
-        "bf16": {"enabled": "auto"},
-        "zero_optimization": zero,
-    }
 
 
 def main(output_dir: str, stage: str, layers: str = "2", hidden: str = "64") -> None:
@@ -60,7 +46,7 @@ def main(output_dir: str, stage: str, layers: str = "2", hidden: str = "64") -> 
     args = TrainingArguments(
         output_dir=output_dir,
         use_cpu=True,  # DeepSpeed's batch-size check fails on CPU without it
-        deepspeed=deepspeed_config(int(stage)),
+        deepspeed=deepspeed_config(int(stage), gather_16bit=True),
         bf16=True,
         max_steps=2,
         save_steps=2,

@@ -81,3 +81,28 @@ def test_the_report_table_and_pictures_are_written(demo):
         picture = result.files[key]
         assert picture.parent == output and picture.read_bytes()[:8] == PNG and picture.stat().st_size > 5000
     assert not list(output.glob(".*tmp*"))
+
+
+def test_with_wandb_the_comparison_and_pictures_reach_the_run(tmp_path, monkeypatch):
+    from obim_trainer.demo.pipeline import run_demo
+    from tests.tracking.wandb_offline import fresh_wandb, history, run_dir, table
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    fresh_wandb()
+    config = DemoConfig.from_yaml(ROOT / "configs" / "demo" / "smoke.yaml").model_copy(
+        update={"report_to": "wandb", "methods": ["obim"], "total_shares": [1.0]}
+    )
+    result = run_demo(config, tmp_path / "demo")
+    run = run_dir(tmp_path)
+    rows = history(run)
+    (last,) = [r for r in rows if "obim/comparison/path" in r]
+    logged = table(run, "obim/comparison", last)
+    assert [r[0] for r in logged["data"]] == [r.name for r in result.table.rows]
+    loss = logged["columns"].index("obim_zh_loss")
+    assert [r[loss] for r in logged["data"]] == pytest.approx([r.metrics["obim_zh_loss"] for r in result.table.rows])
+    for plot in ("losses", "ownership", "tradeoff"):
+        assert last[f"obim/plots/{plot}/_type"] == "image-file"
+        assert (run / "files" / last[f"obim/plots/{plot}/path"]).read_bytes()[:8] == PNG
+    assert any("obim/checkpoint/obim_zh_loss" in r for r in rows)  # the callback logged into the same run

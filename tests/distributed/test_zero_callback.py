@@ -14,12 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from obim_trainer.calibration import ActivationStats, stats_key, stats_path
 from obim_trainer.callback_config import OBIMConfig
-from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.cli import main as merge_cli
-from obim_trainer.merge import checkpoint_stats, prepare_calibration
-from tests.callback_run import MAX_LENGTH, build_inputs, callback_settings, eval_history
+from tests.callback_run import (
+    MAX_LENGTH,
+    assert_recorded_stats_are_the_offline_ones,
+    build_inputs,
+    callback_settings,
+    eval_history,
+)
 from tests.launch import run_env, run_isolated, torchrun
 
 pytest.importorskip("deepspeed")
@@ -86,19 +89,7 @@ def test_the_merge_is_identical_to_obim_merge_ckpts_in_one_process(zero3_run, tm
 def test_statistics_of_the_two_ranks_equal_one_process_statistics(zero3_run, tmp_path):
     inputs, _, result = zero3_run
     config = OBIMConfig.build(callback_settings(inputs)).merge_config([Path(result["selected"][0])], tmp_path / "x")
-    calibration = prepare_calibration(config)
-    with open_checkpoint(result["selected"][0]) as reader:
-        key = stats_key(calibration.fingerprint(), reader.fingerprint())
-        live = ActivationStats.load(stats_path(reader.path, key), key)
-        recomputed, _ = checkpoint_stats(
-            reader,
-            calibration,
-            config.model_copy(update={"recompute_stats": True, "stats_cache_dir": tmp_path}),
-            torch.device("cpu"),
-        )
-    assert live.count == recomputed.count
-    for name, sq in recomputed.sq_sum.items():
-        torch.testing.assert_close(live.sq_sum[name], sq, rtol=1e-5, atol=1e-6)
+    assert_recorded_stats_are_the_offline_ones(Path(result["selected"][0]), config, tmp_path)
 
 
 def test_under_zero2_the_merge_is_made_and_loaded_back(tmp_path):

@@ -19,20 +19,7 @@ from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.distributed import StateEntry, ZeroGatherer, is_main_process, is_partitioned, rank, world_size
 from tests.callback_run import RunInputs, callback_settings, make_trainer, training_arguments
-
-
-def deepspeed_config(stage: int) -> dict:
-    """ZeRO-``stage``; under ZeRO-3 every parameter is partitioned and no 16-bit weights are gathered at saves."""
-    zero: dict = {"stage": stage}
-    if stage == 3:
-        zero |= {"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False}
-    return {
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto",
-        "gradient_clipping": "auto",
-        "zero_optimization": zero,
-    }
+from tests.launch import deepspeed_config
 
 
 def live_equals(model: torch.nn.Module, folder: Path) -> bool:
@@ -52,7 +39,7 @@ def main(inputs_root: str, output_dir: str, result_file: str, stage: str) -> Non
 
     inputs = RunInputs(Path(inputs_root))
     model = AutoModelForCausalLM.from_pretrained(inputs.base)  # partitioned by the engine, not by zero.Init
-    args = training_arguments(Path(output_dir), deepspeed=deepspeed_config(int(stage)), max_steps=6)
+    args = training_arguments(Path(output_dir), deepspeed=deepspeed_config(int(stage), gather_16bit=False), max_steps=6)
     callback = OBIMCallback(OBIMConfig.build(callback_settings(inputs, load_merged_at_end=True)))
     trainer = make_trainer(inputs, args, [callback], model=model)
     trainer.train()
