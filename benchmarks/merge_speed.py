@@ -1,17 +1,19 @@
-"""How fast is a merge compared with just reading the inputs and writing the output?
+"""How fast is a merge compared with just reading the inputs and writing the output, and with mergekit?
 
 Builds a synthetic Llama-shaped model (default ~270M parameters, bf16) and K checkpoints
 on disk, computes their activation statistics once (cached beside each checkpoint, as a
 real run would have them), then measures in fresh processes, on the same warm files:
 
 * the I/O floor: read every tensor of the base and the K checkpoints, write one output;
-* each method: ``merge_checkpoints`` end to end (OBIM with its cached statistics), and the
-  streaming part alone (the engine's own timing, without start-up and model layout);
-* mergekit (``mergekit-yaml``, if installed) on the same folders, for the methods it has;
+* OBIM with 1 worker and with N (``--workers``, default: one per core), and any other
+  ``--methods``: ``merge_checkpoints`` end to end, and the streaming part alone (the engine's
+  own timing, without start-up, model layout and tokenizer);
+* ``mergekit-yaml`` TIES on the same folders (and mergekit's version of every other method
+  timed, where it has one), if mergekit is installed;
 
-and prints the times, their ratios to the floor and each process's peak RSS against the
-budget 2 GB + 4 × the largest tensor.
-Run: ``python benchmarks/merge_speed.py [--methods obim,ties] [--layers 16 ...]``.
+and prints the times, the ratios the project targets (OBIM ≤ 2 × the floor, ≥ 5 × faster than
+mergekit TIES) and each process's peak RSS against the budget 2 GB + 4 × the largest tensor.
+Run: ``python benchmarks/merge_speed.py [--workers 2] [--methods obim,ties] [--layers 16 ...]``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import shutil
 import subprocess
@@ -108,7 +111,7 @@ def child_floor(work: Path, k: int) -> dict:
     return {"seconds": time.perf_counter() - start}
 
 
-def child_merge(work: Path, k: int, method: str) -> dict:
+def child_merge(work: Path, k: int, method: str, workers: int) -> dict:
     from obim_trainer.merge import merge_checkpoints
     from obim_trainer.merging import get_method
 
@@ -123,6 +126,7 @@ def child_merge(work: Path, k: int, method: str) -> dict:
         output=work / f"merged-{method}",
         overwrite=True,
         progress=False,
+        workers=workers,
     )
     shutil.rmtree(work / f"merged-{method}", ignore_errors=True)
     return {"seconds": time.perf_counter() - start, "stream_seconds": result.manifest["timings"]["merge_s"]}
@@ -182,6 +186,32 @@ def run_child(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def peak_rss() -> int:
+    """Bytes: the largest resident set of this process and of any worker process it waited for."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, workers) * 1024
+
+
+def timed_merge(work: Path, k: int, method: str, workers: int, repeats: int) -> dict:
+    """The fastest of ``repeats`` fresh-process merges, and the largest peak RSS among them."""
+    runs = [run_child("merge", str(work), str(k), method, str(workers)) for _ in range(repeats)]
+    return {
+        "seconds": min(r["seconds"] for r in runs),
+        "stream_seconds": min(r["stream_seconds"] for r in runs),
+        "peak_rss": max(r["peak_rss"] for r in runs),
+    }
+
+
+def row(name: str, merge: dict, floor: float, budget: int, theirs: float | None) -> str:
+    total, stream, peak = merge["seconds"], merge["stream_seconds"], merge["peak_rss"]
+    return (
+        f"{name:<17} {total:>9.2f}s {total / floor:>7.2f} {stream:>7.2f}s {stream / floor:>7.2f} "
+        f"{peak / 1e9:>7.2f}GB{'' if peak <= budget else '!'} "
+        + (f"{theirs:>8.2f}s {theirs / total:>8.2f}" if theirs else f"{'-':>9} {'-':>8}")
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=1024)
@@ -189,7 +219,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--k", type=int, default=3, help="number of checkpoints")
-    parser.add_argument("--methods", default="all", help="comma-separated methods, or 'all' (default)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="N for the parallel OBIM merge")
+    parser.add_argument("--methods", default="", help="comma-separated methods to time besides OBIM, or 'all'")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the fastest counts")
     parser.add_argument("--workdir", type=Path, help="keep the synthetic models here (default: a temp dir)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -197,8 +228,8 @@ def main() -> None:
 
     if args.child:
         kind, work, k = args.child[0], Path(args.child[1]), int(args.child[2])
-        result = child_floor(work, k) if kind == "floor" else child_merge(work, k, args.child[3])
-        result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result = child_floor(work, k) if kind == "floor" else child_merge(work, k, args.child[3], int(args.child[4]))
+        result["peak_rss"] = peak_rss()
         sys.stdout.write(json.dumps(result) + "\n")
         return
 
@@ -218,9 +249,9 @@ def main() -> None:
         (work / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in calib))
     from obim_trainer.merging import available_methods
 
-    methods = list(available_methods()) if args.methods == "all" else args.methods.split(",")
+    extra = list(available_methods()) if args.methods == "all" else [m for m in args.methods.split(",") if m]
     logger.info("computing (or reusing) activation statistics once, untimed")
-    run_child("merge", str(work), str(args.k), "obim")
+    run_child("merge", str(work), str(args.k), "obim", "1")
 
     floors = [run_child("floor", str(work), str(args.k)) for _ in range(args.repeats)]
     floor = min(f["seconds"] for f in floors)
@@ -232,26 +263,34 @@ def main() -> None:
         floor,
         max(f["peak_rss"] for f in floors) / 1e9,
     )
+    ties_mergekit = mergekit_seconds(work, args.k, "ties")
+    obim = {w: timed_merge(work, args.k, "obim", w, args.repeats) for w in sorted({1, args.workers})}
     rows = [
         f"{'method':<17} {'end-to-end':>10} {'/floor':>7} {'stream':>8} {'/floor':>7} "
         f"{'peak RSS':>9} {'mergekit':>9} {'mk/ours':>8}"
     ]
-    for method in methods:
-        runs = [run_child("merge", str(work), str(args.k), method) for _ in range(args.repeats)]
-        total = min(r["seconds"] for r in runs)
-        stream = min(r["stream_seconds"] for r in runs)
-        peak = max(r["peak_rss"] for r in runs)
-        theirs = mergekit_seconds(work, args.k, method)
-        rows.append(
-            f"{method:<17} {total:>9.2f}s {total / floor:>7.2f} {stream:>7.2f}s {stream / floor:>7.2f} "
-            f"{peak / 1e9:>7.2f}GB{'' if peak <= budget else '!'} "
-            + (f"{theirs:>8.2f}s {theirs / total:>8.2f}" if theirs else f"{'-':>9} {'-':>8}")
-        )
+    rows += [row(f"obim ({w} worker{'s' if w > 1 else ''})", m, floor, budget, ties_mergekit) for w, m in obim.items()]
+    for method in extra:
+        merge = timed_merge(work, args.k, method, 1, args.repeats)
+        rows.append(row(method, merge, floor, budget, mergekit_seconds(work, args.k, method)))
         logger.info(rows[-1])
+    best = min(obim.values(), key=lambda m: m["seconds"])
+    stream = min(m["stream_seconds"] for m in obim.values())
+    summary = [
+        f"OBIM streaming / I/O floor: {stream / floor:.2f} (target <= 2)",
+        f"OBIM end to end / I/O floor: {best['seconds'] / floor:.2f}",
+        f"OBIM {args.workers} workers vs 1: {obim[1]['seconds'] / obim[args.workers]['seconds']:.2f}x as fast",
+    ]
+    if ties_mergekit:
+        summary.append(f"mergekit TIES / OBIM: {ties_mergekit / best['seconds']:.2f}x (target >= 5; mk/ours above)")
+    else:
+        summary.append("mergekit TIES: not measured (mergekit-yaml not installed)")
     logger.info(
-        "\n%s\n(RSS budget 2 GB + 4 x largest tensor = %.2f GB; '!' marks a method over it)",
+        "\n%s\n(mk/ours: mergekit's time for the same method, OBIM rows against mergekit TIES; RSS budget 2 GB + 4 x "
+        "largest tensor = %.2f GB; '!' marks a process over it)\n%s",
         "\n".join(rows),
         budget / 1e9,
+        "\n".join(summary),
     )
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)

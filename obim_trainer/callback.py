@@ -35,6 +35,7 @@ from obim_trainer.checkpoint_guard import CheckpointGuard, link_or_copy
 from obim_trainer.checkpoints import open_checkpoint, parse_size
 from obim_trainer.checkpoints.detect import hf_format
 from obim_trainer.comparison import evaluate_folders, pick
+from obim_trainer.config import MergeConfig
 from obim_trainer.distributed import (
     ZeroGatherer,
     collect_live_stats,
@@ -44,11 +45,11 @@ from obim_trainer.distributed import (
 from obim_trainer.errors import ConfigError
 from obim_trainer.evaluation import METRIC_PREFIX, PerLanguageEvaluator, load_eval_sets
 from obim_trainer.manifest import MANIFEST_NAME
-from obim_trainer.merge import merge_checkpoints, prepare_calibration
+from obim_trainer.merge import merge_checkpoints_on_ranks, prepare_calibration
 from obim_trainer.merging import build_method
 from obim_trainer.selectors import Candidate, Selector, build_selector
 from obim_trainer.tracking import RunLogger, make_run_logger, summarize_merge
-from obim_trainer.variants import merge_variants, plan_variants
+from obim_trainer.variants import MergeVariant, merge_variants, plan_variants
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,17 @@ class MergedModel:
     checkpoints: list[int]
     metrics: dict[str, float] = field(default_factory=dict)
     total_share: float | None = None
+
+
+@dataclass
+class PendingMerge:
+    """A merge rank 0 decided to make, sent to every rank: each merges a share of its tensors."""
+
+    merged: MergedModel
+    chosen: list[Candidate]
+    config: MergeConfig
+    """The merge; for a total-share sweep, with the sweep folder as output."""
+    variants: list[MergeVariant] | None = None
 
 
 class OBIMCallback(TrainerCallback):
@@ -190,7 +202,8 @@ class OBIMCallback(TrainerCallback):
                 metrics.update(self.evaluator.evaluate_model(model, device))
         self._saves += 1
         candidate = Candidate(step=step, path=folder, metrics=metrics)
-        self._guarded(lambda: self._after_save(candidate, stats, timings), f"OBIM selection and merge at step {step}")
+        pending = self._guarded(lambda: self._after_save(candidate, stats), f"OBIM selection at step {step}")
+        self._merge_and_record(step, pending, timings)
 
     def on_train_end(
         self,
@@ -201,7 +214,10 @@ class OBIMCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         if self.config.merge_at_end:
-            self._guarded(lambda: self._final_merge(state.global_step), "the final OBIM merge")
+            step = state.global_step
+            pending = self._guarded(lambda: self._pending_merge(step), "planning the final OBIM merge")
+            if pending is not None:
+                self._merge_and_record(step, pending, {})
         if self.config.load_merged_at_end and model is not None:
             if self.latest_merge is None:
                 logger.warning("load_merged_at_end: no merge was made, the model keeps its trained weights")
@@ -260,20 +276,34 @@ class OBIMCallback(TrainerCallback):
             )
         ZeroGatherer(model).write_checkpoint(folder, parse_size(self.config.out_shard_size))
 
-    def _guarded(self, fn: Callable[[], Path | None], what: str) -> None:
-        """Run rank-0 work for every rank; with ``on_error='warn'`` a failure is logged and training goes on."""
+    def _guarded(self, fn: Callable[[], T], what: str, *, everywhere: bool = False) -> T | None:
+        """Run rank-0 work (``everywhere``: work of every rank) and give every rank its result; with
+        ``on_error='warn'`` a failure is logged, every rank gets ``None`` and training goes on."""
         try:
-            self.latest_merge = run_on_main(fn, what)
+            return fn() if everywhere else run_on_main(fn, what)
         except Exception as exc:  # raised on every rank alike (see run_on_main), so all go on together
             if self.config.on_error == "raise":
                 raise
             logger.error("%s failed, training goes on: %s", what, exc)
+            return None
+
+    def _merge_and_record(self, step: int, pending: PendingMerge | None, timings: dict[str, float]) -> None:
+        """Make the merge rank 0 planned, every rank merging its share of the tensors; then, on rank 0,
+        evaluate it, log and record. Every rank calls this at the same point."""
+        made = None
+        if pending is not None:
+            made = self._guarded(
+                lambda: self._merge_files(pending, timings), f"the OBIM merge at step {step}", everywhere=True
+            )
+        latest = self._guarded(
+            lambda: self._after_merge(step, pending if made else None, timings), "recording the merge"
+        )
+        self.latest_merge = latest if latest is not None else self.latest_merge
 
     # ---- rank 0 ----
 
-    def _after_save(
-        self, candidate: Candidate, stats: ActivationStats | None, timings: dict[str, float]
-    ) -> Path | None:
+    def _after_save(self, candidate: Candidate, stats: ActivationStats | None) -> PendingMerge | None:
+        """Record the checkpoint, update the selection and say which merge to make now, if any."""
         step = candidate.step
         candidate.protected = self.guard.protect(candidate.path, step)
         if stats is not None:
@@ -283,14 +313,14 @@ class OBIMCallback(TrainerCallback):
         changed = self._select(step)
         every = self.config.merge_every_saves
         if (every and self._saves % every == 0) or (changed and self.config.merge_on_change):
-            self._merge(step, timings)
-        self.run_logger.log_timings(step, timings)
-        self._write_record()
-        return self.latest_merge
+            return self._pending_merge(step)
+        return None
 
-    def _final_merge(self, step: int) -> Path | None:
-        timings: dict[str, float] = {}
-        if self._merge(step, timings):
+    def _after_merge(self, step: int, pending: PendingMerge | None, timings: dict[str, float]) -> Path | None:
+        """Evaluate and log a merge just made (if any), log the step's timings and write the record."""
+        if pending is not None:
+            self._complete_merge(pending, timings)
+        if pending is not None or timings:
             self.run_logger.log_timings(step, timings)
             self._write_record()
         return self.latest_merge
@@ -332,53 +362,71 @@ class OBIMCallback(TrainerCallback):
     def _selected_candidates(self) -> list[Candidate]:
         return [self.candidates[s] for s in self.selected]
 
-    def _merge(self, step: int, timings: dict[str, float]) -> bool:
-        """Merge the selected checkpoints unless too few are selected or the last merge had the same ones."""
+    def _pending_merge(self, step: int) -> PendingMerge | None:
+        """The merge of the selected checkpoints, unless too few are selected or the last merge had the same ones."""
         chosen = self._selected_candidates()
         if len(chosen) < self.config.min_checkpoints:
             logger.info("%d checkpoint(s) selected, fewer than min_checkpoints; no merge yet", len(chosen))
-            return False
+            return None
         if self.merged and self.merged[-1].checkpoints == self.selected:
             logger.info("checkpoints %s are already merged in %s", self.selected, self.merged[-1].path)
-            return False
-        output = self.root / f"merged-step-{step}"
-        merged = MergedModel(step=step, path=output, checkpoints=[c.step for c in chosen])
-        sweep = self._sweep if self.config.total_share_sweep else self._merge_once
-        params = sweep(merged, chosen, timings)
-        self.merged.append(merged)
-        self.latest_merge = output
-        self._prune_merged()
-        self.run_logger.log_merge(step, merged.metrics, chosen)
-        if self.run_logger.enabled and self.config.log_saliency:
-            with _timed(timings, "summary_s"):
-                manifest = json.loads((output / MANIFEST_NAME).read_text())
-                self._log_summary(step, chosen, params, manifest.get("ownership_share"))
-        logger.info("merged checkpoints %s into %s", merged.checkpoints, output)
+            return None
+        merged = MergedModel(step=step, path=self.root / f"merged-step-{step}", checkpoints=[c.step for c in chosen])
+        paths = [c.merge_path for c in chosen]
+        sweep = self.config.total_share_sweep
+        if not sweep:
+            return PendingMerge(merged, chosen, self.config.merge_config(paths, merged.path))
+        variants = plan_variants([self.config.method], self.config.params, sweep, len(chosen))
+        return PendingMerge(merged, chosen, self.config.merge_config(paths, self._sweep_root(step)), variants)
+
+    def _sweep_root(self, step: int) -> Path:
+        return self.root / f"sweep-step-{step}"
+
+    def _merge_files(self, pending: PendingMerge, timings: dict[str, float]) -> bool:
+        """Write the merged folder(s), every rank merging its share of the tensors (collective)."""
+        with _timed(timings, "merge_s"), plain_model_loading():
+            if pending.variants is None:
+                merge_checkpoints_on_ranks(pending.config)
+            else:
+                assert pending.config.output is not None
+                merge_variants(
+                    pending.config, pending.variants, pending.config.output, merge=merge_checkpoints_on_ranks
+                )
         return True
 
-    def _merge_once(self, merged: MergedModel, chosen: list[Candidate], timings: dict[str, float]) -> dict[str, Any]:
-        """The configured merge into ``merged.path``, evaluated; returns the method parameters used."""
-        merge_config = self.config.merge_config([c.merge_path for c in chosen], merged.path)
-        with _timed(timings, "merge_s"), plain_model_loading():
-            merge_checkpoints(merge_config)
+    def _complete_merge(self, pending: PendingMerge, timings: dict[str, float]) -> None:
+        """Evaluate the merge just made (for a sweep: pick one), keep it and log it."""
+        merged, chosen = pending.merged, pending.chosen
+        params = self._pick_from_sweep(pending, timings) if pending.variants else self._evaluate(merged, timings)
+        self.merged.append(merged)
+        self.latest_merge = merged.path
+        self._prune_merged()
+        self.run_logger.log_merge(merged.step, merged.metrics, chosen)
+        if self.run_logger.enabled and self.config.log_saliency:
+            with _timed(timings, "summary_s"):
+                manifest = json.loads((merged.path / MANIFEST_NAME).read_text())
+                self._log_summary(merged.step, chosen, params, manifest.get("ownership_share"))
+        logger.info("merged checkpoints %s into %s", merged.checkpoints, merged.path)
+
+    def _evaluate(self, merged: MergedModel, timings: dict[str, float]) -> dict[str, Any]:
+        """Evaluate the merged folder; returns the method parameters used."""
         if self.evaluator is not None:
             with _timed(timings, "merged_evaluation_s"):
                 merged.metrics = self.evaluator.evaluate_folder(merged.path, self.config.eval_device or self._device)
         return self.config.params
 
-    def _sweep(self, merged: MergedModel, chosen: list[Candidate], timings: dict[str, float]) -> dict[str, Any]:
-        """Merge at every total share into ``sweep-step-N/``, evaluate each and move the one the objective
-        picks to ``merged.path``; returns the method parameters of the pick."""
-        assert self.evaluator is not None and self.config.total_share_sweep is not None
-        root = self.root / f"sweep-step-{merged.step}"
-        variants = plan_variants([self.config.method], self.config.params, self.config.total_share_sweep, len(chosen))
-        with _timed(timings, "merge_s"), plain_model_loading():
-            folders = merge_variants(self.config.merge_config([c.merge_path for c in chosen], root), variants, root)
+    def _pick_from_sweep(self, pending: PendingMerge, timings: dict[str, float]) -> dict[str, Any]:
+        """Evaluate every total share's merge in ``sweep-step-N/`` and move the one the objective picks to
+        ``merged.path``; returns the method parameters of the pick."""
+        assert self.evaluator is not None and pending.variants is not None
+        merged = pending.merged
+        root = self._sweep_root(merged.step)
+        folders = {v.name: root / v.name for v in pending.variants}
         with _timed(timings, "merged_evaluation_s"):
             device = self.config.eval_device or self._device
             table = evaluate_folders({n: (p, "merge") for n, p in folders.items()}, self.evaluator, device=device)
         best = pick(table, self.config.objective)
-        variant = next(v for v in variants if v.name == best.name)
+        variant = next(v for v in pending.variants if v.name == best.name)
         if merged.path.exists():
             shutil.rmtree(merged.path)  # a resumed run redoing this step
         os.replace(best.path, merged.path)

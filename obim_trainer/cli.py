@@ -205,7 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Output dtype (default auto: each tensor in the base's dtype, whatever the checkpoints hold). "
         "Math is always float32.",
     )
-    out.add_argument("--device", help="cpu (default) or cuda[:N] for the merge math and statistics.")
+    out.add_argument(
+        "--device",
+        help="cpu (default) or cuda[:N] for the merge math and statistics; tensors are read on the CPU, moved to the "
+        "GPU one at a time and written back.",
+    )
+    out.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="Merge with N processes (default 1), each taking a share of the tensors and of the CPU threads; the "
+        "output is byte for byte the one-process output.",
+    )
     out.add_argument("--dry-run", action="store_true", help="Validate inputs and print the plan; write nothing.")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="Hide progress bars.")
     out.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Default INFO.")

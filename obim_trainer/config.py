@@ -66,6 +66,9 @@ class MergeConfig(BaseModel):
         default="auto", description="Output dtype; 'auto' keeps each tensor's dtype in the base. Math is float32."
     )
     device: str = "cpu"
+    workers: int = Field(
+        default=1, ge=1, description="Processes that merge in parallel, each a share of the tensors; same output."
+    )
     seed: int = 0
     overwrite: bool = False
     dry_run: bool = False

@@ -2,9 +2,18 @@
 
 The engine validates that the base and the K checkpoints describe the same model
 (names, shapes), decides each tensor's output dtype, and then, per tensor, reads the
-base, hands the method lazy access to the checkpoints, checks every input for NaN/Inf
-and writes the result. It knows block indices (for the merge order) and nothing else
-about the method; memory is a few tensors, never the model.
+base and the checkpoints, checks every input for NaN/Inf, hands them to the method and
+writes the result. Reading the next tensor, merging this one and writing the previous one
+overlap (three threads; reads, writes and torch's kernels all release the GIL), so a merge
+runs at about the speed of the slower of the disk and the math. It knows block indices (for
+the merge order) and nothing else about the method; memory is a few tensors, never the model.
+
+Device: inputs are read on the CPU and moved to ``device`` (``cpu`` or ``cuda[:N]``) for the
+math, and each result comes back to the CPU to be written; only the current tensor's inputs,
+its result and the method's scratch buffers live on the device.
+
+Parallel merges split the plan with :func:`split_plan`: each worker (a process, or a rank of
+a distributed run) merges a contiguous run of tensors into the shared output layout.
 
 Extended vocabularies: continued pre-training for a new language often adds tokens
 (``resize_token_embeddings``), so the checkpoints' embedding and lm_head have more rows than
@@ -16,8 +25,11 @@ rule (see :data:`NEW_ROWS`).
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +39,7 @@ from tqdm.auto import tqdm
 from obim_trainer.calibration import ActivationStats
 from obim_trainer.checkpoints import CheckpointReader, TensorInfo
 from obim_trainer.errors import CheckpointError, ConfigError
-from obim_trainer.merging import MergeMethod, ParamKind, TensorTask
+from obim_trainer.merging import MergeMethod, ParamKind, TensorTask, Workspace
 from obim_trainer.merging.task import derive_seed
 from obim_trainer.model_layout import ModelLayout, block_index
 
@@ -80,6 +92,12 @@ class EngineReport:
 
     owned: dict[str, list[int]] = field(default_factory=dict)
     seconds: float = 0.0
+
+    @classmethod
+    def combined(cls, reports: Sequence[EngineReport]) -> EngineReport:
+        """One report for a merge split between workers: every tensor's ownership, the slowest worker's time."""
+        owned = {name: counts for report in reports for name, counts in report.owned.items()}
+        return cls(owned=owned, seconds=max((r.seconds for r in reports), default=0.0))
 
     def ownership_share(self, num_models: int) -> list[float]:
         """Share of all merged positions taken from each checkpoint (methods that report ownership)."""
@@ -149,8 +167,10 @@ def _extended_rows(name: str, base: TensorInfo, others: Sequence[TensorInfo]) ->
 
 def _output_dtype(base: TensorInfo, requested: str) -> torch.dtype:
     """The requested dtype, or with ``auto`` the base's: checkpoints may differ (fp32 ZeRO masters, a bf16
-    run of an fp32 base), the base is the one model every input shares."""
-    return DTYPES[requested] if requested != "auto" else base.dtype
+    run of an fp32 base), the base is the one model every input shares. Integer buffers keep theirs."""
+    if requested == "auto" or not base.dtype.is_floating_point:
+        return base.dtype
+    return DTYPES[requested]
 
 
 def plan_merge(
@@ -199,6 +219,25 @@ def plan_merge(
     return MergePlan(tensors=tensors, dropped_tied=dropped, vocab_size=vocab_size)
 
 
+def split_plan(tensors: Sequence[TensorPlan], parts: int) -> list[list[TensorPlan]]:
+    """The tensors in ``parts`` contiguous runs of about equal size, one per worker (a run may be empty).
+
+    A tensor goes to the run its midpoint falls in when the plan's parameters are laid end to
+    end, so the runs follow plan order and the math (which grows with the parameters) is shared
+    evenly; every worker computes the same split from the same plan.
+    """
+    if parts < 1:
+        raise ConfigError(f"a merge needs at least one worker, got {parts}")
+    sizes = [torch.Size(t.shape).numel() for t in tensors]
+    total = max(sum(sizes), 1)
+    runs: list[list[TensorPlan]] = [[] for _ in range(parts)]
+    done = 0
+    for tensor, size in zip(tensors, sizes, strict=True):
+        runs[min(parts - 1, (2 * done + size) * parts // (2 * total))].append(tensor)
+        done += size
+    return runs
+
+
 def _padded(counts: Tensor, rows: int) -> Tensor:
     """Token counts for ``rows`` vocabulary rows: cut, or padded with zeros for rows no token reached."""
     if counts.shape[0] >= rows:
@@ -206,9 +245,12 @@ def _padded(counts: Tensor, rows: int) -> Tensor:
     return torch.cat([counts, counts.new_zeros(rows - counts.shape[0])])
 
 
-def _read_finite(reader: CheckpointReader, name: str, device: torch.device) -> Tensor:
-    tensor = reader.read(name).to(device=device, dtype=torch.float32)
-    # NaN/Inf propagate into the sum; only a suspicious sum (or an overflow) pays for the exact check
+def _check_finite(tensor: Tensor, name: str, reader: CheckpointReader) -> Tensor:
+    """``tensor`` if it holds no NaN/Inf, else a :class:`CheckpointError` naming the file."""
+    if not tensor.is_floating_point():
+        return tensor
+    # NaN/Inf propagate into the sum; only a suspicious sum (or an overflow) pays for the exact check. The sum
+    # stays in the stored dtype (accumulated in float32 inside): asking for a float32 result is 10x slower
     if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
         raise CheckpointError(
             f"tensor {name} in {reader.tensor_infos()[name].file} contains NaN or Inf. The checkpoint is "
@@ -226,6 +268,12 @@ def _stats_for(stats: ActivationStats | None, name: str, prefix: str) -> Tensor 
     return None
 
 
+Inputs = list[Tensor | None]
+"""The base's and the K checkpoints' tensors of one name, as stored, on the CPU (see :meth:`MergeEngine.read_inputs`).
+
+A method takes each checkpoint tensor over on its first load (the slot becomes ``None``)."""
+
+
 class MergeEngine:
     """Runs a :class:`MergePlan` with one method over opened readers.
 
@@ -235,10 +283,11 @@ class MergeEngine:
         method: A built :class:`MergeMethod` for K checkpoints.
         layout: The model layout (for the tied-embedding prefix).
         stats: Per checkpoint, its activation statistics (``None`` for methods that need none).
-        device: Where the math runs.
+        device: Where the math runs (``cpu`` or ``cuda[:N]``); the same code runs on either.
         seed: Global seed; each tensor gets ``derive_seed(seed, name, ...)``.
         new_rows: How vocabulary rows the base lacks are merged (a key of :data:`NEW_ROWS`).
         new_rows_source: The checkpoint the ``best``/``first`` rules take new rows from.
+        prefetch: How many tensors ahead the reading thread reads (memory: their inputs).
     """
 
     def __init__(
@@ -253,6 +302,7 @@ class MergeEngine:
         seed: int = 0,
         new_rows: str = "obim",
         new_rows_source: int = 0,
+        prefetch: int = 1,
     ) -> None:
         if new_rows not in NEW_ROWS:
             raise ConfigError(f"new_rows must be one of {', '.join(NEW_ROWS)}, not {new_rows!r}")
@@ -267,15 +317,35 @@ class MergeEngine:
         self.seed = seed
         self.new_rows = new_rows
         self.new_rows_source = new_rows_source
+        self.prefetch = max(1, prefetch)
+        self.workspace = Workspace()
+        self._reading = threading.Lock()  # readers seek and read a shared file handle
 
-    def task(self, plan: TensorPlan, rows: slice | None = None) -> TensorTask:
-        """The :class:`TensorTask` for one tensor, with checkpoints loaded lazily.
+    def _read(self, reader: CheckpointReader, name: str) -> Tensor:
+        """One tensor as stored, on the CPU, checked for NaN/Inf."""
+        with self._reading:
+            tensor = reader.read(name)
+        return _check_finite(tensor, name, reader)
 
-        ``rows`` restricts it to rows of the checkpoints' tensor: those the base has (the base as
-        usual), or the new rows of an extended vocabulary (the base is zero there, and the seed is
-        derived apart so that their random saliency is not a copy of the first rows').
+    def read_inputs(self, plan: TensorPlan) -> Inputs:
+        """The base's and every checkpoint's tensor (runs on the reading thread); integer buffers: the base's only."""
+        base = self._read(self.base, plan.name)
+        if not base.is_floating_point():
+            return [base]
+        return [base, *(self._read(c, plan.name) for c in self.checkpoints)]
+
+    def task(self, plan: TensorPlan, inputs: Inputs | None = None, rows: slice | None = None) -> TensorTask:
+        """The :class:`TensorTask` for one tensor, its inputs on the compute device.
+
+        ``inputs`` as :meth:`read_inputs` gives them (read here when ``None``); a checkpoint loaded
+        a second time is read again. ``rows`` restricts the task to rows of the checkpoints'
+        tensor (``inputs`` then holds those rows): those the base has (the base as usual), or the
+        new rows of an extended vocabulary (the base is zero there, and the seed is derived apart
+        so that their random saliency is not a copy of the first rows').
         """
         name = plan.name
+        if inputs is None:
+            inputs = self.read_inputs(plan)
         new = rows is not None and plan.base_rows is not None and rows.start == plan.base_rows
         input_sq = None
         if plan.kind is ParamKind.LINEAR and self.method.needs_activation_stats:
@@ -293,16 +363,19 @@ class MergeEngine:
             token_counts = counts.view(-1, *([1] * (len(plan.shape) - 1))).to(self.device)
 
         def load(k: int) -> Tensor:
-            tensor = _read_finite(self.checkpoints[k], name, self.device)
-            return tensor if rows is None else tensor[rows]
+            tensor, inputs[k + 1] = inputs[k + 1], None
+            if tensor is None:
+                tensor = self._read(self.checkpoints[k], name)[rows or slice(None)]
+            return tensor.to(self.device)
 
-        if new:
-            base = torch.zeros((plan.shape[0] - plan.base_rows, *plan.shape[1:]), device=self.device)
-        else:
-            base = _read_finite(self.base, name, self.device)
+        stored = inputs[0]
+        if stored is None:  # the new rows of an extended vocabulary
+            like = next(t for t in inputs if t is not None)
+            stored = torch.zeros((plan.shape[0] - (plan.base_rows or 0), *plan.shape[1:]), dtype=like.dtype)
+        base_stored = stored.to(self.device)
         return TensorTask(
             name=name,
-            base=base,
+            base=self.workspace.get("base", base_stored.shape, torch.float32, self.device).copy_(base_stored),
             _load=load,
             num_models=len(self.checkpoints),
             kind=plan.kind,
@@ -310,51 +383,95 @@ class MergeEngine:
             seed=derive_seed(self.seed, "new-rows") if new else self.seed,
             input_sq_mean=input_sq,
             token_counts=token_counts,
+            base_stored=base_stored,
+            workspace=self.workspace,
         )
 
-    def _merge_extended(self, plan: TensorPlan) -> tuple[Tensor, list[int] | None]:
+    def _own(self, tensor: Tensor) -> Tensor:
+        """``tensor``, or a copy when it lives in the workspace (which the next task reuses)."""
+        return tensor.clone() if self.workspace.holds(tensor) else tensor
+
+    def _merge_extended(self, plan: TensorPlan, inputs: Inputs) -> tuple[Tensor, list[int] | None]:
         """An extended vocabulary tensor: the base's rows as without the extension, then the new rows."""
         assert plan.base_rows is not None
-        kept = self.method.merge(self.task(plan, slice(0, plan.base_rows)))
-        new_rows = slice(plan.base_rows, plan.shape[0])
-        owned = kept.owned
+        kept_rows, new_rows = slice(0, plan.base_rows), slice(plan.base_rows, plan.shape[0])
+        new_inputs: Inputs = [None, *(t[new_rows] if t is not None else None for t in inputs[1:])]
+        kept = self.method.merge(self.task(plan, [inputs[0], *(t[kept_rows] for t in inputs[1:])], kept_rows))
+        kept_tensor, owned = self._own(kept.tensor), kept.owned
         if self.new_rows == "obim":
-            new = self.method.merge(self.task(plan, new_rows))
+            new = self.method.merge(self.task(plan, new_inputs, new_rows))
             tensor = new.tensor
             if owned is not None and new.owned is not None:
                 owned = [a + b for a, b in zip(owned, new.owned, strict=True)]
         elif self.new_rows == "average":
-            tensor = _read_finite(self.checkpoints[0], plan.name, self.device)[new_rows].clone()
-            for checkpoint in self.checkpoints[1:]:
-                tensor += _read_finite(checkpoint, plan.name, self.device)[new_rows]
-            tensor /= len(self.checkpoints)
+            rows = [t for t in new_inputs[1:] if t is not None]
+            tensor = rows[0].to(device=self.device, dtype=torch.float32, copy=True)
+            for row in rows[1:]:
+                tensor += row.to(self.device)
+            tensor /= len(rows)
         else:  # best / first: the source checkpoint was resolved by the caller
-            tensor = _read_finite(self.checkpoints[self.new_rows_source], plan.name, self.device)[new_rows]
-        return torch.cat([kept.tensor, tensor.to(kept.tensor.device)]), owned
+            source = new_inputs[1 + self.new_rows_source]
+            assert source is not None
+            tensor = source.to(self.device)
+        return torch.cat([kept_tensor, tensor.to(kept_tensor.device)]), owned
+
+    def merge_one(self, plan: TensorPlan, inputs: Inputs) -> tuple[Tensor, list[int] | None]:
+        """One merged tensor in its output dtype on the CPU (memory it owns), and its ownership counts."""
+        base = inputs[0]
+        assert base is not None
+        if not base.is_floating_point():
+            return base, None  # integer buffers are not merged
+        if plan.base_rows is not None:
+            tensor, owned = self._merge_extended(plan, inputs)
+        else:
+            out = self.method.merge(self.task(plan, inputs))
+            tensor, owned = out.tensor, out.owned
+        return self._own(tensor.to(device="cpu", dtype=plan.dtype)), owned
 
     def run(
         self,
-        plan: MergePlan,
+        plan: MergePlan | Sequence[TensorPlan],
         write: Callable[[str, Tensor], None],
         *,
         progress: bool = True,
     ) -> EngineReport:
-        """Merge every planned tensor and pass it, in the output dtype on the CPU, to ``write``."""
+        """Merge the planned tensors and pass each, in the output dtype on the CPU, to ``write``, in plan order.
+
+        Three stages overlap: a reading thread reads (and checks) the inputs of the next
+        :attr:`prefetch` tensors, this thread merges the current one, and a writing thread
+        writes the previous result. Memory: the inputs of 1 + ``prefetch`` tensors, two
+        results, and the workspace (a few buffers the size of the largest tensor).
+        """
+        tensors = list(plan.tensors if isinstance(plan, MergePlan) else plan)
         report = EngineReport()
         start = time.perf_counter()
-        bar = tqdm(plan.tensors, desc=f"merging ({self.method.name})", unit="tensor", disable=not progress)
-        for tensor_plan in bar:
-            bar.set_postfix_str(tensor_plan.name, refresh=False)
-            if not self.base.tensor_infos()[tensor_plan.name].dtype.is_floating_point:
-                write(tensor_plan.name, self.base.read(tensor_plan.name))  # integer buffers are not merged
-                continue
-            if tensor_plan.base_rows is not None:
-                tensor, owned = self._merge_extended(tensor_plan)
-            else:
-                out = self.method.merge(self.task(tensor_plan))
-                tensor, owned = out.tensor, out.owned
-            write(tensor_plan.name, tensor.to(dtype=tensor_plan.dtype).cpu())
-            if owned is not None:
-                report.owned[tensor_plan.name] = list(owned)
+        bar = tqdm(total=len(tensors), desc=f"merging ({self.method.name})", unit="tensor", disable=not progress)
+        reads = ThreadPoolExecutor(1, thread_name_prefix="obim-read")
+        writes = ThreadPoolExecutor(1, thread_name_prefix="obim-write")
+        queued: deque[Future[Inputs]] = deque(reads.submit(self.read_inputs, t) for t in tensors[: self.prefetch])
+        writing: Future[None] | None = None
+        try:
+            for i, tensor_plan in enumerate(tensors):
+                bar.set_postfix_str(tensor_plan.name, refresh=False)
+                inputs = queued.popleft().result()
+                if i + self.prefetch < len(tensors):
+                    queued.append(reads.submit(self.read_inputs, tensors[i + self.prefetch]))
+                merged, owned = self.merge_one(tensor_plan, inputs)
+                del inputs
+                if owned is not None:
+                    report.owned[tensor_plan.name] = list(owned)
+                if writing is not None:
+                    writing.result()
+                writing = writes.submit(write, tensor_plan.name, merged)
+                del merged
+                bar.update()
+            if writing is not None:
+                writing.result()
+        finally:
+            for future in queued:
+                future.cancel()
+            reads.shutdown()
+            writes.shutdown()
+            bar.close()
         report.seconds = time.perf_counter() - start
         return report

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, wait
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,8 @@ from obim_trainer.checkpoints import (
 from obim_trainer.checkpoints.model_files import TOKENIZER_FILES
 from obim_trainer.checkpoints.model_loading import load_model
 from obim_trainer.config import MergeConfig
-from obim_trainer.engine import MergeEngine, MergePlan, plan_merge
+from obim_trainer.distributed.ranks import is_main_process, rank, run_on_every_rank, run_on_main, world_size
+from obim_trainer.engine import EngineReport, MergeEngine, MergePlan, plan_merge, split_plan
 from obim_trainer.errors import CheckpointError, ConfigError
 from obim_trainer.manifest import MergeManifest, describe_input
 from obim_trainer.merging import MergeMethod, build_method
@@ -238,6 +242,195 @@ def format_plan(plan: MergePlan, method: MergeMethod, checkpoints: list[Path], n
     return "\n".join(lines)
 
 
+@dataclass
+class MergeJob:
+    """What a worker needs to merge its share of the tensors into the output folder.
+
+    Picklable, so that a worker process or a rank of a distributed run receives it whole; the
+    readers are opened by each worker (file handles do not travel).
+    """
+
+    config: MergeConfig
+    checkpoints: list[Path]
+    layout: ModelLayout
+    plan: MergePlan
+    stats: list[ActivationStats] | None
+    new_rows_source: int
+    folder: Path
+    metadata: dict[str, str]
+
+    def writer(self, part: Sequence[str]) -> ShardedSafetensorsWriter:
+        """A writer of ``part`` of the plan into the output folder's shared shard layout."""
+        return ShardedSafetensorsWriter(
+            self.folder, self.plan.write_plan(), parse_size(self.config.out_shard_size), self.metadata, part=part
+        )
+
+
+def merge_part(job: MergeJob, part: int, parts: int, *, progress: bool = True) -> EngineReport:
+    """Merge run ``part`` of the plan split in ``parts`` (see :func:`~obim_trainer.engine.split_plan`).
+
+    Every worker of a parallel merge, and the single one of a plain merge, runs this: it opens
+    the inputs, merges its tensors and writes them at their places in the output's shards.
+    """
+    tensors = split_plan(job.plan.tensors, parts)[part]
+    with ExitStack() as stack:
+        base, readers = _open_inputs(stack, job.config, job.checkpoints)
+        config = job.config
+        engine = MergeEngine(
+            base,
+            readers,
+            build_method(config.method, config.params, num_models=len(readers)),
+            job.layout,
+            job.stats,
+            device=resolve_device(config.device),
+            seed=config.seed,
+            new_rows=config.new_rows,
+            new_rows_source=job.new_rows_source,
+        )
+        with job.writer([t.name for t in tensors]) as writer:
+            return engine.run(tensors, writer.write, progress=progress)
+
+
+def _worker_ready() -> None:
+    """Nothing: unpickling it makes a fresh worker import this module (torch and all) before the work arrives."""
+
+
+@contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """``workers`` processes for a parallel merge (``None`` for one: the merge runs here), each with its
+    share of the CPU threads.
+
+    Opened before the leader validates and loads statistics, so that the workers start and import
+    torch meanwhile. They are spawned, not forked: a fork copies torch's thread pool in an
+    unusable state.
+    """
+    if workers == 1:
+        yield None
+        return
+    threads = max(1, torch.get_num_threads() // workers)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
+    ) as pool:
+        for _ in range(workers):
+            pool.submit(_worker_ready)
+        yield pool
+
+
+def run_parts(job: MergeJob, pool: ProcessPoolExecutor | None, workers: int, *, progress: bool) -> list[EngineReport]:
+    """Merge the whole plan, split in ``workers`` runs, in the pool's processes (here, without a pool).
+
+    A failure in any worker is raised here once every worker has stopped.
+    """
+    if pool is None:
+        return [merge_part(job, 0, 1, progress=progress)]
+    futures = [pool.submit(merge_part, job, i, workers, progress=progress and i == 0) for i in range(workers)]
+    wait(futures)  # no worker may still be writing when a failure discards the output folder
+    return [future.result() for future in futures]
+
+
+@dataclass
+class _Prepared:
+    """The leader's side of a merge between validation and the finished folder."""
+
+    config: MergeConfig
+    job: MergeJob
+    base: CheckpointReader
+    readers: list[CheckpointReader]
+    method: MergeMethod
+    tokenizer_dir: Path
+    calibration: CalibrationSet | None
+    stats_sources: list[dict[str, Any]]
+    timings: dict[str, float]
+    start: float
+
+
+def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
+    """Validate everything, compute (or load) statistics and open the temporary output folder.
+
+    Returns a :class:`MergeResult` for a dry run. The readers and the output folder live in ``stack``.
+    """
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    device = resolve_device(config.device)
+    checkpoints = resolve_checkpoints(config)
+    method = build_method(config.method, config.params, num_models=len(checkpoints))
+    parse_size(config.out_shard_size)  # a bad size fails now, not after the statistics
+    if not config.base.is_dir():
+        raise CheckpointError(f"base folder {config.base} does not exist; pass the base model's folder to --base")
+    base, readers = _open_inputs(stack, config, checkpoints)
+    layout = ModelLayout.from_pretrained_dir(config.base)
+    plan = plan_merge(base, readers, layout, config.dtype)
+    source = new_rows_source(config, checkpoints, plan)
+    tokenizer_dir = resolve_tokenizer(config, checkpoints, plan, source)
+    calibration = prepare_calibration(config, tokenizer_dir) if method.needs_activation_stats else None
+    if config.dry_run:
+        text = format_plan(plan, method, checkpoints, config.new_rows)
+        logger.info("dry run, nothing written:\n%s", text)
+        return MergeResult(output=None, checkpoints=checkpoints, plan=plan, plan_text=text)
+    assert config.output is not None
+    inputs = [config.base, *checkpoints, tokenizer_dir]
+    folder = stack.enter_context(atomic_output_dir(config.output, overwrite=config.overwrite, inputs=inputs))
+    stats, stats_sources = None, []
+    if calibration is not None:
+        t0 = time.perf_counter()
+        pairs = [checkpoint_stats(r, calibration, config, device) for r in readers]
+        stats, stats_sources = [s for s, _ in pairs], [src for _, src in pairs]
+        timings["statistics_s"] = time.perf_counter() - t0
+    job = MergeJob(
+        config=config.model_copy(update={"calibration_data": None}),  # read already; may not pickle
+        checkpoints=checkpoints,
+        layout=layout,
+        plan=plan,
+        stats=stats,
+        new_rows_source=source,
+        folder=folder,
+        metadata={"format": "pt", "merged_by": "obim-trainer", "method": method.name},
+    )
+    return _Prepared(config, job, base, readers, method, tokenizer_dir, calibration, stats_sources, timings, start)
+
+
+def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult:
+    """Index, config, tokenizer and manifest into the output folder, once every part is written."""
+    config, job, timings = prepared.config, prepared.job, prepared.timings
+    files = job.writer(()).write_index()
+    report = EngineReport.combined(reports)
+    timings["merge_s"] = report.seconds
+    folder, plan, tokenizer_dir = job.folder, job.plan, prepared.tokenizer_dir
+    copy_model_files(config.base, tokenizer_dir if tokenizer_dir != config.base else None, folder)
+    _write_config(folder, plan)
+    timings["total_s"] = time.perf_counter() - prepared.start
+    assert config.output is not None
+    manifest = MergeManifest(
+        method=prepared.method.describe(),
+        seed=config.seed,
+        base=describe_input(prepared.base),
+        checkpoints=[describe_input(r) for r in prepared.readers],
+        output={
+            "path": str(config.output.resolve()),
+            "files": [f.name for f in files],
+            "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in plan.tensors}),
+            "num_tensors": len(plan.tensors),
+            "num_parameters": plan.num_parameters,
+            "tokenizer": str(Path(tokenizer_dir).resolve()),
+            "vocab_size": plan.vocab_size,
+            "new_rows": config.new_rows if plan.vocab_size is not None else None,
+            "workers": len(reports),
+        },
+        calibration=_describe_calibration(config, prepared.calibration),
+        statistics=prepared.stats_sources,
+        ownership_share=report.ownership_share(len(prepared.readers)) if report.owned else None,
+        timings=timings,
+    ).write(folder)
+    return MergeResult(output=config.output, checkpoints=job.checkpoints, plan=plan, manifest=manifest)
+
+
+def _build_config(config: MergeConfig | None, kwargs: dict[str, Any]) -> MergeConfig:
+    if config is None:
+        return MergeConfig.build(kwargs)
+    return MergeConfig.build({**config.model_dump(), **kwargs}) if kwargs else config
+
+
 def merge_checkpoints(config: MergeConfig | None = None, /, **kwargs: Any) -> MergeResult:
     """Merge checkpoints into their base and write a Hugging Face model folder.
 
@@ -246,82 +439,59 @@ def merge_checkpoints(config: MergeConfig | None = None, /, **kwargs: Any) -> Me
         merge_checkpoints(base="qwen2-7b", checkpoints=["run/checkpoint-3000", "run/checkpoint-4000"],
                           calibration_data="calib.jsonl", output="merged")
 
-    Returns a :class:`MergeResult`. Every user-fixable problem raises an
+    With ``workers=N`` the tensors are split between N processes, each writing its share into
+    the same shard files; the output is byte for byte the one-process output. Returns a
+    :class:`MergeResult`. Every user-fixable problem raises an
     :class:`~obim_trainer.errors.OBIMError` before any output exists.
     """
-    if config is None:
-        config = MergeConfig.build(kwargs)
-    elif kwargs:
-        config = MergeConfig.build({**config.model_dump(), **kwargs})
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    device = resolve_device(config.device)
-    checkpoints = resolve_checkpoints(config)
-    method = build_method(config.method, config.params, num_models=len(checkpoints))
-    shard_size = parse_size(config.out_shard_size)
-    if not config.base.is_dir():
-        raise CheckpointError(f"base folder {config.base} does not exist; pass the base model's folder to --base")
+    config = _build_config(config, kwargs)
     with ExitStack() as stack:
-        base, readers = _open_inputs(stack, config, checkpoints)
-        layout = ModelLayout.from_pretrained_dir(config.base)
-        plan = plan_merge(base, readers, layout, config.dtype)
-        source = new_rows_source(config, checkpoints, plan)
-        tokenizer_dir = resolve_tokenizer(config, checkpoints, plan, source)
-        calibration = prepare_calibration(config, tokenizer_dir) if method.needs_activation_stats else None
-        if config.dry_run:
-            text = format_plan(plan, method, checkpoints, config.new_rows)
-            logger.info("dry run, nothing written:\n%s", text)
-            return MergeResult(output=None, checkpoints=checkpoints, plan=plan, plan_text=text)
-        assert config.output is not None
-        inputs = [config.base, *checkpoints, tokenizer_dir]
-        output = stack.enter_context(atomic_output_dir(config.output, overwrite=config.overwrite, inputs=inputs))
-        stats, stats_sources = None, []
-        if calibration is not None:
-            t0 = time.perf_counter()
-            pairs = [checkpoint_stats(r, calibration, config, device) for r in readers]
-            stats, stats_sources = [s for s, _ in pairs], [src for _, src in pairs]
-            timings["statistics_s"] = time.perf_counter() - t0
-        engine = MergeEngine(
-            base,
-            readers,
-            method,
-            layout,
-            stats,
-            device=device,
-            seed=config.seed,
-            new_rows=config.new_rows,
-            new_rows_source=source,
-        )
-        metadata = {"format": "pt", "merged_by": "obim-trainer", "method": method.name}
-        with ShardedSafetensorsWriter(output, plan.write_plan(), shard_size, metadata=metadata) as writer:
-            report = engine.run(plan, writer.write, progress=config.progress)
-            files = writer.close()
-        timings["merge_s"] = report.seconds
-        copy_model_files(config.base, tokenizer_dir if tokenizer_dir != config.base else None, output)
-        _write_config(output, plan)
-        timings["total_s"] = time.perf_counter() - start
-        manifest = MergeManifest(
-            method=method.describe(),
-            seed=config.seed,
-            base=describe_input(base),
-            checkpoints=[describe_input(r) for r in readers],
-            output={
-                "path": str(config.output.resolve()),
-                "files": [f.name for f in files],
-                "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in plan.tensors}),
-                "num_tensors": len(plan.tensors),
-                "num_parameters": plan.num_parameters,
-                "tokenizer": str(Path(tokenizer_dir).resolve()),
-                "vocab_size": plan.vocab_size,
-                "new_rows": config.new_rows if plan.vocab_size is not None else None,
-            },
-            calibration=_describe_calibration(config, calibration),
-            statistics=stats_sources,
-            ownership_share=report.ownership_share(len(readers)) if report.owned else None,
-            timings=timings,
-        ).write(output)
-    logger.info("merged %d checkpoints into %s in %.1f s", len(checkpoints), config.output, timings["total_s"])
-    return MergeResult(output=config.output, checkpoints=checkpoints, plan=plan, manifest=manifest)
+        pool = stack.enter_context(worker_pool(1 if config.dry_run else config.workers))
+        prepared = _prepare(stack, config)
+        if isinstance(prepared, MergeResult):
+            return prepared
+        result = _finish(prepared, run_parts(prepared.job, pool, config.workers, progress=config.progress))
+    logger.info("merged %d checkpoints into %s in %.1f s", len(result.checkpoints), config.output, _total(result))
+    return result
+
+
+def merge_checkpoints_on_ranks(config: MergeConfig) -> MergeResult:
+    """:func:`merge_checkpoints` with the work split between the ranks of the running process group.
+
+    Every rank calls it at the same point with the same configuration. Rank 0 validates, loads
+    the statistics and opens the output folder; each rank merges its run of tensors
+    (:func:`merge_part`) into the shared shards; after all are done rank 0 writes the index,
+    config and manifest and publishes the folder. A failure anywhere is raised on every rank,
+    and the folder then never appears. Outside a process group this is :func:`merge_checkpoints`.
+    """
+    prepared: _Prepared | MergeResult | None = None
+    with ExitStack() as stack:
+
+        def prepare() -> MergeJob | MergeResult:
+            nonlocal prepared
+            prepared = _prepare(stack, config)
+            return prepared if isinstance(prepared, MergeResult) else prepared.job
+
+        shared = run_on_main(prepare, "preparing the merge")
+        if isinstance(shared, MergeResult):
+            return shared
+        show = config.progress and is_main_process()
+        reports = run_on_every_rank(lambda: merge_part(shared, rank(), world_size(), progress=show), "merging")
+
+        def finish() -> MergeResult:
+            assert isinstance(prepared, _Prepared)
+            result = _finish(prepared, reports)
+            stack.close()  # publishes the folder; a failure here reaches every rank too
+            return result
+
+        result = run_on_main(finish, "finishing the merge")
+    if is_main_process():
+        logger.info("merged %d checkpoints into %s in %.1f s", len(result.checkpoints), config.output, _total(result))
+    return result
+
+
+def _total(result: MergeResult) -> float:
+    return float((result.manifest or {}).get("timings", {}).get("total_s", 0.0))
 
 
 def _describe_calibration(config: MergeConfig, calibration: CalibrationSet | None) -> dict[str, Any] | None:

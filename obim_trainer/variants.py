@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,16 +111,23 @@ def plan_variants(
     return variants
 
 
-def merge_variants(config: MergeConfig, variants: Sequence[MergeVariant], output_root: Path) -> dict[str, Path]:
+def merge_variants(
+    config: MergeConfig,
+    variants: Sequence[MergeVariant],
+    output_root: Path,
+    merge: Callable[[MergeConfig], object] | None = None,
+) -> dict[str, Path]:
     """Merge the same checkpoints once per variant into ``output_root/<name>``; statistics are computed
-    once and reused from the cache beside the checkpoints."""
+    once and reused from the cache beside the checkpoints. ``merge`` makes one merge (default
+    :func:`~obim_trainer.merge.merge_checkpoints`; the callback passes the one split between ranks)."""
     from obim_trainer.merge import merge_checkpoints
 
+    merge = merge or merge_checkpoints
     folders = {}
     for i, variant in enumerate(variants):
         logger.info("merge %d/%d: %s", i + 1, len(variants), variant.name)
         output = Path(output_root) / variant.name
         values = {**config.model_dump(), "method": variant.method, "params": variant.params, "output": output}
-        merge_checkpoints(MergeConfig.build(values))
+        merge(MergeConfig.build(values))
         folders[variant.name] = output
     return folders

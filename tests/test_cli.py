@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from obim_trainer.cli import build_parser, config_from_args, main
+from obim_trainer.errors import ConfigError
 from obim_trainer.merging import available_methods
 from tests.conftest import copy_tree
 
@@ -161,6 +163,17 @@ def test_checkpoint_format_flags_reach_the_config():
     assert (cfg.zero_weights, cfg.new_rows, cfg.dtype) == ("master", "average", "bfloat16")
     defaults, _ = config_from_args(build_parser().parse_args(required))
     assert (defaults.zero_weights, defaults.new_rows, defaults.dtype) == ("auto", "obim", "auto")
+
+
+def test_speed_flags_reach_the_config_and_bad_ones_are_refused():
+    required = ["--base", "b", "--checkpoints", "c", "--output", "o"]
+    cfg, _ = config_from_args(build_parser().parse_args([*required, "--workers", "4", "--device", "cuda:1"]))
+    assert (cfg.workers, cfg.device) == (4, "cuda:1")
+    defaults, _ = config_from_args(build_parser().parse_args(required))
+    assert (defaults.workers, defaults.device) == (1, "cpu")
+    for flags, message in ((["--workers", "0"], "workers"), (["--device", "tpu"], "device")):
+        with pytest.raises(ConfigError, match=message):
+            config_from_args(build_parser().parse_args([*required, *flags]))
 
 
 def test_mixed_dtype_checkpoints_with_dtype_flag(llama_family, tmp_path):

@@ -121,8 +121,11 @@ def test_vocabulary_size_mismatch_between_checkpoints(family, calibration_jsonl,
     )
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nan_or_inf_in_checkpoint(family, calibration_jsonl, tmp_path, bad):
+@pytest.mark.parametrize(
+    ("bad", "method", "workers"),
+    [(float("nan"), "obim", 1), (float("inf"), "obim", 1), (float("nan"), "ties_im", 2)],  # statistics / merge
+)
+def test_nan_or_inf_in_checkpoint(family, calibration_jsonl, tmp_path, bad, method, workers):
     base, ckpts = family
     name = "model.layers.1.mlp.down_proj.weight"
 
@@ -139,6 +142,8 @@ def test_nan_or_inf_in_checkpoint(family, calibration_jsonl, tmp_path, bad):
         base=base,
         checkpoints=ckpts,
         calibration_data=calibration_jsonl,
+        method=method,
+        workers=workers,
     )
 
 

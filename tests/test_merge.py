@@ -535,3 +535,21 @@ def test_dry_run_shows_the_extended_vocabulary(extended_run, tmp_path):
     )
     assert "vocabulary: the checkpoints extend it to 330 rows; new rows: average" in result.plan_text
     assert "model.embed_tokens.weight" in result.plan_text and "330x64" in result.plan_text
+
+
+def model_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name.startswith("model")}
+
+
+@pytest.mark.parametrize("shard_size", ["100KB", "5GB"])
+def test_two_workers_write_the_bytes_one_worker_writes(llama_family, calibration_jsonl, tmp_path, shard_size):
+    base, ckpts = copied_family(llama_family, tmp_path)
+    common = {"base": base, "checkpoints": ckpts, "calibration_data": calibration_jsonl, "progress": False}
+    one = merge_checkpoints(**common, out_shard_size=shard_size, output=tmp_path / "one")
+    two = merge_checkpoints(**common, out_shard_size=shard_size, output=tmp_path / "two", workers=2)
+    written = model_files(tmp_path / "one")
+    assert len(written) == (1 if shard_size == "5GB" else len(two.manifest["output"]["files"]))
+    assert model_files(tmp_path / "two") == written
+    assert two.manifest["output"]["workers"] == 2 and one.manifest["output"]["workers"] == 1
+    assert two.manifest["ownership_share"] == one.manifest["ownership_share"]
+    assert [s["source"] for s in two.manifest["statistics"]] == ["cached"] * 3, "computed once, by the leader"

@@ -5,6 +5,11 @@ knows every output name, shape and dtype before it starts, so all shard boundari
 headers are computed up front and each shard is written as a stream: 8-byte header length,
 JSON header padded with spaces to 8-byte alignment, then the raw bytes of each tensor as it
 is produced. Memory is one tensor, and the files are the ones transformers writes.
+
+Because the layout is fixed before any data, a merge split between workers (processes or the
+ranks of a distributed run) writes the same bytes: each worker's writer is given its ``part``
+of the plan and writes those tensors at their places in the shared shard files (each writes
+the same header wherever it writes, and sizes the file), and one writes the index at the end.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -153,6 +158,10 @@ class ShardedSafetensorsWriter:
     ``save_pretrained`` would produce for the same tensors in the same order. Leaving the
     ``with`` block normally closes the writer; on an exception the partial files stay for the
     caller's atomic output folder to discard.
+
+    ``part`` (names from the plan) makes this writer one of several that share the output: it
+    writes only those tensors, in plan order, into files laid out for the whole plan, and the
+    index is left to :meth:`write_index`, called by one writer once every part is written.
     """
 
     def __init__(
@@ -161,6 +170,8 @@ class ShardedSafetensorsWriter:
         plan: Sequence[PlanEntry],
         max_shard_size: int,
         metadata: dict[str, str] | None = None,
+        *,
+        part: Collection[str] | None = None,
     ) -> None:
         self.folder = Path(folder)
         metadata = {"format": "pt", **(metadata or {})}
@@ -178,22 +189,38 @@ class ShardedSafetensorsWriter:
             else [self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
         self._headers: list[bytes] = []
+        self._sizes: list[int] = []
         self._slots: dict[str, _Slot] = {}
-        self._remaining = [len(entries) for entries in shards]
         for shard, entries in enumerate(shards):
             header, offsets = _layout(entries, metadata)
             self._headers.append(header)
+            self._sizes.append(len(header) + sum(_nbytes(shape, dtype) for _, shape, dtype in entries))
             for name, shape, dtype in entries:
                 self._slots[name] = _Slot(shard, offsets[name], _nbytes(shape, dtype))
+        self._whole = part is None
+        wanted = set(self._slots) if part is None else set(part)
+        if not wanted <= set(self._slots):
+            raise ValueError(f"part names tensor(s) the plan lacks: {sorted(wanted - set(self._slots))[:5]}")
+        self._todo = [entry for entry in self._plan if entry[0] in wanted]
+        self._remaining = [0] * n
+        for name, _, _ in self._todo:
+            self._remaining[self._slots[name].shard] += 1
         self._position = 0
         self._handle: BinaryIO | None = None
-        self._closed: list[Path] | None = None
+        self._closed = False
+
+    @property
+    def files(self) -> list[Path]:
+        """The output's files: shards in order, then the index when there are several."""
+        return self._files + ([self.folder / INDEX_FILE] if len(self._files) > 1 else [])
 
     def _open_shard(self, shard: int) -> BinaryIO:
+        """The shard file, created if need be, with its header and its final size (which every part agrees on)."""
         file = self._files[shard]
         try:
-            handle = file.open("wb")
+            handle = os.fdopen(os.open(file, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
             handle.write(self._headers[shard])
+            os.ftruncate(handle.fileno(), self._sizes[shard])
         except OSError as exc:
             raise _write_error(file, exc) from None
         return handle
@@ -209,10 +236,10 @@ class ShardedSafetensorsWriter:
         self._handle = None
 
     def write(self, name: str, tensor: Tensor) -> None:
-        """Write the next planned tensor; its name, shape and dtype must match the plan."""
-        if self._closed is not None or self._position >= len(self._plan):
-            raise ValueError(f"tensor {name} was not planned: all {len(self._plan)} planned tensors are written")
-        p_name, p_shape, p_dtype = self._plan[self._position]
+        """Write the next planned tensor (of this writer's part); its name, shape and dtype must match the plan."""
+        if self._closed or self._position >= len(self._todo):
+            raise ValueError(f"tensor {name} was not planned: all {len(self._todo)} planned tensors are written")
+        p_name, p_shape, p_dtype = self._todo[self._position]
         if name != p_name or tuple(tensor.shape) != p_shape or tensor.dtype != p_dtype:
             raise ValueError(
                 f"expected tensor {p_name} {p_shape} {p_dtype} next, got {name} {tuple(tensor.shape)} {tensor.dtype}"
@@ -231,20 +258,26 @@ class ShardedSafetensorsWriter:
             self._finish_shard(slot.shard)
 
     def close(self) -> list[Path]:
-        """Check every planned tensor was written, write the index (several shards), fsync, and
-        return the files written: shards in order, then the index. Calling it again is harmless."""
-        if self._closed is not None:
-            return list(self._closed)
-        if self._position != len(self._plan):
-            missing = len(self._plan) - self._position
-            raise ValueError(f"{missing} planned tensor(s) were not written, first: {self._plan[self._position][0]}")
-        files = list(self._files)
-        if len(files) > 1:
-            files.append(self._write_index())
-        self._closed = files
-        return list(files)
+        """Check every planned tensor (of this writer's part) was written and, for the whole plan, write
+        the index; return :attr:`files`. Every shard is fsynced when its last tensor is written.
+        Calling it again is harmless."""
+        if self._closed:
+            return self.files
+        if self._position != len(self._todo):
+            missing = len(self._todo) - self._position
+            raise ValueError(f"{missing} planned tensor(s) were not written, first: {self._todo[self._position][0]}")
+        if self._whole:
+            self.write_index()
+        self._closed = True
+        return self.files
 
-    def _write_index(self) -> Path:
+    def write_index(self) -> list[Path]:
+        """Write ``model.safetensors.index.json`` when there are several shards; return :attr:`files`.
+
+        A writer of the whole plan does it on :meth:`close`; of writers of parts, one calls it once
+        all parts are written."""
+        if len(self._files) == 1:
+            return self.files
         index = self.folder / INDEX_FILE
         content = {
             "metadata": {
@@ -260,7 +293,7 @@ class ShardedSafetensorsWriter:
                 os.fsync(handle.fileno())
         except OSError as exc:
             raise _write_error(index, exc) from None
-        return index
+        return self.files
 
     def __enter__(self) -> ShardedSafetensorsWriter:
         return self

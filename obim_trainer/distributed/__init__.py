@@ -5,6 +5,7 @@ from obim_trainer.distributed.live_stats import collect_live_stats
 from obim_trainer.distributed.lockstep import Batch, local_share, lockstep_batches
 from obim_trainer.distributed.ranks import (
     RankFailure,
+    all_gather_object,
     all_reduce,
     barrier,
     broadcast_object,
@@ -12,6 +13,7 @@ from obim_trainer.distributed.ranks import (
     is_main_process,
     max_over_ranks,
     rank,
+    run_on_every_rank,
     run_on_main,
     share_failure,
     world_size,
@@ -23,6 +25,7 @@ __all__ = [
     "RankFailure",
     "StateEntry",
     "ZeroGatherer",
+    "all_gather_object",
     "all_reduce",
     "barrier",
     "broadcast_object",
@@ -35,6 +38,7 @@ __all__ = [
     "max_over_ranks",
     "plain_model_loading",
     "rank",
+    "run_on_every_rank",
     "run_on_main",
     "share_failure",
     "world_size",

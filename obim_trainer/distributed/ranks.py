@@ -76,6 +76,17 @@ def broadcast_object(obj: T | None, src: int = 0) -> T:
     return box[0]  # type: ignore[return-value]
 
 
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's ``obj``, in rank order, on every rank (collective; ``[obj]`` in a single process)."""
+    import torch.distributed as dist
+
+    if not is_distributed():
+        return [obj]
+    gathered: list[T | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered  # type: ignore[return-value]
+
+
 def all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
     """``tensor`` reduced (``sum`` or ``max``) over all ranks, on the CPU (collective; itself alone)."""
     import torch.distributed as dist
@@ -105,6 +116,37 @@ def share_failure(error: BaseException | None, what: str) -> None:
     raise RankFailure(f"{what} failed on rank 0 ({message}); see rank 0's log")
 
 
+def _describe(error: BaseException | None, what: str) -> str | None:
+    """The message other ranks get for ``error``; an unexpected error's traceback is logged here."""
+    if error is None:
+        return None
+    if is_distributed() and not isinstance(error, OBIMError):  # the other ranks only see the message
+        logger.error("%s failed on rank %d:\n%s", what, rank(), "".join(traceback.format_exception(error)))
+    return f"{type(error).__name__}: {error}"
+
+
+def run_on_every_rank(fn: Callable[[], T], what: str) -> list[T]:
+    """Run ``fn`` on every rank and give every rank all the results, in rank order.
+
+    Collective: every rank calls it at the same point. A failure on any rank is raised on every
+    rank (the failing one re-raises its own; the others raise :class:`RankFailure`), so no rank
+    goes on with a partial result.
+    """
+    result: T | None = None
+    error: Exception | None = None
+    try:
+        result = fn()
+    except Exception as exc:
+        error = exc
+    outcomes = all_gather_object((result, _describe(error, what)))
+    if error is not None:
+        raise error
+    for source, (_, message) in enumerate(outcomes):
+        if message is not None:
+            raise RankFailure(f"{what} failed on rank {source} ({message}); see rank {source}'s log")
+    return [value for value, _ in outcomes]  # type: ignore[misc]
+
+
 def run_on_main(fn: Callable[[], T], what: str) -> T:
     """Run ``fn`` on rank 0 only and give its result to every rank.
 
@@ -119,7 +161,6 @@ def run_on_main(fn: Callable[[], T], what: str) -> T:
             result = fn()
         except Exception as exc:
             error = exc
-            if is_distributed() and not isinstance(exc, OBIMError):  # the other ranks only see the message
-                logger.error("%s failed on rank 0:\n%s", what, traceback.format_exc())
+            _describe(exc, what)
     share_failure(error, what)
     return broadcast_object(result)

@@ -12,7 +12,7 @@ from obim_trainer.merging.registry import (
     get_method,
     register_method,
 )
-from obim_trainer.merging.task import MergeOutput, ParamKind, TensorTask
+from obim_trainer.merging.task import MergeOutput, ParamKind, TensorTask, Workspace
 
 __all__ = [
     "MergeMethod",
@@ -20,6 +20,7 @@ __all__ = [
     "MethodParams",
     "ParamKind",
     "TensorTask",
+    "Workspace",
     "available_methods",
     "build_method",
     "get_method",

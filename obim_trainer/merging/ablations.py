@@ -35,7 +35,7 @@ class TiesOBM(Ties):
     needs_activation_stats = True
 
     def trim_scores(self, task: TensorTask, k: int, delta: Tensor) -> Tensor:
-        return obm_saliency(task, k, delta.clone())  # the saliency function may overwrite its input
+        return obm_saliency(task, k, delta.clone)  # the saliency function may overwrite its input
 
 
 @register_method

@@ -20,31 +20,34 @@ from torch import Tensor
 
 from obim_trainer.merging.task import ParamKind, TensorTask
 
-SaliencyFn = Callable[[TensorTask, int, Tensor], Tensor]
-"""``(task, k, delta_k) -> scores`` of the same shape, ≥ 0, higher is more salient.
+SaliencyFn = Callable[[TensorTask, int, Callable[[], Tensor]], Tensor]
+"""``(task, k, delta) -> scores`` shaped like the tensor, ≥ 0, higher is more salient.
 
-``delta_k`` belongs to the saliency function, which may overwrite it to save memory."""
+``delta()`` computes δ_k in float32, a tensor the saliency function owns and may overwrite to save
+memory. It is a function because random scores never look at δ_k: the embedding, norms and biases
+then skip the two passes that computing it costs."""
 
 
-def _check_broadcast(task: TensorTask, what: str, factor: Tensor, delta: Tensor) -> None:
+def _check_broadcast(task: TensorTask, what: str, factor: Tensor) -> None:
     """A clear error instead of a broadcasting failure deep inside torch."""
+    shape = task.base.shape
     try:
-        fits = torch.broadcast_shapes(factor.shape, delta.shape) == delta.shape
+        fits = torch.broadcast_shapes(factor.shape, shape) == shape
     except RuntimeError:
         fits = False
     if not fits:
         raise ValueError(
             f"{what} for {task.name} has shape {tuple(factor.shape)}, which does not broadcast to the "
-            f"tensor's shape {tuple(delta.shape)}; the statistics belong to another model: recompute them"
+            f"tensor's shape {tuple(shape)}; the statistics belong to another model: recompute them"
         )
 
 
-def random_saliency(task: TensorTask, k: int, delta: Tensor) -> Tensor:
+def random_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Tensor:
     """Seeded uniform scores: the paper's random pruning for parameters without a Hessian estimate."""
     return task.rand_like_base("saliency", k)
 
 
-def obm_saliency(task: TensorTask, k: int, delta: Tensor) -> Tensor:
+def obm_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Tensor:
     """mean_j(x²)·δ_ij² for Linear weights (eq. 5 with H = 2XXᵀ from eq. 6); random for everything else.
 
     Raises:
@@ -59,11 +62,11 @@ def obm_saliency(task: TensorTask, k: int, delta: Tensor) -> Tensor:
             f"OBM saliency of Linear weight {task.name} needs activation statistics of checkpoint {k}; "
             "run the merge with calibration data"
         )
-    _check_broadcast(task, f"activation statistics of checkpoint {k}", sq_mean, delta)
-    return delta.square_().mul_(sq_mean)
+    _check_broadcast(task, f"activation statistics of checkpoint {k}", sq_mean)
+    return delta().square_().mul_(sq_mean)
 
 
-def token_frequency_saliency(task: TensorTask, k: int, delta: Tensor) -> Tensor:
+def token_frequency_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Tensor:
     """Embedding rows scored by their token's count in the calibration data times δ².
 
     An embedding's input is one-hot, so Σ_tokens x_j² for row j is the token's count: eq. 5
@@ -72,10 +75,10 @@ def token_frequency_saliency(task: TensorTask, k: int, delta: Tensor) -> Tensor:
     """
     if task.kind is not ParamKind.EMBEDDING or task.token_counts is None:
         return obm_saliency(task, k, delta)
-    _check_broadcast(task, "token counts", task.token_counts, delta)
-    return delta.square_().mul_(task.token_counts)
+    _check_broadcast(task, "token counts", task.token_counts)
+    return delta().square_().mul_(task.token_counts)
 
 
-def magnitude_saliency(task: TensorTask, k: int, delta: Tensor) -> Tensor:
+def magnitude_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Tensor:
     """|δ|: TIES' trimming criterion, used by the ``ties_im`` ablation (the paper's Table 3)."""
-    return delta.abs_()
+    return delta().abs_()

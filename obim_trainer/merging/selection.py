@@ -2,20 +2,21 @@
 
 Algorithm 1 sorts each checkpoint's saliencies and keeps the top n_k share. Sorting a
 50M-element tensor is what would make a merge slow, and ``torch.topk`` with a large ``k``
-is slow and breaks ties arbitrarily. :func:`select_top` finds the threshold with a two-digit
-radix select on the float bits instead (two histograms, no sort), takes every score above it,
-and gives ties at the threshold to the lowest flat indices, so it selects exactly ``count``
-positions, the same ones on every run and device, in linear time with temporaries of about
-1.25× the scores. Measured on 50M float32 scores, count = N/3, shared 2-core CPU, every
-position a candidate (a third excluded): radix 0.35-0.57 s (0.9-1.3 s), ``torch.kthvalue``
-0.9-1.1 s (1.2-2.7 s), ``torch.topk`` 1.0-1.7 s (1.4-3.3 s, ties broken arbitrarily).
+is slow and breaks ties arbitrarily. :func:`select_top` finds the threshold without a sort
+instead, takes every score above it, and gives ties at the threshold to the lowest flat
+indices, so it selects exactly ``count`` positions, the same ones on every run and device, in
+linear time. Large tensors bracket the threshold from a strided sample and rank only the few
+percent of scores inside the bracket (a handful of comparison passes, which torch spreads over the
+cores); small ones, and the rare missed bracket, use a two-digit radix select on the float
+bits (two histograms). The only full-size buffers are two bool masks, which a caller may lend
+(see ``scratch``) so that they are allocated once per merge, not once per tensor.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -27,6 +28,9 @@ _INF_BITS = 0x7F800000  # float32 +inf viewed as int32: the largest key of a non
 _DIGIT = 1 << 16  # keys are split into two 16-bit digits
 _SCAN_LEAF = 1 << 12  # below this many positions the n-th True is found by nonzero()
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0  # which int16 half of an int32 holds its high bits
+_SAMPLE = 1 << 14  # scores sampled to bracket the threshold (the bracket then holds about 4% of them)
+_SAMPLED_MIN = 1 << 16  # below this many positions the radix select is as fast
+_SIGMAS = 5.0  # half-width of the bracket in standard deviations of the sampled rank
 
 
 def apportion(numel: int, ratios: Sequence[float]) -> list[int]:
@@ -61,23 +65,20 @@ def apportion(numel: int, ratios: Sequence[float]) -> list[int]:
     return counts
 
 
-def _sort_keys(flat: Tensor) -> Tensor:
-    """int32 keys ordered like the float32 scores: the bits themselves (a view) for scores >= 0."""
-    bits = flat.view(torch.int32)
-    lowest, highest = torch.aminmax(bits)
+def _checked_scores(scores: Tensor) -> Tensor:
+    """The scores flat in float32, after one pass that rejects negative and NaN scores.
+
+    Non-negative float32 scores viewed as int32 are ordered like the floats, so the check is a
+    min/max of the bits. ``-0.0`` is the one negative-looking score allowed: adding ``+0.0``
+    (a copy, only then) makes it ``+0.0``.
+    """
+    flat = scores.reshape(-1).to(torch.float32)
+    lowest, highest = torch.aminmax(flat.view(torch.int32))
     if int(lowest) >= 0 and int(highest) <= _INF_BITS:
-        return bits
+        return flat
     if bool(torch.isnan(flat).any()) or bool(flat.min() < 0):
         raise ValueError("scores must be non-negative and not NaN (saliencies are)")
-    return (flat + 0.0).view(torch.int32)  # only -0.0 is left: adding +0.0 makes it +0.0
-
-
-def _top_digit(hist: Tensor, count: int) -> tuple[int, int]:
-    """The digit value whose histogram bin holds the ``count``-th largest key, and how many lie above it."""
-    from_top = hist.flip(0).cumsum(0)
-    rank = int(torch.searchsorted(from_top, count))
-    digit = hist.numel() - 1 - rank
-    return digit, int(from_top[rank]) - int(hist[digit])
+    return flat + 0.0
 
 
 def _index_of_nth_true(flags: Tensor, n: int) -> int:
@@ -94,46 +95,37 @@ def _index_of_nth_true(flags: Tensor, n: int) -> int:
     return lo + int(flags[lo:hi].nonzero()[n - 1])
 
 
-def select_top(
-    scores: Tensor, count: int, available: Tensor | None = None, *, num_available: int | None = None
-) -> Tensor:
-    """Boolean mask (shaped like ``scores``) of exactly ``count`` available positions with the highest scores.
+def _with_first_ties(above: Tensor, ties: Tensor, needed: int) -> Tensor:
+    """``above`` plus the first ``needed`` (≥ 1) positions of ``ties`` in flat order: ties go to the lowest index."""
+    ties[_index_of_nth_true(ties, needed) + 1 :] = False
+    return above.logical_or_(ties)
 
-    Args:
-        scores: Non-negative scores of any shape, compared as float32; NaN is an error.
-        count: How many positions to select.
-        available: Boolean mask of the candidate positions (``None``: all).
-        num_available: Number of candidates if the caller already knows it (saves a pass).
 
-    Ties at the threshold go to the lowest flat index. Non-negative float32 scores viewed as
-    int32 are ordered like the floats, so the threshold key is found digit by digit: a
-    histogram of the high 16 bits of the candidates' keys locates the bin that holds the
+def _restrict(mask: Tensor, available: Tensor | None) -> Tensor:
+    return mask if available is None else mask.logical_and_(available)
+
+
+def _top_digit(hist: Tensor, count: int) -> tuple[int, int]:
+    """The digit value whose histogram bin holds the ``count``-th largest key, and how many lie above it."""
+    from_top = hist.flip(0).cumsum(0)
+    rank = int(torch.searchsorted(from_top, count))
+    digit = hist.numel() - 1 - rank
+    return digit, int(from_top[rank]) - int(hist[digit])
+
+
+def _radix_select(flat: Tensor, count: int, available: Tensor | None, flags: Callable[[str], Tensor]) -> Tensor:
+    """The top-``count`` mask by a two-digit radix select on the float bits (any score distribution).
+
+    A histogram of the high 16 bits of the candidates' keys locates the bin that holds the
     ``count``-th largest, a histogram of the low 16 bits inside that bin locates the key (the
-    bin's keys are gathered when it is small, else read through a clamped full-size pass). The
-    temporaries are one int16 then at most one int32 tensor, and bool masks: about 1.25× the scores.
-
-    Raises:
-        ValueError: ``count`` is negative or exceeds the number of candidates; a score is negative or NaN.
+    bin's keys are gathered when it is small, else read through a clamped full-size pass).
+    Temporaries: one int16, at most one int32 tensor, and the two bool ``flags``.
     """
-    flat = scores.reshape(-1).to(torch.float32)
-    if available is not None:
-        available = available.reshape(-1)
-    if num_available is None:
-        num_available = flat.numel() if available is None else int(torch.count_nonzero(available))
-    if not 0 <= count <= num_available:
-        raise ValueError(f"cannot select {count} of {num_available} available positions")
-    if count == 0:
-        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if count == num_available:
-        everything = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-        return everything if available is None else available.clone().view(scores.shape)
-    keys = _sort_keys(flat)
-
+    keys = flat.view(torch.int32)
     # high digit: bin 1 + (key >> 16), read from the keys' high int16 halves; bin 0 collects the unavailable
     high_bins = torch.add(keys.view(torch.int16)[_HIGH_HALF::2], 1)
-    unavailable = None if available is None else ~available
-    if unavailable is not None:
-        high_bins.masked_fill_(unavailable, 0)
+    if available is not None:
+        high_bins.masked_fill_(~available, 0)
     high_hist = torch.bincount(high_bins, minlength=_DIGIT // 2)
     high_hist[0] = 0
     high_bin, above_high = _top_digit(high_hist, count)
@@ -147,21 +139,125 @@ def select_top(
     else:  # key - bin_start + 1 is 1..65536 in the bin; clamped to 0 below it, 65537 above
         del high_bins
         low_bins = torch.sub(keys, bin_start - 1).clamp_(0, _DIGIT + 1)
-        if unavailable is not None:
-            low_bins.masked_fill_(unavailable, 0)
+        if available is not None:
+            low_bins.masked_fill_(~available, 0)
         low_hist = torch.bincount(low_bins, minlength=_DIGIT + 2)[1 : _DIGIT + 1]
-    del low_bins, unavailable
+    del low_bins
     low, above_low = _top_digit(low_hist, count - above_high)
     threshold = bin_start + low
     ties_needed = count - above_high - above_low
+    if ties_needed == int(low_hist[low]):
+        return _restrict(torch.ge(keys, threshold, out=flags("above")), available)
+    above = _restrict(torch.gt(keys, threshold, out=flags("above")), available)
+    ties = _restrict(torch.eq(keys, threshold, out=flags("ties")), available)
+    return _with_first_ties(above, ties, ties_needed)
 
-    mask = keys >= threshold
+
+def _bracket_stride(numel: int, width: int) -> int:
+    """A sampling stride near numel / _SAMPLE (at least 16) that shares no factor with the row width.
+
+    Scores of a Linear weight are δ² scaled per input column; a stride that is a multiple of
+    a divisor of the row width would sample a few columns only and bracket the threshold badly.
+    """
+    stride = max(16, numel // _SAMPLE)
+    while math.gcd(stride, max(width, 1)) != 1:
+        stride += 1
+    return stride
+
+
+def _bracket(flat: Tensor, count: int, available: Tensor | None, num_available: int, width: int) -> tuple[float, float]:
+    """Scores ``(hi, lo)`` that very probably hold the ``count``-th largest candidate score between them."""
+    stride = _bracket_stride(flat.numel(), width)
+    sample = flat[::stride]
     if available is not None:
-        mask &= available
-    if ties_needed < int(low_hist[low]):  # drop the ties beyond the first `ties_needed` in flat order
-        ties = keys == threshold
-        if available is not None:
-            ties &= available
-        cut = _index_of_nth_true(ties, ties_needed) + 1
-        mask[cut:] ^= ties[cut:]
+        sample = sample[available[::stride]]
+    size = sample.numel()
+    expected = count * size / num_available
+    margin = _SIGMAS * math.sqrt(expected * max(1.0 - expected / max(size, 1), 0.0)) + 8.0
+    top, bottom = math.floor(expected - margin), math.ceil(expected + margin)  # 0-based ranks from the top
+    hi = float(torch.kthvalue(sample, size - top).values) if 0 <= top < size else math.inf
+    lo = float(torch.kthvalue(sample, size - bottom).values) if 0 <= bottom < size else -math.inf
+    return hi, lo
+
+
+def _sampled_select(
+    flat: Tensor, count: int, available: Tensor | None, num_available: int, width: int, flags: Callable[[str], Tensor]
+) -> Tensor | None:
+    """The top-``count`` mask found through a sampled bracket, or ``None`` when the bracket missed.
+
+    One comparison marks the candidates above the bracket (they are all taken), another the
+    few inside it (a few percent), whose indices and scores are gathered; ``kthvalue`` ranks them,
+    and the chosen ones, ties at the threshold in index order, are set in the mask. Full-size
+    work: two comparisons, a count and a scan for the indices; the bool ``flags`` are the only
+    full-size buffers.
+    """
+    hi, lo = _bracket(flat, count, available, num_available, width)
+    above = _restrict(torch.gt(flat, hi, out=flags("above")), available)
+    need = count - int(torch.count_nonzero(above))
+    if need <= 0:
+        return above if need == 0 else None
+    inside = _restrict(torch.ge(flat, lo, out=flags("ties")), available).logical_xor_(above)
+    index = inside.nonzero().squeeze(1)  # ascending flat order
+    if index.numel() < need:
+        return None
+    between = flat[index]
+    threshold = torch.kthvalue(between, between.numel() - need + 1).values  # the need-th largest
+    over = between > threshold
+    ties = index[between == threshold]
+    above[torch.cat([index[over], ties[: need - int(torch.count_nonzero(over))]])] = True
+    return above
+
+
+def select_top(
+    scores: Tensor,
+    count: int,
+    available: Tensor | None = None,
+    *,
+    num_available: int | None = None,
+    scratch: Callable[[str], Tensor] | None = None,
+) -> Tensor:
+    """Boolean mask (shaped like ``scores``) of exactly ``count`` available positions with the highest scores.
+
+    Args:
+        scores: Non-negative scores of any shape, compared as float32; NaN is an error.
+        count: How many positions to select.
+        available: Boolean mask of the candidate positions (``None``: all).
+        num_available: Number of candidates if the caller already knows it (saves a pass).
+        scratch: ``scratch(role)`` returns a bool tensor shaped like ``scores`` for ``"above"``
+            and ``"ties"`` (a workspace reused from tensor to tensor); the result may be one of
+            them. ``None``: fresh tensors.
+
+    Ties at the threshold go to the lowest flat index, so the result is one fixed set on every
+    run and device. The threshold is found without sorting: for 65536 scores or more, by
+    bracketing it between two quantiles of a strided sample and ranking only the scores inside
+    the bracket; otherwise, or when the bracket misses (a rare, checked event), by a radix
+    select on the float bits. Both give the same mask.
+
+    Raises:
+        ValueError: ``count`` is negative or exceeds the number of candidates; a score is negative or NaN.
+    """
+    flat = _checked_scores(scores)
+    if available is not None:
+        available = available.reshape(-1)
+    if num_available is None:
+        num_available = flat.numel() if available is None else int(torch.count_nonzero(available))
+    if not 0 <= count <= num_available:
+        raise ValueError(f"cannot select {count} of {num_available} available positions")
+    if count == 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if count == num_available:
+        everything = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        return everything if available is None else available.clone().view(scores.shape)
+
+    def flags(role: str) -> Tensor:
+        if scratch is None:
+            return torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+        return scratch(role).reshape(-1)
+
+    mask = None
+    if flat.numel() >= _SAMPLED_MIN:
+        width = scores.shape[-1] if scores.dim() else 1
+        mask = _sampled_select(flat, count, available, num_available, width, flags)
+    if mask is None:
+        mask = _radix_select(flat, count, available, flags)
     return mask.view(scores.shape)

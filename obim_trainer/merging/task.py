@@ -10,6 +10,7 @@ they never touch files, models or processes.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -27,6 +28,34 @@ class ParamKind(str, Enum):
     """Weight of an ``nn.Embedding``: random saliency, or token frequency on request."""
     OTHER = "other"
     """Norms, biases and anything else: random saliency ("random pruning" in the paper)."""
+
+
+class Workspace:
+    """Full-size scratch buffers reused from one tensor to the next, one per role.
+
+    A fresh multi-megabyte tensor costs more than the arithmetic on it: the allocator maps new
+    pages and the kernel zeroes every one of them on first touch. The engine keeps one workspace
+    for a whole merge, so a method's temporaries (the float32 base, the scores, the selection's
+    masks) are allocated once, at the size of the largest tensor, instead of once per tensor.
+    A buffer handed out for a role stays valid until the same role is asked for again.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def get(self, role: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised tensor of ``shape`` for ``role``, grown (never shrunk) as tensors grow."""
+        numel = math.prod(shape)
+        key = (role, dtype, torch.device(device))
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(tuple(shape))
+
+    def holds(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` lives in one of the buffers (and would be overwritten by the next request)."""
+        pointer = tensor.untyped_storage().data_ptr()
+        return any(b.untyped_storage().data_ptr() == pointer for b in self._buffers.values())
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -50,6 +79,10 @@ class TensorTask:
             ``Conv1D``). ``None`` when the tensor is not a Linear weight or no statistics exist.
         token_counts: For embeddings, how often each row's token occurs in the calibration data,
             shaped ``[vocab, 1]``; ``None`` otherwise.
+        base_stored: θ_B in its stored dtype on the compute device, handed over to the method,
+            which may overwrite it (the engine reads a fresh copy per tensor; ``from_tensors``
+            passes a clone). ``None``: only the float32 ``base`` exists.
+        workspace: Scratch buffers shared across the tensors of a merge (``None``: allocate).
     """
 
     name: str
@@ -61,6 +94,8 @@ class TensorTask:
     seed: int = 0
     input_sq_mean: Sequence[Tensor | None] | None = None
     token_counts: Tensor | None = None
+    base_stored: Tensor | None = None
+    workspace: Workspace | None = None
 
     @classmethod
     def from_tensors(
@@ -72,8 +107,15 @@ class TensorTask:
     ) -> TensorTask:
         """Build a task from tensors already in memory (tests, the Python API)."""
         base32 = base.float()
-        models = [t.to(device=base32.device, dtype=torch.float32) for t in checkpoints]
-        return cls(name=name, base=base32, _load=lambda k: models[k].clone(), num_models=len(models), **kwargs)
+        models = [t.to(device=base32.device) for t in checkpoints]
+        return cls(
+            name=name,
+            base=base32,
+            _load=lambda k: models[k].clone(),
+            num_models=len(models),
+            base_stored=base.clone(),
+            **kwargs,  # type: ignore[arg-type]
+        )
 
     @property
     def device(self) -> torch.device:
@@ -81,9 +123,24 @@ class TensorTask:
 
     def checkpoint(self, k: int) -> Tensor:
         """θ_k in float32 on the compute device: a fresh tensor the caller owns (loaded on each call)."""
+        return self.checkpoint_stored(k).to(torch.float32)
+
+    def checkpoint_stored(self, k: int) -> Tensor:
+        """θ_k in its stored dtype on the compute device, a tensor the caller owns (loaded on each call).
+
+        Methods that copy weights rather than compute with them (iterative merging writes θ_k
+        itself at owned positions) use it to move half the bytes; casting the stored values
+        to float32 and back is exact, so the result is the same.
+        """
         if not 0 <= k < self.num_models:
             raise IndexError(f"checkpoint index {k} out of range for {self.num_models} checkpoints")
         return self._load(k)
+
+    def scratch(self, role: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        """An uninitialised tensor shaped like the base for ``role``, from the workspace if there is one."""
+        if self.workspace is None:
+            return torch.empty(self.base.shape, dtype=dtype, device=self.device)
+        return self.workspace.get(role, self.base.shape, dtype, self.device)
 
     def delta(self, k: int) -> Tensor:
         """Task vector δ_k = θ_k − θ_B in float32."""
@@ -94,9 +151,16 @@ class TensorTask:
         return torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, self.name, *parts))
 
     def rand_like_base(self, *parts: object) -> Tensor:
-        """Uniform [0, 1) noise shaped like the tensor, reproducible on every device."""
-        noise = torch.rand(self.base.shape, generator=self.generator(*parts), dtype=torch.float32)
-        return noise.to(self.device)
+        """Uniform [0, 1) noise shaped like the tensor, reproducible on every device (drawn on the CPU).
+
+        On the CPU it is drawn into the workspace's ``scores`` buffer (no fresh pages to fault in;
+        random scores and a task vector's scores are never needed at once): valid until the next
+        call or the next use of that buffer.
+        """
+        generator = self.generator(*parts)
+        if self.device.type == "cpu":
+            return torch.rand(self.base.shape, generator=generator, out=self.scratch("scores"))
+        return torch.rand(self.base.shape, generator=generator, dtype=torch.float32).to(self.device)
 
 
 @dataclass
@@ -104,7 +168,8 @@ class MergeOutput:
     """What a method returns for one tensor.
 
     Attributes:
-        tensor: The merged tensor θ_M in float32 (the engine casts it to the output dtype).
+        tensor: The merged tensor θ_M in float32, or in the inputs' dtype for methods that only copy
+            values (iterative merging); the engine casts it to the output dtype.
         owned: Optional number of positions taken from each checkpoint (for OBIM, |mask_k|);
             used for ownership statistics in logs and tests.
     """

@@ -96,7 +96,7 @@ def _sample(values: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def _log_saliency(task: TensorTask, k: int, generator: torch.Generator) -> Tensor:
-    scores = obm_saliency(task, k, task.delta(k)).flatten()
+    scores = obm_saliency(task, k, lambda: task.delta(k)).flatten()
     return _sample(scores[scores > 0].log10(), generator)
 
 

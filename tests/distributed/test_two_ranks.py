@@ -21,6 +21,7 @@ from obim_trainer.distributed import (
     lockstep_batches,
     max_over_ranks,
     rank,
+    run_on_every_rank,
     run_on_main,
     world_size,
 )
@@ -50,6 +51,11 @@ def worker(local_rank: int, init_file: str, folder: str, model_dir: str, tokeniz
             run_on_main(fail, "the failing step")
         except Exception as exc:
             out["failure"] = [type(exc).__name__, str(exc)]
+        out["everywhere"] = run_on_every_rank(lambda: 10 * rank(), "a step of every rank")
+        try:
+            run_on_every_rank(lambda: fail() if rank() == 1 else None, "a step failing on rank 1")
+        except Exception as exc:
+            out["failure_everywhere"] = [type(exc).__name__, str(exc)]
         calibration = calibration_of(tokenizer_dir)
         out["batches"] = [[b.real, b.input_ids.shape[0]] for b in lockstep_batches(calibration, 3)]
         model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -93,6 +99,14 @@ def test_a_failure_on_rank_0_is_raised_on_every_rank(ranks_out):
     assert zero["failure"] == ["ValueError", "boom"]
     assert one["failure"][0] == "RankFailure"
     assert "the failing step failed on rank 0 (ValueError: boom)" in one["failure"][1]
+
+
+def test_work_of_every_rank_reaches_every_rank_and_so_does_a_failure(ranks_out):
+    _, _, (zero, one) = ranks_out
+    assert zero["everywhere"] == one["everywhere"] == [0, 10]
+    assert one["failure_everywhere"] == ["ValueError", "boom"]
+    assert zero["failure_everywhere"][0] == "RankFailure"
+    assert "a step failing on rank 1 failed on rank 1 (ValueError: boom)" in zero["failure_everywhere"][1]
 
 
 def test_ranks_run_the_same_number_of_forward_passes(ranks_out):

@@ -84,6 +84,8 @@ def test_the_merge_is_identical_to_obim_merge_ckpts_in_one_process(zero3_run, tm
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     final = load_file(output / "checkpoint-6" / "model.safetensors")
     assert not all(torch.equal(ours[k], final[k]) for k in final)  # the merge is not just the last checkpoint
+    made = json.loads((Path(result["latest_merge"]) / "obim_merge.json").read_text())
+    assert made["output"]["workers"] == 2, "each rank merged its share of the tensors"
 
 
 def test_statistics_of_the_two_ranks_equal_one_process_statistics(zero3_run, tmp_path):

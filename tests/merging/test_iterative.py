@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from obim_trainer.merging.iterative import iterative_merge
-from obim_trainer.merging.task import TensorTask
+from obim_trainer.merging.task import TensorTask, Workspace
 
 
 def plain_counts(numel: int, ratios: list[float]) -> list[int]:
@@ -85,7 +85,7 @@ def test_saliency_sees_the_task_vector_and_the_last_checkpoint_takes_the_rest_un
     seen = {}
 
     def saliency(task, k, delta):
-        seen[k] = delta.clone()
+        seen[k] = delta().clone()
         return scores[k].clone()
 
     task = TensorTask.from_tensors("w", base, ckpts)
@@ -142,3 +142,17 @@ def test_empty_tensor_and_bad_orders():
     for order in ([0, 0], [0, 2]):
         with pytest.raises(ValueError, match="distinct checkpoint indices"):
             iterative_merge(task, [0.5, 0.5], order, given_scores([]))
+
+
+def test_large_bf16_tensors_through_a_reused_workspace_agree_with_the_plain_loop():
+    """Above 65536 positions the selection brackets its threshold from a sample, buffers are reused from
+    tensor to tensor (growing and shrinking), and bf16 values are copied bit for bit."""
+    workspace = Workspace()
+    for shape, seed in (((300, 250), 0), ((40, 30), 1), ((320, 260), 2)):
+        base, ckpts, scores = family(shape=shape, seed=seed)
+        base, ckpts = base.bfloat16(), [c.bfloat16() for c in ckpts]
+        task = TensorTask.from_tensors("w", base, ckpts, workspace=workspace)
+        out = iterative_merge(task, [1 / 3] * 3, [1, 0, 2], given_scores(scores))
+        expected, _ = plain_iterative(base.float(), [c.float() for c in ckpts], scores, [1 / 3] * 3, [1, 0, 2])
+        assert out.tensor.dtype == torch.bfloat16
+        assert torch.equal(out.tensor.float(), expected), shape

@@ -8,7 +8,14 @@ import random
 import pytest
 import torch
 
-from obim_trainer.merging.selection import RATIO_TOLERANCE, apportion, select_top
+from obim_trainer.merging.selection import (
+    RATIO_TOLERANCE,
+    _bracket_stride,
+    _radix_select,
+    _sampled_select,
+    apportion,
+    select_top,
+)
 
 
 def reference_select(scores: torch.Tensor, count: int, available: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,3 +196,105 @@ def test_apportion_scales_shares_just_above_one_and_rejects_bad_shares():
         apportion(10, [-0.1, 0.5])
     with pytest.raises(ValueError, match="finite"):
         apportion(10, [float("nan"), 0.5])
+
+
+def topk_reference(scores: torch.Tensor, count: int, available: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.topk`` over unique int64 keys (score bits, then lower index first), so its answer is unique."""
+    flat = scores.flatten().float() + 0.0  # -0.0 ranks as +0.0
+    index = torch.arange(flat.numel(), dtype=torch.int64)
+    keys = (flat.view(torch.int32).to(torch.int64) << 32) | ((1 << 32) - 1 - index)
+    if available is not None:
+        keys[~available.flatten()] = -1
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[torch.topk(keys, count).indices] = True
+    return mask.view(scores.shape)
+
+
+def both_paths(
+    scores: torch.Tensor, count: int, available: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The sampled-bracket result (``None`` when its bracket missed) and the radix-select result, on the same input."""
+    flat = scores.flatten().float()
+    free = None if available is None else available.flatten()
+    n_avail = flat.numel() if free is None else int(free.sum())
+
+    def flags(role: str) -> torch.Tensor:
+        return torch.empty(flat.numel(), dtype=torch.bool)
+
+    sampled = _sampled_select(flat, count, free, n_avail, scores.shape[-1], flags)
+    radix = _radix_select(flat, count, free, flags)
+    return (None if sampled is None else sampled.clone()), radix
+
+
+N = 1 << 20  # large enough for the sampled path
+
+
+def adversarial(name: str, gen: torch.Generator) -> torch.Tensor:
+    if name == "uniform":
+        return torch.rand(N, generator=gen)
+    if name == "all_equal":
+        return torch.full((N,), 0.25)
+    if name == "mostly_zero":
+        return torch.where(torch.rand(N, generator=gen) < 0.99, 0.0, torch.rand(N, generator=gen))
+    if name == "few_values":
+        return torch.randint(0, 3, (N,), generator=gen).float()
+    if name == "sorted":
+        return torch.linspace(0, 1, N)
+    if name == "heavy_tail":
+        return torch.randn(N, generator=gen).square() ** 4
+    if name == "square_scaled_columns":  # δ² times mean(x²) per input column, as OBM scores are
+        columns = torch.rand(1, 2048, generator=gen) ** 6
+        return (torch.randn(N // 2048, 2048, generator=gen).square() * columns).flatten()
+    raise ValueError(name)
+
+
+CASES = ["uniform", "all_equal", "mostly_zero", "few_values", "sorted", "heavy_tail", "square_scaled_columns"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sampled_and_radix_paths_agree_with_a_topk_reference(case):
+    gen = torch.Generator().manual_seed(CASES.index(case))
+    scores = adversarial(case, gen).view(-1, 2048)
+    available = torch.rand(scores.shape, generator=gen) > 0.4
+    n_avail = int(available.sum())
+    for count, free in ((1, None), (N // 3, None), (N // 3, available), (n_avail - 1, available), (7, available)):
+        expected = topk_reference(scores, count, free)
+        sampled, radix = both_paths(scores, count, free)
+        assert torch.equal(radix.view(scores.shape), expected), (case, count)
+        assert sampled is None or torch.equal(sampled.view(scores.shape), expected), (case, count)
+        got = select_top(scores, count, free)
+        assert int(got.sum()) == count
+        assert torch.equal(got, expected), (case, count)
+
+
+def test_the_sampled_path_is_taken_on_ordinary_scores_and_falls_back_when_its_sample_misleads():
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.rand(N, generator=gen)
+    sampled, _ = both_paths(scores, N // 3, None)
+    assert sampled is not None, "a uniform sample brackets the threshold"
+    tricky = torch.rand(N, generator=gen) + 1.0
+    tricky[:: _bracket_stride(N, N)] = 0.0  # the sample sees these only: make them the smallest
+    count = N // 2
+    sampled, _ = both_paths(tricky, count, None)
+    assert sampled is None, "the sample saw only zeros; the bracket cannot hold the threshold"
+    assert torch.equal(select_top(tricky, count), topk_reference(tricky, count))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_scores_with_huge_tie_groups(dtype):
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.rand(N, generator=gen).to(dtype)  # 16-bit: a few thousand distinct values
+    available = torch.rand(N, generator=gen) > 0.5
+    for count in (1000, N // 4, int(available.sum()) - 3):
+        got = select_top(scores, count, available)
+        assert int(got.sum()) == count
+        assert torch.equal(got, topk_reference(scores, count, available))
+
+
+def test_scratch_buffers_are_used_and_the_result_is_exact():
+    gen = torch.Generator().manual_seed(4)
+    scores = torch.rand(N, generator=gen)
+    lent = {role: torch.empty(N, dtype=torch.bool) for role in ("above", "ties")}
+    got = select_top(scores, N // 5, scratch=lent.__getitem__)
+    assert any(got.data_ptr() == buffer.data_ptr() for buffer in lent.values()), "no full-size mask of its own"
+    assert torch.equal(got, topk_reference(scores, N // 5))

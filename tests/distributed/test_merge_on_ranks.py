@@ -1,0 +1,77 @@
+"""A merge split between two real gloo ranks writes the bytes of a one-process merge, and a failure on
+one rank stops both with nothing published."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from obim_trainer.config import MergeConfig
+from obim_trainer.merge import merge_checkpoints, merge_checkpoints_on_ranks
+from tests.conftest import copy_tree
+
+WORLD = 2
+POISONED = "lm_head.weight"
+
+
+def worker(local_rank: int, init_file: str, settings: dict, folder: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=local_rank, world_size=WORLD)
+    try:
+        out: dict = {}
+        for name in ("good", "poisoned"):
+            try:
+                result = merge_checkpoints_on_ranks(MergeConfig.build(settings[name]))
+                out[name] = {"output": str(result.output), "workers": result.manifest["output"]["workers"]}
+            except Exception as exc:
+                out[name] = {"error": [type(exc).__name__, str(exc)]}
+        (Path(folder) / f"rank-{local_rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks_out(llama_family, calibration_jsonl, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("merge_on_ranks")
+    base, ckpts = llama_family
+    ckpts = [copy_tree(c, folder / c.name) for c in ckpts]  # statistics are cached beside them
+    poisoned = copy_tree(ckpts[2], folder / "poisoned")
+    state = load_file(poisoned / "model.safetensors")
+    state[POISONED][0, 0] = float("nan")
+    save_file(state, poisoned / "model.safetensors", metadata={"format": "pt"})
+    common = {"base": str(base), "calibration_data": str(calibration_jsonl), "progress": False}
+    common["out_shard_size"] = "100KB"
+    settings = {
+        "good": {**common, "checkpoints": [str(c) for c in ckpts], "output": str(folder / "ranks")},
+        "poisoned": {
+            **common,
+            "checkpoints": [str(c) for c in [*ckpts[:2], poisoned]],
+            "method": "ties_im",
+            "output": str(folder / "never"),
+        },
+    }
+    mp.spawn(worker, args=(str(folder / "init"), settings, str(folder)), nprocs=WORLD, join=True)
+    results = [json.loads((folder / f"rank-{r}.json").read_text()) for r in range(WORLD)]
+    return folder, settings, results
+
+
+def test_two_ranks_write_the_bytes_of_one_process(ranks_out):
+    folder, settings, (zero, one) = ranks_out
+    assert zero["good"] == one["good"] == {"output": str(folder / "ranks"), "workers": 2}
+    merge_checkpoints(MergeConfig.build({**settings["good"], "output": str(folder / "single")}))
+    written = {p.name: p.read_bytes() for p in sorted((folder / "ranks").glob("model*"))}
+    assert len(written) > 2, "several shards and an index"
+    assert written == {p.name: p.read_bytes() for p in sorted((folder / "single").glob("model*"))}
+
+
+def test_a_failure_on_one_rank_is_raised_on_both_and_nothing_is_published(ranks_out):
+    folder, _, results = ranks_out
+    errors = [r["poisoned"]["error"] for r in results]
+    assert sorted(e[0] for e in errors) == ["CheckpointError", "RankFailure"]
+    assert all(POISONED in e[1] and "NaN or Inf" in e[1] for e in errors)
+    assert not (folder / "never").exists()
+    assert not [p for p in folder.iterdir() if ".tmp-" in p.name], "temporary folder left behind"
