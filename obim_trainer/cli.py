@@ -173,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LANG=FILE",
         help="Evaluation texts per language (JSONL with 'text', .txt or .parquet), e.g. en=en.jsonl ja=ja.jsonl.",
     )
+    compare.add_argument(
+        "--lm-eval",
+        type=Path,
+        metavar="TASKS.yaml",
+        help="Score with lm-eval-harness tasks per language instead (pip install 'obim-trainer[eval]'); "
+        "see configs/eval/lm_eval_example.yaml.",
+    )
     compare.add_argument("--eval-samples", type=int, help="Samples per language (default 200).")
     compare.add_argument("--eval-max-length", type=int, help="Tokens per sample (default 512).")
     compare.add_argument(

@@ -33,6 +33,7 @@ COMPARISON_KEYS = (
     "eval_batch_size",
     "eval_text_field",
     "eval_checkpoints",
+    "lm_eval",
     "objective",
 )
 
@@ -53,14 +54,22 @@ class ComparisonConfig(BaseModel):
     eval_batch_size: int = Field(default=8, ge=1)
     eval_text_field: str = "text"
     eval_checkpoints: bool = Field(default=True, description="Also evaluate the base and the checkpoints.")
+    lm_eval: Path | None = Field(
+        default=None, description="YAML of LmEvalConfig: score with lm-eval-harness tasks per language instead."
+    )
     objective: Objective = Objective()
 
     @model_validator(mode="after")
     def _evaluation_has_data(self) -> ComparisonConfig:
-        if self.eval_data:
+        if self.eval_data and self.lm_eval:
+            raise ValueError("give eval_data (loss per language) or lm_eval (lm-eval-harness tasks), not both")
+        if self.eval_data or self.lm_eval:
             self.evaluate = True
         elif self.evaluate:
-            raise ValueError("evaluate needs eval_data: pass --eval-data en=en_eval.jsonl zh=zh_eval.jsonl")
+            raise ValueError(
+                "evaluate needs eval_data (--eval-data en=en_eval.jsonl zh=zh_eval.jsonl) "
+                "or lm_eval (--lm-eval tasks.yaml)"
+            )
         return self
 
     @classmethod
@@ -134,6 +143,10 @@ def compare_merges(
     from obim_trainer.merge import resolve_checkpoints
 
     assert config.output is not None
+    if evaluator is None and comparison.lm_eval is not None:  # task names are checked before any merge
+        from obim_trainer.evaluation import LmEvalConfig, LmEvalEvaluator
+
+        evaluator = LmEvalEvaluator(LmEvalConfig.from_yaml(comparison.lm_eval))
     checkpoints = resolve_checkpoints(config)
     variants = plan_variants(comparison.methods, config.params, comparison.total_shares, len(checkpoints))
     _check_outputs_free(config.output, variants, config.overwrite)

@@ -76,3 +76,43 @@ def test_yaml_lists_methods_and_shares(llama_family, calibration_jsonl, tmp_path
     out = tmp_path / "o"
     assert main([*inputs(llama_family, calibration_jsonl), "--config", str(config), "--output", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["obim@0.5", "task_arithmetic"]
+
+
+def test_lm_eval_tasks_score_the_merges(llama_family, calibration_jsonl, tmp_path):
+    pytest.importorskip("lm_eval")
+    import yaml
+
+    from obim_trainer.evaluation import LmEvalConfig, LmEvalEvaluator
+    from tests.evaluation.test_lm_eval_tasks import questions, write_task
+
+    tasks, data = tmp_path / "tasks", tmp_path / "data"
+    tasks.mkdir()
+    data.mkdir()
+    for task in ("tiny_en_facts", "tiny_zh_a"):
+        rows = [{"question": q, "choices": c, "label": i % 3} for i, (q, c) in enumerate(questions(task))]
+        write_task(tasks, task, rows, data)
+    lm_eval = tmp_path / "lm_eval.yaml"
+    settings = {"tasks": {"en": ["tiny_en_facts"], "zh": ["tiny_zh_a"]}, "include_path": str(tasks)}
+    lm_eval.write_text(yaml.safe_dump({**settings, "include_defaults": False, "batch_size": 4}))
+    out = tmp_path / "o"
+    args = [*inputs(llama_family, calibration_jsonl), "--method", "obim,ties", "--lm-eval", str(lm_eval)]
+    assert main([*args, "--output", str(out), "--no-progress"]) == 0
+    table = json.loads((out / "comparison.json").read_text())
+    assert table["columns"] == {"en": "lmeval_en_acc", "zh": "lmeval_zh_acc"} and table["higher_is_better"]
+    evaluator = LmEvalEvaluator(LmEvalConfig.from_yaml(lm_eval))
+    ties = next(r for r in table["rows"] if r["name"] == "ties")
+    assert ties["metrics"] == evaluator.evaluate_folder(out / "ties")
+    merges = [r for r in table["rows"] if r["kind"] == "merge"]
+    assert table["picked"] == max(merges, key=lambda r: (r["avg"], -merges.index(r)))["name"]
+
+
+def test_unknown_lm_eval_tasks_fail_before_any_merge(llama_family, calibration_jsonl, tmp_path, caplog):
+    pytest.importorskip("lm_eval")
+    import yaml
+
+    lm_eval = tmp_path / "lm_eval.yaml"
+    settings = {"tasks": {"en": ["no_such_task_xyz"]}, "include_defaults": False, "include_path": str(tmp_path)}
+    lm_eval.write_text(yaml.safe_dump(settings))
+    args = [*inputs(llama_family, calibration_jsonl), "--method", "obim,ties", "--lm-eval", str(lm_eval)]
+    assert main([*args, "--output", str(tmp_path / "o")]) == 2
+    assert "no_such_task_xyz" in caplog.text and not (tmp_path / "o").exists()

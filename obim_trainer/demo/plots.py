@@ -63,6 +63,7 @@ def plot_losses(
         ax.plot(steps, [curves[language][s] for s in steps], "-", color="tab:blue", label="checkpoints")
         ax.axhline(base[language], color="black", linestyle="--", label="base")
         top = OFF_SCALE * max(base[language], *curves[language].values())
+        highest = max(base[language], *curves[language].values(), *(min(m[language], top) for m in merges.values()))
         for i, (name, losses) in enumerate(merges.items()):
             x, y = last * (1.04 + 0.02 * i), losses[language]
             ax.plot([x], [min(y, top)], markers[i % len(markers)], label=name)
@@ -76,7 +77,7 @@ def plot_losses(
                     textcoords="offset points",
                     ha="center",
                 )
-        ax.set_ylim(top=top * 1.08)
+        ax.set_ylim(top=highest * 1.08)
         ax.set_title(language)
         ax.set_xlabel("continued-pretraining step")
         ax.set_ylabel("loss")
