@@ -24,10 +24,10 @@ from typing import Any
 
 from obim_trainer import OBIMCallback, OBIMConfig
 from obim_trainer.checkpoints.detect import hf_format
-from obim_trainer.config import load_yaml_config
 from obim_trainer.distributed import ZeroGatherer, is_main_process, run_on_main
 from obim_trainer.errors import OBIMError
 from obim_trainer.training_data import load_text_file, pack_blocks
+from obim_trainer.yaml_config import load_yaml_config
 
 logger = logging.getLogger("continued_pretraining")
 

@@ -7,22 +7,23 @@ offline with ``obim-merge-ckpts`` from the same values.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from obim_trainer.comparison import Objective
-from obim_trainer.config import MergeConfig, OutputDType, format_validation_error, load_yaml_config
+from obim_trainer.config import MergeConfig, OutputDType
 from obim_trainer.errors import ConfigError
 from obim_trainer.variants import accepts_total_share
+from obim_trainer.yaml_config import YamlConfig, load_yaml_config
 
 
-class OBIMConfig(BaseModel):
+class OBIMConfig(YamlConfig):
     """What the callback records at each save, which checkpoints it merges, when, and where."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    described_as = "OBIM callback configuration"
 
     base_model: Path = Field(description="Folder of the base model the run started from (config, tokenizer, weights).")
     tokenizer_source: Path | None = Field(default=None, description="Tokenizer folder if the base has none.")
@@ -106,14 +107,6 @@ class OBIMConfig(BaseModel):
         return self
 
     @classmethod
-    def build(cls, values: Mapping[str, Any]) -> OBIMConfig:
-        """Validate ``values``, turning pydantic's report into one :class:`ConfigError`."""
-        try:
-            return cls.model_validate(dict(values))
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, "OBIM callback configuration")) from None
-
-    @classmethod
     def from_yaml(cls, path: str | Path, section: str | None = None) -> OBIMConfig:
         """Read a YAML file, or one top-level ``section`` of it (``obim:`` in ``configs/callback/example.yaml``)."""
         data = load_yaml_config(path)
@@ -121,7 +114,7 @@ class OBIMConfig(BaseModel):
             if not isinstance(data.get(section), dict):
                 raise ConfigError(f"config file {path} has no '{section}:' mapping with the callback settings")
             data = data[section]
-        return cls.build(data)
+        return cls.build(data, source=path)
 
     def merge_config(self, checkpoints: list[Path], output: Path | None) -> MergeConfig:
         """The offline merge of ``checkpoints`` with these settings (``output=None``: a dry run)."""

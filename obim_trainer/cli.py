@@ -12,10 +12,11 @@ from typing import Any
 
 import yaml
 
-from obim_trainer.config import MergeConfig, load_yaml_config, merge_overrides
+from obim_trainer.config import MergeConfig, merge_overrides
 from obim_trainer.errors import OBIMError
 from obim_trainer.merge_comparison import COMPARISON_KEYS, ComparisonConfig, compare_merges
 from obim_trainer.merging import available_methods
+from obim_trainer.yaml_config import load_yaml_config
 
 logger = logging.getLogger("obim_trainer")
 

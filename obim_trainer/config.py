@@ -10,20 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from obim_trainer.errors import ConfigError
+from obim_trainer.yaml_config import YamlConfig
 
 OutputDType = Literal["auto", "float32", "bfloat16", "float16"]
 ZeroWeights = Literal["auto", "saved", "master"]
 NewRows = Literal["obim", "best", "average", "first"]
 
 
-class MergeConfig(BaseModel):
+class MergeConfig(YamlConfig):
     """Everything ``obim-merge-ckpts`` needs. Paths are kept as given and resolved when used."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    described_as = "merge configuration"
 
     base: Path = Field(description="Folder of the base model (config, tokenizer, weights).")
     checkpoints: list[Path] = Field(default_factory=list, description="Checkpoint folders, in the given order.")
@@ -94,37 +94,6 @@ class MergeConfig(BaseModel):
         if self.output is None and not self.dry_run:
             raise ValueError("no output folder: pass --output DIR (or --dry-run to only print the plan)")
         return self
-
-    @classmethod
-    def build(cls, values: dict[str, Any]) -> MergeConfig:
-        """Validate ``values``, turning pydantic's report into one :class:`ConfigError`."""
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, "merge configuration")) from None
-
-
-def format_validation_error(exc: ValidationError, what: str) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return f"invalid {what}: " + "; ".join(parts)
-
-
-def load_yaml_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML merge configuration into a plain dict; relative paths stay relative to the caller's cwd."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
-    return data
 
 
 def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from obim_trainer.comparison import ComparisonTable, Objective, RowKind, evaluate_folders, pick
-from obim_trainer.config import MergeConfig, format_validation_error
+from obim_trainer.config import MergeConfig
 from obim_trainer.errors import ConfigError
 from obim_trainer.evaluation import ModelEvaluator, PerLanguageEvaluator, load_eval_sets
 from obim_trainer.variants import MergeVariant, merge_variants, plan_variants
+from obim_trainer.yaml_config import YamlConfig
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,11 @@ COMPARISON_KEYS = (
 )
 
 
-class ComparisonConfig(BaseModel):
+class ComparisonConfig(YamlConfig):
     """Which merges to make besides each other and how to evaluate them (names as in OBIMConfig)."""
 
     model_config = ConfigDict(extra="forbid")
+    described_as = "comparison configuration"
 
     methods: list[str] = Field(min_length=1, description="Merge methods, e.g. [obim, ties, dare_ties].")
     total_shares: list[float] | None = Field(
@@ -71,13 +72,6 @@ class ComparisonConfig(BaseModel):
                 "or lm_eval (--lm-eval tasks.yaml)"
             )
         return self
-
-    @classmethod
-    def build(cls, values: dict[str, Any]) -> ComparisonConfig:
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, "comparison configuration")) from None
 
     @property
     def several(self) -> bool:

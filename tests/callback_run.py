@@ -93,29 +93,6 @@ def callback_settings(inputs: RunInputs, **overrides: Any) -> dict[str, Any]:
     }
 
 
-def training_arguments(output_dir: Path, **overrides: Any) -> Any:
-    from transformers import TrainingArguments
-
-    values: dict[str, Any] = {
-        "output_dir": str(output_dir),
-        "max_steps": 8,
-        "save_steps": 2,
-        "eval_strategy": "steps",
-        "eval_steps": 2,
-        "logging_steps": 2,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 4,
-        "learning_rate": 3e-3,
-        "use_cpu": True,
-        "report_to": "none",
-        "disable_tqdm": True,
-        "seed": 0,
-        "dataloader_num_workers": 0,
-    }
-    values.update(overrides)
-    return TrainingArguments(**values)
-
-
 def make_trainer(inputs: RunInputs, args: Any, callbacks: list[Any], model: Any = None) -> Any:
     """A Trainer on the run's data; the model is the base unless given (load it before the arguments
     exist to keep transformers' zero.Init, which needs DeepSpeed's process group, out of CPU tests)."""

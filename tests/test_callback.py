@@ -35,9 +35,9 @@ from tests.callback_run import (
     eval_history,
     example_config,
     make_trainer,
-    training_arguments,
 )
 from tests.launch import run_env, run_isolated
+from tests.tiny_training import training_arguments
 from tests.tracking.wandb_offline import fresh_wandb, history, run_dir, table
 
 ROOT = Path(__file__).parents[1]
@@ -202,7 +202,8 @@ from pathlib import Path
 from obim_trainer.callback import OBIMCallback
 from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.tracking import make_run_logger
-from tests.callback_run import RunInputs, callback_settings, make_trainer, training_arguments
+from tests.callback_run import RunInputs, callback_settings, make_trainer
+from tests.tiny_training import training_arguments
 
 inputs, output = RunInputs(Path(sys.argv[1])), Path(sys.argv[2])
 callback = OBIMCallback(OBIMConfig.build(callback_settings(inputs)))

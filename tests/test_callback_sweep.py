@@ -12,7 +12,8 @@ from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.errors import ConfigError
 from obim_trainer.evaluation import PerLanguageEvaluator, load_eval_sets
 from obim_trainer.merge import merge_checkpoints
-from tests.callback_run import MAX_LENGTH, build_inputs, callback_settings, make_trainer, training_arguments
+from tests.callback_run import MAX_LENGTH, build_inputs, callback_settings, make_trainer
+from tests.tiny_training import training_arguments
 from tests.tracking.wandb_offline import fresh_wandb, history, run_dir, table
 
 SHARES = [1.0, 0.5]

@@ -18,6 +18,7 @@ from obim_trainer.errors import CheckpointError, ConfigError
 from obim_trainer.merge import merge_checkpoints
 from obim_trainer.model_layout import ModelLayout, block_index
 from tests.conftest import VOCAB_SIZE, copy_tree, make_texts, make_tiny_llama, save_model_folder, write_jsonl
+from tests.tiny_training import random_token_rows, training_arguments
 
 
 def load_output(folder: Path) -> dict[str, torch.Tensor]:
@@ -362,28 +363,15 @@ def test_obim_over_lora_checkpoints_equals_obim_over_their_merge_and_unload(
 def train_extended_vocabulary(base: Path, output: Path) -> list[Path]:
     """A real Trainer run after ``resize_token_embeddings``: three checkpoints with NEW_TOKENS more rows, each
     with the extended tokenizer, and the train loss logged at every step."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.add_tokens([f"<ja{i}>" for i in range(NEW_TOKENS)])
     model = AutoModelForCausalLM.from_pretrained(base)
     model.resize_token_embeddings(len(tokenizer))
-    generator = torch.Generator().manual_seed(0)
-    data = []
-    for _ in range(12):
-        ids = torch.randint(VOCAB_SIZE - 40, len(tokenizer), (16,), generator=generator)  # new tokens included
-        data.append({"input_ids": ids, "labels": ids})
-    args = TrainingArguments(
-        output_dir=str(output),
-        use_cpu=True,
-        max_steps=3,
-        save_steps=1,
-        logging_steps=1,
-        per_device_train_batch_size=4,
-        learning_rate=2e-2,
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
+    data = random_token_rows(12, 16, VOCAB_SIZE - 40, len(tokenizer), seed=0)  # new tokens included
+    args = training_arguments(
+        output, max_steps=3, save_steps=1, logging_steps=1, eval_strategy="no", learning_rate=2e-2
     )
     Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train()
     return [output / f"checkpoint-{step}" for step in (1, 2, 3)]

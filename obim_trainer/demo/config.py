@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from obim_trainer.comparison import Objective
-from obim_trainer.config import format_validation_error, load_yaml_config
-from obim_trainer.errors import ConfigError
+from obim_trainer.yaml_config import YamlConfig
 
 
 class ModelShape(BaseModel):
@@ -34,10 +32,11 @@ class Phase(BaseModel):
     warmup_steps: int = Field(default=0, ge=0)
 
 
-class DemoConfig(BaseModel):
+class DemoConfig(YamlConfig):
     """What the demo trains, on which text, and which merges it compares."""
 
     model_config = ConfigDict(extra="forbid")
+    described_as = "demo configuration"
 
     old_languages: list[str] = Field(default=["en", "de"], min_length=1)
     new_language: str = "zh"
@@ -68,10 +67,3 @@ class DemoConfig(BaseModel):
     @property
     def languages(self) -> list[str]:
         return [*self.old_languages, self.new_language]
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> DemoConfig:
-        try:
-            return cls.model_validate(load_yaml_config(path))
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, f"demo configuration {path}")) from None

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from obim_trainer.config import format_validation_error, load_yaml_config
 from obim_trainer.distributed import plain_model_loading
 from obim_trainer.errors import CheckpointError, ConfigError
+from obim_trainer.yaml_config import YamlConfig
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,12 @@ def language_metric_name(language: str, metric: str = "acc") -> str:
     return f"{LMEVAL_PREFIX}{language}_{_metric_base(metric)}"
 
 
-class LmEvalConfig(BaseModel):
-    """Which lm-eval tasks stand for which language, and how to run them (YAML: the same keys)."""
+class LmEvalConfig(YamlConfig):
+    """Which lm-eval tasks stand for which language, and how to run them (YAML: the same keys,
+    e.g. ``configs/eval/lm_eval_example.yaml``)."""
 
     model_config = ConfigDict(extra="forbid")
+    described_as = "lm-eval configuration"
 
     tasks: dict[str, list[str]] = Field(
         description="language -> lm-eval task or group names, e.g. {en: [mmlu], zh: [ceval-valid]}."
@@ -107,19 +109,6 @@ class LmEvalConfig(BaseModel):
     def task_names(self) -> list[str]:
         """Every task, in language order."""
         return [name for names in self.tasks.values() for name in names]
-
-    @classmethod
-    def build(cls, values: Mapping[str, Any]) -> LmEvalConfig:
-        """Validate ``values``, turning pydantic's report into one :class:`ConfigError`."""
-        try:
-            return cls.model_validate(dict(values))
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, "lm-eval configuration")) from None
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> LmEvalConfig:
-        """A configuration file such as ``configs/eval/lm_eval_example.yaml``."""
-        return cls.build(load_yaml_config(path))
 
 
 def _pick_key(row: Mapping[str, Any], metric: str) -> str | None:

@@ -7,31 +7,17 @@ from pathlib import Path
 import torch
 
 from tests.conftest import VOCAB_SIZE
+from tests.tiny_training import random_token_rows, training_arguments
 
 
 def train_adapter(base: Path, output: Path, config: dict, seed: int) -> Path:
     """Two steps of a real Trainer on a LoRA model of ``base``; return the saved ``checkpoint-2``."""
     import peft
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer
 
     model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(**config))
-    generator = torch.Generator().manual_seed(seed)
-    data = []
-    for _ in range(8):
-        ids = torch.randint(4, VOCAB_SIZE, (16,), generator=generator)
-        data.append({"input_ids": ids, "labels": ids})
-    args = TrainingArguments(
-        output_dir=str(output),
-        use_cpu=True,
-        max_steps=2,
-        save_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=2e-2,
-        report_to="none",
-        disable_tqdm=True,
-        logging_steps=100,
-        seed=seed,
-    )
+    data = random_token_rows(8, 16, 4, VOCAB_SIZE, seed)
+    args = training_arguments(output, max_steps=2, eval_strategy="no", learning_rate=2e-2, seed=seed)
     Trainer(model=model, args=args, train_dataset=data).train()
     return output / "checkpoint-2"
 

@@ -17,6 +17,7 @@ import torch
 
 from tests.conftest import VOCAB_SIZE, make_tiny_llama
 from tests.launch import deepspeed_config, run_env, run_isolated, torchrun
+from tests.tiny_training import random_token_rows, training_arguments
 
 SEQUENCE = 16
 
@@ -31,32 +32,22 @@ def launch(output: Path, stage: int, layers: int = 2, hidden: int = 64, timeout_
 
 
 def main(output_dir: str, stage: str, layers: str = "2", hidden: str = "64") -> None:
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     size = int(hidden)
     model = make_tiny_llama(
         seed=0, tie=True, num_hidden_layers=int(layers), hidden_size=size, intermediate_size=2 * size
     )
     model.model.norm.weight.requires_grad_(False)
-    generator = torch.Generator().manual_seed(0)
-    data = []
-    for _ in range(16):
-        ids = torch.randint(4, VOCAB_SIZE, (SEQUENCE,), generator=generator)
-        data.append({"input_ids": ids, "labels": ids})
-    args = TrainingArguments(
-        output_dir=output_dir,
-        use_cpu=True,  # DeepSpeed's batch-size check fails on CPU without it
+    data = random_token_rows(16, SEQUENCE, 4, VOCAB_SIZE, seed=0)
+    args = training_arguments(
+        output_dir,
         deepspeed=deepspeed_config(int(stage), gather_16bit=True),
         bf16=True,
         max_steps=2,
-        save_steps=2,
-        save_only_model=False,
+        eval_strategy="no",
         per_device_train_batch_size=2,
         learning_rate=1e-2,
-        report_to="none",
-        disable_tqdm=True,
-        logging_steps=100,
-        seed=0,
     )
     Trainer(model=model, args=args, train_dataset=data).train()
     # leaving the process group to interpreter shutdown aborts a rank now and then ("terminate called ...")

@@ -18,8 +18,9 @@ from obim_trainer.callback import OBIMCallback
 from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.distributed import StateEntry, ZeroGatherer, is_main_process, is_partitioned, rank, world_size
-from tests.callback_run import RunInputs, callback_settings, make_trainer, training_arguments
+from tests.callback_run import RunInputs, callback_settings, make_trainer
 from tests.launch import deepspeed_config
+from tests.tiny_training import training_arguments
 
 
 def live_equals(model: torch.nn.Module, folder: Path) -> bool:

@@ -1,0 +1,64 @@
+"""Pydantic configurations read from YAML that fail with one :class:`ConfigError`, not a traceback.
+
+Every configuration of the project (merge, comparison, callback, lm-eval, demo) validates
+through :meth:`YamlConfig.build`, so a wrong key or value anywhere is reported the same way:
+one line naming each offending key and what to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from obim_trainer.errors import ConfigError
+
+_Config = TypeVar("_Config", bound="YamlConfig")
+
+
+def format_validation_error(exc: ValidationError, what: str) -> str:
+    """``invalid <what>: key: message; ...``, one entry per error pydantic found."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"invalid {what}: " + "; ".join(parts)
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML configuration into a plain dict; relative paths stay relative to the caller's cwd."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+class YamlConfig(BaseModel):
+    """A configuration with :meth:`build` (from a mapping) and :meth:`from_yaml` (from a file)."""
+
+    described_as: ClassVar[str] = "configuration"
+    """What the error message calls it: ``invalid <described_as>: ...``."""
+
+    @classmethod
+    def build(cls: type[_Config], values: Mapping[str, Any], source: str | Path | None = None) -> _Config:
+        """Validate ``values``, turning pydantic's report into one :class:`ConfigError` (naming ``source``)."""
+        what = cls.described_as if source is None else f"{cls.described_as} {source}"
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, what)) from None
+
+    @classmethod
+    def from_yaml(cls: type[_Config], path: str | Path) -> _Config:
+        """Read and validate a YAML file holding this configuration's keys."""
+        return cls.build(load_yaml_config(path), source=path)
