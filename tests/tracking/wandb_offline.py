@@ -53,6 +53,14 @@ def fresh_wandb() -> None:
 
 
 def run_dir(wandb_dir: Path) -> Path:
+    """The one offline run under ``wandb_dir``, once its run file is complete.
+
+    ``run.finish()`` can return before wandb's service has written the last records (about one
+    run in ten here), so the service is shut down first: it flushes and closes the file on the way.
+    """
+    import wandb
+
+    wandb.teardown()
     runs = sorted(Path(wandb_dir).glob("wandb/offline-run-*"))
     assert len(runs) == 1, f"expected one offline run under {wandb_dir}, found {runs}"
     return runs[0]
