@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from obim_trainer.calibration import ActivationStats
 from obim_trainer.checkpoints import CheckpointReader, TensorInfo
+from obim_trainer.checkpoints.read_buffers import ReadBuffers
 from obim_trainer.errors import CheckpointError, ConfigError
 from obim_trainer.merging import MergeMethod, ParamKind, TensorTask, Workspace
 from obim_trainer.merging.task import derive_seed
@@ -259,6 +261,10 @@ def _check_finite(tensor: Tensor, name: str, reader: CheckpointReader) -> Tensor
     return tensor
 
 
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _stats_for(stats: ActivationStats | None, name: str, prefix: str) -> Tensor | None:
     if stats is None:
         return None
@@ -319,20 +325,25 @@ class MergeEngine:
         self.new_rows_source = new_rows_source
         self.prefetch = max(1, prefetch)
         self.workspace = Workspace()
+        self.read_buffers = ReadBuffers()
         self._reading = threading.Lock()  # readers seek and read a shared file handle
 
-    def _read(self, reader: CheckpointReader, name: str) -> Tensor:
-        """One tensor as stored, on the CPU, checked for NaN/Inf."""
+    def _read(self, reader: CheckpointReader, name: str, buffers: ReadBuffers | None = None) -> Tensor:
+        """One tensor as stored, on the CPU, checked for NaN/Inf (into a recycled buffer when ``buffers`` lends one)."""
         with self._reading:
-            tensor = reader.read(name)
+            tensor = reader.read(name) if buffers is None else reader.read_into(name, buffers.take)
         return _check_finite(tensor, name, reader)
 
-    def read_inputs(self, plan: TensorPlan) -> Inputs:
-        """The base's and every checkpoint's tensor (runs on the reading thread); integer buffers: the base's only."""
-        base = self._read(self.base, plan.name)
+    def read_inputs(self, plan: TensorPlan, buffers: ReadBuffers | None = None) -> Inputs:
+        """The base's and every checkpoint's tensor (runs on the reading thread); integer buffers: the base's only.
+
+        With ``buffers``, they are read into recycled memory, which the caller gives back once the
+        tensor is merged (a result that is one of them keeps its buffer, see :meth:`_own`).
+        """
+        base = self._read(self.base, plan.name, buffers)
         if not base.is_floating_point():
             return [base]
-        return [base, *(self._read(c, plan.name) for c in self.checkpoints)]
+        return [base, *(self._read(c, plan.name, buffers) for c in self.checkpoints)]
 
     def task(self, plan: TensorPlan, inputs: Inputs | None = None, rows: slice | None = None) -> TensorTask:
         """The :class:`TensorTask` for one tensor, its inputs on the compute device.
@@ -375,7 +386,6 @@ class MergeEngine:
         base_stored = stored.to(self.device)
         return TensorTask(
             name=name,
-            base=self.workspace.get("base", base_stored.shape, torch.float32, self.device).copy_(base_stored),
             _load=load,
             num_models=len(self.checkpoints),
             kind=plan.kind,
@@ -388,7 +398,11 @@ class MergeEngine:
         )
 
     def _own(self, tensor: Tensor) -> Tensor:
-        """``tensor``, or a copy when it lives in the workspace (which the next task reuses)."""
+        """``tensor``, or a copy when it lives in the workspace (which the next task reuses).
+
+        A result may live in a read buffer (iterative merging returns the first checkpoint's
+        tensor): :meth:`run` lends that buffer on until the tensor is written.
+        """
         return tensor.clone() if self.workspace.holds(tensor) else tensor
 
     def _merge_extended(self, plan: TensorPlan, inputs: Inputs) -> tuple[Tensor, list[int] | None]:
@@ -420,7 +434,7 @@ class MergeEngine:
         base = inputs[0]
         assert base is not None
         if not base.is_floating_point():
-            return base, None  # integer buffers are not merged
+            return self._own(base), None  # integer buffers are not merged
         if plan.base_rows is not None:
             tensor, owned = self._merge_extended(plan, inputs)
         else:
@@ -428,19 +442,32 @@ class MergeEngine:
             tensor, owned = out.tensor, out.owned
         return self._own(tensor.to(device="cpu", dtype=plan.dtype)), owned
 
+    def _written(self, tensor: Tensor | None, recycle: bool) -> None:
+        """After ``write`` returned: a result living in a read buffer gives it back, or takes it along."""
+        if tensor is None:
+            return
+        if recycle:
+            self.read_buffers.give_back([tensor])
+        else:
+            self.read_buffers.keep(tensor)
+
     def run(
         self,
         plan: MergePlan | Sequence[TensorPlan],
         write: Callable[[str, Tensor], None],
         *,
         progress: bool = True,
+        recycle_written: bool = False,
     ) -> EngineReport:
         """Merge the planned tensors and pass each, in the output dtype on the CPU, to ``write``, in plan order.
 
         Three stages overlap: a reading thread reads (and checks) the inputs of the next
         :attr:`prefetch` tensors, this thread merges the current one, and a writing thread
-        writes the previous result. Memory: the inputs of 1 + ``prefetch`` tensors, two
-        results, and the workspace (a few buffers the size of the largest tensor).
+        writes the previous result. Inputs are read into recycled buffers, given back once
+        merged. ``recycle_written``: ``write`` keeps nothing of the tensors it gets (it copies
+        them to a file), so a result's buffer is recycled too once written; otherwise results
+        keep their memory. Memory: the inputs of 1 + ``prefetch`` tensors, two results, the
+        recycled buffers, and the workspace (a few buffers the size of the largest tensor).
         """
         tensors = list(plan.tensors if isinstance(plan, MergePlan) else plan)
         report = EngineReport()
@@ -448,25 +475,31 @@ class MergeEngine:
         bar = tqdm(total=len(tensors), desc=f"merging ({self.method.name})", unit="tensor", disable=not progress)
         reads = ThreadPoolExecutor(1, thread_name_prefix="obim-read")
         writes = ThreadPoolExecutor(1, thread_name_prefix="obim-write")
-        queued: deque[Future[Inputs]] = deque(reads.submit(self.read_inputs, t) for t in tensors[: self.prefetch])
+        read = partial(self.read_inputs, buffers=self.read_buffers)
+        queued: deque[Future[Inputs]] = deque(reads.submit(read, t) for t in tensors[: self.prefetch])
         writing: Future[None] | None = None
+        written: Tensor | None = None
         try:
             for i, tensor_plan in enumerate(tensors):
                 bar.set_postfix_str(tensor_plan.name, refresh=False)
                 inputs = queued.popleft().result()
                 if i + self.prefetch < len(tensors):
-                    queued.append(reads.submit(self.read_inputs, tensors[i + self.prefetch]))
+                    queued.append(reads.submit(read, tensors[i + self.prefetch]))
+                lent = list(inputs)
                 merged, owned = self.merge_one(tensor_plan, inputs)
-                del inputs
+                self.read_buffers.give_back(t for t in lent if t is not None and not _same_memory(t, merged))
+                del inputs, lent
                 if owned is not None:
                     report.owned[tensor_plan.name] = list(owned)
                 if writing is not None:
                     writing.result()
-                writing = writes.submit(write, tensor_plan.name, merged)
+                    self._written(written, recycle_written)
+                writing, written = writes.submit(write, tensor_plan.name, merged), merged
                 del merged
                 bar.update()
             if writing is not None:
                 writing.result()
+                self._written(written, recycle_written)
         finally:
             for future in queued:
                 future.cancel()

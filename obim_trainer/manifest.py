@@ -11,6 +11,7 @@ import json
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +22,19 @@ MANIFEST_NAME = "obim_merge.json"
 
 
 def _versions() -> dict[str, str]:
-    import safetensors
-    import torch
-    import transformers
-
+    """Installed versions, read from package metadata (importing transformers would take seconds)."""
     return {
         "obim_trainer": obim_trainer.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "safetensors": safetensors.__version__,
+        **{name: _installed(name) for name in ("torch", "transformers", "safetensors")},
         "python": platform.python_version(),
     }
+
+
+def _installed(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def describe_input(reader: CheckpointReader) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from obim_trainer.calibration import (
     stats_key,
     tokenize_calibration,
 )
+from obim_trainer.calibration.token_cache import cached_tokenization
 from obim_trainer.checkpoints import (
     CheckpointReader,
     ShardedSafetensorsWriter,
@@ -79,15 +80,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_max_positions(folder: Path) -> int | None:
-    """The longest input the model accepts, from its config (``None`` if it does not say)."""
-    from transformers import AutoConfig
+    """The longest input the model accepts, from its ``config.json`` (``None`` if it does not say).
 
-    config = AutoConfig.from_pretrained(folder)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    Read as JSON (the text model's part of a multimodal config first): importing transformers for
+    ``AutoConfig`` would take seconds of a merge that needs no tokenizer or model.
+    """
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot read the model config in {folder} ({exc}); the base folder must hold a transformers config.json"
+        ) from None
+    for section in (config.get("text_config"), config):
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, int) and value > 0:
+                return value
     return None
 
 
@@ -120,28 +128,36 @@ def new_rows_source(config: MergeConfig, checkpoints: list[Path], plan: MergePla
 
 
 def prepare_calibration(config: MergeConfig, tokenizer_dir: Path | None = None) -> CalibrationSet:
-    """Calibration texts tokenized with ``tokenizer_dir`` (default: ``tokenizer_source`` or the base's)."""
-    from transformers import AutoTokenizer
-
+    """Calibration texts tokenized with ``tokenizer_dir`` (default: ``tokenizer_source`` or the base's), or as
+    they were the last time (:mod:`~obim_trainer.calibration.token_cache`)."""
     if config.calibration_data is None:
         raise ConfigError(
             f"method '{config.method}' scores weights by activations and needs calibration text: pass "
             "--calibration-data FILE (JSONL with a 'text' field, .txt or .parquet; ~100 samples of the new domain)"
         )
-    tokenizer_dir = tokenizer_dir or config.tokenizer_source or config.base
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot load a tokenizer from {tokenizer_dir} ({exc}); pass --tokenizer-source DIR with tokenizer files"
-        ) from None
+    tokenizer_dir = Path(tokenizer_dir or config.tokenizer_source or config.base)
     texts = load_calibration_texts(
         config.calibration_data, num_samples=config.calibration_samples, text_field=config.calibration_text_field
     )
     max_length = min(config.calibration_max_length, model_max_positions(config.base) or config.calibration_max_length)
     if max_length < config.calibration_max_length:
         logger.info("calibration samples are cut to %d tokens, the model's maximum number of positions", max_length)
-    calibration = tokenize_calibration(texts, tokenizer, max_length=max_length)
+
+    def tokenize() -> CalibrationSet:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot load a tokenizer from {tokenizer_dir} ({exc}); pass --tokenizer-source DIR with tokenizer "
+                "files"
+            ) from None
+        return tokenize_calibration(texts, tokenizer, max_length=max_length)
+
+    if not tokenizer_dir.is_dir():
+        raise ConfigError(f"tokenizer folder {tokenizer_dir} does not exist; pass --tokenizer-source DIR")
+    calibration = cached_tokenization(texts, tokenizer_dir, max_length, tokenize)
     logger.info("calibration: %d samples, %d tokens", len(calibration.input_ids), calibration.num_tokens)
     return calibration
 
@@ -288,7 +304,7 @@ def merge_part(job: MergeJob, part: int, parts: int, *, progress: bool = True) -
             new_rows_source=job.new_rows_source,
         )
         with job.writer([t.name for t in tensors]) as writer:
-            return engine.run(tensors, writer.write, progress=progress)
+            return engine.run(tensors, writer.write, progress=progress, recycle_written=True)  # writes, keeps none
 
 
 def _worker_ready() -> None:

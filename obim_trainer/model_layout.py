@@ -3,21 +3,29 @@
 OBIM scores ``nn.Linear``/``Conv1D`` weights by activations and everything else at
 random, and rotates the merge order by decoder block. Both need to know, per tensor
 name, the kind of module it belongs to and its block index. Building the model on the
-``meta`` device from ``config.json`` gives that at no memory cost.
+``meta`` device from ``config.json`` gives that at no memory cost, but it imports most of
+transformers (seconds), so the layout is cached per user by the config's content and the
+transformers version (:mod:`~obim_trainer.user_cache`): a merge whose statistics are cached
+then never imports transformers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from obim_trainer.errors import CheckpointError
 from obim_trainer.merging.task import ParamKind
+from obim_trainer.user_cache import cache_dir, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +36,20 @@ def block_index(name: str) -> int | None:
     """Index of the decoder block a tensor belongs to (``model.layers.7.…`` → 7), ``None`` outside blocks."""
     match = BLOCK_INDEX.search(name)
     return int(match.group(1)) if match else None
+
+
+_CACHE_FORMAT = 1
+
+
+def _cache_entry(folder: Path) -> Path | None:
+    """The cache file for ``folder``'s layout: named by its config.json and the transformers version."""
+    try:
+        config = (folder / "config.json").read_bytes()
+        transformers_version = version("transformers")
+    except (OSError, PackageNotFoundError):
+        return None
+    digest = hashlib.sha256(config + b"\0" + transformers_version.encode()).hexdigest()[:24]
+    return cache_dir("layouts") / f"{digest}.json"
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -89,7 +111,20 @@ class ModelLayout:
 
     @classmethod
     def from_pretrained_dir(cls, folder: Path) -> ModelLayout:
-        """Layout of the model described by ``folder/config.json``, built on the meta device."""
+        """Layout of the model described by ``folder/config.json``, built on the meta device (or cached)."""
+        entry = _cache_entry(folder)
+        if entry is not None and entry.is_file():
+            try:
+                return cls.from_json(json.loads(entry.read_text()))
+            except (OSError, ValueError, KeyError, TypeError):
+                logger.info("ignoring an unreadable cached layout %s", entry)
+        layout = cls._built(folder)
+        if entry is not None and layout.kinds:
+            write_atomically(entry, json.dumps(layout.to_json()).encode())
+        return layout
+
+    @classmethod
+    def _built(cls, folder: Path) -> ModelLayout:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         try:
@@ -108,6 +143,28 @@ class ModelLayout:
             )
             return cls()
         return cls.from_model(model)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": _CACHE_FORMAT,
+            "kinds": {name: kind.value for name, kind in self.kinds.items()},
+            "input_embedding": self.input_embedding,
+            "output_embedding": self.output_embedding,
+            "tied": self.tied,
+            "prefix": self.prefix,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelLayout:
+        if data.get("format") != _CACHE_FORMAT:
+            raise ValueError(f"layout format {data.get('format')!r}")
+        return cls(
+            kinds={name: ParamKind(kind) for name, kind in data["kinds"].items()},
+            input_embedding=data["input_embedding"],
+            output_embedding=data["output_embedding"],
+            tied=bool(data["tied"]),
+            prefix=data["prefix"],
+        )
 
     def kind(self, name: str) -> ParamKind:
         """Kind of a stored tensor; files saved without the ``prefix.`` are matched too."""

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# the project's per-user cache (kernels, layouts, tokenized calibration) in a folder of this session;
+# set before collection, which already builds the kernels, and inherited by subprocesses
+os.environ["OBIM_CACHE_DIR"] = tempfile.mkdtemp(prefix="obim-test-cache-")
 
 WORDS = (
     "the model learns a new language while it forgets old knowledge and merging recovers "

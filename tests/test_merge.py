@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -541,3 +543,28 @@ def test_two_workers_write_the_bytes_one_worker_writes(llama_family, calibration
     assert two.manifest["output"]["workers"] == 2 and one.manifest["output"]["workers"] == 1
     assert two.manifest["ownership_share"] == one.manifest["ownership_share"]
     assert [s["source"] for s in two.manifest["statistics"]] == ["cached"] * 3, "computed once, by the leader"
+
+
+def test_a_merge_with_cached_statistics_needs_neither_tokenizer_nor_transformers(
+    llama_family, calibration_jsonl, tmp_path
+):
+    """Start-up dominates small merges: with statistics, layout and token ids cached, transformers is not imported."""
+    base, ckpts = copied_family(llama_family, tmp_path)
+    script = (
+        "import sys\n"
+        "from obim_trainer.merge import merge_checkpoints\n"
+        "result = merge_checkpoints(base=sys.argv[1], checkpoints=sys.argv[2:4], calibration_data=sys.argv[4],\n"
+        "                           output=sys.argv[5], progress=False)\n"
+        "print([s['source'] for s in result.manifest['statistics']], 'transformers' in sys.modules)\n"
+    )
+
+    def run(out: str) -> str:
+        args = [sys.executable, "-c", script, str(base), str(ckpts[0]), str(ckpts[1]), str(calibration_jsonl)]
+        done = subprocess.run([*args, str(tmp_path / out)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    assert run("first") == "['computed', 'computed'] True"
+    assert run("second") == "['cached', 'cached'] False"
+    first, second = (tmp_path / out / "model.safetensors" for out in ("first", "second"))
+    assert first.read_bytes() == second.read_bytes()

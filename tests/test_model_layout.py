@@ -1,6 +1,10 @@
-"""Parameter kinds, block indices and tied embeddings, read from config.json alone."""
+"""Parameter kinds, block indices and tied embeddings, read from config.json alone, and cached."""
 
 from __future__ import annotations
+
+import json
+
+import pytest
 
 from obim_trainer.merging import ParamKind
 from obim_trainer.model_layout import ModelLayout, block_index
@@ -32,3 +36,31 @@ def test_block_index():
     assert block_index("transformer.h.3.ln_1.bias") == 3
     assert block_index("model.embed_tokens.weight") is None
     assert block_index("model.norm.weight") is None
+
+
+def test_the_layout_is_cached_by_config_content(llama_family, gpt2_family, tmp_path, monkeypatch):
+    """Building the model imports transformers (seconds): a second read of the same config uses the cache."""
+    monkeypatch.setenv("OBIM_CACHE_DIR", str(tmp_path))
+    built = ModelLayout.from_pretrained_dir(llama_family[0])
+    assert len(list((tmp_path / "layouts").glob("*.json"))) == 1
+
+    def no_build(folder):
+        raise AssertionError(f"{folder} was built again")
+
+    monkeypatch.setattr(ModelLayout, "_built", classmethod(lambda cls, folder: no_build(folder)))
+    assert ModelLayout.from_pretrained_dir(llama_family[0]) == built
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "config.json").write_bytes((llama_family[0] / "config.json").read_bytes())
+    assert ModelLayout.from_pretrained_dir(copy) == built, "the key is the config's content, not its folder"
+    with pytest.raises(AssertionError, match="built again"):
+        ModelLayout.from_pretrained_dir(gpt2_family[0])
+
+
+def test_an_unreadable_cache_entry_is_rebuilt(llama_family, tmp_path, monkeypatch):
+    monkeypatch.setenv("OBIM_CACHE_DIR", str(tmp_path))
+    built = ModelLayout.from_pretrained_dir(llama_family[0])
+    (entry,) = (tmp_path / "layouts").glob("*.json")
+    entry.write_text("{not json")
+    assert ModelLayout.from_pretrained_dir(llama_family[0]) == built
+    assert ModelLayout.from_json(json.loads(entry.read_text())) == built, "rewritten"

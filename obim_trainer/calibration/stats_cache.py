@@ -17,6 +17,7 @@ from pathlib import Path
 
 from obim_trainer.calibration.activation_stats import FORMAT_VERSION, ActivationStats
 from obim_trainer.errors import CalibrationError
+from obim_trainer.user_cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +25,9 @@ STATS_DIRNAME = "obim_stats"
 
 
 def default_cache_dir() -> Path:
-    """Where statistics go when a checkpoint folder is read-only: ``$OBIM_STATS_CACHE`` or ~/.cache/..."""
-    return Path(os.environ.get("OBIM_STATS_CACHE", Path.home() / ".cache" / "obim_trainer" / "stats"))
+    """Where statistics go when a checkpoint folder is read-only: ``$OBIM_STATS_CACHE``, else the user cache's."""
+    override = os.environ.get("OBIM_STATS_CACHE")
+    return Path(override) if override else cache_dir("stats")
 
 
 def stats_key(calibration_fingerprint: str, checkpoint_fingerprint: str) -> str:

@@ -20,7 +20,7 @@ import logging
 import math
 import pickle
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -86,6 +86,15 @@ class CheckpointReader(ABC):
     @abstractmethod
     def read(self, name: str) -> Tensor:
         """One tensor in its stored dtype, on the CPU, contiguous, owning its memory."""
+
+    def read_into(self, name: str, allocate: Callable[[int], Tensor]) -> Tensor:
+        """:meth:`read`, into the bytes ``allocate(nbytes)`` returns where the format stores tensors as raw bytes.
+
+        A caller that recycles buffers (see :class:`~obim_trainer.checkpoints.read_buffers.ReadBuffers`)
+        saves the page faults of fresh memory, which cost more than the copy from the page cache.
+        Formats that decode or compute their tensors ignore ``allocate``.
+        """
+        return self.read(name)
 
     @abstractmethod
     def weight_files(self) -> list[Path]:
@@ -284,8 +293,11 @@ class SafetensorsReader(CheckpointReader):
         return self._handles[file]
 
     def read(self, name: str) -> Tensor:
+        return self.read_into(name, _fresh_bytes)
+
+    def read_into(self, name: str, allocate: Callable[[int], Tensor]) -> Tensor:
         info = self._info(name)
-        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        data = allocate(info.nbytes)
         view, done = memoryview(data.numpy()), 0
         try:
             handle = self._handle(info.file)
@@ -303,6 +315,10 @@ class SafetensorsReader(CheckpointReader):
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+
+
+def _fresh_bytes(nbytes: int) -> Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 
 def _is_zip(file: Path) -> bool:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from obim_trainer.merging.obim import OBIM, OBIMParams
 from obim_trainer.merging.registry import MethodParams, register_method
-from obim_trainer.merging.saliency import SaliencyFn, magnitude_saliency, obm_saliency
+from obim_trainer.merging.saliency import SaliencyFn, magnitude_saliency, obm_saliency, scores_tensor
 from obim_trainer.merging.task import TensorTask
 from obim_trainer.merging.ties import Ties
 
@@ -35,7 +35,7 @@ class TiesOBM(Ties):
     needs_activation_stats = True
 
     def trim_scores(self, task: TensorTask, k: int, delta: Tensor) -> Tensor:
-        return obm_saliency(task, k, delta.clone)  # the saliency function may overwrite its input
+        return scores_tensor(obm_saliency(task, k, delta.clone))  # the saliency function may overwrite its input
 
 
 @register_method

@@ -10,12 +10,13 @@ by another's; positions outside M keep the base (Σ n_k ≤ 1, the footnote to e
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import torch
 from torch import Tensor
 
-from obim_trainer.merging.saliency import SaliencyFn
+from obim_trainer.merging.fused_take import copy_where as fused_copy_where
+from obim_trainer.merging.fused_take import take_top
+from obim_trainer.merging.saliency import SaliencyFn, Scores, TaskVector, scores_tensor
 from obim_trainer.merging.selection import apportion, select_top
 from obim_trainer.merging.task import MergeOutput, TensorTask
 
@@ -35,20 +36,21 @@ def iterative_merge(
         The merged tensor and ``owned[k]`` = number of positions taken from checkpoint k, which
         is :func:`~obim_trainer.merging.selection.apportion` of the ratios in this order.
 
-    Each checkpoint is loaded once, and only one at a time, in its stored dtype. At owned
-    positions θ_k itself is copied, which equals θ_B + δ_k without the rounding of that sum,
-    so the result stays in the inputs' (promoted) dtype and starts as the stored base: no
-    arithmetic touches it. δ_k (computed only if the saliency reads it) and its scores are
-    float32, in one scratch buffer; the taken mask and the selection's masks are bool scratch
-    buffers: memory is the result, one checkpoint, one float32 tensor for the scores and three
-    bool masks, whatever K is. A checkpoint whose count equals the positions still free takes
-    all of them without being scored.
+    Each checkpoint is loaded once, and only one at a time besides the first, in its stored dtype.
+    At owned positions θ_k itself is copied, which equals θ_B + δ_k without the rounding of that
+    sum, so the result stays in the inputs' (promoted) dtype: no arithmetic touches it. The result
+    starts as the first checkpoint's θ (its positions then need no copy), the others' positions are
+    copied in, and positions nobody owns (Σ n_k < 1) get θ_B at the end; θ_B itself is only read.
+    Scores are float32, computed in place by the fused loops or in one scratch buffer; the free
+    mask and the selection's masks are bool scratch buffers. A checkpoint whose count equals the
+    positions still free takes all of them without being scored.
     """
     if len(set(order)) != len(order) or not set(order) <= set(range(task.num_models)):
         raise ValueError(f"merge order {list(order)} must list distinct checkpoint indices < {task.num_models}")
-    numel = task.base.numel()
+    base = task.base_stored if task.base_stored is not None else task.base
+    numel = base.numel()
     counts = apportion(numel, [ratios[k] for k in order])
-    result = task.base_stored if task.base_stored is not None else task.base.clone()
+    result: Tensor | None = None
     free: Tensor | None = None  # None: every position is free
     num_free = numel
     owned = [0] * task.num_models
@@ -56,36 +58,64 @@ def iterative_merge(
         if count == 0:
             continue
         theta = task.checkpoint_stored(k)
-        if theta.dtype != result.dtype:
-            result = result.to(torch.promote_types(result.dtype, theta.dtype))
-            theta = theta.to(result.dtype)
+        dtype = torch.promote_types(base.dtype if result is None else result.dtype, theta.dtype)
+        theta = theta.to(dtype)
+        if result is None:
+            result = theta  # a tensor this merge owns; the first checkpoint's positions already hold θ_k
+        elif result.dtype != dtype:
+            result = result.to(dtype)
         if count == num_free:
-            _copy_where(task, result, theta, free)
+            if result is not theta:
+                _take_rest(task, result, theta, free)
         else:
-            scores = saliency(task, k, partial(_delta, task, theta))
-            mask = select_top(scores, count, free, num_available=num_free, scratch=_bool_scratch(task))
+            scores = saliency(task, k, TaskVector(task, theta))
+            free = _take_top(task, scores, count, free, num_free, None if result is theta else result, theta)
             del scores
-            _copy_where(task, result, theta, mask)
-            if free is None:
-                free = torch.logical_not(mask, out=task.scratch("free", torch.bool))
-            else:
-                free ^= mask  # mask ⊆ free
         del theta
         num_free -= count
         owned[k] = count
+    if result is None:
+        return MergeOutput(tensor=base.clone(), owned=owned)
+    if num_free:
+        _take_rest(task, result, base.to(result.dtype), free)  # positions nobody owns keep θ_B
     return MergeOutput(tensor=result, owned=owned)
+
+
+def _take_top(
+    task: TensorTask,
+    scores: Scores,
+    count: int,
+    free: Tensor | None,
+    num_free: int,
+    result: Tensor | None,
+    theta: Tensor,
+) -> Tensor:
+    """result = θ_k at the ``count`` best free positions by ``scores``; returns the positions still free.
+
+    ``result`` ``None``: θ_k is the result already, only the free mask changes. The fused native
+    pass when it applies (:mod:`~obim_trainer.merging.fused_take`), else :func:`select_top` and a
+    masked copy: the same positions either way.
+    """
+    free_out = task.scratch("free", torch.bool)
+    fused = take_top(scores, count, free, num_free, result, theta, free_out, task.workspace)
+    if fused is not None:
+        return fused
+    mask = select_top(scores_tensor(scores), count, free, num_available=num_free, scratch=_bool_scratch(task))
+    if result is not None:
+        _copy_where(task, result, theta, mask)
+    if free is None:
+        return torch.logical_not(mask, out=free_out)
+    return free.bitwise_xor_(mask)  # mask ⊆ free
+
+
+def _take_rest(task: TensorTask, result: Tensor, theta: Tensor, free: Tensor | None) -> None:
+    """result = ``theta`` at every free position (the free mask is spent: it may be cleared)."""
+    if free is None or not fused_copy_where(free, result, theta):
+        _copy_where(task, result, theta, free)
 
 
 def _bool_scratch(task: TensorTask) -> Callable[[str], Tensor]:
     return lambda role: task.scratch(role, torch.bool)
-
-
-def _delta(task: TensorTask, theta: Tensor) -> Tensor:
-    """δ_k = θ_k − θ_B in float32, in the scratch buffer for scores (the saliency turns it into scores in place).
-
-    Converting first and subtracting in float32 is twice as fast as torch's mixed-dtype subtraction.
-    """
-    return task.scratch("scores").copy_(theta).sub_(task.base)
 
 
 _SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

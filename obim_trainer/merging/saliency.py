@@ -14,23 +14,78 @@ one-hot input.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from obim_trainer.merging.task import ParamKind, TensorTask
 
-SaliencyFn = Callable[[TensorTask, int, Callable[[], Tensor]], Tensor]
+
+@dataclass(frozen=True)
+class ScaledSquare:
+    """Scores δ²·scale (eq. 5), described rather than computed.
+
+    Iterative merging's fused loops compute them on the fly from θ_k and θ_B while they select
+    (:mod:`~obim_trainer.merging.fused_take`), which saves writing and reading a float32 tensor;
+    :meth:`materialize` computes them with torch for everything else.
+    """
+
+    vector: TaskVector
+    scale: Tensor
+
+    def materialize(self) -> Tensor:
+        """The scores in float32, in the task's ``scores`` scratch buffer."""
+        return self.vector().square_().mul_(self.scale)
+
+
+Scores = Tensor | ScaledSquare
+
+
+@dataclass(frozen=True)
+class TaskVector:
+    """δ_k = θ_k − θ_B of one tensor, not computed until asked (random saliency never asks).
+
+    Calling it computes δ_k in float32 into the task's ``scores`` scratch buffer, which the
+    saliency function owns and may overwrite; :meth:`scaled_square` describes δ²·scale instead.
+    """
+
+    task: TensorTask
+    theta: Tensor
+    """θ_k as stored (any float dtype) on the task's device."""
+
+    def __call__(self) -> Tensor:
+        # converting first and subtracting in float32 is twice as fast as a mixed-dtype subtraction
+        return self.task.scratch("scores").copy_(self.theta).sub_(self.task.base)
+
+    def scaled_square(self, scale: Tensor) -> ScaledSquare:
+        return ScaledSquare(self, scale)
+
+
+SaliencyFn = Callable[[TensorTask, int, Callable[[], Tensor]], Scores]
 """``(task, k, delta) -> scores`` shaped like the tensor, ≥ 0, higher is more salient.
 
 ``delta()`` computes δ_k in float32, a tensor the saliency function owns and may overwrite to save
 memory. It is a function because random scores never look at δ_k: the embedding, norms and biases
-then skip the two passes that computing it costs."""
+then skip the two passes that computing it costs. When ``delta`` is a :class:`TaskVector`, scores of
+the form δ²·scale are returned as a :class:`ScaledSquare`; :func:`scores_tensor` turns either into a
+tensor."""
+
+
+def scores_tensor(scores: Scores) -> Tensor:
+    """The scores as a float32 tensor."""
+    return scores.materialize() if isinstance(scores, ScaledSquare) else scores
+
+
+def _scaled_square(delta: Callable[[], Tensor], scale: Tensor) -> Scores:
+    if isinstance(delta, TaskVector):
+        return delta.scaled_square(scale)
+    return delta().square_().mul_(scale)
 
 
 def _check_broadcast(task: TensorTask, what: str, factor: Tensor) -> None:
     """A clear error instead of a broadcasting failure deep inside torch."""
-    shape = task.base.shape
+    shape = task.shape
     try:
         fits = torch.broadcast_shapes(factor.shape, shape) == shape
     except RuntimeError:
@@ -47,7 +102,7 @@ def random_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Te
     return task.rand_like_base("saliency", k)
 
 
-def obm_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Tensor:
+def obm_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Scores:
     """mean_j(x²)·δ_ij² for Linear weights (eq. 5 with H = 2XXᵀ from eq. 6); random for everything else.
 
     Raises:
@@ -63,10 +118,10 @@ def obm_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Tenso
             "run the merge with calibration data"
         )
     _check_broadcast(task, f"activation statistics of checkpoint {k}", sq_mean)
-    return delta().square_().mul_(sq_mean)
+    return _scaled_square(delta, sq_mean)
 
 
-def token_frequency_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Tensor:
+def token_frequency_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Scores:
     """Embedding rows scored by their token's count in the calibration data times δ².
 
     An embedding's input is one-hot, so Σ_tokens x_j² for row j is the token's count: eq. 5
@@ -76,7 +131,7 @@ def token_frequency_saliency(task: TensorTask, k: int, delta: Callable[[], Tenso
     if task.kind is not ParamKind.EMBEDDING or task.token_counts is None:
         return obm_saliency(task, k, delta)
     _check_broadcast(task, "token counts", task.token_counts)
-    return delta().square_().mul_(task.token_counts)
+    return _scaled_square(delta, task.token_counts)
 
 
 def magnitude_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Tensor:

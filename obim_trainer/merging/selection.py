@@ -29,7 +29,7 @@ _DIGIT = 1 << 16  # keys are split into two 16-bit digits
 _SCAN_LEAF = 1 << 12  # below this many positions the n-th True is found by nonzero()
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0  # which int16 half of an int32 holds its high bits
 _SAMPLE = 1 << 14  # scores sampled to bracket the threshold (the bracket then holds about 4% of them)
-_SAMPLED_MIN = 1 << 16  # below this many positions the radix select is as fast
+SAMPLED_MIN = 1 << 16  # below this many positions the radix select is as fast
 _SIGMAS = 5.0  # half-width of the bracket in standard deviations of the sampled rank
 
 
@@ -153,24 +153,25 @@ def _radix_select(flat: Tensor, count: int, available: Tensor | None, flags: Cal
     return _with_first_ties(above, ties, ties_needed)
 
 
-def _bracket_stride(numel: int, width: int) -> int:
-    """A sampling stride near numel / _SAMPLE (at least 16) that shares no factor with the row width.
+def bracket_stride(numel: int, width: int, samples: int = _SAMPLE) -> int:
+    """A sampling stride near numel / samples (at least 16) that shares no factor with the row width.
 
     Scores of a Linear weight are δ² scaled per input column; a stride that is a multiple of
     a divisor of the row width would sample a few columns only and bracket the threshold badly.
     """
-    stride = max(16, numel // _SAMPLE)
+    stride = max(16, numel // samples)
     while math.gcd(stride, max(width, 1)) != 1:
         stride += 1
     return stride
 
 
-def _bracket(flat: Tensor, count: int, available: Tensor | None, num_available: int, width: int) -> tuple[float, float]:
-    """Scores ``(hi, lo)`` that very probably hold the ``count``-th largest candidate score between them."""
-    stride = _bracket_stride(flat.numel(), width)
-    sample = flat[::stride]
-    if available is not None:
-        sample = sample[available[::stride]]
+def bracket_from_sample(sample: Tensor, count: int, num_available: int) -> tuple[float, float]:
+    """Scores ``(hi, lo)`` that very probably hold the ``count``-th largest of ``num_available`` between them.
+
+    ``sample`` holds the scores of candidates at every ``stride``-th position (see
+    :func:`bracket_stride`); the bracket is ±5 standard deviations of the sampled rank around the
+    expected one, so the caller must still count what lies above and inside it.
+    """
     size = sample.numel()
     expected = count * size / num_available
     margin = _SIGMAS * math.sqrt(expected * max(1.0 - expected / max(size, 1), 0.0)) + 8.0
@@ -191,7 +192,9 @@ def _sampled_select(
     work: two comparisons, a count and a scan for the indices; the bool ``flags`` are the only
     full-size buffers.
     """
-    hi, lo = _bracket(flat, count, available, num_available, width)
+    stride = bracket_stride(flat.numel(), width)
+    sample = flat[::stride] if available is None else flat[::stride][available[::stride]]
+    hi, lo = bracket_from_sample(sample, count, num_available)
     above = _restrict(torch.gt(flat, hi, out=flags("above")), available)
     need = count - int(torch.count_nonzero(above))
     if need <= 0:
@@ -255,7 +258,7 @@ def select_top(
         return scratch(role).reshape(-1)
 
     mask = None
-    if flat.numel() >= _SAMPLED_MIN:
+    if flat.numel() >= SAMPLED_MIN:
         width = scores.shape[-1] if scores.dim() else 1
         mask = _sampled_select(flat, count, available, num_available, width, flags)
     if mask is None:

@@ -70,7 +70,6 @@ class TensorTask:
 
     Attributes:
         name: Tensor name as stored in the checkpoints (``model.layers.3.mlp.up_proj.weight``).
-        base: The base tensor θ_B in float32 on the compute device.
         kind: How the parameter is used (see :class:`ParamKind`).
         block_index: Index ``l`` of the decoder block the tensor belongs to, ``None`` outside blocks.
         seed: Seed for this tensor; methods draw randomness only through :meth:`generator`.
@@ -79,14 +78,15 @@ class TensorTask:
             ``Conv1D``). ``None`` when the tensor is not a Linear weight or no statistics exist.
         token_counts: For embeddings, how often each row's token occurs in the calibration data,
             shaped ``[vocab, 1]``; ``None`` otherwise.
-        base_stored: θ_B in its stored dtype on the compute device, handed over to the method,
-            which may overwrite it (the engine reads a fresh copy per tensor; ``from_tensors``
-            passes a clone). ``None``: only the float32 ``base`` exists.
+        base_stored: θ_B in its stored dtype on the compute device; read-only (methods that copy
+            values start from it without arithmetic). ``None``: only ``base_float32`` exists.
         workspace: Scratch buffers shared across the tensors of a merge (``None``: allocate).
+        base_float32: θ_B in float32, if the caller has it; otherwise :attr:`base` converts
+            ``base_stored`` on first use, so a method that never computes with θ_B (iterative
+            merging on the CPU) never pays for the conversion.
     """
 
     name: str
-    base: Tensor
     _load: Callable[[int], Tensor] = field(repr=False)
     num_models: int
     kind: ParamKind = ParamKind.OTHER
@@ -96,6 +96,11 @@ class TensorTask:
     token_counts: Tensor | None = None
     base_stored: Tensor | None = None
     workspace: Workspace | None = None
+    base_float32: Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.base_stored is None and self.base_float32 is None:
+            raise ValueError(f"task {self.name}: give base_stored or base_float32")
 
     @classmethod
     def from_tensors(
@@ -110,7 +115,7 @@ class TensorTask:
         models = [t.to(device=base32.device) for t in checkpoints]
         return cls(
             name=name,
-            base=base32,
+            base_float32=base32,
             _load=lambda k: models[k].clone(),
             num_models=len(models),
             base_stored=base.clone(),
@@ -118,8 +123,24 @@ class TensorTask:
         )
 
     @property
+    def base(self) -> Tensor:
+        """θ_B in float32 on the compute device (converted from ``base_stored`` on first use, into the workspace)."""
+        if self.base_float32 is None:
+            assert self.base_stored is not None
+            self.base_float32 = self.scratch("base").copy_(self.base_stored)
+        return self.base_float32
+
+    @property
+    def _any_base(self) -> Tensor:
+        return self.base_stored if self.base_stored is not None else self.base  # type: ignore[return-value]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._any_base.shape
+
+    @property
     def device(self) -> torch.device:
-        return self.base.device
+        return self._any_base.device
 
     def checkpoint(self, k: int) -> Tensor:
         """θ_k in float32 on the compute device: a fresh tensor the caller owns (loaded on each call)."""
@@ -139,8 +160,8 @@ class TensorTask:
     def scratch(self, role: str, dtype: torch.dtype = torch.float32) -> Tensor:
         """An uninitialised tensor shaped like the base for ``role``, from the workspace if there is one."""
         if self.workspace is None:
-            return torch.empty(self.base.shape, dtype=dtype, device=self.device)
-        return self.workspace.get(role, self.base.shape, dtype, self.device)
+            return torch.empty(self.shape, dtype=dtype, device=self.device)
+        return self.workspace.get(role, self.shape, dtype, self.device)
 
     def delta(self, k: int) -> Tensor:
         """Task vector δ_k = θ_k − θ_B in float32."""
@@ -159,8 +180,8 @@ class TensorTask:
         """
         generator = self.generator(*parts)
         if self.device.type == "cpu":
-            return torch.rand(self.base.shape, generator=generator, out=self.scratch("scores"))
-        return torch.rand(self.base.shape, generator=generator, dtype=torch.float32).to(self.device)
+            return torch.rand(self.shape, generator=generator, out=self.scratch("scores"))
+        return torch.rand(self.shape, generator=generator, dtype=torch.float32).to(self.device)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from obim_trainer.calibration import ActivationStats
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.engine import MergeEngine, TensorPlan, plan_merge
 from obim_trainer.merging import MergeMethod, ParamKind, TensorTask
-from obim_trainer.merging.saliency import obm_saliency
+from obim_trainer.merging.saliency import obm_saliency, scores_tensor
 from obim_trainer.model_layout import BLOCK_INDEX, ModelLayout
 from obim_trainer.tracking.payload import Histogram
 
@@ -96,7 +96,7 @@ def _sample(values: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def _log_saliency(task: TensorTask, k: int, generator: torch.Generator) -> Tensor:
-    scores = obm_saliency(task, k, lambda: task.delta(k)).flatten()
+    scores = scores_tensor(obm_saliency(task, k, lambda: task.delta(k))).flatten()
     return _sample(scores[scores > 0].log10(), generator)
 
 

@@ -107,22 +107,26 @@ def test_owned_positions_hold_theta_k_itself_not_base_plus_delta():
     assert torch.equal(out.tensor[~from_first], ckpts[1][~from_first])
 
 
-def test_each_checkpoint_is_loaded_once_and_never_two_at_a_time():
+def test_each_checkpoint_is_loaded_once_and_only_the_result_and_one_more_are_held():
     base, ckpts, scores = family(k=4)
     loads, alive = [], []
 
     def load(k):
-        assert all(ref() is None for ref in alive), "an earlier checkpoint is still held"
+        assert all(ref() is None for ref in alive[1:]), "a checkpoint other than the first (the result) is held"
         loads.append(k)
         theta = ckpts[k].clone()
         alive.append(weakref.ref(theta))
         return theta
 
-    task = TensorTask(name="w", base=base, _load=load, num_models=4)
+    base_stored = base.clone()
+    task = TensorTask(name="w", base_stored=base_stored, _load=load, num_models=4)
     out = iterative_merge(task, [0.3, 0.0, 0.3, 0.3], [3, 2, 1, 0], given_scores(scores))
     assert loads == [3, 2, 0], "a checkpoint with no share is never read"
+    assert alive[0]() is out.tensor, "the first checkpoint's tensor becomes the result: no copy of the base"
     expected, _ = plain_iterative(base, ckpts, scores, [0.3, 0.0, 0.3, 0.3], [3, 2, 1, 0])
-    assert torch.equal(out.tensor, expected)
+    assert torch.equal(out.tensor, expected), "positions nobody owns (10%) hold the base"
+    assert torch.equal(base_stored, base), "the base is only read"
+    assert task.base_float32 is None, "no float32 copy of the base was made"
 
 
 def test_partial_shares_leave_the_base_elsewhere():

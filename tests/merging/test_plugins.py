@@ -95,7 +95,7 @@ def test_every_kind_of_tensor_merges_finite_reading_each_checkpoint_once(name, l
 
         task = TensorTask(
             name=tensor_name,
-            base=base,
+            base_float32=base,
             _load=load,
             num_models=num_models,
             kind=kind,

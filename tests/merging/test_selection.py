@@ -10,10 +10,10 @@ import torch
 
 from obim_trainer.merging.selection import (
     RATIO_TOLERANCE,
-    _bracket_stride,
     _radix_select,
     _sampled_select,
     apportion,
+    bracket_stride,
     select_top,
 )
 
@@ -273,7 +273,7 @@ def test_the_sampled_path_is_taken_on_ordinary_scores_and_falls_back_when_its_sa
     sampled, _ = both_paths(scores, N // 3, None)
     assert sampled is not None, "a uniform sample brackets the threshold"
     tricky = torch.rand(N, generator=gen) + 1.0
-    tricky[:: _bracket_stride(N, N)] = 0.0  # the sample sees these only: make them the smallest
+    tricky[:: bracket_stride(N, N)] = 0.0  # the sample sees these only: make them the smallest
     count = N // 2
     sampled, _ = both_paths(tricky, count, None)
     assert sampled is None, "the sample saw only zeros; the bracket cannot hold the threshold"

@@ -56,6 +56,6 @@ def test_each_checkpoint_is_read_once_and_never_kept_whole():
         loads.append(k)
         return ckpts[k].clone()
 
-    task = TensorTask(name="w", base=base, _load=load, num_models=4)
+    task = TensorTask(name="w", base_float32=base, _load=load, num_models=4)
     build_method("task_arithmetic", {}, num_models=4).merge(task)
     assert loads == [0, 1, 2, 3]
