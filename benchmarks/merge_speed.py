@@ -2,12 +2,15 @@
 
 Builds a synthetic Llama-shaped model (default ~270M parameters, bf16) and K checkpoints
 on disk, computes their activation statistics once (cached beside each checkpoint, as a
-real run would have them), then measures in fresh processes, on the same warm files:
+real run would have them; the first run also fills the per-user caches of the compiled merge
+loops, the model layout and the tokenized calibration set), then measures in fresh processes,
+on the same warm files, each timed from after its imports (Python and torch start-up excluded
+on both sides):
 
 * the I/O floor: read every tensor of the base and the K checkpoints, write one output;
 * OBIM with 1 worker and with N (``--workers``, default: one per core), and any other
   ``--methods``: ``merge_checkpoints`` end to end, and the streaming part alone (the engine's
-  own timing, without start-up, model layout and tokenizer);
+  own timing: reading, merging and writing the tensors);
 * ``mergekit-yaml`` TIES on the same folders (and mergekit's version of every other method
   timed, where it has one), if mergekit is installed;
 

@@ -11,8 +11,9 @@ full-size passes; here it is two, in :mod:`~obim_trainer.merging.native_library`
    bit for bit where a free score beats them and updates the free mask.
 
 OBM scores (a :class:`~obim_trainer.merging.saliency.ScaledSquare`, eq. 5) are computed inside
-both passes from θ_k, θ_B and x̄², tile by tile in cache, rounded as torch rounds them; they are
-never written out. The selected set is the one :func:`select_top` defines (exact count, ties to
+both passes from θ_k, θ_B and x̄², tile by tile in cache, rounded as torch rounds them, and so
+are random scores (:class:`~obim_trainer.merging.random_scores.RandomScores`); neither is ever
+written out. The selected set is the one :func:`select_top` defines (exact count, ties to
 the lowest flat index), so results are bit-identical to the torch path. Each function returns
 ``None``/``False`` when it does not apply (no compiler, a GPU tensor, an unusual layout or dtype, a
 small tensor, a missed bracket) and the caller takes the torch path.
@@ -26,13 +27,14 @@ import torch
 from torch import Tensor
 
 from obim_trainer.merging.native_library import native_library
+from obim_trainer.merging.random_scores import RandomScores, uniform_at
 from obim_trainer.merging.saliency import ScaledSquare, Scores
 from obim_trainer.merging.selection import SAMPLED_MIN, bracket_from_sample, bracket_stride
 from obim_trainer.merging.task import Workspace
 
 _CANDIDATE_SHARE = 8  # room for 1/8 of the positions between hi and lo (a bracket holds 1-2%)
 _MIN_SAMPLES, _MAX_SAMPLES = 1 << 12, 1 << 17
-_GIVEN, _OBM_BF16, _OBM_F32 = 0, 1, 2
+_GIVEN, _OBM_BF16, _OBM_F32, _RANDOM = 0, 1, 2, 3
 _OBM_KINDS = {torch.bfloat16: _OBM_BF16, torch.float32: _OBM_F32}
 
 
@@ -50,19 +52,22 @@ class _Source:
     scale: Tensor | None
     kind: int
     per_row: bool
+    seed: int
     rows: int
     cols: int
     width: int
     """The tensor's row width, which the sampling stride avoids sharing a factor with."""
 
-    def arguments(self) -> tuple[int | None, int | None, int | None, int, int]:
+    def arguments(self) -> tuple[int | None, int | None, int | None, int, int, int]:
         pointers = (_ptr(self.given), _ptr(self.base), _ptr(self.scale))
-        return (*pointers, self.kind, int(self.per_row))
+        return (*pointers, self.kind, int(self.per_row), self.seed)
 
     def sample(self, stride: int, free: Tensor | None) -> Tensor:
         """The scores of the free positions among every ``stride``-th one, in float32."""
         if self.given is not None:
             sample = self.given.view(-1)[::stride]
+        elif self.kind == _RANDOM:
+            sample = uniform_at(self.seed, torch.arange(0, self.rows * self.cols, stride))
         else:
             assert self.theta is not None and self.base is not None and self.scale is not None
             delta = torch.sub(self.theta.view(-1)[::stride], self.base.view(-1)[::stride])  # a new tensor
@@ -106,7 +111,12 @@ def _source(scores: Scores) -> _Source | None:
     if isinstance(scores, Tensor):
         if scores.dtype != torch.float32 or not _on_cpu(scores):
             return None
-        return _Source(scores, None, None, None, _GIVEN, False, scores.numel(), 1, _width(scores))
+        return _Source(scores, None, None, None, _GIVEN, False, 0, scores.numel(), 1, _width(scores))
+    if isinstance(scores, RandomScores):
+        if scores.device.type != "cpu":
+            return None
+        width = scores.shape[-1] if len(scores.shape) else 1
+        return _Source(None, None, None, None, _RANDOM, False, scores.seed, scores.shape.numel(), 1, width)
     task, theta, scale = scores.vector.task, scores.vector.theta, scores.scale
     kind = _OBM_KINDS.get(theta.dtype)
     if kind is None or theta.dim() != 2 or scale.dtype != torch.float32:
@@ -122,7 +132,7 @@ def _source(scores: Scores) -> _Source | None:
     per_row = tuple(scale.shape) == (rows, 1)
     if not per_row and tuple(scale.shape) != (1, cols):
         return None
-    return _Source(None, theta, base, scale, kind, per_row, rows, cols, cols)
+    return _Source(None, theta, base, scale, kind, per_row, 0, rows, cols, cols)
 
 
 def _threshold(
@@ -213,7 +223,7 @@ def copy_where(mask: Tensor, result: Tensor, theta: Tensor) -> bool:
     if library is None or not _copyable(result, theta) or not _on_cpu(mask, result, theta):
         return False
     library.obim_take(
-        None, None, None, _GIVEN, 0, 0, mask.data_ptr(), mask.data_ptr(), mask.numel(), 1, 0.0, 0, result.data_ptr(),
+        None, None, None, _GIVEN, 0, 0, 0, mask.data_ptr(), mask.data_ptr(), mask.numel(), 1, 0.0, 0, result.data_ptr(),
         theta.data_ptr(), result.element_size(), torch.get_num_threads(),
     )  # fmt: skip
     return True

@@ -34,16 +34,16 @@ SOURCE = Path(__file__).with_name("native") / "fused_take.cpp"
 FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-fast-math", "-march=native")
 DISABLE_ENV = "OBIM_NATIVE_KERNELS"
 
-_i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+_i64, _u64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_uint64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES: dict[str, tuple[type, list[type]]] = {
     "obim_collect": (
         _int,
-        [_ptr, _ptr, _ptr, _ptr, _int, _int, _ptr, _i64, _i64, _f32, _f32, _i64, _ptr, _ptr, _ptr, _ptr, _int],
+        [_ptr, _ptr, _ptr, _ptr, _int, _int, _u64, _ptr, _i64, _i64, _f32, _f32, _i64, _ptr, _ptr, _ptr, _ptr, _int],
     ),
     "obim_kth_largest": (_f32, [_ptr, _i64, _i64]),
     "obim_take": (
         _int,
-        [_ptr, _ptr, _ptr, _int, _int, _int, _ptr, _ptr, _i64, _i64, _f32, _i64, _ptr, _ptr, _int, _int],
+        [_ptr, _ptr, _ptr, _int, _int, _u64, _int, _ptr, _ptr, _i64, _i64, _f32, _i64, _ptr, _ptr, _int, _int],
     ),
 }
 

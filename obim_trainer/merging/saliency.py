@@ -6,7 +6,7 @@ zero, s_i = ½·h_ii·δ_i² (eq. 5). For a linear layer with the layer-wise MSE
 s_ij = Σ_tokens x_j²·δ_ij², and only the per-input-feature sum of squared activations is needed
 (forward passes, no labels). Scaling a tensor's scores does not change the ranking inside it,
 so the mean over tokens is used. "For nonlinear layers, such as bias layers, we apply random
-pruning": everything that is not a Linear weight gets seeded uniform noise, identical on every
+pruning": everything that is not a Linear weight gets seeded uniform scores, identical on every
 device. Embeddings can instead be scored by token frequency, the exact analogue of eq. 5 for a
 one-hot input.
 """
@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from obim_trainer.merging.task import ParamKind, TensorTask
+from obim_trainer.merging.random_scores import RandomScores
+from obim_trainer.merging.task import ParamKind, TensorTask, derive_seed
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class ScaledSquare:
         return self.vector().square_().mul_(self.scale)
 
 
-Scores = Tensor | ScaledSquare
+Scores = Tensor | ScaledSquare | RandomScores
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ tensor."""
 
 def scores_tensor(scores: Scores) -> Tensor:
     """The scores as a float32 tensor."""
-    return scores.materialize() if isinstance(scores, ScaledSquare) else scores
+    return scores if isinstance(scores, Tensor) else scores.materialize()
 
 
 def _scaled_square(delta: Callable[[], Tensor], scale: Tensor) -> Scores:
@@ -84,12 +84,13 @@ def _scaled_square(delta: Callable[[], Tensor], scale: Tensor) -> Scores:
 
 
 def _check_broadcast(task: TensorTask, what: str, factor: Tensor) -> None:
-    """A clear error instead of a broadcasting failure deep inside torch."""
+    """A clear error instead of a broadcasting failure deep inside torch.
+
+    Checked by hand: the first ``torch.broadcast_shapes`` of a process imports ``torch._refs`` (0.4 s).
+    """
     shape = task.shape
-    try:
-        fits = torch.broadcast_shapes(factor.shape, shape) == shape
-    except RuntimeError:
-        fits = False
+    extra = len(factor.shape) - len(shape)
+    fits = extra <= 0 and all(f in (1, n) for f, n in zip(reversed(factor.shape), reversed(shape), strict=False))
     if not fits:
         raise ValueError(
             f"{what} for {task.name} has shape {tuple(factor.shape)}, which does not broadcast to the "
@@ -97,9 +98,15 @@ def _check_broadcast(task: TensorTask, what: str, factor: Tensor) -> None:
         )
 
 
-def random_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Tensor:
-    """Seeded uniform scores: the paper's random pruning for parameters without a Hessian estimate."""
-    return task.rand_like_base("saliency", k)
+def random_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Scores:
+    """Seeded uniform scores: the paper's random pruning for parameters without a Hessian estimate.
+
+    A hash of each position under a seed derived from the task's seed, name and ``k``
+    (:mod:`~obim_trainer.merging.random_scores`): the same on every device. Given a
+    :class:`TaskVector` (iterative merging), they are returned undrawn, for the fused loops.
+    """
+    scores = RandomScores(derive_seed(task.seed, task.name, "saliency", k), task.shape, task.device)
+    return scores if isinstance(delta, TaskVector) else scores.materialize(task.scratch("scores"))
 
 
 def obm_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Scores:

@@ -30,6 +30,7 @@ _SCAN_LEAF = 1 << 12  # below this many positions the n-th True is found by nonz
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0  # which int16 half of an int32 holds its high bits
 _SAMPLE = 1 << 14  # scores sampled to bracket the threshold (the bracket then holds about 4% of them)
 SAMPLED_MIN = 1 << 16  # below this many positions the radix select is as fast
+_SORTED_MAX = 1 << 13  # up to this many positions a stable sort beats the radix select's 64k-bin histograms
 _SIGMAS = 5.0  # half-width of the bracket in standard deviations of the sampled rank
 
 
@@ -234,7 +235,8 @@ def select_top(
     run and device. The threshold is found without sorting: for 65536 scores or more, by
     bracketing it between two quantiles of a strided sample and ranking only the scores inside
     the bracket; otherwise, or when the bracket misses (a rare, checked event), by a radix
-    select on the float bits. Both give the same mask.
+    select on the float bits. Up to 8192 scores (norms, biases) a stable sort is quicker. All
+    give the same mask.
 
     Raises:
         ValueError: ``count`` is negative or exceeds the number of candidates; a score is negative or NaN.
@@ -257,6 +259,8 @@ def select_top(
             return torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
         return scratch(role).reshape(-1)
 
+    if flat.numel() <= _SORTED_MAX:
+        return _sorted_select(flat, count, available).view(scores.shape)
     mask = None
     if flat.numel() >= SAMPLED_MIN:
         width = scores.shape[-1] if scores.dim() else 1
@@ -264,3 +268,12 @@ def select_top(
     if mask is None:
         mask = _radix_select(flat, count, available, flags)
     return mask.view(scores.shape)
+
+
+def _sorted_select(flat: Tensor, count: int, available: Tensor | None) -> Tensor:
+    """The top-``count`` mask of a small tensor by a stable sort (equal scores keep index order)."""
+    keyed = flat if available is None else flat.masked_fill(~available, -1.0)  # below every score
+    order = torch.sort(keyed, descending=True, stable=True).indices
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    mask[order[:count]] = True
+    return mask

@@ -9,6 +9,7 @@ from obim_trainer.merging import fused_take
 from obim_trainer.merging.iterative import iterative_merge
 from obim_trainer.merging.native_library import native_library
 from obim_trainer.merging.order import merge_order
+from obim_trainer.merging.random_scores import RandomScores, uniform_at
 from obim_trainer.merging.saliency import TaskVector, obm_saliency, random_saliency
 from obim_trainer.merging.selection import select_top
 from obim_trainer.merging.task import ParamKind, TensorTask, Workspace
@@ -188,3 +189,22 @@ def test_tensors_the_loops_cannot_read_are_left_to_torch():
         is None
     )
     assert not result.any()
+
+
+def test_random_scores_hashed_in_the_loops_equal_the_torch_hash():
+    """Gathering every position (lo = 0, hi = inf) returns the loops' scores: they must be torch's, bit for bit."""
+    numel, seed = 300_000, 0x5DEECE66D_1234
+    source = fused_take._source(RandomScores(seed, torch.Size([numel]), torch.device("cpu")))
+    index, value = torch.empty(numel, dtype=torch.int64), torch.empty(numel)
+    above, count = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    status = native_library().obim_collect(
+        None, None, *source.arguments()[1:], None, source.rows, source.cols, float("inf"), 0.0, numel,
+        above.data_ptr(), count.data_ptr(), index.data_ptr(), value.data_ptr(), 2,
+    )  # fmt: skip
+    assert status == 0 and int(count) == numel
+    assert torch.equal(index, torch.arange(numel))
+    expected = uniform_at(seed, torch.arange(numel))
+    assert torch.equal(value.view(torch.int32), expected.view(torch.int32))
+    assert 0.49 < float(expected.mean()) < 0.51 and float(expected.min()) >= 0.0 and float(expected.max()) < 1.0
+    assert torch.unique(expected).numel() > 0.99 * numel, "24 random bits: few ties"
+    assert not torch.equal(uniform_at(seed + 1, torch.arange(1000)), expected[:1000])

@@ -39,8 +39,22 @@ def plain_scores(case, k):
             d = np.float32(theta[pos]) - np.float32(base[pos])
             scores.append(float(np.float32(d * d) * np.float32(weight)))
         return scores
-    gen = torch.Generator().manual_seed(derive_seed(case["seed"], case["name"], "saliency", k))
-    return torch.rand(case["base"].shape, generator=gen).flatten().tolist()  # random pruning
+    seed = derive_seed(case["seed"], case["name"], "saliency", k)
+    return [plain_uniform(seed, pos) for pos in range(len(base))]  # random pruning
+
+
+def plain_uniform(seed: int, position: int) -> float:
+    """Random pruning's score of a position, written out: 24 bits of a 32-bit hash of (seed, position)."""
+
+    def mix(v: int) -> int:
+        v ^= v >> 16
+        v = (v * 0x45D9F3B) & 0xFFFFFFFF
+        v ^= v >> 16
+        v = (v * 0x45D9F3B) & 0xFFFFFFFF
+        return v ^ (v >> 16)
+
+    lo, hi = seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF
+    return (mix((position & 0xFFFFFFFF) ^ lo ^ mix((position >> 32) ^ hi)) >> 8) / 2**24
 
 
 def plain_obim(case, ratios, block):

@@ -20,13 +20,14 @@ namespace {
 constexpr int64_t kChunk = 1 << 17;  // positions per unit of work
 
 // Where scores come from.
-enum Source { kGiven = 0, kObmBf16 = 1, kObmF32 = 2 };
+enum Source { kGiven = 0, kObmBf16 = 1, kObmF32 = 2, kRandom = 3 };
 
 struct Scores {
   const float* given;   // kGiven: one score per position
   const void* theta;    // kObm*: the checkpoint, bfloat16 or float32
   const void* base;     // kObm*: the base, in the checkpoint's dtype
   const float* scale;   // kObm*: one value per column, or per row when per_row
+  uint64_t seed;         // kRandom: the tensor's and checkpoint's seed
   int source;
   int per_row;
 };
@@ -83,6 +84,26 @@ inline void tile_scores(const Scores& s, int64_t r, int64_t c, int64_t cols, int
   }
 }
 
+// 32-bit integer mixer (the "lowbias"-style finalizer with a multiplier below 2^27, so that the
+// torch version can multiply in int64 without overflow).
+inline uint32_t mix32(uint32_t v) {
+  v ^= v >> 16;
+  v *= 0x45d9f3bu;
+  v ^= v >> 16;
+  v *= 0x45d9f3bu;
+  v ^= v >> 16;
+  return v;
+}
+
+// Uniform [0, 1) score of flat position i: 24 bits of a hash of (seed, i), the same on every device
+// (obim_trainer/merging/random_scores.py computes it with torch).
+inline float random_score(uint64_t seed, int64_t i) {
+  const uint32_t lo = static_cast<uint32_t>(seed & 0x7fffffffu), hi = static_cast<uint32_t>((seed >> 31) & 0x7fffffffu);
+  const uint64_t u = static_cast<uint64_t>(i);
+  const uint32_t h = mix32(static_cast<uint32_t>(u & 0xffffffffu) ^ lo ^ mix32(static_cast<uint32_t>(u >> 32) ^ hi));
+  return static_cast<float>(h >> 8) * (1.0f / 16777216.0f);
+}
+
 // Calls tile(offset, scores, width) for consecutive tiles of rows [first, last), offset = flat index.
 template <int kSource, bool kPerRow, class Tile>
 void for_tiles(const Scores& s, int64_t first, int64_t last, int64_t cols, Tile tile) {
@@ -90,6 +111,14 @@ void for_tiles(const Scores& s, int64_t first, int64_t last, int64_t cols, Tile 
     const int64_t end = last * cols;
     for (int64_t offset = first * cols; offset < end; offset += kTile) {
       tile(offset, s.given + offset, std::min(kTile, end - offset));
+    }
+  } else if constexpr (kSource == kRandom) {
+    alignas(64) float buffer[kTile];
+    const int64_t end = last * cols;
+    for (int64_t offset = first * cols; offset < end; offset += kTile) {
+      const int64_t width = std::min(kTile, end - offset);
+      for (int64_t j = 0; j < width; ++j) buffer[j] = random_score(s.seed, offset + j);
+      tile(offset, buffer, width);
     }
   } else {
     std::vector<float> buffer(std::min(cols, kTile));
@@ -194,6 +223,7 @@ auto by_source(const Scores& s, Fn fn) {
   if (s.source == kObmF32) {
     return s.per_row ? fn.template operator()<kObmF32, true>() : fn.template operator()<kObmF32, false>();
   }
+  if (s.source == kRandom) return fn.template operator()<kRandom, false>();
   return fn.template operator()<kGiven, false>();
 }
 
@@ -224,13 +254,13 @@ extern "C" {
 // Among free positions (free == nullptr: all), counts scores > hi into *above and gathers, in
 // ascending index order, the index and score of each one with lo <= score <= hi into cand_index /
 // cand_value (room for cap entries). *count receives the number found.
-// Scores are `given`, or with source 1/2 the OBM saliency of theta against the base (both bfloat16
-// or both float32) and the float32 scale. Returns 0; 1 when more than cap were found (nothing is
+// Scores are `given`, with source 1/2 the OBM saliency of theta against the base (both bfloat16 or
+// both float32) and the float32 scale, or with source 3 uniform hashes of (seed, position). Returns 0; 1 when more than cap were found (nothing is
 // gathered; the caller falls back); 2 when a score is NaN or negative.
 int obim_collect(const float* given, const void* theta, const void* base, const float* scale, int source, int per_row,
-                 const uint8_t* free, int64_t rows, int64_t cols, float hi, float lo, int64_t cap, int64_t* above,
+                 uint64_t seed, const uint8_t* free, int64_t rows, int64_t cols, float hi, float lo, int64_t cap, int64_t* above,
                  int64_t* count, int64_t* cand_index, float* cand_value, int threads) {
-  const Scores s{given, theta, base, scale, source, per_row};
+  const Scores s{given, theta, base, scale, seed, source, per_row};
   std::vector<CollectResult> units(unit_count(rows, cols));
   parallel_rows(rows, cols, threads, [&](int64_t u, int64_t first, int64_t last) {
     by_source(s, [&]<int kSource, bool kPerRow>() {
@@ -266,10 +296,11 @@ int obim_collect(const float* given, const void* theta, const void* base, const 
 // for bit (result == nullptr: no copy), and free_out marks the positions still free afterwards (it
 // may alias free_in; free_in == nullptr: all were free). elem_size is the byte width of result and
 // theta (1, 2, 4 or 8). Returns 0, or 1 for another width.
-int obim_take(const float* given, const void* base, const float* scale, int source, int per_row, int scored,
+int obim_take(const float* given, const void* base, const float* scale, int source, int per_row, uint64_t seed,
+              int scored,
               const uint8_t* free_in, uint8_t* free_out, int64_t rows, int64_t cols, float threshold, int64_t tie_cut,
               void* result, const void* theta, int elem_size, int threads) {
-  const Scores s{given, theta, base, scale, source, per_row};
+  const Scores s{given, theta, base, scale, seed, source, per_row};
   const bool has_scores = scored != 0;
   switch (elem_size) {
     case 1:
