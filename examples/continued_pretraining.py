@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from obim_trainer import OBIMCallback, OBIMConfig
 from obim_trainer.checkpoints.detect import hf_format
 from obim_trainer.distributed import ZeroGatherer, is_main_process, run_on_main
@@ -102,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_final_model(trainer, Path(args.output_dir))
     finally:
         finish_wandb_run()
+        if torch.distributed.is_initialized():
+            # before interpreter exit: a process group destroyed by the exit itself can abort the process
+            # ("terminate called without an active exception") while its threads still run
+            torch.distributed.destroy_process_group()
     return 0
 
 
