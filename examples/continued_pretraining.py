@@ -102,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trainer.train(resume_from_checkpoint=settings.get("resume_from_checkpoint"))
         save_final_model(trainer, Path(args.output_dir))
+        trainer.accelerator.wait_for_everyone()  # no rank leaves while the main one still writes
     finally:
         finish_wandb_run()
         if torch.distributed.is_initialized():

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -61,7 +62,8 @@ def torchrun(nproc: int) -> list[str]:
 def run_env(**extra: str) -> dict[str, str]:
     """The environment of a launched run: this checkout importable, one thread per rank (2 cores)."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+    # faulthandler: a rank that aborts in native code prints every thread's Python stack
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **extra}
 
 
 def run_isolated(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
@@ -82,4 +84,5 @@ def run_isolated(argv: list[str], env: dict[str, str], timeout: float) -> tuple[
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         return -1, f"timed out after {timeout} s\n{output[-8000:]}"
+    (Path(tempfile.gettempdir()) / "obim-last-launch.log").write_text(output)  # the whole log, for a failure
     return proc.returncode, output[-8000:]
