@@ -434,7 +434,7 @@ class MergeEngine:
         base = inputs[0]
         assert base is not None
         if not base.is_floating_point():
-            return self._own(base), None  # integer buffers are not merged
+            return base, None  # integer buffers are not merged (run() keeps their read buffer until written)
         if plan.base_rows is not None:
             tensor, owned = self._merge_extended(plan, inputs)
         else:

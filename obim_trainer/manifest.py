@@ -11,30 +11,22 @@ import json
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import obim_trainer
 from obim_trainer.checkpoints import CheckpointReader
+from obim_trainer.package_versions import installed_version
 
 MANIFEST_NAME = "obim_merge.json"
 
 
 def _versions() -> dict[str, str]:
-    """Installed versions, read from package metadata (importing transformers would take seconds)."""
     return {
         "obim_trainer": obim_trainer.__version__,
-        **{name: _installed(name) for name in ("torch", "transformers", "safetensors")},
+        **{name: installed_version(name) for name in ("torch", "transformers", "safetensors")},
         "python": platform.python_version(),
     }
-
-
-def _installed(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def describe_input(reader: CheckpointReader) -> dict[str, Any]:

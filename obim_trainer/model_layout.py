@@ -16,16 +16,17 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from obim_trainer.checkpoints.atomic import write_atomically
 from obim_trainer.errors import CheckpointError
 from obim_trainer.merging.task import ParamKind
-from obim_trainer.user_cache import cache_dir, write_atomically
+from obim_trainer.package_versions import installed_version
+from obim_trainer.user_cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +46,9 @@ def _cache_entry(folder: Path) -> Path | None:
     """The cache file for ``folder``'s layout: named by its config.json and the transformers version."""
     try:
         config = (folder / "config.json").read_bytes()
-        transformers_version = version("transformers")
-    except (OSError, PackageNotFoundError):
+    except OSError:
         return None
-    digest = hashlib.sha256(config + b"\0" + transformers_version.encode()).hexdigest()[:24]
+    digest = hashlib.sha256(config + b"\0" + installed_version("transformers").encode()).hexdigest()[:24]
     return cache_dir("layouts") / f"{digest}.json"
 
 

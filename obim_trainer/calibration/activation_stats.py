@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from obim_trainer.calibration.data import CalibrationSet
+from obim_trainer.checkpoints.atomic import write_atomically
 from obim_trainer.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
@@ -196,18 +196,7 @@ class ActivationStats:
             "count": json.dumps(self.count),
             "in_axis": json.dumps(self.in_axis),
         }
-        payload = save(tensors, metadata=metadata)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with tmp.open("wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomically(Path(path), save(tensors, metadata=metadata))
 
     @classmethod
     def load(cls, path: Path, expected_key: str | None = None) -> ActivationStats:

@@ -14,13 +14,14 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
 from obim_trainer.calibration.data import CalibrationSet
-from obim_trainer.user_cache import cache_dir, write_atomically
+from obim_trainer.checkpoints.atomic import write_atomically
+from obim_trainer.package_versions import installed_version
+from obim_trainer.user_cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +39,7 @@ def tokenizer_digest(folder: Path) -> str:
 
 
 def _entry(texts: Sequence[str], tokenizer_dir: Path, max_length: int) -> Path:
-    try:
-        transformers_version = version("transformers")
-    except PackageNotFoundError:
-        transformers_version = "none"
+    transformers_version = installed_version("transformers")
     identity = json.dumps([_FORMAT, transformers_version, tokenizer_digest(tokenizer_dir), max_length, list(texts)])
     return cache_dir("calibration") / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.json"
 

@@ -21,6 +21,7 @@ small tensor, a missed bracket) and the caller takes the torch path.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -102,8 +103,8 @@ def _copyable(result: Tensor, theta: Tensor) -> bool:
     return result.dtype == theta.dtype and result.element_size() in (1, 2, 4, 8)
 
 
-def _width(tensor: Tensor) -> int:
-    return tensor.shape[-1] if tensor.dim() else 1
+def _width(shape: torch.Size) -> int:
+    return shape[-1] if len(shape) else 1
 
 
 def _source(scores: Scores) -> _Source | None:
@@ -111,12 +112,12 @@ def _source(scores: Scores) -> _Source | None:
     if isinstance(scores, Tensor):
         if scores.dtype != torch.float32 or not _on_cpu(scores):
             return None
-        return _Source(scores, None, None, None, _GIVEN, False, 0, scores.numel(), 1, _width(scores))
+        return _Source(scores, None, None, None, _GIVEN, False, 0, scores.numel(), 1, _width(scores.shape))
     if isinstance(scores, RandomScores):
         if scores.device.type != "cpu":
             return None
-        width = scores.shape[-1] if len(scores.shape) else 1
-        return _Source(None, None, None, None, _RANDOM, False, scores.seed, scores.shape.numel(), 1, width)
+        shape = scores.shape
+        return _Source(None, None, None, None, _RANDOM, False, scores.seed, shape.numel(), 1, _width(shape))
     task, theta, scale = scores.vector.task, scores.vector.theta, scores.scale
     kind = _OBM_KINDS.get(theta.dtype)
     if kind is None or theta.dim() != 2 or scale.dtype != torch.float32:
@@ -136,11 +137,9 @@ def _source(scores: Scores) -> _Source | None:
 
 
 def _threshold(
-    source: _Source, free: Tensor | None, count: int, num_free: int, workspace: Workspace | None
+    library: ctypes.CDLL, source: _Source, free: Tensor | None, count: int, num_free: int, workspace: Workspace | None
 ) -> tuple[float, int] | None:
     """``(threshold, tie_cut)`` selecting exactly ``count`` free scores, or ``None`` when the bracket missed."""
-    library = native_library()
-    assert library is not None
     numel = source.rows * source.cols
     hi, lo = bracket_from_sample(source.sample(_sample_stride(numel, source.width), free), count, num_free)
     cap = numel // _CANDIDATE_SHARE + 4096
@@ -188,7 +187,8 @@ def take_top(
     Raises:
         ValueError: a score is negative or NaN.
     """
-    if native_library() is None or theta.numel() < SAMPLED_MIN:
+    library = native_library()
+    if library is None or theta.numel() < SAMPLED_MIN:
         return None
     if not _copyable(theta if result is None else result, theta):
         return None
@@ -203,11 +203,11 @@ def take_top(
         source = _source(scores.materialize())  # a layout the fused scores do not cover
         if source is None:
             return None
-    chosen = _threshold(source, None if free is None else free.view(-1), count, num_free, workspace)
+    chosen = _threshold(library, source, None if free is None else free.view(-1), count, num_free, workspace)
     if chosen is None:
         return None
     threshold, tie_cut = chosen
-    native_library().obim_take(  # type: ignore[union-attr]
+    library.obim_take(
         *source.arguments(), 1, _ptr(free), free_out.data_ptr(), source.rows, source.cols, threshold, tie_cut,
         _ptr(result), theta.data_ptr(), theta.element_size(), torch.get_num_threads(),
     )  # fmt: skip
