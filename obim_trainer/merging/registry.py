@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
@@ -28,6 +29,30 @@ from obim_trainer.merging.task import MergeOutput, TensorTask
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "obim_trainer.methods"
+
+
+@dataclass(frozen=True)
+class StatisticsNeeds:
+    """Which calibration statistics a method reads, and on which text each model is measured.
+
+    Attributes:
+        activations: Σx² per input feature of every linear map (``TensorTask.input_sq_mean``, OBM saliency),
+            each checkpoint on the calibration text.
+        grams: Input Grams G = XᵀX/n of every linear map (``TensorTask.base_gram``/``checkpoint_grams``).
+        fishers: Diagonal empirical Fisher of every parameter (``TensorTask.base_fisher``/``checkpoint_fishers``).
+        per_language: The base is measured on old-language text and each checkpoint on new-language text
+            (calibration given per language, some named new). False: every model on all the calibration text.
+    """
+
+    activations: bool = False
+    grams: bool = False
+    fishers: bool = False
+    per_language: bool = False
+
+    @property
+    def any(self) -> bool:
+        """Whether the method needs calibration text at all."""
+        return self.activations or self.grams or self.fishers
 
 
 class MethodParams(BaseModel):
@@ -68,6 +93,10 @@ class MergeMethod(ABC):
                 + (f" and at most {self.max_models}" if self.max_models is not None else "")
             )
             raise ConfigError(f"method '{self.name}' needs {wanted} checkpoint(s), got {k}.")
+
+    def statistics(self) -> StatisticsNeeds:
+        """The statistics this method, with its parameters, reads (the engine computes only these)."""
+        return StatisticsNeeds(activations=self.needs_activation_stats)
 
     def validate_for(self, num_models: int) -> None:  # noqa: B027 - optional hook
         """Check parameters that depend on K; raise :class:`ConfigError` with the fix."""

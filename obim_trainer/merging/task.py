@@ -78,6 +78,16 @@ class TensorTask:
             ``Conv1D``). ``None`` when the tensor is not a Linear weight or no statistics exist.
         token_counts: For embeddings, how often each row's token occurs in the calibration data,
             shaped ``[vocab, 1]``; ``None`` otherwise.
+        in_axis: The input axis of a linear map's weight: 1 for ``nn.Linear`` (``[out, in]``), 0 for
+            transformers' ``Conv1D`` (``[in, out]``).
+        num_blocks: Number of decoder blocks L of the model (``None`` if unknown).
+        base_gram: For a linear map's weight, the base's input Gram G_B = X_BᵀX_B/n_B (``[in, in]``,
+            float64, on the compute device; old-language text when the calibration is per language).
+            Maps that read the same input share one tensor. ``None`` when not asked for or not a linear map.
+        checkpoint_grams: Per checkpoint, its input Gram G_k (new-language text when per language).
+        base_fisher: The base's diagonal empirical Fisher at θ_B (old-language text when per language),
+            float32, shaped like the tensor (rows restricted like it).
+        checkpoint_fishers: Per checkpoint, its Fisher diagonal at θ_k (new-language text when per language).
         base_stored: θ_B in its stored dtype on the compute device; read-only (methods that copy
             values start from it without arithmetic). ``None``: only ``base_float32`` exists.
         workspace: Scratch buffers shared across the tensors of a merge (``None``: allocate).
@@ -94,6 +104,12 @@ class TensorTask:
     seed: int = 0
     input_sq_mean: Sequence[Tensor | None] | None = None
     token_counts: Tensor | None = None
+    in_axis: int = 1
+    num_blocks: int | None = None
+    base_gram: Tensor | None = None
+    checkpoint_grams: Sequence[Tensor] | None = None
+    base_fisher: Tensor | None = None
+    checkpoint_fishers: Sequence[Tensor] | None = None
     base_stored: Tensor | None = None
     workspace: Workspace | None = None
     base_float32: Tensor | None = field(default=None, repr=False)
