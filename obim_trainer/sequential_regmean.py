@@ -20,14 +20,25 @@ norms, biases, a tied LM head, a map the calibration text never reaches) gets θ
 (:func:`~obim_trainer.merging.least_squares.shrink_toward_base`).
 
 Cost and memory. The model is never built whole: a skeleton with its parameters on the ``meta``
-device gives the architecture, and one decoder block at a time is loaded from the readers. The
-hidden states at the current block's input are kept for four streams: the base on old text, each
-checkpoint on new text, the merged model on old and on new text. Per block, every original model
-runs once (its linear inputs recorded on the CPU: the originals' inputs of one block), then the
-merged block runs once per group of maps reading the same input (q/k/v; gate/up), stopping at that
-group, and once in full to advance its hidden states. So a merge costs the originals' forward pass
-once and the merged model's about (groups per block) times. Statistics accumulate in float64; each
-group holds K + 3 float64 [in, in] matrices.
+device (buffers real, so rotary tables exist) gives the architecture, the architecture's own code runs
+everything before the first block (a "catcher" pre-hook on block 0 stores its arguments and stops the
+forward, as GPTQ does), and one decoder block at a time is loaded from the readers. The hidden states at
+the current block's input are kept, on ``device``, for K + 3 streams: the base on old text, each
+checkpoint on new text, the merged model on old and on new text. Per block, every original model runs
+once, one after the other, its inputs to each group of maps recorded on the CPU (float32, non-pad
+tokens: (K + 1) × tokens × the summed input widths of the block's groups, about 5.7 hidden states per
+model for a Llama); then the merged block runs once per group of maps reading the same input (q/k/v;
+gate/up), stopping at that group, and once in full to advance its hidden states. So a merge costs the
+originals' forward pass once and the merged model's about (groups per block + 1) times. Statistics
+accumulate in float64; a group holds K + 3 float64 [in, in] matrices while it is solved.
+
+Precision: the originals run in float32 whatever their stored dtype; the merged model runs with its
+weights as they are written (rounded to the output dtype), so later maps see the model that is saved.
+
+Limits: maps run more than once per forward pass (shared weights) are refused, maps the calibration text
+never reaches (unrouted MoE experts) and parameters that are not ``nn.Linear``/``Conv1D`` weights (fused
+3-D expert tensors) get the shrink rule; vocabularies the checkpoints extend are refused (use the
+non-sequential merge). Tried on Llama (MHA and GQA, tied and untied) and GPT-2 (Conv1D, fused qkv).
 
 The merge writes in a fixed order (:func:`sequential_write_order`): tensors outside the blocks first,
 then block by block, the untied LM head last. Build the writer from that order.
@@ -314,6 +325,12 @@ def _catch(skeleton: _Skeleton, calibration: CalibrationSet, batch_size: int, de
     return stream
 
 
+def _sharing_arguments(stream: Stream, like: Stream) -> Stream:
+    """``stream`` with the block arguments of ``like`` (the same text): the mask and position embeddings depend
+    on the token ids only, so the streams on one text keep one copy of them."""
+    return [_Batch(b.hidden, a.rest, a.kwargs, a.mask) for b, a in zip(stream, like, strict=True)]
+
+
 def _run_block(block: nn.Module, batch: _Batch) -> Tensor:
     out = block(batch.hidden, *batch.rest, **batch.kwargs)
     return out[0] if isinstance(out, tuple) else out
@@ -435,7 +452,6 @@ class _Side:
     stream: Stream
     originals: list[list[Tensor]]
     weights: list[float]
-    tokens: int
     gram_weight: float
     """The merged inputs' Gram weight: c/n_B (old text), 1/n_N (new text)."""
 
@@ -535,9 +551,9 @@ class _SequentialMerge:
 
     def sides(self, merged: _Streams, base_inputs: list[Tensor], checkpoint_inputs: list[list[Tensor]]) -> list[_Side]:
         c, k = self.base_weight, len(self.checkpoints)
-        old = _Side(merged.merged_old, [base_inputs], [c / self.old_tokens], self.old_tokens, c / self.old_tokens)
+        old = _Side(merged.merged_old, [base_inputs], [c / self.old_tokens], c / self.old_tokens)
         new_weight = 1.0 / (k * self.new_tokens)
-        new = _Side(merged.merged_new, checkpoint_inputs, [new_weight] * k, self.new_tokens, 1.0 / self.new_tokens)
+        new = _Side(merged.merged_new, checkpoint_inputs, [new_weight] * k, 1.0 / self.new_tokens)
         return [old, new]
 
     def solve(self, name: str, axis: int, crosses: Sequence[Tensor], gram: Tensor) -> Tensor:
@@ -548,6 +564,11 @@ class _SequentialMerge:
             term = (weight if axis == 1 else weight.T) @ cross
             numerator = term if numerator is None else numerator.add_(term)
         assert numerator is not None
+        if not (bool(torch.isfinite(gram).all()) and bool(torch.isfinite(numerator).all())):
+            raise CheckpointError(
+                f"the inputs of {name} on the calibration text contain NaN or Inf although the weights are finite "
+                "(overflow?); check the checkpoints, or use sequential: false"
+            )
         solution, ridged = solve_least_squares(numerator, gram)
         if ridged:
             self.report.ridged.append(name)
@@ -575,11 +596,13 @@ class _SequentialMerge:
         for p in params:
             value = merged[p.stored] if p.stored in merged else self.shrink(p.stored)
             p.set(value.to(self.device, COMPUTE_DTYPE))
+        merged_old = _catch(self.skeleton, old, batch_size, self.device)
+        merged_new = _catch(self.skeleton, new, batch_size, self.device)
         streams = _Streams(
-            base_old,
-            checkpoints_new,
-            _catch(self.skeleton, old, batch_size, self.device),
-            _catch(self.skeleton, new, batch_size, self.device),
+            _sharing_arguments(base_old, merged_old),
+            [_sharing_arguments(stream, merged_new) for stream in checkpoints_new],
+            merged_old,
+            merged_new,
         )
         self.tail_merged = {p.stored: p.owner._parameters[p.attr] for p in self.skeleton.tail_params}
         for p in params:

@@ -214,6 +214,28 @@ def gpt2_with_norms(tmp_path_factory, tokenizer_dir) -> tuple[Path, list[Path]]:
     return base_dir, ckpts
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_equals_the_reference(mha_llama, languages):
+    """The forward passes, the float64 statistics and the solves on the GPU; the reference on the CPU."""
+    base_dir, ckpt_dirs = mha_llama
+    old, new = languages
+    written, _names, report = _merge(base_dir, ckpt_dirs, old, new, device="cuda", batch_size=BATCH)
+    assert all(t.device.type == "cpu" for t in written.values())
+    _assert_matches(written, reference_merge(base_dir, ckpt_dirs, old, new, c=1.0))
+    assert report.solved == 15
+
+
+def test_tied_bfloat16_llama_is_written_in_bfloat16(llama_tied_bf16_family, languages):
+    """A tied head is not solved (it is the embedding, shrunk); bf16 in, bf16 out. The merged model runs with
+    its bf16-rounded weights, the float32 reference with unrounded ones: they agree to bf16 precision."""
+    base_dir, ckpt_dirs = llama_tied_bf16_family
+    old, new = languages
+    written, _names, report = _merge(base_dir, ckpt_dirs, old, new, batch_size=BATCH)
+    assert report.solved == 2 * 7 and "lm_head.weight" not in written
+    assert all(t.dtype == torch.bfloat16 for t in written.values())
+    _assert_matches(written, reference_merge(base_dir, ckpt_dirs, old, new, c=1.0), tolerance=2e-2)
+
+
 def test_gpt2_conv1d_and_fused_qkv_equal_the_reference(gpt2_with_norms, languages):
     base_dir, ckpt_dirs = gpt2_with_norms
     old, new = languages
