@@ -520,6 +520,8 @@ class _SequentialMerge:
         self.base_weight, self.alpha = base_weight, alpha
         self.old_tokens, self.new_tokens = old_tokens, new_tokens
         self.report = SequentialReport()
+        self.tail_merged: dict[str, Tensor] = {}
+        """The merged final norm's parameters, kept from the embedding stage for the LM head."""
 
     # reading and the shrink rule
 
@@ -609,6 +611,45 @@ class _SequentialMerge:
             p.release()
         return streams
 
+    def run_originals(
+        self, block: nn.Module, params: Sequence[_Param], leaders: list[_Map], streams: _Streams
+    ) -> list[tuple[list[list[Tensor]], list[Tensor]]]:
+        """Each original's block (the base's already loaded) over its own stream: per model, its inputs to each
+        group and its outputs. One original block is in memory at a time."""
+        results = [_record_inputs(block, leaders, streams.base_old)]
+        for reader, stream in zip(self.checkpoints, streams.checkpoints_new, strict=True):
+            self.load(params, reader)
+            results.append(_record_inputs(block, leaders, stream))
+        return results
+
+    def shrunk_block(self, params: Sequence[_Param], solved: set[str]) -> dict[str, Tensor]:
+        """The merged block before its maps are solved: every other parameter at its shrink value (returned,
+        in the output dtype, to be written). The maps to solve go back to ``meta``: the forward stops at the
+        group being merged, so no map runs before it is solved."""
+        pending: dict[str, Tensor] = {}
+        for p in params:
+            if p.stored in solved:
+                p.release()
+            else:
+                pending[p.stored] = self.shrink(p.stored)
+                p.set(pending[p.stored].to(self.device, COMPUTE_DTYPE))
+        return pending
+
+    def merge_group(
+        self, block: nn.Module, group: list[_Map], streams: _Streams, originals: list[list[Tensor]]
+    ) -> dict[str, Tensor]:
+        """Solve the maps of one group (``originals``: the base's then each checkpoint's inputs to it, per batch)
+        on the partially merged block's inputs; returns the merged weights in the output dtype."""
+        leader = group[0]
+        crosses, gram = _normal_equations(
+            self.sides(streams, originals[0], originals[1:]),
+            lambda batch: _merged_inputs(block, leader, batch),
+            leader.in_features,
+            self.alpha,
+            self.device,
+        )
+        return {entry.name: self.solve(entry.name, entry.axis, crosses, gram) for entry in group}
+
     def block(self, index: int, streams: _Streams, tensors: Sequence[TensorPlan]) -> None:
         """Merge block ``index`` group by group, write its tensors, and advance every stream through it."""
         skeleton = self.skeleton
@@ -623,42 +664,22 @@ class _SequentialMerge:
         self.load(params, self.base)
         groups = _groups(block, streams.base_old[0], maps)
         leaders = [group[0] for group in groups]
-        base_inputs, base_out = _record_inputs(block, leaders, streams.base_old)
-        checkpoint_inputs, checkpoint_out = [], []
-        for reader, stream in zip(self.checkpoints, streams.checkpoints_new, strict=True):
-            self.load(params, reader)
-            inputs, out = _record_inputs(block, leaders, stream)
-            checkpoint_inputs.append(inputs)
-            checkpoint_out.append(out)
-        solved = {m.name for group in groups for m in group}
-        pending: dict[str, Tensor] = {}
-        for p in params:
-            if p.stored in solved:
-                p.release()  # not run before it is merged: the forward stops at the group being merged
-            else:
-                pending[p.stored] = self.shrink(p.stored)
-                p.set(pending[p.stored].to(self.device, COMPUTE_DTYPE))
+        (base_inputs, base_out), *per_checkpoint = self.run_originals(block, params, leaders, streams)
+        checkpoint_inputs = [inputs for inputs, _ in per_checkpoint]
+        pending = self.shrunk_block(params, solved={m.name for group in groups for m in group})
         for g, group in enumerate(groups):
-            sides = self.sides(streams, base_inputs[g], [inputs[g] for inputs in checkpoint_inputs])
-            leader = group[0]
-            crosses, gram = _normal_equations(
-                sides,
-                lambda batch, leader=leader: _merged_inputs(block, leader, batch),
-                leader.in_features,
-                self.alpha,
-                self.device,
-            )
-            for entry in group:
-                pending[entry.name] = self.solve(entry.name, entry.axis, crosses, gram)
-                by_name[entry.name].set(pending[entry.name].to(self.device, COMPUTE_DTYPE))
-            del crosses, gram
-            for inputs in (base_inputs, *checkpoint_inputs):
+            originals = [base_inputs, *checkpoint_inputs]
+            solved = self.merge_group(block, group, streams, [inputs[g] for inputs in originals])
+            for name, value in solved.items():
+                pending[name] = value
+                by_name[name].set(value.to(self.device, COMPUTE_DTYPE))
+            for inputs in originals:
                 inputs[g] = []  # the originals' inputs to this group are used up
         streams.merged_old = _advanced(streams.merged_old, [_run_block(block, b) for b in streams.merged_old])
         streams.merged_new = _advanced(streams.merged_new, [_run_block(block, b) for b in streams.merged_new])
         streams.base_old = _advanced(streams.base_old, base_out)
         streams.checkpoints_new = [
-            _advanced(s, o) for s, o in zip(streams.checkpoints_new, checkpoint_out, strict=True)
+            _advanced(s, out) for s, (_, out) in zip(streams.checkpoints_new, per_checkpoint, strict=True)
         ]
         for p in params:
             p.release()
