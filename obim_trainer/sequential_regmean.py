@@ -38,7 +38,8 @@ weights as they are written (rounded to the output dtype), so later maps see the
 Limits: maps run more than once per forward pass (shared weights) are refused, maps the calibration text
 never reaches (unrouted MoE experts) and parameters that are not ``nn.Linear``/``Conv1D`` weights (fused
 3-D expert tensors) get the shrink rule; vocabularies the checkpoints extend are refused (use the
-non-sequential merge). Tried on Llama (MHA and GQA, tied and untied) and GPT-2 (Conv1D, fused qkv).
+non-sequential merge). Tested against a whole-model reference on Llama (MHA and GQA, tied bf16 and untied),
+GPT-2 (Conv1D, fused qkv), Qwen2 (q/k/v biases), Phi-3 (fused qkv_proj, gate_up_proj) and Gemma (scaled embeddings).
 
 The merge writes in a fixed order (:func:`sequential_write_order`): tensors outside the blocks first,
 then block by block, the untied LM head last. Build the writer from that order.

@@ -26,7 +26,7 @@ from obim_trainer.engine import plan_merge
 from obim_trainer.errors import CalibrationError, ConfigError
 from obim_trainer.model_layout import ModelLayout, block_index
 from obim_trainer.sequential_regmean import sequential_regmean, sequential_write_order
-from tests.conftest import make_texts, make_tiny_gpt2, make_tiny_llama, perturbed_copy, save_model_folder
+from tests.conftest import VOCAB_SIZE, make_texts, make_tiny_gpt2, make_tiny_llama, perturbed_copy, save_model_folder
 
 BATCH = 5
 
@@ -212,6 +212,43 @@ def gpt2_with_norms(tmp_path_factory, tokenizer_dir) -> tuple[Path, list[Path]]:
         save_model_folder(perturbed_copy(base, 50 + i, 0.05 * (i + 1)), root / f"ckpt-{i}", None) for i in range(3)
     ]
     return base_dir, ckpts
+
+
+def _tiny(architecture: str) -> nn.Module:
+    """Small models of other families: Qwen2 (biases on q/k/v), Phi-3 (fused qkv_proj and gate_up_proj as one
+    Linear each), Gemma (scaled embeddings, tied head)."""
+    from transformers import GemmaConfig, GemmaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": VOCAB_SIZE,
+        "max_position_embeddings": 128,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    torch.manual_seed(0)
+    if architecture == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False))
+    if architecture == "phi3":
+        return Phi3ForCausalLM(Phi3Config(**common, tie_word_embeddings=False))
+    return GemmaForCausalLM(GemmaConfig(**common, head_dim=16))
+
+
+@pytest.mark.parametrize(("architecture", "solved"), [("qwen2", 2 * 7 + 1), ("phi3", 2 * 4 + 1), ("gemma", 2 * 7)])
+def test_other_architectures_equal_the_reference(tmp_path, tokenizer_dir, languages, architecture, solved):
+    base = _tiny(architecture)
+    base_dir = save_model_folder(base, tmp_path / "base", tokenizer_dir)
+    ckpt_dirs = [
+        save_model_folder(perturbed_copy(base, 60 + i, 0.05 * (i + 1)), tmp_path / f"c{i}", None) for i in range(2)
+    ]
+    written, _names, report = _merge(base_dir, ckpt_dirs, *languages, batch_size=BATCH)
+    assert report.solved == solved and report.ridge_count == 0
+    _assert_matches(written, reference_merge(base_dir, ckpt_dirs, *languages, c=1.0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
