@@ -319,6 +319,11 @@ def _catch(skeleton: _Skeleton, calibration: CalibrationSet, batch_size: int, de
             mask = mask.to(device)
             with suppress(_Stop):
                 skeleton.model(input_ids=ids.to(device), attention_mask=mask, use_cache=False)
+            if not caught:
+                raise ConfigError(
+                    f"{type(skeleton.model).__name__} did not call its first decoder block on a plain forward pass; "
+                    "sequential regmean cannot run it block by block: use sequential: false"
+                )
             hidden, rest, kwargs = caught.pop()
             stream.append(_Batch(hidden.to(COMPUTE_DTYPE), rest, kwargs, mask.reshape(-1).bool()))
     finally:
