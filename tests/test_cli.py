@@ -57,6 +57,7 @@ def test_yaml_with_flag_overrides_produces_a_loadable_model(llama_family, calibr
         "order": "rotation",
         "priority": None,
         "embedding_saliency": "random",
+        "saliency": "obm",
     }
     assert manifest["seed"] == 3 and manifest["calibration"]["samples"] == 12
     model = AutoModelForCausalLM.from_pretrained(out)

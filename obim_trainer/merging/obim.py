@@ -12,7 +12,7 @@ holds the parameters and their validation; the math lives in :mod:`~obim_trainer
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -105,6 +105,12 @@ class OBIM(MergeMethod):
 
     def order_for(self, block_index: int | None) -> list[int]:
         return merge_order(self.num_models, block_index, self._params.order, self._params.priority)
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        if not self.forgetting_aware:
+            described.pop("gamma", None)  # only the forgetting-aware score reads it
+        return described
 
     def describe_tensor(self, block_index: int | None) -> str:
         return f"order {self.order_for(block_index)}"
