@@ -24,7 +24,7 @@ from typing import Any
 
 from obim_trainer.config import MergeConfig
 from obim_trainer.errors import ConfigError
-from obim_trainer.merging import get_method
+from obim_trainer.merging import build_method, get_method
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,8 @@ def plan_variants(
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"merges would share a folder name ({', '.join(names)}); list each method and share once")
+    for variant in variants:  # a bad value fails now, not after the merges before it were written
+        build_method(variant.method, variant.params, num_models)
     return variants
 
 
