@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from obim_trainer.merging.least_squares import mean_delta
 from obim_trainer.merging.registry import MergeMethod, MethodParams, register_method
-from obim_trainer.merging.regmean import mean_delta
 from obim_trainer.merging.task import MergeOutput, ParamKind, TensorTask
 
 

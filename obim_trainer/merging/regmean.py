@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from obim_trainer.merging.least_squares import regularize_gram, shrink_toward_base, solve_least_squares
+from obim_trainer.merging.least_squares import mean_delta, regularize_gram, shrink_toward_base, solve_least_squares
 from obim_trainer.merging.registry import MergeMethod, MethodParams, StatisticsNeeds, register_method
 from obim_trainer.merging.task import MergeOutput, ParamKind, TensorTask
 
@@ -80,7 +80,7 @@ class RegMean(MergeMethod):
         return StatisticsNeeds(grams=True, per_language=self._params.statistics == "per_language")
 
     def describe_tensor(self, block_index: int | None) -> str:
-        return f"least squares on input Grams, base weight {self._params.base_weight:g}"
+        return f"linear maps: least squares on input Grams; others: θ_B + mean δ/(1+{self._params.base_weight:g})"
 
     def merge(self, task: TensorTask) -> MergeOutput:
         """The non-sequential solve (``sequential: false``) of one tensor."""
@@ -89,14 +89,6 @@ class RegMean(MergeMethod):
             return MergeOutput(tensor=shrink_toward_base(task.base, mean_delta(task), c))
         merged, ridged = regmean_linear(task, c, self._params.alpha)
         return MergeOutput(tensor=merged, notes={RIDGED_NOTE: int(ridged)})
-
-
-def mean_delta(task: TensorTask) -> Tensor:
-    """mean_k δ_k in float32, one checkpoint at a time."""
-    total = task.delta(0)
-    for k in range(1, task.num_models):
-        total.add_(task.delta(k))
-    return total.div_(task.num_models)
 
 
 def _as_out_in(weight: Tensor, in_axis: int) -> Tensor:
