@@ -101,22 +101,26 @@ def _as_out_in(weight: Tensor, in_axis: int) -> Tensor:
 def regmean_linear(task: TensorTask, base_weight: float, alpha: float) -> tuple[Tensor, bool]:
     """W* = (c·W_B·G_B + (1/K)Σ_k W_k·G_k)·(c·G_B + (1/K)Σ_k G_k)⁻¹ for one linear map, in float64.
 
+    Solved on the task vectors: with G = c·G_B + (1/K)Σ_k G_k the numerator is W_B·G + (1/K)Σ_k δ_k·G_k,
+    so W* = W_B + ((1/K)Σ_k δ_k·G_k)·G⁻¹, the same map without the large W_B terms in the solve. Where G
+    is singular (input features no text uses) the ridge then shrinks the update toward 0, i.e. W* keeps
+    the base there, instead of shrinking the weights themselves toward 0.
     Returns the merged weight in float32 in the tensor's own layout and whether the solve needed a ridge.
     """
     grams = task.checkpoint_grams
     assert task.base_gram is not None and grams is not None
     _check_grams(task, grams)
     share = 1.0 / task.num_models
-    base_gram = regularize_gram(task.base_gram.to(task.device, torch.float64), alpha)
-    w_base = _as_out_in(task.base, task.in_axis).to(torch.float64)
-    numerator = (w_base @ base_gram).mul_(base_weight)
-    total = base_gram.mul(base_weight)
+    total = regularize_gram(task.base_gram.to(task.device, torch.float64), alpha).mul(base_weight)
+    numerator: Tensor | None = None
     for k in range(task.num_models):
         gram = regularize_gram(grams[k].to(task.device, torch.float64), alpha)
-        numerator.add_(_as_out_in(task.checkpoint(k), task.in_axis).to(torch.float64) @ gram, alpha=share)
+        term = _as_out_in(task.delta(k), task.in_axis).to(torch.float64) @ gram
+        numerator = term.mul_(share) if numerator is None else numerator.add_(term, alpha=share)
         total.add_(gram, alpha=share)
-    solved, ridged = solve_least_squares(numerator, total)
-    merged = solved.to(torch.float32)
+    assert numerator is not None
+    update, ridged = solve_least_squares(numerator, total)
+    merged = _as_out_in(task.base, task.in_axis).to(torch.float64).add_(update).to(torch.float32)
     return (merged if task.in_axis == 1 else merged.T).contiguous(), ridged
 
 

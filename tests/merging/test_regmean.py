@@ -86,6 +86,8 @@ def test_a_singular_checkpoint_gram_still_solves_and_is_counted():
     x = torch.cat(everything_unused)
     ref = reference(base, ckpts, everything_unused, 1.0)
     torch.testing.assert_close(x @ out.tensor.double().T, x @ ref.T, rtol=0, atol=1e-4)
+    # and the columns of inputs no text uses keep the base's weights (the ridge shrinks the update, not W)
+    torch.testing.assert_close(out.tensor[:, IN - 2 :], base[:, IN - 2 :], rtol=0, atol=1e-6)
 
 
 def test_alpha_shrinks_every_gram_toward_its_diagonal():
