@@ -14,8 +14,9 @@ import yaml
 
 from obim_trainer.config import MergeConfig, merge_overrides
 from obim_trainer.errors import OBIMError
-from obim_trainer.merge_comparison import COMPARISON_KEYS, ComparisonConfig, compare_merges
-from obim_trainer.merging import available_methods
+from obim_trainer.merge_comparison import COMPARISON_KEYS, ComparisonConfig, compare_merges, describe_variants
+from obim_trainer.merging import MergeMethod, available_methods
+from obim_trainer.merging.registry import StatisticsNeeds
 from obim_trainer.yaml_config import load_yaml_config
 
 logger = logging.getLogger("obim_trainer")
@@ -49,6 +50,11 @@ examples:
   obim-merge-ckpts --config configs/merge/obim.yaml --method obim,ties --total-share 1.0,0.6,0.3 \
       --evaluate --eval-data en=en_eval.jsonl ja=ja_eval.jsonl --output ./compared
 
+  # RegMean at three base weights (base on old-language text, checkpoints on new), beside OBIM
+  obim-merge-ckpts --config configs/merge/regmean.yaml --method regmean,obim --param base_weight=0.3,1,3 \\
+      --calibration-data en=en.jsonl ja=ja.jsonl --new-language ja \\
+      --evaluate --eval-data en=en_eval.jsonl ja=ja_eval.jsonl --output ./compared
+
   # check everything and print the per-tensor plan without writing
   obim-merge-ckpts --config configs/merge/obim.yaml --dry-run
 
@@ -56,11 +62,26 @@ examples:
 """
 
 
+class SweepValues(list):
+    """Values of ``--param KEY=V1,V2,...``: one merge per value."""
+
+
 def _parse_param(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r} (e.g. --param density=0.5)")
+    stripped = value.strip()
+    if "," in stripped and not stripped.startswith(("[", "{", "'", '"')):
+        return key.strip(), SweepValues(yaml.safe_load(v) for v in stripped.split(",") if v.strip())
     return key.strip(), yaml.safe_load(value)
+
+
+def _split_sweeps(pairs: list[tuple[str, Any]], yaml_sweep: dict[str, Any] | None) -> tuple[dict, dict]:
+    """``--param`` pairs as (params, sweeps); the YAML ``sweep`` of a key the flags set is replaced by them."""
+    params = {k: v for k, v in pairs if not isinstance(v, SweepValues)}
+    sweeps = {k: list(v) for k, v in pairs if isinstance(v, SweepValues)}
+    kept = {k: v for k, v in (yaml_sweep or {}).items() if k not in params and k not in sweeps}
+    return params, {**kept, **sweeps}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_parse_param,
         action="append",
         metavar="KEY=VALUE",
-        help="A method parameter, repeatable (e.g. --param density=0.5 --param lambda=1.0).",
+        help="A method parameter, repeatable (e.g. --param density=0.5 --param lambda=1.0). Several values, "
+        "comma-separated, sweep it: --param base_weight=0.3,1,3 makes one merge per value, written as "
+        "--output/regmean@base_weight=1/ (several swept parameters: every combination; a list value is [a,b]).",
     )
     method.add_argument(
         "--ratios",
@@ -268,7 +291,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[MergeConfig, ComparisonC
     for key in ("list_methods", "log_level"):
         given.pop(key, None)
     values = load_yaml_config(given.pop("config")) if "config" in given else {}
-    params = dict(given.pop("param", []))
+    params, sweeps = _split_sweeps(given.pop("param", []), values.get("sweep"))
+    if sweeps:
+        given["sweep"] = sweeps
     params.update({key: given.pop(key) for key in OBIM_FLAGS if key in given})
     if params:
         given["params"] = params
@@ -282,11 +307,41 @@ def config_from_args(args: argparse.Namespace) -> tuple[MergeConfig, ComparisonC
     return MergeConfig.build(merged), comparison
 
 
+def default_statistics(cls: type[MergeMethod]) -> StatisticsNeeds:
+    """What a method reads with its default parameters (the class flag if those do not build alone)."""
+    k = cls.min_models if cls.max_models == cls.min_models else max(2, cls.min_models)
+    try:
+        return cls({}, num_models=k).statistics()
+    except OBIMError:
+        return StatisticsNeeds(activations=cls.needs_activation_stats)
+
+
+def needs_label(needs: StatisticsNeeds) -> str:
+    """``[needs ...]``: which calibration a method needs and what is measured on it ('' for none)."""
+    if not needs.any:
+        return ""
+    kinds = [
+        what
+        for wanted, what in (
+            (needs.activations, "activation statistics"),
+            (needs.grams, "input Grams"),
+            (needs.fishers, "Fisher diagonals"),
+        )
+        if wanted
+    ]
+    data = (
+        "per-language --calibration-data (LANG=FILE ...) and --new-language"
+        if needs.per_language
+        else "--calibration-data"
+    )
+    return f"  [needs {data}: {', '.join(kinds)}]"
+
+
 def format_methods() -> str:
-    """Every registered method with its parameters and defaults."""
+    """Every registered method with its parameters and defaults, and the statistics its defaults need."""
     blocks = []
     for name, cls in available_methods().items():
-        head = f"{name}{'  [needs --calibration-data]' if cls.needs_activation_stats else ''}"
+        head = f"{name}{needs_label(default_statistics(cls))}"
         body = [textwrap.fill(cls.summary, 88, initial_indent="    ", subsequent_indent="    ")] if cls.summary else []
         for field_name, field in cls.Params.model_fields.items():
             default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
@@ -310,7 +365,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config, comparison = config_from_args(args)
-        if comparison.several and not config.dry_run:
+        if comparison.several and config.dry_run:
+            listing, variants = describe_variants(config, comparison)
+            sys.stdout.write(listing + "\n")
+            first = variants[0]
+            config = config.model_copy(update={"method": first.method, "params": first.params})
+        elif comparison.several:
             _, table = compare_merges(config, comparison)
             if table is not None:
                 sys.stdout.write(table.to_markdown() + "\n")

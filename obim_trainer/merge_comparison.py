@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 COMPARISON_KEYS = (
     "methods",
     "total_shares",
+    "sweep",
     "evaluate",
     "eval_data",
     "eval_samples",
@@ -47,6 +49,11 @@ class ComparisonConfig(YamlConfig):
     methods: list[str] = Field(min_length=1, description="Merge methods, e.g. [obim, ties, dare_ties].")
     total_shares: list[float] | None = Field(
         default=None, description="OBIM's Σ n_k values to sweep, e.g. [1.0, 0.6, 0.3] (1.0 is the paper)."
+    )
+    sweep: dict[str, list[Any]] | None = Field(
+        default=None,
+        description="Parameters to sweep, {name: [values]}: one merge per value (the product for several) for every "
+        "method that has the parameter, named like regmean@base_weight=1 (CLI: --param base_weight=0.3,1,3).",
     )
     evaluate: bool = False
     eval_data: dict[str, Path] | None = Field(default=None, description="{language: file} of evaluation texts.")
@@ -76,7 +83,7 @@ class ComparisonConfig(YamlConfig):
     @property
     def several(self) -> bool:
         """Whether this asks for more than the one plain merge ``obim-merge-ckpts`` makes by default."""
-        return len(self.methods) > 1 or bool(self.total_shares) or self.evaluate
+        return len(self.methods) > 1 or bool(self.total_shares) or bool(self.sweep) or self.evaluate
 
 
 def _check_outputs_free(root: Path, variants: list[MergeVariant], overwrite: bool) -> None:
@@ -127,6 +134,21 @@ def reference_folders(config: MergeConfig, checkpoints: list[Path], merged: Path
     return folders
 
 
+def plan(config: MergeConfig, comparison: ComparisonConfig, num_models: int) -> list[MergeVariant]:
+    """Every merge the comparison makes: methods × total shares × swept values."""
+    return plan_variants(comparison.methods, config.params, comparison.total_shares, num_models, comparison.sweep)
+
+
+def describe_variants(config: MergeConfig, comparison: ComparisonConfig) -> tuple[str, list[MergeVariant]]:
+    """For ``--dry-run``: one line per merge that would be made (folder name, method, parameters), and the merges."""
+    from obim_trainer.merge import resolve_checkpoints
+
+    variants = plan(config, comparison, len(resolve_checkpoints(config)))
+    lines = [f"{len(variants)} merge(s) of the same checkpoints:"]
+    lines += [f"  {v.name}: {v.method} {json.dumps(v.params, sort_keys=True)}" for v in variants]
+    return "\n".join(lines), variants
+
+
 def compare_merges(
     config: MergeConfig, comparison: ComparisonConfig, evaluator: ModelEvaluator | None = None
 ) -> tuple[dict[str, Path], ComparisonTable | None]:
@@ -142,7 +164,7 @@ def compare_merges(
 
         evaluator = LmEvalEvaluator(LmEvalConfig.from_yaml(comparison.lm_eval))
     checkpoints = resolve_checkpoints(config)
-    variants = plan_variants(comparison.methods, config.params, comparison.total_shares, len(checkpoints))
+    variants = plan(config, comparison, len(checkpoints))
     _check_outputs_free(config.output, variants, config.overwrite)
     chosen = config.model_copy(update={"checkpoints": checkpoints, "run_dir": None})
     merged = merge_variants(chosen, variants, config.output)

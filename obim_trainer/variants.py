@@ -1,13 +1,20 @@
-"""Several merges of the same checkpoints in one go: methods side by side and OBIM's total-share sweep.
+"""Several merges of the same checkpoints in one go: methods side by side, OBIM's total-share sweep and
+sweeps of any parameter.
 
 The paper fixes n_k = 1/K, so every position takes some checkpoint's delta. Keeping part of the
 base (Σ n_k < 1) trades new-language gain for old-language recovery; a sweep over the total share
 Σ n_k = s merges at each s, splitting s between the checkpoints as the ratios say
 (n_k = s · r_k / Σ r, with r_k = 1 by default), so users see the trade-off instead of guessing it.
+
+Any other parameter is swept the same way (``--param base_weight=0.3,1,3``, YAML ``sweep:
+{base_weight: [0.3, 1, 3]}``): one merge per value for every listed method that has the parameter,
+the product of the values when several are swept, named ``regmean@base_weight=1`` (after the total
+share when both are swept: ``obim@0.6@gamma=2``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +24,7 @@ from typing import Any
 
 from obim_trainer.config import MergeConfig
 from obim_trainer.errors import ConfigError
-from obim_trainer.merging import get_method
+from obim_trainer.merging import build_method, get_method
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +39,8 @@ class MergeVariant:
     method: str
     params: dict[str, Any]
     total_share: float | None = None
+    swept: dict[str, Any] | None = None
+    """The swept parameters' values of this merge, by the name they were swept under."""
 
 
 def accepts_total_share(method: str) -> bool:
@@ -39,9 +48,44 @@ def accepts_total_share(method: str) -> bool:
     return SHARED_PARAM in get_method(method).Params.model_fields
 
 
-def variant_name(method: str, total_share: float | None) -> str:
-    """``obim`` for the paper's Σ n_k = 1 (or no sweep), ``obim@0.6`` for a smaller total share."""
-    return method if total_share is None or total_share == 1.0 else f"{method}@{total_share:g}"
+def format_value(value: Any) -> str:
+    """A swept value as it appears in a folder name: numbers as ``%g`` (1.0 → 1), the rest as text."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    return f"{value:g}"
+
+
+def variant_name(method: str, total_share: float | None, swept: Mapping[str, Any] | None = None) -> str:
+    """``obim`` for the paper's Σ n_k = 1 (or no sweep), ``obim@0.6`` for a smaller total share,
+    ``regmean@base_weight=1`` (``@alpha=0.9,base_weight=1`` for several) for swept parameters."""
+    name = method if total_share is None or total_share == 1.0 else f"{method}@{total_share:g}"
+    if swept:
+        name += "@" + ",".join(f"{key}={format_value(value)}" for key, value in swept.items())
+    return name
+
+
+def _accepted_names(method: str) -> set[str]:
+    fields = get_method(method).Params.model_fields
+    return set(fields) | {f.alias for f in fields.values() if f.alias}
+
+
+def _method_sweeps(method: str, sweeps: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the swept values of the parameters ``method`` has ([{}]: none swept)."""
+    own = {key: list(values) for key, values in sweeps.items() if key in _accepted_names(method)}
+    return [dict(zip(own, combo, strict=True)) for combo in itertools.product(*own.values())]
+
+
+def _check_sweeps(sweeps: Mapping[str, Sequence[Any]], methods: Sequence[str]) -> None:
+    for key, values in sweeps.items():
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise ConfigError(f"sweep of '{key}' needs a list of values, e.g. --param {key}=0.3,1,3, got {values!r}")
+        if key == SHARED_PARAM:
+            raise ConfigError("ratios cannot be swept value by value; sweep their total with --total-share")
+        if not any(key in _accepted_names(m) for m in methods):
+            raise ConfigError(
+                f"swept parameter '{key}' belongs to none of the methods {', '.join(methods)}; see "
+                "`obim-merge-ckpts --list-methods`"
+            )
 
 
 def scaled_ratios(ratios: Sequence[float] | None, total_share: float, num_models: int) -> list[float]:
@@ -60,8 +104,7 @@ def method_params(method: str, params: Mapping[str, Any], methods: Sequence[str]
     """The parameters of ``method``: ``params[method]`` when it is a mapping, plus the shared
     top-level parameters the method declares (``density`` goes to ties and dare_ties, not to obim)."""
     own = dict(params.get(method) or {}) if isinstance(params.get(method), Mapping) else {}
-    fields = get_method(method).Params.model_fields
-    accepted = set(fields) | {f.alias for f in fields.values() if f.alias}
+    accepted = _accepted_names(method)
     shared = {k: v for k, v in params.items() if k not in methods and k in accepted}
     return {**shared, **own}
 
@@ -82,11 +125,13 @@ def plan_variants(
     params: Mapping[str, Any],
     total_shares: Sequence[float] | None,
     num_models: int,
+    sweeps: Mapping[str, Sequence[Any]] | None = None,
 ) -> list[MergeVariant]:
-    """Every (method, total share) to merge, in order; shares apply to the methods that have n_k.
+    """Every (method, total share, swept values) to merge, in order; shares apply to the methods that have
+    n_k, each swept parameter to the methods that have it (the product of the values when several are).
 
-    Raises :class:`ConfigError` for unknown methods, duplicate names, shares outside (0, 1] and
-    parameters no method takes.
+    Raises :class:`ConfigError` for unknown methods, duplicate names, shares outside (0, 1], parameters
+    no method takes and sweeps without values.
     """
     if not methods:
         raise ConfigError("no merge method given; name at least one, e.g. --method obim,ties")
@@ -94,20 +139,28 @@ def plan_variants(
         if not 0.0 < share <= 1.0:
             raise ConfigError(f"total share {share} must lie in (0, 1]: it is Σ n_k, the part of each tensor merged")
     _check_params_used(params, methods)
+    sweeps = sweeps or {}
+    _check_sweeps(sweeps, methods)
     variants: list[MergeVariant] = []
     for method in methods:
         own = method_params(method, params, methods)
-        if not total_shares or not accepts_total_share(method):
-            if total_shares:
-                logger.info("%s has no per-checkpoint shares; merged once, not per total share", method)
-            variants.append(MergeVariant(method, method, own))
-            continue
-        for share in total_shares:
-            ratios = scaled_ratios(own.get(SHARED_PARAM), share, num_models)
-            variants.append(MergeVariant(variant_name(method, share), method, {**own, SHARED_PARAM: ratios}, share))
+        shares: list[float | None] = [None]
+        if total_shares and accepts_total_share(method):
+            shares = list(total_shares)
+        elif total_shares:
+            logger.info("%s has no per-checkpoint shares; merged once, not per total share", method)
+        for share in shares:
+            shared = (
+                own if share is None else {**own, SHARED_PARAM: scaled_ratios(own.get(SHARED_PARAM), share, num_models)}
+            )
+            for swept in _method_sweeps(method, sweeps):
+                name = variant_name(method, share, swept)
+                variants.append(MergeVariant(name, method, {**shared, **swept}, share, swept or None))
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"merges would share a folder name ({', '.join(names)}); list each method and share once")
+    for variant in variants:  # a bad value fails now, not after the merges before it were written
+        build_method(variant.method, variant.params, num_models)
     return variants
 
 

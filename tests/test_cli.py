@@ -57,6 +57,7 @@ def test_yaml_with_flag_overrides_produces_a_loadable_model(llama_family, calibr
         "order": "rotation",
         "priority": None,
         "embedding_saliency": "random",
+        "saliency": "obm",
     }
     assert manifest["seed"] == 3 and manifest["calibration"]["samples"] == 12
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -91,7 +92,7 @@ def test_list_methods_shows_every_method_with_parameters(capsys):
         assert f"\n{name}" in f"\n{text}"
         for name, field in cls.Params.model_fields.items():
             assert f"{field.alias or name}:" in text
-    assert "ratios: default None" in text and "[needs --calibration-data]" in text
+    assert "ratios: default None" in text and "[needs --calibration-data: activation statistics]" in text
 
 
 def test_console_script_help_is_for_newcomers():
@@ -195,3 +196,42 @@ def test_a_folder_in_no_format_exits_2_naming_it(llama_family, tmp_path, caplog)
     code = main(["--base", str(llama_family[0]), "--checkpoints", str(junk), "--output", str(tmp_path / "m")])
     assert code == 2 and not (tmp_path / "m").exists()
     assert f"no checkpoint format recognised in {junk} (found: notes.txt)" in caplog.text
+
+
+def test_param_with_several_values_is_a_sweep_and_a_bracketed_list_is_one_value(tmp_path):
+    required = ["--base", "b", "--checkpoints", "c", "--output", "o", "--method", "regmean,magmax"]
+    flags = ["--param", "base_weight=0.3,1,3", "--param", "lambda=0.5", "--param", "alpha=[0.9]"]
+    config, comparison = config_from_args(build_parser().parse_args([*required, *flags]))
+    assert comparison.sweep == {"base_weight": [0.3, 1, 3]} and comparison.several
+    assert config.params == {"lambda": 0.5, "alpha": [0.9]}
+    swept = tmp_path / "sweep.yaml"
+    swept.write_text(
+        yaml.safe_dump({"base": "b", "checkpoints": ["c"], "sweep": {"base_weight": [1, 2], "alpha": [1]}})
+    )
+    _, from_yaml = config_from_args(build_parser().parse_args(["--config", str(swept), "--output", "o"]))
+    assert from_yaml.sweep == {"base_weight": [1, 2], "alpha": [1]}
+    args = ["--config", str(swept), "--output", "o", "--param", "alpha=0.5", "--param", "base_weight=3,4"]
+    config, overridden = config_from_args(build_parser().parse_args(args))  # flags replace the YAML's sweep per key
+    assert overridden.sweep == {"base_weight": [3, 4]} and config.params == {"alpha": 0.5}
+
+
+def test_dry_run_lists_every_swept_merge(llama_family, capsys):
+    base, ckpts = llama_family
+    args = ["--base", str(base), "--checkpoints", *map(str, ckpts), "--method", "magmax,lines", "--dry-run"]
+    code = main([*args, "--param", "lambda=0.5,1", "--param", "beta=0.2,0.4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "4 merge(s) of the same checkpoints:" in out
+    for name in ("magmax@lambda=0.5:", "magmax@lambda=1:", "lines@beta=0.2:", "lines@beta=0.4:"):
+        assert name in out
+    assert "model.layers.1.mlp.up_proj.weight" in out  # and the first merge's per-tensor plan
+
+
+def test_list_methods_says_which_statistics_each_method_needs(capsys):
+    assert main(["--list-methods"]) == 0
+    heads = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line and not line[0].isspace()}
+    per_language = "[needs per-language --calibration-data (LANG=FILE ...) and --new-language:"
+    assert heads["regmean"].endswith(f"{per_language} input Grams]")
+    assert heads["fisher_merging"].endswith(f"{per_language} Fisher diagonals]")
+    assert heads["obim"].endswith("[needs --calibration-data: activation statistics]")
+    assert heads["lines"] == "lines" and heads["magmax"] == "magmax"

@@ -29,3 +29,16 @@ def test_config_builds_its_method(path):
 def test_sft_setting_is_table_8():
     params = load_yaml_config(Path(__file__).parents[1] / "configs/merge/obim_sft.yaml")["params"]
     assert params == {"ratios": [0.4, 0.45, 0.1], "order": "given"}
+
+
+@pytest.mark.parametrize("name", ["regmean", "fisher_merging", "lines", "magmax"])
+def test_new_method_configs_hold_the_defaults(name):
+    data = load_yaml_config(Path(__file__).parents[1] / "configs" / "merge" / f"{name}.yaml")
+    method = build_method(name, data["params"], num_models=3)
+    assert method.params == build_method(name, {}, num_models=3).params
+
+
+def test_forgetting_aware_obim_config_reads_fishers():
+    data = load_yaml_config(Path(__file__).parents[1] / "configs" / "merge" / "obim_forgetting_aware.yaml")
+    needs = build_method(data["method"], data["params"], num_models=3).statistics()
+    assert needs.fishers and needs.per_language and not needs.activations

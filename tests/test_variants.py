@@ -63,3 +63,59 @@ def test_a_smaller_total_share_keeps_the_rest_of_the_base(llama_family, calibrat
     assert float(kept.float().mean()) == pytest.approx(0.7, abs=0.01)
     full = load_file(folders["obim"] / "model.safetensors")[weight]
     assert not torch.equal(full, load_file(folders["obim@0.3"] / "model.safetensors")[weight])
+
+
+def test_a_swept_parameter_makes_one_merge_per_value_for_the_methods_that_have_it():
+    variants = plan_variants(["regmean", "ties"], {}, None, num_models=3, sweeps={"base_weight": [0.3, 1.0, 3]})
+    assert [v.name for v in variants] == [
+        "regmean@base_weight=0.3",
+        "regmean@base_weight=1",
+        "regmean@base_weight=3",
+        "ties",
+    ]
+    assert [v.params for v in variants[:3]] == [{"base_weight": 0.3}, {"base_weight": 1.0}, {"base_weight": 3}]
+    assert variants[1].swept == {"base_weight": 1.0} and variants[3].swept is None
+
+
+def test_several_swept_parameters_give_their_product_and_combine_with_total_shares():
+    variants = plan_variants(["regmean"], {}, None, 2, sweeps={"base_weight": [1, 3], "alpha": [0.9, 1.0]})
+    assert [v.name for v in variants] == [
+        "regmean@base_weight=1,alpha=0.9",
+        "regmean@base_weight=1,alpha=1",
+        "regmean@base_weight=3,alpha=0.9",
+        "regmean@base_weight=3,alpha=1",
+    ]
+    obim = plan_variants(["obim"], {"saliency": "forgetting_aware"}, [1.0, 0.4], 2, sweeps={"gamma": [0.5, 2]})
+    assert [v.name for v in obim] == ["obim@gamma=0.5", "obim@gamma=2", "obim@0.4@gamma=0.5", "obim@0.4@gamma=2"]
+    assert obim[3].params == {"saliency": "forgetting_aware", "ratios": pytest.approx([0.2, 0.2]), "gamma": 2}
+    assert obim[3].total_share == 0.4
+
+
+def test_an_aliased_parameter_is_swept_under_the_name_users_give():
+    variants = plan_variants(["magmax", "task_arithmetic"], {}, None, 2, sweeps={"lambda": [0.5, 1]})
+    assert [v.name for v in variants] == [
+        "magmax@lambda=0.5",
+        "magmax@lambda=1",
+        "task_arithmetic@lambda=0.5",
+        "task_arithmetic@lambda=1",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("sweeps", "match"),
+    [
+        ({"bogus": [1, 2]}, "swept parameter 'bogus' belongs to none"),
+        ({"base_weight": []}, "needs a list of values"),
+        ({"base_weight": 1.0}, "needs a list of values"),
+        ({"ratios": [0.5, 0.5]}, "sweep their total with --total-share"),
+        ({"base_weight": [1, 1.0]}, "share a folder name"),
+    ],
+)
+def test_bad_sweeps_are_refused_before_merging(sweeps, match):
+    with pytest.raises(ConfigError, match=match):
+        plan_variants(["regmean", "obim"], {}, None, num_models=2, sweeps=sweeps)
+
+
+def test_a_bad_swept_value_is_refused_before_the_first_merge():
+    with pytest.raises(ConfigError, match="'regmean': base_weight: Input should be greater than 0"):
+        plan_variants(["regmean"], {}, None, 2, sweeps={"base_weight": [1, 0]})

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from obim_trainer.merging.task import TensorTask
+
 
 def regularize_gram(gram: Tensor, alpha: float) -> Tensor:
     """α·G + (1−α)·diag(G): RegMean's shrinkage of the off-diagonal terms (α = 1 keeps G as it is)."""
@@ -46,3 +48,11 @@ def shrink_toward_base(base: Tensor, mean_delta: Tensor, base_weight: float) -> 
     checkpoints (weight 1 together) gives when all their statistics are equal. Used for every parameter
     that is not a linear map's weight (embeddings, norms, biases, tied heads)."""
     return base + mean_delta / (1.0 + base_weight)
+
+
+def mean_delta(task: TensorTask) -> Tensor:
+    """mean_k δ_k in float32, loading one checkpoint at a time (the argument of :func:`shrink_toward_base`)."""
+    total = task.delta(0)
+    for k in range(1, task.num_models):
+        total.add_(task.delta(k))
+    return total.div_(task.num_models)

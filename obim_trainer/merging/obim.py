@@ -12,15 +12,20 @@ holds the parameters and their validation; the math lives in :mod:`~obim_trainer
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from obim_trainer.errors import ConfigError
 from obim_trainer.merging.iterative import iterative_merge
 from obim_trainer.merging.order import OrderMode, merge_order
-from obim_trainer.merging.registry import MergeMethod, MethodParams, register_method
-from obim_trainer.merging.saliency import SaliencyFn, obm_saliency, token_frequency_saliency
+from obim_trainer.merging.registry import MergeMethod, MethodParams, StatisticsNeeds, register_method
+from obim_trainer.merging.saliency import (
+    SaliencyFn,
+    forgetting_aware_saliency,
+    obm_saliency,
+    token_frequency_saliency,
+)
 from obim_trainer.merging.selection import RATIO_TOLERANCE
 from obim_trainer.merging.task import MergeOutput, TensorTask
 
@@ -33,6 +38,14 @@ class OBIMParams(MethodParams):
     priority: list[float] | None = Field(default=None, description="with order=priority: higher goes first")
     embedding_saliency: Literal["random", "token_frequency"] = Field(
         default="random", description="saliency of embedding rows: random (the paper) or token frequency"
+    )
+    saliency: Literal["obm", "forgetting_aware"] = Field(
+        default="obm",
+        description="obm (the paper, eq. 5, activation statistics) or forgetting_aware: δ²·F_new/(F_old+ε)^γ "
+        "(Fisher diagonals, base on old-language text, checkpoints on new-language text)",
+    )
+    gamma: float = Field(
+        default=1.0, ge=0.0, description="forgetting_aware: exponent γ >= 0 of the old-language Fisher in the score"
     )
 
 
@@ -50,7 +63,22 @@ class OBIM(MergeMethod):
     def _params(self) -> OBIMParams:
         return self.params  # type: ignore[return-value]
 
+    @property
+    def forgetting_aware(self) -> bool:
+        """Whether positions are scored by the forgetting-aware saliency (Fisher statistics) instead of OBM."""
+        return getattr(self.params, "saliency", "obm") == "forgetting_aware"
+
+    def statistics(self) -> StatisticsNeeds:
+        if self.forgetting_aware:
+            return StatisticsNeeds(fishers=True, per_language=True)
+        return super().statistics()
+
     def validate_for(self, num_models: int) -> None:
+        if self.forgetting_aware and self._params.embedding_saliency != "random":
+            raise ConfigError(
+                f"{self.name}: embedding_saliency={self._params.embedding_saliency} applies to the OBM saliency; "
+                "saliency=forgetting_aware scores embedding rows by their Fishers already; drop one of them"
+            )
         ratios = self._params.ratios
         if ratios is not None:
             if len(ratios) != num_models:
@@ -78,11 +106,19 @@ class OBIM(MergeMethod):
     def order_for(self, block_index: int | None) -> list[int]:
         return merge_order(self.num_models, block_index, self._params.order, self._params.priority)
 
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        if not self.forgetting_aware:
+            described.pop("gamma", None)  # only the forgetting-aware score reads it
+        return described
+
     def describe_tensor(self, block_index: int | None) -> str:
         return f"order {self.order_for(block_index)}"
 
     def saliency(self) -> SaliencyFn:
-        """How positions are scored: OBM (eq. 5), with token frequency for embeddings on request."""
+        """How positions are scored: OBM (eq. 5; token frequency for embeddings on request) or forgetting-aware."""
+        if self.forgetting_aware:
+            return forgetting_aware_saliency(self._params.gamma)
         return token_frequency_saliency if self._params.embedding_saliency == "token_frequency" else obm_saliency
 
     def merge(self, task: TensorTask) -> MergeOutput:

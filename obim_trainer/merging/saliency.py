@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from obim_trainer.merging.random_scores import RandomScores
@@ -144,3 +145,51 @@ def token_frequency_saliency(task: TensorTask, k: int, delta: Callable[[], Tenso
 def magnitude_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Tensor:
     """|δ|: TIES' trimming criterion, used by the ``ties_im`` ablation (the paper's Table 3)."""
     return delta().abs_()
+
+
+FORGETTING_EPS_SHARE = 1e-3
+"""ε = this × mean(F_old) over the tensor in the forgetting-aware score."""
+
+
+def forgetting_aware_saliency(gamma: float) -> SaliencyFn:
+    """Scores δ_k²·F_new(θ_k)/(F_old(θ_B) + ε)^γ for every parameter, ε = 1e-3·mean(F_old) over the tensor.
+
+    Under a diagonal quadratic model of each language's loss around its own model, keeping δ_i in the
+    merge costs ½·F_old,i·δ_i² of old-language loss (the base's curvature on old-language text) and
+    resetting it to θ_B costs ½·F_new,i·δ_i² of new-language loss (checkpoint k's curvature on new-language
+    text). OBM's eq. 5 weighs only the second; dividing by (F_old + ε)^γ ranks first the changes that help
+    the new language most per unit of old-language damage. γ = 0 is OBM's rule with the Fisher as the
+    Hessian diagonal; ε keeps parameters the old language never uses from dividing by zero. Every kind of
+    parameter has Fishers, so nothing falls back to random scores. The scores are a float32 tensor, read
+    by the same exact selection as OBM's.
+
+    Raises:
+        ValueError: the task lacks the Fisher diagonals or they have another shape.
+    """
+
+    def score(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Tensor:
+        f_old, f_new = _fisher_pair(task, k)
+        eps = max(FORGETTING_EPS_SHARE * float(f_old.mean()), torch.finfo(torch.float32).tiny)
+        scores = delta().square_().mul_(f_new)
+        if gamma != 0.0:
+            scores.div_(f_old.add(eps).pow_(gamma))
+        return scores.clamp_(max=torch.finfo(torch.float32).max)  # finite: a huge score still ranks first
+
+    return score
+
+
+def _fisher_pair(task: TensorTask, k: int) -> tuple[Tensor, Tensor]:
+    """(F_old, F_new,k) of the task as float32 on its device, or a clear error."""
+    fishers = task.checkpoint_fishers
+    if task.base_fisher is None or fishers is None or len(fishers) != task.num_models:
+        raise ValueError(
+            f"forgetting-aware saliency of {task.name} needs the base's Fisher and checkpoint {k}'s; run the merge "
+            "with per-language calibration data (--calibration-data en=... zh=... --new-language zh)"
+        )
+    pair = task.base_fisher.to(task.device, torch.float32), fishers[k].to(task.device, torch.float32)
+    if any(f.shape != task.shape for f in pair):
+        raise ValueError(
+            f"Fisher diagonals for {task.name} have shapes {[tuple(f.shape) for f in pair]}, not the tensor's "
+            f"{tuple(task.shape)}: the statistics belong to another model; recompute them"
+        )
+    return pair

@@ -209,7 +209,10 @@ class MergeOutput:
             values (iterative merging); the engine casts it to the output dtype.
         owned: Optional number of positions taken from each checkpoint (for OBIM, |mask_k|);
             used for ownership statistics in logs and tests.
+        notes: Optional counts the engine sums over all tensors into ``obim_merge.json`` under the same keys
+            (e.g. ``{"regmean_ridged_tensors": 1}`` for a linear map whose solve needed a ridge).
     """
 
     tensor: Tensor
     owned: list[int] | None = None
+    notes: dict[str, int] | None = None

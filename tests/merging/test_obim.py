@@ -242,3 +242,110 @@ def test_parameter_errors(params, fragment):
     with pytest.raises(ConfigError) as info:
         build_method("obim", params, num_models=K)
     assert fragment in str(info.value)
+
+
+def fisher_case(kind="linear", block=None, shape=(12, 10), seed=3):
+    """make_case plus Fisher diagonals: the base's (old language) and each checkpoint's (new language)."""
+    case = make_case(kind=kind, block=block, seed=seed, shape=shape)
+    gen = torch.Generator().manual_seed(seed + 7)
+    base_shape = case["base"].shape
+    case["f_old"] = torch.rand(base_shape, generator=gen) ** 2
+    case["f_old"].view(-1)[:5] = 0.0  # parameters the old language never uses
+    case["f_new"] = [torch.rand(base_shape, generator=gen) for _ in range(K)]
+    case["task"].base_fisher, case["task"].checkpoint_fishers = case["f_old"], case["f_new"]
+    return case
+
+
+def plain_forgetting_scores(case, k, gamma):
+    """δ²·F_new/(F_old + 1e-3·mean F_old)^γ, float32 as the method computes it."""
+    delta = case["ckpts"][k] - case["base"]
+    eps = 1e-3 * float(case["f_old"].mean())
+    return (delta * delta * case["f_new"][k] / (case["f_old"] + eps) ** gamma).flatten().tolist()
+
+
+def test_forgetting_aware_score_on_hand_made_tensors():
+    from obim_trainer.merging.saliency import forgetting_aware_saliency
+
+    base = torch.zeros(2, 2)
+    theta = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
+    f_old = torch.tensor([[1.0, 0.0], [3.0, 4.0]])  # mean 2, ε = 0.002
+    f_new = torch.tensor([[2.0, 1.0], [4.0, 0.0]])
+    task = TensorTask.from_tensors("w", base, [theta], base_fisher=f_old, checkpoint_fishers=[f_new])
+    scores = forgetting_aware_saliency(1.0)(task, 0, lambda: theta - base)
+    expected = torch.tensor([[1 * 2 / 1.002, 4 * 1 / 0.002], [0.25 * 4 / 3.002, 0.0]])
+    torch.testing.assert_close(scores, expected, rtol=1e-6, atol=0)
+    squared = forgetting_aware_saliency(2.0)(task, 0, lambda: theta - base)
+    torch.testing.assert_close(squared[0, 0], torch.tensor(2 / 1.002**2), rtol=1e-6, atol=0)
+    plain = forgetting_aware_saliency(0.0)(task, 0, lambda: theta - base)  # γ = 0: OBM with the Fisher as Hessian
+    torch.testing.assert_close(plain, (theta - base) ** 2 * f_new, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding", "other"])
+@pytest.mark.parametrize(("gamma", "ratios"), [(1.0, None), (0.5, [0.3, 0.2, 0.1]), (2.0, [0.2, 0.2, 0.2])])
+def test_forgetting_aware_selection_is_obims_on_its_scores(kind, gamma, ratios):
+    """Iterative, disjoint, rotating, exact counts: Algorithm 1 run on the forgetting-aware scores."""
+    block = 1
+    case = fisher_case(kind=kind, block=block)
+    params = {"saliency": "forgetting_aware", "gamma": gamma, **({"ratios": ratios} if ratios else {})}
+    out = build_method("obim", params, num_models=K).merge(case["task"])
+    ratios = ratios or [1 / K] * K
+    base = case["base"].flatten().tolist()
+    result, owner = list(base), [-1] * len(base)
+    for k, count in zip([1, 2, 0], plain_counts(len(base), [ratios[k] for k in [1, 2, 0]]), strict=True):
+        s = plain_forgetting_scores(case, k, gamma)
+        for i in sorted((i for i in range(len(base)) if owner[i] < 0), key=lambda i: (-s[i], i))[:count]:
+            owner[i], result[i] = k, case["ckpts"][k].flatten()[i].item()
+    assert torch.equal(out.tensor, torch.tensor(result).view(case["base"].shape))
+    assert out.owned == [owner.count(k) for k in range(K)]
+    obm = build_method("obim", {k: v for k, v in params.items() if k == "ratios"}, num_models=K)
+    if kind == "linear":
+        assert not torch.equal(obm.merge(case["task"]).tensor, out.tensor), "the Fishers change the selection"
+
+
+def test_forgetting_aware_prefers_changes_the_old_language_does_not_feel():
+    """Same δ and F_new everywhere: the positions with the smallest old-language Fisher are kept."""
+    base = torch.zeros(10)
+    ckpt = torch.ones(10)
+    f_old = torch.arange(10, dtype=torch.float32).flip(0)  # position 9 is free for the old language
+    task = TensorTask.from_tensors(
+        "model.norm.weight", base, [ckpt], base_fisher=f_old, checkpoint_fishers=[torch.ones(10)]
+    )
+    out = build_method("obim", {"saliency": "forgetting_aware", "ratios": [0.3]}, num_models=1).merge(task)
+    assert out.tensor.tolist() == [0.0] * 7 + [1.0] * 3
+
+
+def test_obm_default_is_unchanged_by_the_new_parameters_and_statistics():
+    case = fisher_case()
+    default = build_method("obim", {}, num_models=K).merge(case["task"]).tensor
+    explicit = build_method("obim", {"saliency": "obm", "gamma": 3.0}, num_models=K).merge(case["task"]).tensor
+    expected, _ = plain_obim(case, [1 / K] * K, None)  # the brute force that ignores Fishers
+    assert torch.equal(default, expected) and torch.equal(explicit, expected)
+
+
+def test_statistics_needed_by_each_saliency():
+    from obim_trainer.merging.registry import StatisticsNeeds
+
+    assert build_method("obim", {}, num_models=K).statistics() == StatisticsNeeds(activations=True)
+    fisher = build_method("obim", {"saliency": "forgetting_aware"}, num_models=K).statistics()
+    assert fisher == StatisticsNeeds(fishers=True, per_language=True)
+    assert build_method("ties_im", {}, num_models=K).statistics() == StatisticsNeeds()
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"saliency": "forgetting_aware", "gamma": -1.0}, "gamma: Input should be greater than or equal to 0"),
+        ({"saliency": "fisher"}, "saliency: Input should be 'obm' or 'forgetting_aware'"),
+        ({"saliency": "forgetting_aware", "embedding_saliency": "token_frequency"}, "drop one of them"),
+    ],
+)
+def test_forgetting_aware_parameter_errors(params, fragment):
+    with pytest.raises(ConfigError) as info:
+        build_method("obim", params, num_models=K)
+    assert fragment in str(info.value)
+
+
+def test_forgetting_aware_without_fishers_is_a_clear_error():
+    case = make_case()
+    with pytest.raises(ValueError, match=r"up_proj\.weight needs the base's Fisher"):
+        build_method("obim", {"saliency": "forgetting_aware"}, num_models=K).merge(case["task"])

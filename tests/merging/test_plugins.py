@@ -36,6 +36,7 @@ def test_the_registry_knows_every_method_of_the_issue():
     expected = {
         "obim", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "breadcrumbs",
         "breadcrumbs_ties", "consensus", "pcb", "widen", "model_stock", "slerp", "ties_obm", "ties_im",
+        "regmean", "fisher_merging", "lines", "magmax",
     }  # fmt: skip
     assert expected <= BUILT_IN
     assert set(registry.BUILT_IN_MODULES) >= {
@@ -77,6 +78,22 @@ def llama_tensors():
     return {name: [sd[name].float() for sd in sds] for name in KINDS}
 
 
+def statistics_for(method, kind: ParamKind, base: torch.Tensor, num_models: int) -> dict:
+    """The TensorTask statistics fields the engine fills for ``method`` (what ``method.statistics()`` asks)."""
+    needs, gen = method.statistics(), torch.Generator().manual_seed(1)
+    fields: dict = {"num_blocks": 4}
+    if kind is ParamKind.LINEAR and (needs.activations or method.needs_activation_stats):
+        fields["input_sq_mean"] = [torch.rand(1, base.shape[1], generator=gen) for _ in range(num_models)]
+    if kind is ParamKind.LINEAR and needs.grams:
+        xs = [torch.randn(3 * base.shape[1], base.shape[1], generator=gen, dtype=torch.float64) for _ in range(4)]
+        grams = [x.T @ x / x.shape[0] for x in xs]
+        fields["base_gram"], fields["checkpoint_grams"] = grams[0], grams[1 : 1 + num_models]
+    if needs.fishers:
+        fields["base_fisher"] = torch.rand(base.shape, generator=gen)
+        fields["checkpoint_fishers"] = [torch.rand(base.shape, generator=gen) for _ in range(num_models)]
+    return fields
+
+
 @pytest.mark.parametrize("name", sorted(BUILT_IN))
 def test_every_kind_of_tensor_merges_finite_reading_each_checkpoint_once(name, llama_tensors):
     num_models = models_for(name)
@@ -84,9 +101,6 @@ def test_every_kind_of_tensor_merges_finite_reading_each_checkpoint_once(name, l
     for tensor_name, kind in KINDS.items():
         base, *ckpts = llama_tensors[tensor_name]
         ckpts = ckpts[:num_models]
-        stats = None
-        if kind is ParamKind.LINEAR and method.needs_activation_stats:
-            stats = [torch.rand(1, base.shape[1]) for _ in ckpts]
         loads: list[int] = []
 
         def load(k: int, ckpts=ckpts, loads=loads) -> torch.Tensor:
@@ -100,7 +114,7 @@ def test_every_kind_of_tensor_merges_finite_reading_each_checkpoint_once(name, l
             num_models=num_models,
             kind=kind,
             block_index=1,
-            input_sq_mean=stats,
+            **statistics_for(method, kind, base, num_models),
         )
         merged = method.merge(task).tensor
         assert merged.shape == base.shape and merged.dtype == torch.float32
@@ -112,5 +126,7 @@ def test_every_kind_of_tensor_merges_finite_reading_each_checkpoint_once(name, l
 def test_checkpoints_equal_to_the_base_give_the_base(name):
     base = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
     num_models = models_for(name)
-    task = TensorTask.from_tensors("model.norm.weight", base, [base.clone() for _ in range(num_models)])
-    torch.testing.assert_close(build_method(name, {}, num_models=num_models).merge(task).tensor, base)
+    method = build_method(name, {}, num_models=num_models)
+    stats = statistics_for(method, ParamKind.OTHER, base, num_models)
+    task = TensorTask.from_tensors("model.norm.weight", base, [base.clone() for _ in range(num_models)], **stats)
+    torch.testing.assert_close(method.merge(task).tensor, base)
