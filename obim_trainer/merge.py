@@ -33,6 +33,7 @@ from obim_trainer.calibration.languages import (
     check_languages,
     is_per_language,
     load_language_texts,
+    missing_calibration,
 )
 from obim_trainer.calibration.token_cache import cached_tokenization
 from obim_trainer.checkpoints import (
@@ -396,13 +397,15 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
     if not config.base.is_dir():
         raise CheckpointError(f"base folder {config.base} does not exist; pass the base model's folder to --base")
     texts = None
-    if needs.any:  # every calibration file is read (and an empty one refused) before any checkpoint
+    if needs.any and config.calibration_data is not None:  # every file read (an empty one refused) before any input
         texts = load_language_texts(config.calibration_data, config.calibration_samples, config.calibration_text_field)
     base, readers = _open_inputs(stack, config, checkpoints)
     layout = ModelLayout.from_pretrained_dir(config.base)
     plan = plan_merge(base, readers, layout, config.dtype)
     source = new_rows_source(config, checkpoints, plan)
     tokenizer_dir = resolve_tokenizer(config, checkpoints, plan, source)
+    if needs.any and texts is None:
+        raise missing_calibration(method.name, needs)
     calibration = prepare_language_calibration(config, tokenizer_dir, texts) if texts is not None else None
     if config.dry_run:
         text = format_plan(plan, method, checkpoints, config.new_rows, describe_statistics(needs, calibration))

@@ -104,6 +104,10 @@ def expected_statistics(base: Path, ckpts: list[Path], calibration, base_langs, 
     return expected
 
 
+def files_under(folders: list[Path]) -> set[Path]:
+    return {p for folder in folders for p in folder.rglob("*")}
+
+
 @contextmanager
 def pickling_pool(workers: int) -> Iterator[ThreadPoolExecutor | None]:
     """Workers as threads of this process (where the test-only method is registered), each receiving the job
@@ -185,6 +189,7 @@ def test_grams_are_cached_per_model_and_text_and_recomputed_when_either_changes(
 
 def test_dry_run_says_which_statistics_it_would_compute(probe, llama_family, languages, tmp_path):
     base, ckpts = llama_family
+    before = files_under([base, *ckpts])
     result = merge_checkpoints(
         base=base,
         checkpoints=ckpts,
@@ -196,7 +201,7 @@ def test_dry_run_says_which_statistics_it_would_compute(probe, llama_family, lan
     lines = result.plan_text.splitlines()
     assert "statistics: input Grams of the base on en, zh and of each checkpoint on ru" in lines
     assert "statistics: Fisher diagonals of the base on en, zh and of each checkpoint on ru" in lines
-    assert not (base / STATS_DIRNAME).exists()
+    assert files_under([base, *ckpts]) == before
 
 
 def test_obim_reads_every_language_together_like_one_file_of_all_texts(llama_family, languages, tmp_path):
@@ -214,14 +219,11 @@ def test_obim_reads_every_language_together_like_one_file_of_all_texts(llama_fam
     assert per_language.manifest["calibration"]["measured_on"] == {"checkpoints": ["en", "zh", "ru"]}
 
 
-def untouched(base: Path, ckpts: list[Path], output: Path) -> bool:
-    return not output.exists() and not any((f / STATS_DIRNAME).exists() for f in (base, *ckpts))
-
-
 @pytest.mark.parametrize(
     ("data", "new", "error", "match"),
     [
-        ("one", ["ru"], ConfigError, r"--new-language \(new_languages\) names ru, but --calibration-data"),
+        ("none", [], ConfigError, "needs calibration text: pass --calibration-data en=en.jsonl ru=ru.jsonl --new"),
+        ("one", ["ru"], ConfigError, r"is one file; give one file per language and name the new one\(s\)"),
         ("one", [], ConfigError, "is one file; give one file per language"),
         ("all", [], ConfigError, r"no language is named new; add --new-language LANG \(new_languages\)"),
         ("all", ["xx"], ConfigError, r"names 'xx', which --calibration-data \(calibration_data\) does not give"),
@@ -237,12 +239,14 @@ def test_bad_per_language_input_is_one_clear_error_and_nothing_is_written(
     empty = tmp_path / "ru_empty.jsonl"
     empty.write_text("")
     choices = {
+        "none": None,
         "one": languages["en"],
         "all": languages,
         "empty": {**languages, "ru": empty},
         "missing": {**languages, "ru": tmp_path / "nowhere.jsonl"},
     }
     calibration = choices.get(data) if isinstance(data, str) else {k: languages[v] for k, v in data.items()}
+    before = files_under([base, *ckpts])
     with pytest.raises(error, match=match):
         merge_checkpoints(
             base=base,
@@ -253,7 +257,7 @@ def test_bad_per_language_input_is_one_clear_error_and_nothing_is_written(
             output=tmp_path / "out",
             progress=False,
         )
-    assert untouched(base, ckpts, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and files_under([base, *ckpts]) == before
 
 
 def test_a_single_file_still_serves_methods_without_a_language_split(probe, llama_family, languages, tmp_path):

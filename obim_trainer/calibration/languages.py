@@ -35,8 +35,10 @@ def is_per_language(data: Any) -> bool:
 def check_languages(data: Any, new_languages: Sequence[str], needs: StatisticsNeeds, method: str) -> None:
     """Raise one :class:`ConfigError` naming the setting and the fix when the calibration cannot serve ``method``.
 
-    Checks only the configuration: per-language methods need old and new text, every name in
-    ``new_languages`` must be a language of ``data``, and ``new_languages`` needs per-language data.
+    Checks only the configuration: per-language methods need old and new text, and with per-language
+    data every name in ``new_languages`` must be one of its languages. With one file, ``new_languages``
+    only names the comparison objective's new language (``--new-language`` serves both).
+    No calibration at all is left to :func:`missing_calibration`, once the inputs are checked.
     """
     per_language = is_per_language(data)
     if per_language:
@@ -54,21 +56,8 @@ def check_languages(data: Any, new_languages: Sequence[str], needs: StatisticsNe
                 f"--new-language (new_languages) names {', '.join(map(repr, unknown))}, which --calibration-data "
                 f"(calibration_data) does not give; its languages are {', '.join(data)}: name one of them"
             )
-    elif new_languages:
-        raise ConfigError(
-            f"--new-language (new_languages) names {', '.join(new_languages)}, but --calibration-data "
-            f"(calibration_data) is not given per language; give one file per language, e.g. {EXAMPLE}"
-        )
-    if not needs.any:
-        return
-    if data is None:
-        wanted = EXAMPLE if needs.per_language else "--calibration-data FILE"
-        raise ConfigError(
-            f"method '{method}' needs calibration text: pass {wanted} (JSONL with a 'text' field, .txt or .parquet; "
-            "~100 samples each)"
-        )
-    if not needs.per_language:
-        return
+    if data is None or not needs.per_language:
+        return  # no calibration at all is refused once the inputs are known good (missing_calibration)
     if not per_language:
         raise ConfigError(
             f"method '{method}' measures the base on old-language text and each checkpoint on new-language text, "
@@ -86,6 +75,15 @@ def check_languages(data: Any, new_languages: Sequence[str], needs: StatisticsNe
             f"(calibration_data) is named by --new-language (new_languages); add the base's languages, e.g. "
             f"--calibration-data en=en.jsonl {' '.join(f'{lang}=...' for lang in new_languages)}"
         )
+
+
+def missing_calibration(method: str, needs: StatisticsNeeds) -> ConfigError:
+    """The error for a method that reads statistics but was given no calibration text."""
+    wanted = EXAMPLE if needs.per_language else "--calibration-data FILE"
+    return ConfigError(
+        f"method '{method}' needs calibration text: pass {wanted} (JSONL with a 'text' field, .txt or .parquet; "
+        "~100 samples of each language)"
+    )
 
 
 def load_language_texts(data: Any, num_samples: int, text_field: str) -> dict[str, list[str]]:
