@@ -4,6 +4,7 @@ stored and read back one Gram at a time."""
 from __future__ import annotations
 
 import pickle
+import textwrap
 
 import pytest
 import torch
@@ -12,9 +13,11 @@ from transformers import AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 from obim_trainer.calibration import CalibrationSet, tokenize_calibration
+from obim_trainer.calibration.fisher_stats import FisherStats
 from obim_trainer.calibration.gram_stats import GramRecorder, GramStats
 from obim_trainer.errors import CalibrationError
 from tests.conftest import make_texts, make_tiny_gpt2, make_tiny_llama
+from tests.launch import run_env, run_isolated, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +119,45 @@ def test_activation_statistics_files_are_not_grams(calibration, tmp_path):
     ActivationStats.collect(make_tiny_llama(), calibration, progress=False).save(tmp_path / "a.safetensors", key="k")
     with pytest.raises(CalibrationError, match="holds activations, not grams"):
         GramStats.load(tmp_path / "a.safetensors", expected_key="k")
+
+
+def test_grams_and_fishers_reduced_over_two_processes_equal_the_sum_of_their_shares(calibration, tmp_path):
+    """Each rank measures its half of the texts; after all_reduce every rank holds the statistics of both halves."""
+    torch.save({"ids": calibration.input_ids, "pad": calibration.pad_token_id}, tmp_path / "calib.pt")
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        from pathlib import Path
+        import torch, torch.distributed as dist
+        from obim_trainer.calibration import CalibrationSet
+        from obim_trainer.calibration.fisher_stats import FisherStats
+        from obim_trainer.calibration.gram_stats import GramStats
+        from tests.conftest import make_tiny_llama
+        out = Path({str(tmp_path)!r})
+        data = torch.load(out / "calib.pt")
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        share = CalibrationSet(data["ids"], data["pad"]).shard(rank, world)
+        for kind in (GramStats, FisherStats):
+            stats = kind.collect(make_tiny_llama(seed=2), share, progress=False)
+            stats.all_reduce()
+            stats.save(out / f"{{kind.__name__}}{{rank}}.safetensors", key="k")
+        dist.destroy_process_group()
+        """)
+    )
+    status, log = run_isolated([*torchrun(2), str(script)], run_env(), 300)
+    assert status == 0, log
+    model = make_tiny_llama(seed=2)
+    single = GramStats.collect(model, calibration, progress=False)
+    halves = [FisherStats.collect(model, calibration.shard(r, 2), progress=False) for r in (0, 1)]
+    batches = halves[0].batches + halves[1].batches
+    for rank in (0, 1):
+        grams = GramStats.load(tmp_path / f"GramStats{rank}.safetensors")
+        assert grams.count == single.count and grams.maps == single.maps
+        for name in single.maps:
+            torch.testing.assert_close(grams.gram(name), single.gram(name), rtol=1e-5, atol=1e-7)
+        fishers = FisherStats.load(tmp_path / f"FisherStats{rank}.safetensors")
+        assert fishers.batches == batches
+        for name in fishers.names:
+            expected = (halves[0].sums[name] + halves[1].sums[name]) / batches
+            torch.testing.assert_close(fishers.fisher(name), expected, rtol=1e-5, atol=1e-12)
