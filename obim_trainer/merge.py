@@ -422,7 +422,10 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
             pairs = [checkpoint_stats(r, everything, config, device) for r in readers]
             stats = [s for s, _ in pairs]
             stats_sources = [{**src, "model": "checkpoint", "languages": list(calibration.sets)} for _, src in pairs]
-        statistics, records = model_statistics(base, readers, needs, calibration, config, device)
+        base_calibration = None
+        if (needs.grams or needs.fishers) and Path(tokenizer_dir) != Path(config.base) and plan.vocab_size is not None:
+            base_calibration = prepare_language_calibration(config, config.base, texts)  # ids the base knows
+        statistics, records = model_statistics(base, readers, needs, calibration, config, device, base_calibration)
         stats_sources += records
         timings["statistics_s"] = time.perf_counter() - t0
     job = MergeJob(

@@ -137,15 +137,21 @@ def model_statistics(
     calibration: LanguageCalibration,
     config: MergeConfig,
     device: torch.device,
+    base_calibration: LanguageCalibration | None = None,
 ) -> tuple[ModelStatistics, list[dict[str, Any]]]:
-    """The Grams and Fisher diagonals ``needs`` asks for, of the base and of every checkpoint, and their record."""
+    """The Grams and Fisher diagonals ``needs`` asks for, of the base and of every checkpoint, and their record.
+
+    ``base_calibration``: the same texts tokenized for the base, when the checkpoints extend the vocabulary
+    (the base cannot read the new tokens' ids); ``calibration`` by default.
+    """
     found: dict[str, tuple[Stats, list[Stats]]] = {}
     records: list[dict[str, Any]] = []
     for kind in requested_kinds(needs):
         measured = []
         for side, models in (("base", [base]), ("checkpoints", readers)):
             languages = calibration.languages_of(side, needs.per_language)
-            texts = calibration.joined(languages)
+            tokenized = base_calibration if side == "base" and base_calibration is not None else calibration
+            texts = tokenized.joined(languages)
             for reader in models:
                 stats, record = stored_statistics(reader, kind, texts, config, device)
                 measured.append(stats)

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from obim_trainer import merge as merge_module
-from obim_trainer.calibration.stats_cache import STATS_DIRNAME
+from obim_trainer.calibration.fisher_stats import FisherStats
+from obim_trainer.calibration.stats_cache import STATS_DIRNAME, stats_path
 from obim_trainer.config import MergeConfig
 from obim_trainer.errors import CalibrationError, ConfigError
 from obim_trainer.merge import merge_checkpoints, prepare_language_calibration
@@ -27,8 +28,8 @@ from obim_trainer.merging.registry import _REGISTRY, MethodParams, StatisticsNee
 from obim_trainer.model_layout import ModelLayout
 from tests.calibration.test_fisher_stats import brute_force_fisher
 from tests.calibration.test_gram_stats import reference_grams
-from tests.conftest import make_texts, write_jsonl
-from tests.test_merge import copied_family, load_output
+from tests.conftest import VOCAB_SIZE, copy_tree, make_texts, write_jsonl
+from tests.test_merge import NEW_TOKENS, VOCAB_NAMES, copied_family, load_output, train_extended_vocabulary
 
 LANGUAGES = {"en": 1, "zh": 2, "ru": 3}
 
@@ -275,3 +276,45 @@ def test_a_single_file_still_serves_methods_without_a_language_split(probe, llam
     assert result.manifest["calibration"]["measured_on"] == {"base": ["all"], "checkpoints": ["all"]}
     assert ModelLayout.from_pretrained_dir(base).num_blocks == 2
     assert json.loads((result.output / "obim_merge.json").read_text())["calibration"]["source"] == str(languages["en"])
+
+
+class FisherRowsProbe(MergeMethod):
+    """A test-only method that records the Fisher diagonals it is given and returns θ_B."""
+
+    name = "test_fisher_rows_probe"
+    seen: ClassVar[list[tuple[str, torch.Tensor, list[torch.Tensor]]]] = []
+
+    def statistics(self) -> StatisticsNeeds:
+        return StatisticsNeeds(fishers=True)
+
+    def merge(self, task: TensorTask) -> MergeOutput:
+        assert task.base_fisher is not None and task.checkpoint_fishers is not None
+        self.seen.append((task.name, task.base_fisher.cpu(), [f.cpu() for f in task.checkpoint_fishers]))
+        return MergeOutput(task.base.clone())
+
+
+def test_extended_vocabulary_fishers_follow_the_rows_of_the_task(llama_family, tmp_path):
+    base = copy_tree(llama_family[0], tmp_path / "base")
+    ckpts = train_extended_vocabulary(base, tmp_path / "run")[:2]
+    calib = write_jsonl(tmp_path / "calib.jsonl", [f"<ja{i % NEW_TOKENS}> {t}" for i, t in enumerate(make_texts(8))])
+    register_method(FisherRowsProbe)
+    FisherRowsProbe.seen = []
+    try:
+        result = merge_checkpoints(
+            base=base, checkpoints=ckpts, method=FisherRowsProbe.name, calibration_data=calib, output=tmp_path / "m"
+        )
+    finally:
+        _REGISTRY.pop(FisherRowsProbe.name)
+    stored = {
+        Path(r["checkpoint"]).name: FisherStats.load(stats_path(Path(r["checkpoint"]), r["key"]))
+        for r in result.manifest["statistics"]
+    }
+    assert list(stored) == ["base", *(c.name for c in ckpts)]
+    for name in VOCAB_NAMES:
+        kept, new = [(f_b, f_k) for n, f_b, f_k in FisherRowsProbe.seen if n == name]
+        assert torch.equal(kept[0], stored["base"].fisher(name)) and kept[0].shape[0] == VOCAB_SIZE
+        assert new[0].shape[0] == NEW_TOKENS and not bool(new[0].any()), "the base has no new rows"
+        for k, ckpt in enumerate(ckpts):
+            whole = stored[ckpt.name].fisher(name)
+            assert torch.equal(kept[1][k], whole[:VOCAB_SIZE]) and torch.equal(new[1][k], whole[VOCAB_SIZE:])
+        assert bool(new[1][0].any()), "the new rows' Fisher comes from the checkpoint"
