@@ -417,16 +417,7 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
     stats, statistics, stats_sources = None, ModelStatistics(), []
     if calibration is not None:
         t0 = time.perf_counter()
-        if needs.activations:
-            everything = calibration.all()
-            pairs = [checkpoint_stats(r, everything, config, device) for r in readers]
-            stats = [s for s, _ in pairs]
-            stats_sources = [{**src, "model": "checkpoint", "languages": list(calibration.sets)} for _, src in pairs]
-        base_calibration = None
-        if (needs.grams or needs.fishers) and Path(tokenizer_dir) != Path(config.base) and plan.vocab_size is not None:
-            base_calibration = prepare_language_calibration(config, config.base, texts)  # ids the base knows
-        statistics, records = model_statistics(base, readers, needs, calibration, config, device, base_calibration)
-        stats_sources += records
+        stats, statistics, stats_sources = _measure(config, needs, calibration, texts, base, readers, plan, device)
         timings["statistics_s"] = time.perf_counter() - t0
     job = MergeJob(
         config=config.model_copy(update={"calibration_data": None}),  # read already; may not pickle
@@ -440,6 +431,31 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
         statistics=statistics,
     )
     return _Prepared(config, job, base, readers, method, tokenizer_dir, calibration, stats_sources, timings, start)
+
+
+def _measure(
+    config: MergeConfig,
+    needs: StatisticsNeeds,
+    calibration: LanguageCalibration,
+    texts: dict[str, list[str]] | None,
+    base: CheckpointReader,
+    readers: list[CheckpointReader],
+    plan: MergePlan,
+    device: torch.device,
+) -> tuple[list[ActivationStats] | None, ModelStatistics, list[dict[str, Any]]]:
+    """The statistics ``needs`` asks for (cached or computed) and their records: activations of each checkpoint
+    on all the texts, Grams and Fisher diagonals of the base and of each checkpoint on their sides' texts."""
+    stats, records = None, []
+    if needs.activations:
+        everything = calibration.all()
+        pairs = [checkpoint_stats(r, everything, config, device) for r in readers]
+        stats = [s for s, _ in pairs]
+        records = [{**src, "model": "checkpoint", "languages": list(calibration.sets)} for _, src in pairs]
+    base_calibration = None
+    if (needs.grams or needs.fishers) and plan.vocab_size is not None:
+        base_calibration = prepare_language_calibration(config, config.base, texts)  # ids the base's vocabulary has
+    statistics, measured = model_statistics(base, readers, needs, calibration, config, device, base_calibration)
+    return stats, statistics, records + measured
 
 
 def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult:
