@@ -155,7 +155,10 @@ def model_statistics(
             for reader in models:
                 stats, record = stored_statistics(reader, kind, texts, config, device)
                 measured.append(stats)
-                records.append({**record, "model": side.removesuffix("s"), "languages": languages})
+                own_vocabulary = tokenized is base_calibration  # an extended vocabulary's base reads its own ids
+                records.append(
+                    {**record, "model": side.removesuffix("s"), "languages": languages, "own_tokenizer": own_vocabulary}
+                )
         found[kind.name] = (measured[0], measured[1:])
     grams, fishers = found.get(GRAMS.name), found.get(FISHERS.name)
     statistics = ModelStatistics(

@@ -310,6 +310,7 @@ def test_extended_vocabulary_fishers_follow_the_rows_of_the_task(llama_family, t
         for r in result.manifest["statistics"]
     }
     assert list(stored) == ["base", *(c.name for c in ckpts)]
+    assert [r["own_tokenizer"] for r in result.manifest["statistics"]] == [True, False, False]
     for name in VOCAB_NAMES:
         kept, new = [(f_b, f_k) for n, f_b, f_k in FisherRowsProbe.seen if n == name]
         assert torch.equal(kept[0], stored["base"].fisher(name)) and kept[0].shape[0] == VOCAB_SIZE
