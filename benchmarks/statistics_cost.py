@@ -1,11 +1,13 @@
-"""What do OBIM's activation statistics cost compared with a plain forward pass over the same samples?
+"""What do the calibration statistics cost compared with a plain forward pass over the same samples?
 
 Builds a Llama from a config (default ~110M parameters, float32, random weights: the cost of
 a forward pass does not depend on the values) and random calibration samples of varying length,
 then times, alternately and on the same batches, a plain ``model(input_ids, attention_mask)``
-loop under ``no_grad`` and :meth:`ActivationStats.collect` (the same loop with the recording
-hooks on every Linear). Prints both, the fastest of ``--repeats``, and their ratio (target ≤ 1.2).
-Run: ``python benchmarks/statistics_cost.py [--samples 100 --max-length 256 --layers 12]``.
+loop under ``no_grad`` and each kind of statistics in ``--kinds``: :meth:`ActivationStats.collect`
+(the same loop with Σx² hooks on every Linear; target ≤ 1.2), :meth:`GramStats.collect` (XᵀX in
+float64 per distinct input) and :meth:`FisherStats.collect` (a forward and a backward pass per batch
+of 4 texts). Prints each, the fastest of ``--repeats``, and its ratio to the plain forward passes.
+Run: ``python benchmarks/statistics_cost.py [--samples 100 --max-length 256 --layers 12 --kinds activations,grams]``.
 """
 
 from __future__ import annotations
@@ -52,11 +54,17 @@ def plain_forward(model: torch.nn.Module, samples, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
-def with_statistics(model: torch.nn.Module, samples, batch_size: int) -> float:
+def with_statistics(kind: str, model: torch.nn.Module, samples, batch_size: int) -> float:
     from obim_trainer.calibration import ActivationStats
+    from obim_trainer.calibration.fisher_stats import FisherStats
+    from obim_trainer.calibration.gram_stats import GramStats
 
     start = time.perf_counter()
-    ActivationStats.collect(model, samples, batch_size=batch_size, progress=False)
+    if kind == "fishers":
+        FisherStats.collect(model, samples, progress=False)  # its own batches of 4 texts, by definition
+    else:
+        collector = {"activations": ActivationStats, "grams": GramStats}[kind]
+        collector.collect(model, samples, batch_size=batch_size, progress=False)
     return time.perf_counter() - start
 
 
@@ -69,19 +77,26 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating; the fastest counts")
+    parser.add_argument(
+        "--kinds", default="activations", help="comma-separated: activations, grams, fishers (default activations)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     model, samples = build_model(args), calibration(args)
     params = sum(p.numel() for p in model.parameters())
     logger.info("model: %.0fM parameters; %d samples, %d tokens", params / 1e6, args.samples, samples.num_tokens)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     plain_forward(model, samples, args.batch_size)  # warm-up
-    plain, stats = [], []
+    plain: list[float] = []
+    stats: dict[str, list[float]] = {kind: [] for kind in kinds}
     for _ in range(args.repeats):
         plain.append(plain_forward(model, samples, args.batch_size))
-        stats.append(with_statistics(model, samples, args.batch_size))
-    logger.info("plain forward passes: %.2f s; with statistics: %.2f s", min(plain), min(stats))
-    logger.info("statistics / plain forward: %.3f (target <= 1.2)", min(stats) / min(plain))
+        for kind in kinds:
+            stats[kind].append(with_statistics(kind, model, samples, args.batch_size))
+    logger.info("plain forward passes: %.2f s", min(plain))
+    for kind, times in stats.items():
+        logger.info("%s: %.2f s, %.2f x the plain forward passes", kind, min(times), min(times) / min(plain))
 
 
 if __name__ == "__main__":

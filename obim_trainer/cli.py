@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from obim_trainer.config import MergeConfig, merge_overrides
-from obim_trainer.errors import OBIMError
+from obim_trainer.errors import ConfigError, OBIMError
 from obim_trainer.merge_comparison import COMPARISON_KEYS, ComparisonConfig, compare_merges, describe_variants
 from obim_trainer.merging import MergeMethod, available_methods
 from obim_trainer.merging.registry import StatisticsNeeds
@@ -173,8 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     method.add_argument("--seed", type=int, help="Seed for random saliency and random methods (default 0).")
 
-    calib = parser.add_argument_group("calibration (methods that score weights by activations)")
-    calib.add_argument("--calibration-data", help="JSONL (field 'text'), .txt (one sample per line) or .parquet.")
+    calib = parser.add_argument_group("calibration (methods that read activations, input Grams or Fisher diagonals)")
+    calib.add_argument(
+        "--calibration-data",
+        nargs="+",
+        metavar="FILE | LANG=FILE",
+        help="JSONL (field 'text'), .txt (one sample per line) or .parquet; or one file per language "
+        "(en=en.jsonl zh=zh.jsonl ru=ru.jsonl) with --new-language naming the new ones: methods with per-language "
+        "statistics measure the base on the old languages and each checkpoint on the new ones, others read all.",
+    )
     calib.add_argument("--calibration-samples", type=int, help="Samples to use (default 100, the paper's best).")
     calib.add_argument("--calibration-max-length", type=int, help="Tokens per sample (default 512).")
     calib.add_argument("--calibration-batch-size", type=int, help="Forward batch size (default 8).")
@@ -212,7 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="How to pick the best merge: avg (default) of all languages' losses; old_avg: best on the languages "
         "other than --new-language, among merges with its loss at most --new-limit.",
     )
-    compare.add_argument("--new-language", help="The language continued pre-training added (for old_avg).")
+    compare.add_argument(
+        "--new-language",
+        nargs="+",
+        metavar="LANG",
+        help="The language(s) continued pre-training added: the new side of --calibration-data LANG=FILE, and the "
+        "language the old_avg objective excludes (one).",
+    )
     compare.add_argument("--new-limit", type=float, help="old_avg: the largest acceptable new-language loss.")
 
     out = parser.add_argument_group("output")
@@ -267,6 +280,23 @@ def _parse_floats(text: str) -> list[float]:
         ) from None
 
 
+def _calibration_data(values: list[str]) -> str | dict[str, str]:
+    """One FILE as given, or LANG=FILE pairs as ``{language: file}`` (a lone existing file may contain '=')."""
+    if len(values) == 1 and ("=" not in values[0] or Path(values[0]).exists()):
+        return values[0]
+    pairs: dict[str, str] = {}
+    for text in values:
+        language, sep, path = text.partition("=")
+        if not sep or not language.strip() or not path:
+            raise ConfigError(
+                f"--calibration-data takes one FILE or LANG=FILE pairs (en=en.jsonl ru=ru.jsonl), got {text!r}"
+            )
+        if language.strip() in pairs:
+            raise ConfigError(f"--calibration-data names the language {language.strip()!r} twice; give each once")
+        pairs[language.strip()] = path
+    return pairs
+
+
 def _parse_eval_data(text: str) -> tuple[str, Path]:
     language, sep, path = text.partition("=")
     if not sep or not language or not path:
@@ -299,6 +329,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[MergeConfig, ComparisonC
         given["params"] = params
     if "eval_data" in given:
         given["eval_data"] = dict(given["eval_data"])
+    if "calibration_data" in given:
+        given["calibration_data"] = _calibration_data(given["calibration_data"])
+    if "new_language" in given:  # the calibration's new side, and the objective's language when there is one
+        given["new_languages"] = given.pop("new_language")
+        if len(given["new_languages"]) == 1:
+            given["new_language"] = given["new_languages"][0]
     objective = {field: given.pop(flag) for flag, field in OBJECTIVE_FLAGS.items() if flag in given}
     if objective:
         given["objective"] = {**(values.get("objective") or {}), **objective}

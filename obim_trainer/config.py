@@ -35,7 +35,16 @@ class MergeConfig(YamlConfig):
     method: str = "obim"
     params: dict[str, Any] = Field(default_factory=dict)
 
-    calibration_data: Any = Field(default=None, description="JSONL/text/parquet path or a datasets.Dataset.")
+    calibration_data: Any = Field(
+        default=None,
+        description="JSONL/text/parquet path or a datasets.Dataset, or {language: file} (text per language; with "
+        "new_languages, methods with per-language statistics measure the base on the old languages and each "
+        "checkpoint on the new ones; other methods read all languages' texts together).",
+    )
+    new_languages: list[str] = Field(
+        default_factory=list,
+        description="Languages of calibration_data that continued pre-training added; the others are old.",
+    )
     calibration_samples: int = Field(default=100, ge=1)
     calibration_max_length: int = Field(default=512, ge=1)
     calibration_batch_size: int = Field(default=8, ge=1)
@@ -73,6 +82,11 @@ class MergeConfig(YamlConfig):
     overwrite: bool = False
     dry_run: bool = False
     progress: bool = True
+
+    @field_validator("new_languages", mode="before")
+    @classmethod
+    def _one_language_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @field_validator("device")
     @classmethod

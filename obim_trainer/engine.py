@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +38,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from obim_trainer.calibration import ActivationStats
+from obim_trainer.calibration.fisher_stats import FisherStats
+from obim_trainer.calibration.gram_stats import GramStats
 from obim_trainer.checkpoints import CheckpointReader, TensorInfo
 from obim_trainer.checkpoints.read_buffers import ReadBuffers
 from obim_trainer.errors import CheckpointError, ConfigError
@@ -274,6 +276,32 @@ def _stats_for(stats: ActivationStats | None, name: str, prefix: str) -> Tensor 
     return None
 
 
+@dataclass
+class ModelStatistics:
+    """The input Grams and Fisher diagonals of the base and of each checkpoint, for methods that read them.
+
+    Each is file-backed (read one tensor at a time) and pickles as a path, so a parallel merge's
+    workers receive it whole. ``None`` where the method asks for none.
+    """
+
+    base_grams: GramStats | None = None
+    checkpoint_grams: list[GramStats] | None = None
+    base_fishers: FisherStats | None = None
+    checkpoint_fishers: list[FisherStats] | None = None
+
+
+GRAMS_KEPT = 2
+"""Grams kept on the device, by input: tensors of one block come in name order (k, o, q, v), so q and v,
+which share k's input, find it still there."""
+
+
+def _missing(what: str, name: str) -> CheckpointError:
+    return CheckpointError(
+        f"no {what} for {name}; the statistics do not match this model's parameter names. Recompute them with "
+        "--recompute-stats."
+    )
+
+
 Inputs = list[Tensor | None]
 """The base's and the K checkpoints' tensors of one name, as stored, on the CPU (see :meth:`MergeEngine.read_inputs`).
 
@@ -289,6 +317,7 @@ class MergeEngine:
         method: A built :class:`MergeMethod` for K checkpoints.
         layout: The model layout (for the tied-embedding prefix).
         stats: Per checkpoint, its activation statistics (``None`` for methods that need none).
+        statistics: Input Grams and Fisher diagonals of the base and the checkpoints (methods that read them).
         device: Where the math runs (``cpu`` or ``cuda[:N]``); the same code runs on either.
         seed: Global seed; each tensor gets ``derive_seed(seed, name, ...)``.
         new_rows: How vocabulary rows the base lacks are merged (a key of :data:`NEW_ROWS`).
@@ -304,6 +333,7 @@ class MergeEngine:
         layout: ModelLayout,
         stats: Sequence[ActivationStats | None] | None = None,
         *,
+        statistics: ModelStatistics | None = None,
         device: torch.device | str = "cpu",
         seed: int = 0,
         new_rows: str = "obim",
@@ -319,6 +349,9 @@ class MergeEngine:
         self.method = method
         self.layout = layout
         self.stats = list(stats) if stats is not None else [None] * len(self.checkpoints)
+        self.statistics = statistics or ModelStatistics()
+        self.needs = method.statistics()
+        self._grams_kept: OrderedDict[str, tuple[Tensor, list[Tensor]]] = OrderedDict()
         self.device = torch.device(device)
         self.seed = seed
         self.new_rows = new_rows
@@ -345,6 +378,47 @@ class MergeEngine:
             return [base]
         return [base, *(self._read(c, plan.name, buffers) for c in self.checkpoints)]
 
+    def _grams(self, name: str) -> tuple[Tensor, list[Tensor]]:
+        """G_B and every G_k of a linear weight, float64 on the device; maps reading one input get the same tensors."""
+        base, checkpoints = self.statistics.base_grams, self.statistics.checkpoint_grams
+        if base is None or checkpoints is None:
+            raise ConfigError(f"method '{self.method.name}' reads input Grams, but the merge was given none")
+        model_name = self.layout.model_name(name)
+        group = base.group(model_name)
+        if group is None:
+            raise _missing("input Gram of the base", name)
+        if group in self._grams_kept:
+            self._grams_kept.move_to_end(group)
+            return self._grams_kept[group]
+        grams = []
+        for which, stats in [("the base", base), *((f"checkpoint {k}", s) for k, s in enumerate(checkpoints))]:
+            gram = stats.gram(model_name)
+            if gram is None:
+                raise _missing(f"input Gram of {which}", name)
+            grams.append(gram.to(self.device, torch.float64))
+        self._grams_kept[group] = (grams[0], grams[1:])
+        if len(self._grams_kept) > GRAMS_KEPT:
+            self._grams_kept.popitem(last=False)
+        return grams[0], grams[1:]
+
+    def _fishers(self, plan: TensorPlan, rows: slice | None, new: bool) -> tuple[Tensor, list[Tensor]]:
+        """F_B and every F_k of a parameter, float32 on the device, restricted to ``rows`` (the base's are zero
+        on the new rows of an extended vocabulary, where the base has no parameter)."""
+        base, checkpoints = self.statistics.base_fishers, self.statistics.checkpoint_fishers
+        if base is None or checkpoints is None:
+            raise ConfigError(f"method '{self.method.name}' reads Fisher diagonals, but the merge was given none")
+        model_name = self.layout.model_name(plan.name)
+        fishers = []
+        for k, stats in enumerate(checkpoints):
+            fisher = stats.fisher(model_name, rows)
+            if fisher is None:
+                raise _missing(f"Fisher diagonal of checkpoint {k}", plan.name)
+            fishers.append(fisher.to(self.device, torch.float32))
+        base_fisher = torch.zeros_like(fishers[0]) if new else base.fisher(model_name, rows)
+        if base_fisher is None:
+            raise _missing("Fisher diagonal of the base", plan.name)
+        return base_fisher.to(self.device, torch.float32), fishers
+
     def task(self, plan: TensorPlan, inputs: Inputs | None = None, rows: slice | None = None) -> TensorTask:
         """The :class:`TensorTask` for one tensor, its inputs on the compute device.
 
@@ -359,7 +433,7 @@ class MergeEngine:
             inputs = self.read_inputs(plan)
         new = rows is not None and plan.base_rows is not None and rows.start == plan.base_rows
         input_sq = None
-        if plan.kind is ParamKind.LINEAR and self.method.needs_activation_stats:
+        if plan.kind is ParamKind.LINEAR and self.needs.activations:
             input_sq = [_stats_for(s, name, self.layout.prefix) for s in self.stats]
             if any(x is None for x in input_sq):
                 raise CheckpointError(
@@ -384,6 +458,9 @@ class MergeEngine:
             like = next(t for t in inputs if t is not None)
             stored = torch.zeros((plan.shape[0] - (plan.base_rows or 0), *plan.shape[1:]), dtype=like.dtype)
         base_stored = stored.to(self.device)
+        linear = plan.kind is ParamKind.LINEAR
+        base_gram, checkpoint_grams = self._grams(name) if linear and self.needs.grams else (None, None)
+        base_fisher, checkpoint_fishers = self._fishers(plan, rows, new) if self.needs.fishers else (None, None)
         return TensorTask(
             name=name,
             _load=load,
@@ -393,6 +470,12 @@ class MergeEngine:
             seed=derive_seed(self.seed, "new-rows") if new else self.seed,
             input_sq_mean=input_sq,
             token_counts=token_counts,
+            in_axis=self.layout.in_axis(name) if linear else 1,
+            num_blocks=self.layout.num_blocks,
+            base_gram=base_gram,
+            checkpoint_grams=checkpoint_grams,
+            base_fisher=base_fisher,
+            checkpoint_fishers=checkpoint_fishers,
             base_stored=base_stored,
             workspace=self.workspace,
         )

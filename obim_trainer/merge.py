@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,16 @@ import torch
 from obim_trainer.calibration import (
     ActivationStats,
     CalibrationSet,
-    load_calibration_texts,
     load_or_compute_stats,
     stats_key,
     tokenize_calibration,
+)
+from obim_trainer.calibration.languages import (
+    LanguageCalibration,
+    check_languages,
+    is_per_language,
+    load_language_texts,
+    missing_calibration,
 )
 from obim_trainer.calibration.token_cache import cached_tokenization
 from obim_trainer.checkpoints import (
@@ -42,10 +48,12 @@ from obim_trainer.checkpoints.model_files import TOKENIZER_FILES
 from obim_trainer.checkpoints.model_loading import load_model
 from obim_trainer.config import MergeConfig
 from obim_trainer.distributed.ranks import is_main_process, rank, run_on_every_rank, run_on_main, world_size
-from obim_trainer.engine import EngineReport, MergeEngine, MergePlan, plan_merge, split_plan
+from obim_trainer.engine import EngineReport, MergeEngine, MergePlan, ModelStatistics, plan_merge, split_plan
 from obim_trainer.errors import CheckpointError, ConfigError
 from obim_trainer.manifest import MergeManifest, describe_input
+from obim_trainer.merge_statistics import describe_statistics, model_statistics, raise_nonfinite
 from obim_trainer.merging import MergeMethod, build_method
+from obim_trainer.merging.registry import StatisticsNeeds
 from obim_trainer.model_layout import ModelLayout
 from obim_trainer.selection import best_checkpoint, select_top_checkpoints
 
@@ -127,39 +135,57 @@ def new_rows_source(config: MergeConfig, checkpoints: list[Path], plan: MergePla
     return best_checkpoint(checkpoints, config.metric, config.metric_mode)
 
 
-def prepare_calibration(config: MergeConfig, tokenizer_dir: Path | None = None) -> CalibrationSet:
-    """Calibration texts tokenized with ``tokenizer_dir`` (default: ``tokenizer_source`` or the base's), or as
-    they were the last time (:mod:`~obim_trainer.calibration.token_cache`)."""
+def prepare_language_calibration(
+    config: MergeConfig, tokenizer_dir: Path | None = None, texts: dict[str, list[str]] | None = None
+) -> LanguageCalibration:
+    """Calibration texts per language (one entry, ``all``, for a single source), tokenized with ``tokenizer_dir``
+    (default: ``tokenizer_source`` or the base's), or as they were the last time
+    (:mod:`~obim_trainer.calibration.token_cache`). ``texts``: as :func:`load_language_texts` read them already."""
     if config.calibration_data is None:
         raise ConfigError(
             f"method '{config.method}' scores weights by activations and needs calibration text: pass "
             "--calibration-data FILE (JSONL with a 'text' field, .txt or .parquet; ~100 samples of the new domain)"
         )
     tokenizer_dir = Path(tokenizer_dir or config.tokenizer_source or config.base)
-    texts = load_calibration_texts(
-        config.calibration_data, num_samples=config.calibration_samples, text_field=config.calibration_text_field
-    )
+    if texts is None:
+        texts = load_language_texts(config.calibration_data, config.calibration_samples, config.calibration_text_field)
     max_length = min(config.calibration_max_length, model_max_positions(config.base) or config.calibration_max_length)
     if max_length < config.calibration_max_length:
         logger.info("calibration samples are cut to %d tokens, the model's maximum number of positions", max_length)
+    tokenizers: list[Any] = []  # loaded once, and only if some language is not in the token cache
 
-    def tokenize() -> CalibrationSet:
+    def tokenizer() -> Any:
         from transformers import AutoTokenizer
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                f"cannot load a tokenizer from {tokenizer_dir} ({exc}); pass --tokenizer-source DIR with tokenizer "
-                "files"
-            ) from None
-        return tokenize_calibration(texts, tokenizer, max_length=max_length)
+        if not tokenizers:
+            try:
+                tokenizers.append(AutoTokenizer.from_pretrained(tokenizer_dir))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"cannot load a tokenizer from {tokenizer_dir} ({exc}); pass --tokenizer-source DIR with "
+                    "tokenizer files"
+                ) from None
+        return tokenizers[0]
 
     if not tokenizer_dir.is_dir():
         raise ConfigError(f"tokenizer folder {tokenizer_dir} does not exist; pass --tokenizer-source DIR")
-    calibration = cached_tokenization(texts, tokenizer_dir, max_length, tokenize)
-    logger.info("calibration: %d samples, %d tokens", len(calibration.input_ids), calibration.num_tokens)
-    return calibration
+    sets = {
+        language: cached_tokenization(
+            samples, tokenizer_dir, max_length, lambda s=samples: tokenize_calibration(s, tokenizer(), max_length)
+        )
+        for language, samples in texts.items()
+    }
+    for language, calibration in sets.items():
+        logger.info(
+            "calibration %s: %d samples, %d tokens", language, len(calibration.input_ids), calibration.num_tokens
+        )
+    return LanguageCalibration(sets, list(config.new_languages))
+
+
+def prepare_calibration(config: MergeConfig, tokenizer_dir: Path | None = None) -> CalibrationSet:
+    """All calibration texts together (every language's, when given per language), tokenized as by
+    :func:`prepare_language_calibration`: what a method without a language split measures every model on."""
+    return prepare_language_calibration(config, tokenizer_dir).all()
 
 
 def checkpoint_stats(
@@ -192,22 +218,7 @@ def checkpoint_stats(
     )
     if not all(bool(torch.isfinite(t).all()) for t in stats.sq_sum.values()):
         raise_nonfinite(reader)
-    return stats, {"checkpoint": str(reader.path), "key": key, "source": source}
-
-
-def raise_nonfinite(reader: CheckpointReader) -> None:
-    """Name the tensor behind non-finite activations (NaN/Inf weights), or say the activations overflow."""
-    for name, info in reader.tensor_infos().items():
-        tensor = reader.read(name)
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(
-                f"tensor {name} in {info.file} contains NaN or Inf. The checkpoint is broken (diverged "
-                "training?); leave it out of the merge."
-            )
-    raise CheckpointError(
-        f"checkpoint {reader.path} produces NaN/Inf activations on the calibration data although its weights are "
-        "finite (overflow in its dtype?); check the checkpoint or leave it out of the merge."
-    )
+    return stats, {"kind": "activations", "checkpoint": str(reader.path), "key": key, "source": source}
 
 
 def _open_inputs(
@@ -239,9 +250,16 @@ def _write_config(folder: Path, plan: MergePlan) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def format_plan(plan: MergePlan, method: MergeMethod, checkpoints: list[Path], new_rows: str = "obim") -> str:
-    """The dry-run plan: method and parameters, checkpoints in order, then every tensor."""
-    lines = [f"method: {json.dumps(method.describe())}"]
+def format_plan(
+    plan: MergePlan,
+    method: MergeMethod,
+    checkpoints: list[Path],
+    new_rows: str = "obim",
+    statistics: Sequence[str] = (),
+) -> str:
+    """The dry-run plan: method and parameters, the statistics it would measure, checkpoints in order, then
+    every tensor."""
+    lines = [f"method: {json.dumps(method.describe())}", *statistics]
     lines += [f"checkpoint {k}: {path}" for k, path in enumerate(checkpoints)]
     if plan.vocab_size is not None:
         lines.append(f"vocabulary: the checkpoints extend it to {plan.vocab_size} rows; new rows: {new_rows}")
@@ -274,6 +292,7 @@ class MergeJob:
     new_rows_source: int
     folder: Path
     metadata: dict[str, str]
+    statistics: ModelStatistics = field(default_factory=ModelStatistics)
 
     def writer(self, part: Sequence[str]) -> ShardedSafetensorsWriter:
         """A writer of ``part`` of the plan into the output folder's shared shard layout."""
@@ -298,6 +317,7 @@ def merge_part(job: MergeJob, part: int, parts: int, *, progress: bool = True) -
             build_method(config.method, config.params, num_models=len(readers)),
             job.layout,
             job.stats,
+            statistics=job.statistics,
             device=resolve_device(config.device),
             seed=config.seed,
             new_rows=config.new_rows,
@@ -355,7 +375,7 @@ class _Prepared:
     readers: list[CheckpointReader]
     method: MergeMethod
     tokenizer_dir: Path
-    calibration: CalibrationSet | None
+    calibration: LanguageCalibration | None
     stats_sources: list[dict[str, Any]]
     timings: dict[str, float]
     start: float
@@ -371,27 +391,33 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
     device = resolve_device(config.device)
     checkpoints = resolve_checkpoints(config)
     method = build_method(config.method, config.params, num_models=len(checkpoints))
+    needs = method.statistics()
+    check_languages(config.calibration_data, config.new_languages, needs, method.name)
     parse_size(config.out_shard_size)  # a bad size fails now, not after the statistics
     if not config.base.is_dir():
         raise CheckpointError(f"base folder {config.base} does not exist; pass the base model's folder to --base")
+    texts = None
+    if needs.any and config.calibration_data is not None:  # every file read (an empty one refused) before any input
+        texts = load_language_texts(config.calibration_data, config.calibration_samples, config.calibration_text_field)
     base, readers = _open_inputs(stack, config, checkpoints)
     layout = ModelLayout.from_pretrained_dir(config.base)
     plan = plan_merge(base, readers, layout, config.dtype)
     source = new_rows_source(config, checkpoints, plan)
     tokenizer_dir = resolve_tokenizer(config, checkpoints, plan, source)
-    calibration = prepare_calibration(config, tokenizer_dir) if method.needs_activation_stats else None
+    if needs.any and texts is None:
+        raise missing_calibration(method.name, needs)
+    calibration = prepare_language_calibration(config, tokenizer_dir, texts) if texts is not None else None
     if config.dry_run:
-        text = format_plan(plan, method, checkpoints, config.new_rows)
+        text = format_plan(plan, method, checkpoints, config.new_rows, describe_statistics(needs, calibration))
         logger.info("dry run, nothing written:\n%s", text)
         return MergeResult(output=None, checkpoints=checkpoints, plan=plan, plan_text=text)
     assert config.output is not None
     inputs = [config.base, *checkpoints, tokenizer_dir]
     folder = stack.enter_context(atomic_output_dir(config.output, overwrite=config.overwrite, inputs=inputs))
-    stats, stats_sources = None, []
+    stats, statistics, stats_sources = None, ModelStatistics(), []
     if calibration is not None:
         t0 = time.perf_counter()
-        pairs = [checkpoint_stats(r, calibration, config, device) for r in readers]
-        stats, stats_sources = [s for s, _ in pairs], [src for _, src in pairs]
+        stats, statistics, stats_sources = _measure(config, needs, calibration, texts, base, readers, plan, device)
         timings["statistics_s"] = time.perf_counter() - t0
     job = MergeJob(
         config=config.model_copy(update={"calibration_data": None}),  # read already; may not pickle
@@ -402,8 +428,34 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
         new_rows_source=source,
         folder=folder,
         metadata={"format": "pt", "merged_by": "obim-trainer", "method": method.name},
+        statistics=statistics,
     )
     return _Prepared(config, job, base, readers, method, tokenizer_dir, calibration, stats_sources, timings, start)
+
+
+def _measure(
+    config: MergeConfig,
+    needs: StatisticsNeeds,
+    calibration: LanguageCalibration,
+    texts: dict[str, list[str]] | None,
+    base: CheckpointReader,
+    readers: list[CheckpointReader],
+    plan: MergePlan,
+    device: torch.device,
+) -> tuple[list[ActivationStats] | None, ModelStatistics, list[dict[str, Any]]]:
+    """The statistics ``needs`` asks for (cached or computed) and their records: activations of each checkpoint
+    on all the texts, Grams and Fisher diagonals of the base and of each checkpoint on their sides' texts."""
+    stats, records = None, []
+    if needs.activations:
+        everything = calibration.all()
+        pairs = [checkpoint_stats(r, everything, config, device) for r in readers]
+        stats = [s for s, _ in pairs]
+        records = [{**src, "model": "checkpoint", "languages": list(calibration.sets)} for _, src in pairs]
+    base_calibration = None
+    if (needs.grams or needs.fishers) and plan.vocab_size is not None:
+        base_calibration = prepare_language_calibration(config, config.base, texts)  # ids the base's vocabulary has
+    statistics, measured = model_statistics(base, readers, needs, calibration, config, device, base_calibration)
+    return stats, statistics, records + measured
 
 
 def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult:
@@ -433,7 +485,7 @@ def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult
             "new_rows": config.new_rows if plan.vocab_size is not None else None,
             "workers": len(reports),
         },
-        calibration=_describe_calibration(config, prepared.calibration),
+        calibration=_describe_calibration(config, prepared.calibration, prepared.method.statistics()),
         statistics=prepared.stats_sources,
         ownership_share=report.ownership_share(len(prepared.readers)) if report.owned else None,
         timings=timings,
@@ -510,14 +562,35 @@ def _total(result: MergeResult) -> float:
     return float((result.manifest or {}).get("timings", {}).get("total_s", 0.0))
 
 
-def _describe_calibration(config: MergeConfig, calibration: CalibrationSet | None) -> dict[str, Any] | None:
+def _describe_set(calibration: CalibrationSet) -> dict[str, Any]:
+    return {
+        "samples": len(calibration.input_ids),
+        "tokens": calibration.num_tokens,
+        "fingerprint": calibration.fingerprint(),
+    }
+
+
+def _describe_calibration(
+    config: MergeConfig, calibration: LanguageCalibration | None, needs: StatisticsNeeds
+) -> dict[str, Any] | None:
+    """The calibration texts, per language when given so, and which texts each model was measured on."""
     if calibration is None:
         return None
     source = config.calibration_data
-    return {
+    record: dict[str, Any] = {
         "source": str(source) if isinstance(source, (str, Path)) else type(source).__name__,
-        "samples": len(calibration.input_ids),
-        "tokens": calibration.num_tokens,
+        **_describe_set(calibration.all()),
         "max_length": config.calibration_max_length,
-        "fingerprint": calibration.fingerprint(),
     }
+    if is_per_language(source):
+        record["source"] = {language: str(path) for language, path in source.items()}
+        record["languages"] = {
+            language: {**_describe_set(texts), "new": language in calibration.new_languages}
+            for language, texts in calibration.sets.items()
+        }
+        record["new_languages"] = list(calibration.new_languages)
+    measured = {"checkpoints": calibration.languages_of("checkpoints", needs.per_language)}
+    if needs.grams or needs.fishers:
+        measured["base"] = calibration.languages_of("base", needs.per_language)
+    record["measured_on"] = measured
+    return record

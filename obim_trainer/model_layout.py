@@ -39,7 +39,7 @@ def block_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 
 
 def _cache_entry(folder: Path) -> Path | None:
@@ -71,6 +71,7 @@ class ModelLayout:
         tied: Whether the config ties the two (then only the input embedding is stored).
         prefix: The model's ``base_model_prefix`` (``model``, ``transformer``), used to match
             files saved without it.
+        transposed: Linear weights stored ``[in, out]`` (transformers' ``Conv1D``, GPT-2): input axis 0.
     """
 
     kinds: dict[str, ParamKind] = field(default_factory=dict)
@@ -78,10 +79,12 @@ class ModelLayout:
     output_embedding: str | None = None
     tied: bool = False
     prefix: str = ""
+    transposed: frozenset[str] = frozenset()
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ModelLayout:
         kinds: dict[str, ParamKind] = {}
+        transposed: set[str] = set()
         module_names: dict[int, str] = {}
         for mod_name, module in model.named_modules(remove_duplicate=False):
             module_names.setdefault(id(module), mod_name)
@@ -94,6 +97,8 @@ class ModelLayout:
             for p_name, _ in module.named_parameters(recurse=False):
                 full = f"{mod_name}.{p_name}" if mod_name else p_name
                 kinds[full] = kind if p_name == "weight" else ParamKind.OTHER
+                if p_name == "weight" and _is_conv1d(module):
+                    transposed.add(full)
 
         def weight_name(getter: str) -> str | None:
             module = getattr(model, getter, lambda: None)()
@@ -107,6 +112,7 @@ class ModelLayout:
             output_embedding=weight_name("get_output_embeddings"),
             tied=bool(getattr(text_config, "tie_word_embeddings", False)),
             prefix=getattr(model, "base_model_prefix", "") or "",
+            transposed=frozenset(transposed),
         )
 
     @classmethod
@@ -152,6 +158,7 @@ class ModelLayout:
             "output_embedding": self.output_embedding,
             "tied": self.tied,
             "prefix": self.prefix,
+            "transposed": sorted(self.transposed),
         }
 
     @classmethod
@@ -164,15 +171,28 @@ class ModelLayout:
             output_embedding=data["output_embedding"],
             tied=bool(data["tied"]),
             prefix=data["prefix"],
+            transposed=frozenset(data["transposed"]),
         )
+
+    def model_name(self, name: str) -> str:
+        """The model's name of a stored tensor: files saved without the ``prefix.`` are matched too."""
+        if name not in self.kinds and self.prefix and f"{self.prefix}.{name}" in self.kinds:
+            return f"{self.prefix}.{name}"
+        return name
 
     def kind(self, name: str) -> ParamKind:
         """Kind of a stored tensor; files saved without the ``prefix.`` are matched too."""
-        if name in self.kinds:
-            return self.kinds[name]
-        if self.prefix and f"{self.prefix}.{name}" in self.kinds:
-            return self.kinds[f"{self.prefix}.{name}"]
-        return ParamKind.OTHER
+        return self.kinds.get(self.model_name(name), ParamKind.OTHER)
+
+    def in_axis(self, name: str) -> int:
+        """The input axis of a linear weight: 0 for ``Conv1D`` (``[in, out]``), 1 for ``nn.Linear`` (``[out, in]``)."""
+        return 0 if self.model_name(name) in self.transposed else 1
+
+    @property
+    def num_blocks(self) -> int | None:
+        """The number of decoder blocks L (from the block indices of the parameter names), ``None`` without any."""
+        blocks = {block_index(name) for name in self.kinds} - {None}
+        return len(blocks) if blocks else None
 
     def is_vocabulary_tensor(self, name: str) -> bool:
         """Whether rows of this tensor index the vocabulary (embedding or lm_head)."""

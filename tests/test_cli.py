@@ -235,3 +235,26 @@ def test_list_methods_says_which_statistics_each_method_needs(capsys):
     assert heads["fisher_merging"].endswith(f"{per_language} Fisher diagonals]")
     assert heads["obim"].endswith("[needs --calibration-data: activation statistics]")
     assert heads["lines"] == "lines" and heads["magmax"] == "magmax"
+
+
+def test_calibration_per_language_and_new_languages_reach_the_config(tmp_path):
+    required = ["--base", "b", "--checkpoints", "c", "--output", "o"]
+
+    def parsed(*flags: str):
+        return config_from_args(build_parser().parse_args([*required, *flags]))
+
+    cfg, comparison = parsed("--calibration-data", "en=en.jsonl", "ru=ru.jsonl", "--new-language", "ru")
+    assert cfg.calibration_data == {"en": "en.jsonl", "ru": "ru.jsonl"} and cfg.new_languages == ["ru"]
+    assert comparison.objective.new_language == "ru", "one flag names the new language for both"
+    cfg, _ = parsed("--calibration-data", "en=en.jsonl", "zh=zh.jsonl", "ru=ru.jsonl", "--new-language", "ru", "zh")
+    assert list(cfg.calibration_data) == ["en", "zh", "ru"] and cfg.new_languages == ["ru", "zh"]
+    assert parsed("--calibration-data", "calib.jsonl")[0].calibration_data == "calib.jsonl"
+    odd = tmp_path / "v=2.jsonl"
+    odd.write_text("")
+    assert parsed("--calibration-data", str(odd))[0].calibration_data == str(odd), "an existing file is a file"
+    for flags, message in (
+        (["--calibration-data", "en=en.jsonl", "ru.jsonl"], "LANG=FILE pairs"),
+        (["--calibration-data", "en=a.jsonl", "en=b.jsonl"], "'en' twice"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parsed(*flags)

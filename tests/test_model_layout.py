@@ -64,3 +64,12 @@ def test_an_unreadable_cache_entry_is_rebuilt(llama_family, tmp_path, monkeypatc
     entry.write_text("{not json")
     assert ModelLayout.from_pretrained_dir(llama_family[0]) == built
     assert ModelLayout.from_json(json.loads(entry.read_text())) == built, "rewritten"
+
+
+def test_input_axes_and_number_of_blocks(llama_family, gpt2_family):
+    gpt2 = ModelLayout.from_pretrained_dir(gpt2_family[0])
+    assert gpt2.in_axis("transformer.h.0.attn.c_attn.weight") == 0 and gpt2.in_axis("h.1.mlp.c_proj.weight") == 0
+    assert gpt2.in_axis("lm_head.weight") == 1 and gpt2.num_blocks == 2
+    llama = ModelLayout.from_pretrained_dir(llama_family[0])
+    assert llama.in_axis("model.layers.0.mlp.down_proj.weight") == 1 and llama.num_blocks == 2
+    assert ModelLayout().num_blocks is None

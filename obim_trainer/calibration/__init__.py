@@ -1,7 +1,10 @@
-"""Activation statistics for OBM saliency: calibration data, hooks, and the cache beside each checkpoint."""
+"""Calibration statistics — activations (OBM saliency), input Grams (RegMean), Fisher diagonals — their
+calibration data, hooks, reduction across ranks, and the cache beside each checkpoint."""
 
 from obim_trainer.calibration.activation_stats import ActivationRecorder, ActivationStats
 from obim_trainer.calibration.data import CalibrationSet, load_calibration_texts, tokenize_calibration
+from obim_trainer.calibration.fisher_stats import FisherStats
+from obim_trainer.calibration.gram_stats import GramRecorder, GramStats
 from obim_trainer.calibration.stats_cache import STATS_DIRNAME, load_or_compute_stats, stats_key, stats_path
 
 __all__ = [
@@ -9,6 +12,9 @@ __all__ = [
     "ActivationRecorder",
     "ActivationStats",
     "CalibrationSet",
+    "FisherStats",
+    "GramRecorder",
+    "GramStats",
     "load_calibration_texts",
     "load_or_compute_stats",
     "stats_key",

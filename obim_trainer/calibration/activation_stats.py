@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from obim_trainer.calibration.data import CalibrationSet
+from obim_trainer.calibration.forward import device_batches, evaluation_mode, input_device, model_label
+from obim_trainer.calibration.reduction import all_reduce_counts, all_reduce_sums
 from obim_trainer.checkpoints.atomic import write_atomically
 from obim_trainer.errors import CalibrationError
 
@@ -60,16 +61,6 @@ def linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, int, int]]
             yield weight_name, module, 1, module.in_features
         elif conv1d is not None and isinstance(module, conv1d):
             yield weight_name, module, 0, module.nx  # Conv1D stores its weight as [in, out]
-
-
-def _collective_device(group: Any) -> torch.device:
-    """Gloo reduces CPU tensors; NCCL (and other accelerator backends) need them on the current device."""
-    import torch.distributed as dist
-
-    backend = str(dist.get_backend(group))
-    if "gloo" in backend or "mpi" in backend or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 @dataclass
@@ -117,28 +108,20 @@ class ActivationStats:
             progress: Show a progress bar.
             desc: Progress-bar label; names the model (``config.name_or_path``) by default.
         """
-        device = torch.device(device) if device is not None else next(model.parameters()).device
-        name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
-        was_training = model.training
-        model.eval()
+        device = input_device(model, device)
         recorder = ActivationRecorder(model)
-        n_batches = -(-len(calibration.input_ids) // max(batch_size, 1))  # batches() rejects batch_size < 1
-        batches = tqdm(
-            calibration.batches(batch_size),
-            total=n_batches,
-            desc=desc or f"activation statistics of {name}",
-            unit="batch",
-            disable=not progress,
+        batches = device_batches(
+            calibration,
+            batch_size,
+            device,
+            progress=progress,
+            desc=desc or f"activation statistics of {model_label(model)}",
         )
-        try:
-            # no_grad, not inference_mode: ZeRO-3's parameter-gathering hooks break on inference tensors
-            with recorder.attached(), torch.no_grad():
-                for ids, mask in batches:
-                    mask = mask.to(device)
-                    recorder.set_token_mask(mask)
-                    model(input_ids=ids.to(device), attention_mask=mask, use_cache=False)
-        finally:
-            model.train(was_training)
+        # no_grad, not inference_mode: ZeRO-3's parameter-gathering hooks break on inference tensors
+        with evaluation_mode(model), recorder.attached(), torch.no_grad():
+            for ids, mask in batches:
+                recorder.set_token_mask(mask)
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
         stats = recorder.stats()
         unseen = [n for n, c in stats.count.items() if c == 0]
         if unseen:
@@ -156,28 +139,12 @@ class ActivationStats:
     def all_reduce(self, group: Any = None) -> None:
         """Sum the statistics over all ranks of ``group`` (no-op outside ``torch.distributed``).
 
-        Three collectives (sums, counts, token counts) over keys in sorted order, so every rank
-        enters the same collectives in the same order; every rank must hold the same layers.
+        Every rank must hold the same layers (see :mod:`~obim_trainer.calibration.reduction`).
         """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        device = _collective_device(group)
-        names = sorted(self.sq_sum)
-        if names:
-            flat = torch.cat([self.sq_sum[n].float().cpu() for n in names]).to(device)
-            dist.all_reduce(flat, group=group)
-            sums = flat.cpu().split([self.sq_sum[n].numel() for n in names])
-            self.sq_sum = {n: s.clone() for n, s in zip(names, sums, strict=True)}
-            # float64 holds integer counts exactly up to 2**53 and every backend reduces it
-            counts = torch.tensor([self.count[n] for n in names], dtype=torch.float64, device=device)
-            dist.all_reduce(counts, group=group)
-            self.count = {n: int(c) for n, c in zip(names, counts.tolist(), strict=True)}
+        self.sq_sum = all_reduce_sums({n: t.float() for n, t in self.sq_sum.items()}, group)
+        self.count = all_reduce_counts(self.count, group)
         if self.token_counts is not None:
-            token_counts = self.token_counts.to(device=device, dtype=torch.int64)
-            dist.all_reduce(token_counts, group=group)
-            self.token_counts = token_counts.cpu()
+            self.token_counts = all_reduce_sums({"tokens": self.token_counts.to(torch.int64)}, group)["tokens"]
 
     def save(self, path: Path, key: str, extra_metadata: dict[str, str] | None = None) -> None:
         """Write a small safetensors file atomically (temporary file, fsync, rename).

@@ -17,7 +17,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from obim_trainer.calibration.activation_stats import _collective_device
+from obim_trainer.calibration.reduction import collective_device
 from obim_trainer.errors import OBIMError
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
 
     if not is_distributed():
         return tensor
-    reduced = tensor.to(_collective_device(None))  # gloo reduces CPU tensors, NCCL device tensors
+    reduced = tensor.to(collective_device(None))  # gloo reduces CPU tensors, NCCL device tensors
     dist.all_reduce(reduced, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return reduced.cpu()
 

@@ -172,3 +172,23 @@ def test_existing_checkpoint_files_are_never_touched(ckpt, calibration, tmp_path
     after = snapshot(ckpt)
     assert {name: after[name] for name in before} == before
     assert set(after) - set(before) == {f"{STATS_DIRNAME}/{key[:16]}.safetensors"}
+
+
+def test_kinds_share_the_cache_but_never_each_others_files(ckpt, calibration, tmp_path):
+    """Grams are cached beside the activation statistics under their own key; activation keys are as before."""
+    from obim_trainer.calibration import GramStats
+
+    with open_checkpoint(ckpt) as reader:
+        activations = stats_key(calibration.fingerprint(), reader.fingerprint())
+        grams = stats_key(calibration.fingerprint(), reader.fingerprint(), "grams-v1")
+    assert activations == key_of(ckpt, calibration) and grams != activations
+
+    def compute_grams() -> GramStats:
+        return GramStats.collect(AutoModelForCausalLM.from_pretrained(ckpt), calibration, progress=False)
+
+    load_or_compute_stats(ckpt, activations, CountingCompute(ckpt, calibration), cache_dir=tmp_path / "c")
+    stored, source = load_or_compute_stats(ckpt, grams, compute_grams, cache_dir=tmp_path / "c", load=GramStats.load)
+    assert source == "computed" and stored.file.path == stats_path(ckpt, grams)
+    again, source = load_or_compute_stats(ckpt, grams, compute_grams, cache_dir=tmp_path / "c", load=GramStats.load)
+    assert source == "cached" and again.maps == stored.maps
+    assert len(list((ckpt / STATS_DIRNAME).glob("*.safetensors"))) == 2
