@@ -136,7 +136,7 @@ def reference_merge(
             for ckpt in ckpts:
                 x_k = _inputs(ckpt, ckpt.get_submodule(name), new)
                 rhs.append(math.sqrt(1 / (k * n_n)) * x_k @ transposed(ckpt))
-            solution = torch.linalg.lstsq(torch.cat(lhs), torch.cat(rhs)).solution  # Wᵀ
+            solution = torch.linalg.lstsq(torch.cat(lhs), torch.cat(rhs), driver="gelsd").solution  # Wᵀ
             merged_module.weight.copy_(solution.T if axis == 1 else solution)
     return merged.state_dict()
 
