@@ -362,6 +362,7 @@ def needs_label(needs: StatisticsNeeds) -> str:
             (needs.activations, "activation statistics"),
             (needs.grams, "input Grams"),
             (needs.fishers, "Fisher diagonals"),
+            (needs.sequential, "layer inputs, merged layer by layer"),
         )
         if wanted
     ]

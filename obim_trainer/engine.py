@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,7 +44,7 @@ from obim_trainer.checkpoints import CheckpointReader, TensorInfo
 from obim_trainer.checkpoints.read_buffers import ReadBuffers
 from obim_trainer.errors import CheckpointError, ConfigError
 from obim_trainer.merging import MergeMethod, ParamKind, TensorTask, Workspace
-from obim_trainer.merging.task import derive_seed
+from obim_trainer.merging.task import MergeOutput, derive_seed
 from obim_trainer.model_layout import ModelLayout, block_index
 
 logger = logging.getLogger(__name__)
@@ -96,12 +96,18 @@ class EngineReport:
 
     owned: dict[str, list[int]] = field(default_factory=dict)
     seconds: float = 0.0
+    notes: dict[str, int] = field(default_factory=dict)
+    """Counts a method reports per tensor (:attr:`MergeOutput.notes`), summed over the tensors."""
 
     @classmethod
     def combined(cls, reports: Sequence[EngineReport]) -> EngineReport:
-        """One report for a merge split between workers: every tensor's ownership, the slowest worker's time."""
+        """One report for a merge split between workers: every tensor's ownership, the slowest worker's time,
+        the notes summed."""
         owned = {name: counts for report in reports for name, counts in report.owned.items()}
-        return cls(owned=owned, seconds=max((r.seconds for r in reports), default=0.0))
+        notes: Counter[str] = Counter()
+        for report in reports:
+            notes.update(report.notes)
+        return cls(owned=owned, seconds=max((r.seconds for r in reports), default=0.0), notes=dict(notes))
 
     def ownership_share(self, num_models: int) -> list[float]:
         """Share of all merged positions taken from each checkpoint (methods that report ownership)."""
@@ -358,6 +364,7 @@ class MergeEngine:
         self.new_rows_source = new_rows_source
         self.prefetch = max(1, prefetch)
         self.workspace = Workspace()
+        self.notes: Counter[str] = Counter()
         self.read_buffers = ReadBuffers()
         self._reading = threading.Lock()  # readers seek and read a shared file handle
 
@@ -493,10 +500,10 @@ class MergeEngine:
         assert plan.base_rows is not None
         kept_rows, new_rows = slice(0, plan.base_rows), slice(plan.base_rows, plan.shape[0])
         new_inputs: Inputs = [None, *(t[new_rows] if t is not None else None for t in inputs[1:])]
-        kept = self.method.merge(self.task(plan, [inputs[0], *(t[kept_rows] for t in inputs[1:])], kept_rows))
+        kept = self._merge(self.task(plan, [inputs[0], *(t[kept_rows] for t in inputs[1:])], kept_rows))
         kept_tensor, owned = self._own(kept.tensor), kept.owned
         if self.new_rows == "obim":
-            new = self.method.merge(self.task(plan, new_inputs, new_rows))
+            new = self._merge(self.task(plan, new_inputs, new_rows))
             tensor = new.tensor
             if owned is not None and new.owned is not None:
                 owned = [a + b for a, b in zip(owned, new.owned, strict=True)]
@@ -512,6 +519,13 @@ class MergeEngine:
             tensor = source.to(self.device)
         return torch.cat([kept_tensor, tensor.to(kept_tensor.device)]), owned
 
+    def _merge(self, task: TensorTask) -> MergeOutput:
+        """The method's merge of one task, its notes counted into :attr:`notes`."""
+        out = self.method.merge(task)
+        if out.notes:
+            self.notes.update(out.notes)
+        return out
+
     def merge_one(self, plan: TensorPlan, inputs: Inputs) -> tuple[Tensor, list[int] | None]:
         """One merged tensor in its output dtype on the CPU (memory it owns), and its ownership counts."""
         base = inputs[0]
@@ -521,7 +535,7 @@ class MergeEngine:
         if plan.base_rows is not None:
             tensor, owned = self._merge_extended(plan, inputs)
         else:
-            out = self.method.merge(self.task(plan, inputs))
+            out = self._merge(self.task(plan, inputs))
             tensor, owned = out.tensor, out.owned
         return self._own(tensor.to(device="cpu", dtype=plan.dtype)), owned
 
@@ -590,4 +604,5 @@ class MergeEngine:
             writes.shutdown()
             bar.close()
         report.seconds = time.perf_counter() - start
+        report.notes = dict(self.notes)
         return report

@@ -53,6 +53,7 @@ class MergeManifest:
     calibration: dict[str, Any] | None = None
     statistics: list[dict[str, Any]] = field(default_factory=list)
     ownership_share: list[float] | None = None
+    notes: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,6 +66,7 @@ class MergeManifest:
             "calibration": self.calibration,
             "statistics": self.statistics,
             "ownership_share": self.ownership_share,
+            "notes": self.notes,
             "output": self.output,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "versions": _versions(),

@@ -54,8 +54,10 @@ from obim_trainer.manifest import MergeManifest, describe_input
 from obim_trainer.merge_statistics import describe_statistics, model_statistics, raise_nonfinite
 from obim_trainer.merging import MergeMethod, build_method
 from obim_trainer.merging.registry import StatisticsNeeds
+from obim_trainer.merging.regmean import RIDGED_NOTE
 from obim_trainer.model_layout import ModelLayout
 from obim_trainer.selection import best_checkpoint, select_top_checkpoints
+from obim_trainer.sequential_regmean import sequential_regmean, sequential_write_order
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +295,8 @@ class MergeJob:
     folder: Path
     metadata: dict[str, str]
     statistics: ModelStatistics = field(default_factory=ModelStatistics)
+    sequential: tuple[CalibrationSet, CalibrationSet] | None = None
+    """For a model-level merge (:attr:`StatisticsNeeds.sequential`): the base's and the checkpoints' texts."""
 
     def writer(self, part: Sequence[str]) -> ShardedSafetensorsWriter:
         """A writer of ``part`` of the plan into the output folder's shared shard layout."""
@@ -307,6 +311,8 @@ def merge_part(job: MergeJob, part: int, parts: int, *, progress: bool = True) -
     Every worker of a parallel merge, and the single one of a plain merge, runs this: it opens
     the inputs, merges its tensors and writes them at their places in the output's shards.
     """
+    if job.sequential is not None:
+        return merge_sequential(job, progress=progress) if part == 0 else EngineReport()
     tensors = split_plan(job.plan.tensors, parts)[part]
     with ExitStack() as stack:
         base, readers = _open_inputs(stack, job.config, job.checkpoints)
@@ -325,6 +331,33 @@ def merge_part(job: MergeJob, part: int, parts: int, *, progress: bool = True) -
         )
         with job.writer([t.name for t in tensors]) as writer:
             return engine.run(tensors, writer.write, progress=progress, recycle_written=True)  # writes, keeps none
+
+
+def merge_sequential(job: MergeJob, *, progress: bool = True) -> EngineReport:
+    """The whole model-level merge (sequential RegMean) in this process: it runs the model block by block,
+    so it is not split between workers or ranks (the others have nothing to do)."""
+    config = job.config
+    params = build_method(config.method, config.params, num_models=len(job.checkpoints)).params
+    old, new = job.sequential or (None, None)
+    assert old is not None and new is not None
+    with ExitStack() as stack:
+        base, readers = _open_inputs(stack, config, job.checkpoints)
+        with job.writer([t.name for t in job.plan.tensors]) as writer:
+            report = sequential_regmean(
+                base,
+                readers,
+                config.base,
+                old,
+                new,
+                job.plan,
+                writer.write,
+                base_weight=params.base_weight,  # type: ignore[attr-defined]
+                alpha=params.alpha,  # type: ignore[attr-defined]
+                device=resolve_device(config.device),
+                batch_size=config.calibration_batch_size,
+                progress=progress,
+            )
+    return EngineReport(seconds=report.seconds, notes={RIDGED_NOTE: report.ridge_count})
 
 
 def _worker_ready() -> None:
@@ -406,6 +439,11 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
     tokenizer_dir = resolve_tokenizer(config, checkpoints, plan, source)
     if needs.any and texts is None:
         raise missing_calibration(method.name, needs)
+    if needs.sequential and plan.vocab_size is not None:
+        raise ConfigError(
+            f"the checkpoints extend the vocabulary to {plan.vocab_size} rows, which the layer-by-layer merge of "
+            f"'{method.name}' cannot run: set the method's parameter sequential: false (--param sequential=false)"
+        )
     calibration = prepare_language_calibration(config, tokenizer_dir, texts) if texts is not None else None
     if config.dry_run:
         text = format_plan(plan, method, checkpoints, config.new_rows, describe_statistics(needs, calibration))
@@ -415,7 +453,11 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
     inputs = [config.base, *checkpoints, tokenizer_dir]
     folder = stack.enter_context(atomic_output_dir(config.output, overwrite=config.overwrite, inputs=inputs))
     stats, statistics, stats_sources = None, ModelStatistics(), []
-    if calibration is not None:
+    sequential = None
+    if needs.sequential and calibration is not None:
+        plan = sequential_write_order(plan, layout)
+        sequential = (calibration.side("base", needs.per_language), calibration.side("checkpoints", needs.per_language))
+    elif calibration is not None:
         t0 = time.perf_counter()
         stats, statistics, stats_sources = _measure(config, needs, calibration, texts, base, readers, plan, device)
         timings["statistics_s"] = time.perf_counter() - t0
@@ -429,6 +471,7 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
         folder=folder,
         metadata={"format": "pt", "merged_by": "obim-trainer", "method": method.name},
         statistics=statistics,
+        sequential=sequential,
     )
     return _Prepared(config, job, base, readers, method, tokenizer_dir, calibration, stats_sources, timings, start)
 
@@ -488,6 +531,7 @@ def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult
         calibration=_describe_calibration(config, prepared.calibration, prepared.method.statistics()),
         statistics=prepared.stats_sources,
         ownership_share=report.ownership_share(len(prepared.readers)) if report.owned else None,
+        notes=report.notes,
         timings=timings,
     ).write(folder)
     return MergeResult(output=config.output, checkpoints=job.checkpoints, plan=plan, manifest=manifest)
@@ -590,7 +634,7 @@ def _describe_calibration(
         }
         record["new_languages"] = list(calibration.new_languages)
     measured = {"checkpoints": calibration.languages_of("checkpoints", needs.per_language)}
-    if needs.grams or needs.fishers:
+    if needs.grams or needs.fishers or needs.sequential:
         measured["base"] = calibration.languages_of("base", needs.per_language)
     record["measured_on"] = measured
     return record

@@ -78,6 +78,13 @@ def describe_statistics(needs: StatisticsNeeds, calibration: LanguageCalibration
     if calibration is None or not needs.any:
         return ["statistics: none (the method reads no calibration statistics)"]
     lines = []
+    if needs.sequential:
+        base = ", ".join(calibration.languages_of("base", needs.per_language))
+        checkpoints = ", ".join(calibration.languages_of("checkpoints", needs.per_language))
+        return [
+            f"statistics: none cached; the model is merged block by block, the base run on {base} and each "
+            f"checkpoint and the merged model on {checkpoints}"
+        ]
     if needs.activations:
         lines.append(f"statistics: activations of each checkpoint on {', '.join(calibration.sets)}")
     for kind in requested_kinds(needs):

@@ -231,7 +231,7 @@ def test_list_methods_says_which_statistics_each_method_needs(capsys):
     assert main(["--list-methods"]) == 0
     heads = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line and not line[0].isspace()}
     per_language = "[needs per-language --calibration-data (LANG=FILE ...) and --new-language:"
-    assert heads["regmean"].endswith(f"{per_language} input Grams]")
+    assert heads["regmean"].endswith(f"{per_language} layer inputs, merged layer by layer]")
     assert heads["fisher_merging"].endswith(f"{per_language} Fisher diagonals]")
     assert heads["obim"].endswith("[needs --calibration-data: activation statistics]")
     assert heads["lines"] == "lines" and heads["magmax"] == "magmax"

@@ -42,17 +42,21 @@ class StatisticsNeeds:
         fishers: Diagonal empirical Fisher of every parameter (``TensorTask.base_fisher``/``checkpoint_fishers``).
         per_language: The base is measured on old-language text and each checkpoint on new-language text
             (calibration given per language, some named new). False: every model on all the calibration text.
+        sequential: The method merges the whole model in forward order, measuring each layer's inputs on
+            the partially merged model as it goes (sequential RegMean): it needs the calibration text itself,
+            no cached statistics, and the merge runs as one model-level pass instead of tensor by tensor.
     """
 
     activations: bool = False
     grams: bool = False
     fishers: bool = False
     per_language: bool = False
+    sequential: bool = False
 
     @property
     def any(self) -> bool:
         """Whether the method needs calibration text at all."""
-        return self.activations or self.grams or self.fishers
+        return self.activations or self.grams or self.fishers or self.sequential
 
 
 class MethodParams(BaseModel):

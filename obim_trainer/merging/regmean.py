@@ -77,7 +77,10 @@ class RegMean(MergeMethod):
         return self.params  # type: ignore[return-value]
 
     def statistics(self) -> StatisticsNeeds:
-        return StatisticsNeeds(grams=True, per_language=self._params.statistics == "per_language")
+        per_language = self._params.statistics == "per_language"
+        if self._params.sequential:
+            return StatisticsNeeds(sequential=True, per_language=per_language)
+        return StatisticsNeeds(grams=True, per_language=per_language)
 
     def describe_tensor(self, block_index: int | None) -> str:
         return f"linear maps: least squares on input Grams; others: θ_B + mean δ/(1+{self._params.base_weight:g})"

@@ -133,10 +133,12 @@ def test_everything_but_linear_weights_with_grams_shrinks_toward_the_base(kind, 
 
 
 def test_statistics_follow_the_params():
-    assert build_method("regmean", {}, num_models=2).statistics() == StatisticsNeeds(grams=True, per_language=True)
-    mixed = build_method("regmean", {"statistics": "mixed"}, num_models=2).statistics()
+    """Sequential (the default) reads the texts themselves; sequential: false reads cached Grams."""
+    assert build_method("regmean", {}, num_models=2).statistics() == StatisticsNeeds(sequential=True, per_language=True)
+    fixed = {"sequential": False}
+    assert build_method("regmean", fixed, num_models=2).statistics() == StatisticsNeeds(grams=True, per_language=True)
+    mixed = build_method("regmean", {**fixed, "statistics": "mixed"}, num_models=2).statistics()
     assert mixed == StatisticsNeeds(grams=True, per_language=False)
-    assert build_method("regmean", {}, num_models=2).params.sequential is True
 
 
 @pytest.mark.parametrize(
