@@ -228,7 +228,10 @@ class OBIMCallback(TrainerCallback):
 
     def _check_setup(self, args: TrainingArguments) -> None:
         config = self.config
-        self._needs_stats = build_method(config.method, config.params, num_models=config.top_k).needs_activation_stats
+        # activation statistics are recorded on the live model at each save; Grams, Fisher diagonals and the
+        # layer-by-layer merge read the saved checkpoints at merge time, for the selected ones only
+        method = build_method(config.method, config.params, num_models=config.top_k)
+        self._needs_stats = method.statistics().activations
         if config.select_metric.startswith(METRIC_PREFIX) and config.eval_data is None:
             raise ConfigError(
                 f"select_metric '{config.select_metric}' comes from the OBIM evaluator, which has no eval_data; "

@@ -29,7 +29,15 @@ class OBIMConfig(YamlConfig):
     tokenizer_source: Path | None = Field(default=None, description="Tokenizer folder if the base has none.")
 
     # activation statistics, recorded on the live model at every save
-    calibration_data: Any = Field(default=None, description="JSONL/text/parquet path or a datasets.Dataset.")
+    calibration_data: Any = Field(
+        default=None,
+        description="JSONL/text/parquet path or a datasets.Dataset, or {language: file} with new_languages.",
+    )
+    new_languages: list[str] = Field(
+        default_factory=list,
+        description="Languages of calibration_data the run adds; methods with per-language statistics (regmean, "
+        "fisher_merging) measure the base on the others and the checkpoints on these, at merge time.",
+    )
     calibration_samples: int = Field(default=100, ge=1)
     calibration_max_length: int = Field(default=512, ge=1)
     calibration_batch_size: int = Field(default=8, ge=1)
@@ -125,6 +133,7 @@ class OBIMConfig(YamlConfig):
                 "method": self.method,
                 "params": self.params,
                 "calibration_data": self.calibration_data,
+                "new_languages": self.new_languages,
                 "calibration_samples": self.calibration_samples,
                 "calibration_max_length": self.calibration_max_length,
                 "calibration_batch_size": self.calibration_batch_size,
