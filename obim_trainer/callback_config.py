@@ -16,7 +16,7 @@ from obim_trainer.comparison import Objective
 from obim_trainer.config import MergeConfig, OutputDType
 from obim_trainer.errors import ConfigError
 from obim_trainer.variants import accepts_total_share
-from obim_trainer.yaml_config import YamlConfig, load_yaml_config
+from obim_trainer.yaml_config import YamlConfig, load_yaml_config, section_of
 
 
 class OBIMConfig(YamlConfig):
@@ -113,7 +113,7 @@ class OBIMConfig(YamlConfig):
         if section is not None:
             if not isinstance(data.get(section), dict):
                 raise ConfigError(f"config file {path} has no '{section}:' mapping with the callback settings")
-            data = data[section]
+            return cls.build(data[section], source=section_of(path, section))
         return cls.build(data, source=path)
 
     def merge_config(self, checkpoints: list[Path], output: Path | None) -> MergeConfig:

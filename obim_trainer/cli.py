@@ -267,7 +267,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[MergeConfig, ComparisonC
     given = vars(args).copy()
     for key in ("list_methods", "log_level"):
         given.pop(key, None)
-    values = load_yaml_config(given.pop("config")) if "config" in given else {}
+    source = given.pop("config", None)
+    values = load_yaml_config(source) if source is not None else {}
     params = dict(given.pop("param", []))
     params.update({key: given.pop(key) for key in OBIM_FLAGS if key in given})
     if params:
@@ -278,8 +279,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[MergeConfig, ComparisonC
     if objective:
         given["objective"] = {**(values.get("objective") or {}), **objective}
     merged = merge_overrides(values, given)
-    comparison = ComparisonConfig.build(_split_comparison(merged))
-    return MergeConfig.build(merged), comparison
+    comparison = ComparisonConfig.build(_split_comparison(merged), source=source)
+    return MergeConfig.build(merged, source=source), comparison
 
 
 def format_methods() -> str:
