@@ -24,7 +24,7 @@ from typing import Any
 
 from obim_trainer import OBIMCallback, OBIMConfig
 from obim_trainer.checkpoints.detect import hf_format
-from obim_trainer.distributed import ZeroGatherer, is_main_process, run_on_main
+from obim_trainer.distributed import ZeroGatherer, is_main_process, run_on_main, world_size
 from obim_trainer.distributed.teardown import process_group_teardown
 from obim_trainer.errors import ConfigError, OBIMError
 from obim_trainer.training_data import load_text_file, pack_blocks
@@ -82,6 +82,7 @@ def train(config: Path) -> int:
         logger.error("%s", exc)
         return 2
     model_dir, data = Path(settings["model"]), settings["data"]
+    logger.info("training %s in %d process(es)", model_dir, world_size())  # the process group exists by now
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     text_field = data.get("text_field", "text")
