@@ -54,6 +54,8 @@ class MergeManifest:
     statistics: list[dict[str, Any]] = field(default_factory=list)
     ownership_share: list[float] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    kernels: dict[str, str] = field(default_factory=dict)
+    """Which path iterative merging's selection took: native loops (and which library) or torch (and why)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +69,7 @@ class MergeManifest:
             "ownership_share": self.ownership_share,
             "output": self.output,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "kernels": self.kernels,
             "versions": _versions(),
         }
 

@@ -46,6 +46,7 @@ from obim_trainer.engine import EngineReport, MergeEngine, MergePlan, plan_merge
 from obim_trainer.errors import CheckpointError, ConfigError
 from obim_trainer.manifest import MergeManifest, describe_input
 from obim_trainer.merging import MergeMethod, build_method
+from obim_trainer.merging.native_library import kernel_state
 from obim_trainer.model_layout import ModelLayout
 from obim_trainer.selection import best_checkpoint, select_top_checkpoints
 
@@ -406,6 +407,13 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
     return _Prepared(config, job, base, readers, method, tokenizer_dir, calibration, stats_sources, timings, start)
 
 
+def _kernels(device: torch.device) -> dict[str, str]:
+    """What merged: the native loops (on the CPU, when they loaded) or torch, with the reason."""
+    if device.type != "cpu":
+        return {"path": "torch", "origin": "none", "reason": f"merging on {device}"}
+    return kernel_state().to_dict()
+
+
 def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult:
     """Index, config, tokenizer and manifest into the output folder, once every part is written."""
     config, job, timings = prepared.config, prepared.job, prepared.timings
@@ -437,6 +445,7 @@ def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult
         statistics=prepared.stats_sources,
         ownership_share=report.ownership_share(len(prepared.readers)) if report.owned else None,
         timings=timings,
+        kernels=_kernels(resolve_device(config.device)),
     ).write(folder)
     return MergeResult(output=config.output, checkpoints=job.checkpoints, plan=plan, manifest=manifest)
 

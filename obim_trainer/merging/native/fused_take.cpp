@@ -15,6 +15,10 @@
 #include <thread>
 #include <vector>
 
+#ifndef OBIM_LEVEL
+#define OBIM_LEVEL 1  // the instruction-set level this copy is compiled for (see native/build.py)
+#endif
+
 namespace {
 
 constexpr int64_t kChunk = 1 << 17;  // positions per unit of work
@@ -250,6 +254,23 @@ void take_all(const Scores& s, bool scored, const uint8_t* free_in, uint8_t* fre
 }  // namespace
 
 extern "C" {
+
+// The level this library was compiled for: 1 (the architecture's baseline) or 3 (x86-64-v3).
+int obim_build_level() { return OBIM_LEVEL; }
+
+// The highest level the running CPU (and its operating system) can execute, asked with cpuid through
+// the compiler's runtime, so that it holds inside containers whatever /proc/cpuinfo says. Only called
+// on the baseline library, which every CPU of the architecture runs.
+int obim_cpu_level() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") &&
+                  __builtin_cpu_supports("avx");
+  return v3 ? 3 : 1;
+#else
+  return 1;
+#endif
+}
 
 // Among free positions (free == nullptr: all), counts scores > hi into *above and gathers, in
 // ascending index order, the index and score of each one with lo <= score <= hi into cand_index /
