@@ -133,6 +133,7 @@ class OBIMConfig(YamlConfig):
                 "output": output,
                 "dry_run": output is None,
                 "overwrite": True,  # merged-step-N belongs to this run; a resumed run may redo a step
+                "stats_beside_checkpoints": True,  # the checkpoints of this run, in its own output folder
                 "out_shard_size": self.out_shard_size,
                 "dtype": self.dtype,
                 "device": self.merge_device,

@@ -157,7 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--calibration-batch-size", type=int, help="Forward batch size (default 8).")
     calib.add_argument("--calibration-text-field", help="Text field of JSONL/parquet rows (default 'text').")
     calib.add_argument(
-        "--stats-cache-dir", type=Path, help="Where to keep statistics when a checkpoint folder is read-only."
+        "--stats-cache-dir",
+        type=Path,
+        help="Where to keep activation statistics (default $OBIM_STATS_CACHE, else ~/.cache/obim_trainer/stats).",
+    )
+    calib.add_argument(
+        "--stats-beside-checkpoints",
+        action="store_true",
+        help="Write new statistics into each checkpoint folder (obim_stats/) instead; without it, "
+        "folders given as inputs are never written.",
     )
     calib.add_argument("--recompute-stats", action="store_true", help="Ignore cached statistics.")
 

@@ -166,7 +166,7 @@ def prepare_calibration(config: MergeConfig, tokenizer_dir: Path | None = None) 
 def checkpoint_stats(
     reader: CheckpointReader, calibration: CalibrationSet, config: MergeConfig, device: torch.device
 ) -> tuple[ActivationStats, dict[str, Any]]:
-    """Statistics of one checkpoint, computed on that checkpoint and cached beside it.
+    """Statistics of one checkpoint, computed on that checkpoint and cached (see ``calibration/stats_cache.py``).
 
     The model is built from the reader's tensors (see :mod:`~obim_trainer.checkpoints.model_loading`), so
     DeepSpeed and LoRA checkpoints get statistics too, and always of exactly the weights merged.
@@ -189,7 +189,12 @@ def checkpoint_stats(
             del model
 
     stats, source = load_or_compute_stats(
-        reader.path, key, compute, cache_dir=config.stats_cache_dir, recompute=config.recompute_stats
+        reader.path,
+        key,
+        compute,
+        cache_dir=config.stats_cache_dir,
+        recompute=config.recompute_stats,
+        beside=config.stats_beside_checkpoints,
     )
     if not all(bool(torch.isfinite(t).all()) for t in stats.sq_sum.values()):
         raise_nonfinite(reader)

@@ -1,6 +1,6 @@
 // Fused passes of iterative merging (see obim_trainer/merging/fused_take.py).
 //
-// Plain C ABI, no Python or torch headers: it compiles in a second or two and is loaded with
+// Plain C ABI, no Python or torch headers: it is built when the package is installed and loaded with
 // ctypes. A tensor is seen as rows x cols (cols = its last dimension); each function splits the
 // rows into contiguous chunks, one per thread, and every result is independent of the number of
 // threads. Scores are either given (float32) or computed on the fly as OBM saliency,
