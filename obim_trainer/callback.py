@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -33,6 +32,7 @@ from obim_trainer.calibration import ActivationStats, CalibrationSet, stats_key,
 from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.checkpoint_guard import CheckpointGuard, link_or_copy
 from obim_trainer.checkpoints import open_checkpoint, parse_size
+from obim_trainer.checkpoints.atomic import replace_folder
 from obim_trainer.checkpoints.detect import hf_format
 from obim_trainer.comparison import evaluate_folders, pick
 from obim_trainer.config import MergeConfig
@@ -427,9 +427,7 @@ class OBIMCallback(TrainerCallback):
             table = evaluate_folders({n: (p, "merge") for n, p in folders.items()}, self.evaluator, device=device)
         best = pick(table, self.config.objective)
         variant = next(v for v in pending.variants if v.name == best.name)
-        if merged.path.exists():
-            shutil.rmtree(merged.path)  # a resumed run redoing this step
-        os.replace(best.path, merged.path)
+        replace_folder(best.path, merged.path)  # one step: a resumed run may be redoing this one
         best.path = merged.path
         if self.config.keep_sweep:
             table.write(root)
