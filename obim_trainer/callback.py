@@ -42,7 +42,7 @@ from obim_trainer.distributed import (
     plain_model_loading,
     run_on_main,
 )
-from obim_trainer.errors import ConfigError
+from obim_trainer.errors import ConfigError, OBIMError
 from obim_trainer.evaluation import METRIC_PREFIX, PerLanguageEvaluator, load_eval_sets
 from obim_trainer.manifest import MANIFEST_NAME
 from obim_trainer.merge import merge_checkpoints_on_ranks, prepare_calibration
@@ -284,7 +284,9 @@ class OBIMCallback(TrainerCallback):
         except Exception as exc:  # raised on every rank alike (see run_on_main), so all go on together
             if self.config.on_error == "raise":
                 raise
-            logger.error("%s failed, training goes on: %s", what, exc)
+            # a user's error says what to fix; anything else is a bug whose traceback is the only lead
+            trace = None if isinstance(exc, OBIMError) else exc
+            logger.error("%s failed, training goes on: %s", what, exc, exc_info=trace)
             return None
 
     def _merge_and_record(self, step: int, pending: PendingMerge | None, timings: dict[str, float]) -> None:

@@ -195,3 +195,10 @@ def test_a_folder_in_no_format_exits_2_naming_it(llama_family, tmp_path, caplog)
     code = main(["--base", str(llama_family[0]), "--checkpoints", str(junk), "--output", str(tmp_path / "m")])
     assert code == 2 and not (tmp_path / "m").exists()
     assert f"no checkpoint format recognised in {junk} (found: notes.txt)" in caplog.text
+
+
+def test_an_unknown_key_in_the_yaml_names_the_file_and_the_key(tmp_path, caplog):
+    config = tmp_path / "merge.yaml"
+    config.write_text("base: base\ncheckpoints: [a, b]\nmethdo: ties\n")
+    assert main(["--config", str(config), "--output", str(tmp_path / "out")]) == 2
+    assert f"invalid merge configuration {config}: methdo: Extra inputs are not permitted" in caplog.text
