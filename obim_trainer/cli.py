@@ -14,7 +14,7 @@ import yaml
 
 from obim_trainer.config import MergeConfig, merge_overrides
 from obim_trainer.errors import OBIMError
-from obim_trainer.merge_comparison import COMPARISON_KEYS, ComparisonConfig, compare_merges
+from obim_trainer.merge_comparison import COMPARISON_KEYS, ComparisonConfig, compare_merges, plan_comparison
 from obim_trainer.merging import available_methods
 from obim_trainer.yaml_config import load_yaml_config
 
@@ -46,7 +46,7 @@ examples:
   obim-merge-ckpts --config configs/merge/obim.yaml --output ./merged-2
 
   # compare OBIM (also keeping 40% and 70% of the base) with TIES, one table of per-language losses
-  obim-merge-ckpts --config configs/merge/obim.yaml --method obim,ties --total-share 1.0,0.6,0.3 \
+  obim-merge-ckpts --config configs/merge/obim.yaml --method obim,ties --total-share 1.0,0.6,0.3 \\
       --evaluate --eval-data en=en_eval.jsonl ja=ja_eval.jsonl --output ./compared
 
   # check everything and print the per-tensor plan without writing
@@ -319,7 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config, comparison = config_from_args(args)
-        if comparison.several and not config.dry_run:
+        if comparison.several and config.dry_run:
+            sys.stdout.write(plan_comparison(config, comparison) + "\n")
+            return 0
+        if comparison.several:
             _, table = compare_merges(config, comparison)
             if table is not None:
                 sys.stdout.write(table.to_markdown() + "\n")

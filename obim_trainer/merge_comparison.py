@@ -127,6 +127,19 @@ def reference_folders(config: MergeConfig, checkpoints: list[Path], merged: Path
     return folders
 
 
+def plan_comparison(config: MergeConfig, comparison: ComparisonConfig) -> str:
+    """``--dry-run`` of a comparison: the plan of every merge it would make, each under its name."""
+    from obim_trainer.merge import merge_checkpoints, resolve_checkpoints
+
+    checkpoints = resolve_checkpoints(config)
+    blocks = []
+    for variant in plan_variants(comparison.methods, config.params, comparison.total_shares, len(checkpoints)):
+        values = {**config.model_dump(), "method": variant.method, "params": variant.params}
+        values |= {"checkpoints": checkpoints, "run_dir": None}
+        blocks.append(f"# {variant.name}\n{merge_checkpoints(MergeConfig.build(values)).plan_text}")
+    return "\n\n".join(blocks)
+
+
 def compare_merges(
     config: MergeConfig, comparison: ComparisonConfig, evaluator: ModelEvaluator | None = None
 ) -> tuple[dict[str, Path], ComparisonTable | None]:
