@@ -218,6 +218,7 @@ print("RESULT " + json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_the_callback_without_wandb_installed(tmp_path):
     inputs = build_inputs(tmp_path / "inputs")
     env = run_env(WANDB_DIR=str(tmp_path))

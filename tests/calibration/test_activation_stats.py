@@ -249,6 +249,7 @@ def assert_reduced_equals_single_process(tmp_path: Path, calibration: Calibratio
         assert torch.equal(reduced.token_counts, single.token_counts)
 
 
+@pytest.mark.slow
 def test_all_reduce_over_two_processes_equals_one_process(calibration, tmp_path):
     body = """
         dist.init_process_group("gloo")

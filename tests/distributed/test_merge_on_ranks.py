@@ -16,6 +16,8 @@ from obim_trainer.distributed.teardown import process_group_teardown
 from obim_trainer.merge import merge_checkpoints, merge_checkpoints_on_ranks
 from tests.conftest import copy_tree
 
+pytestmark = pytest.mark.slow  # two processes
+
 WORLD = 2
 POISONED = "lm_head.weight"
 

@@ -29,6 +29,8 @@ from obim_trainer.distributed.teardown import process_group_teardown
 from obim_trainer.evaluation import PerLanguageEvaluator
 from tests.conftest import make_texts
 
+pytestmark = pytest.mark.slow  # two processes
+
 WORLD = 2
 
 

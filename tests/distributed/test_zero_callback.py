@@ -25,6 +25,8 @@ from tests.callback_run import (
 )
 from tests.launch import run_env, run_on_free_port, torchrun
 
+pytestmark = pytest.mark.slow  # two processes
+
 pytest.importorskip("deepspeed")
 ROOT = Path(__file__).parents[2]
 TIMEOUT_S = 300
