@@ -163,13 +163,9 @@ def load_library(path: Path) -> ctypes.CDLL:
 
 def _best(find: Callable[[str], Path]) -> Path:
     """The library of the highest level this CPU runs; ``find(level)`` gives a level's path."""
-    base = find("base")
-    cpu_level = load_library(base).obim_cpu_level()
-    best = base
-    for level, _ in levels().items():
-        if level != "base" and cpu_level >= int(level.removeprefix("v")):
-            best = find(level)
-    return best
+    cpu_level = load_library(find("base")).obim_cpu_level()  # the baseline runs on every CPU of the architecture
+    runnable = [level for level in levels() if level == "base" or cpu_level >= int(level.removeprefix("v"))]
+    return find(runnable[-1])  # levels() lists them from the baseline up
 
 
 def _installed() -> Path | None:
