@@ -126,6 +126,7 @@ def child_merge(work: Path, k: int, method: str, workers: int) -> dict:
         method=method,
         calibration_data=work / "calib.jsonl",
         calibration_samples=8,
+        stats_beside_checkpoints=True,  # where the callback leaves them in a real run
         output=work / f"merged-{method}",
         overwrite=True,
         progress=False,

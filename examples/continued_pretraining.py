@@ -22,14 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from obim_trainer import OBIMCallback, OBIMConfig
 from obim_trainer.checkpoints.detect import hf_format
-from obim_trainer.distributed import ZeroGatherer, is_main_process, run_on_main
-from obim_trainer.errors import OBIMError
+from obim_trainer.distributed import ZeroGatherer, is_main_process, run_on_main, world_size
+from obim_trainer.distributed.teardown import process_group_teardown
+from obim_trainer.errors import ConfigError, OBIMError
 from obim_trainer.training_data import load_text_file, pack_blocks
-from obim_trainer.yaml_config import load_yaml_config
+from obim_trainer.yaml_config import build_from_keywords, load_yaml_config, section_of
 
 logger = logging.getLogger("continued_pretraining")
 
@@ -48,12 +47,27 @@ def finish_wandb_run() -> None:
         wandb.finish()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="YAML with model, data, training and obim.")
-    options = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING)
+def build_settings(config: Path, training_arguments: type) -> tuple[dict[str, Any], Any, OBIMConfig]:
+    """The YAML's sections, validated: every unknown key or bad value is one error naming the file and section."""
+    settings = load_yaml_config(config)
+    for section in ("model", "data"):
+        if section not in settings:
+            raise ConfigError(f"config {config} lacks the '{section}:' section; see configs/callback/example.yaml")
+    data = settings["data"]
+    for key in ("train", "eval"):
+        if key not in data:
+            raise ConfigError(f"{section_of(config, 'data')} lacks '{key}'; see configs/callback/example.yaml")
+    # TrainingArguments first: with ZeRO-3 it makes from_pretrained load the model partitioned
+    args = build_from_keywords(training_arguments, settings.get("training", {}), section_of(config, "training"))
+    obim = OBIMConfig.build(
+        {"base_model": Path(settings["model"]), "eval_data": dict(data.get("eval", {})), **settings.get("obim", {})},
+        source=section_of(config, "obim"),
+    )
+    return settings, args, obim
 
+
+def train(config: Path) -> int:
+    """Build everything from ``config`` and train; the trainer and model live only in this frame."""
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
@@ -63,27 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     try:
-        settings = load_yaml_config(options.config)
-        model_dir = Path(settings["model"])
-        data = settings["data"]
-        # TrainingArguments first: with ZeRO-3 it makes from_pretrained load the model partitioned
-        args = TrainingArguments(**settings.get("training", {}))
-        obim = OBIMConfig.build(
-            {"base_model": model_dir, "eval_data": dict(data.get("eval", {})), **settings.get("obim", {})}
-        )
-    except KeyError as exc:
-        logger.error("config %s lacks the %s setting", options.config, exc)
-        return 2
+        settings, args, obim = build_settings(config, TrainingArguments)
     except (OBIMError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
-
+    model_dir, data = Path(settings["model"]), settings["data"]
+    logger.info("training %s in %d process(es)", model_dir, world_size())  # the process group exists by now
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     text_field = data.get("text_field", "text")
     block_size = int(data.get("block_size", 1024))
     with args.main_process_first(desc="tokenizing"):
-        train = pack_blocks(load_text_file(data["train"]), tokenizer, text_field, block_size)
+        train_rows = pack_blocks(load_text_file(data["train"]), tokenizer, text_field, block_size)
         evals = {
             lang: pack_blocks(load_text_file(path), tokenizer, text_field, block_size)
             for lang, path in data["eval"].items()
@@ -93,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=train,
+        train_dataset=train_rows,
         eval_dataset=evals,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
@@ -102,14 +107,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trainer.train(resume_from_checkpoint=settings.get("resume_from_checkpoint"))
         save_final_model(trainer, Path(args.output_dir))
-        trainer.accelerator.wait_for_everyone()  # no rank leaves while the main one still writes
     finally:
         finish_wandb_run()
-        if torch.distributed.is_initialized():
-            # before interpreter exit: a process group destroyed by the exit itself can abort the process
-            # ("terminate called without an active exception") while its threads still run
-            torch.distributed.destroy_process_group()
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="YAML with model, data, training and obim.")
+    options = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING)
+    # the trainer, its DDP wrapper or DeepSpeed engine are released, every rank waits for the others (the main
+    # one may still be writing) and the process group is destroyed before interpreter exit, on failure too:
+    # a group left to the exit itself hangs or aborts a rank now and then
+    with process_group_teardown():
+        return train(options.config)
 
 
 if __name__ == "__main__":

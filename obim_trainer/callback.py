@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -33,6 +32,7 @@ from obim_trainer.calibration import ActivationStats, CalibrationSet, stats_key,
 from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.checkpoint_guard import CheckpointGuard, link_or_copy
 from obim_trainer.checkpoints import open_checkpoint, parse_size
+from obim_trainer.checkpoints.atomic import replace_folder
 from obim_trainer.checkpoints.detect import hf_format
 from obim_trainer.comparison import evaluate_folders, pick
 from obim_trainer.config import MergeConfig
@@ -42,7 +42,7 @@ from obim_trainer.distributed import (
     plain_model_loading,
     run_on_main,
 )
-from obim_trainer.errors import ConfigError
+from obim_trainer.errors import ConfigError, OBIMError
 from obim_trainer.evaluation import METRIC_PREFIX, PerLanguageEvaluator, load_eval_sets
 from obim_trainer.manifest import MANIFEST_NAME
 from obim_trainer.merge import merge_checkpoints_on_ranks, prepare_calibration
@@ -287,7 +287,9 @@ class OBIMCallback(TrainerCallback):
         except Exception as exc:  # raised on every rank alike (see run_on_main), so all go on together
             if self.config.on_error == "raise":
                 raise
-            logger.error("%s failed, training goes on: %s", what, exc)
+            # a user's error says what to fix; anything else is a bug whose traceback is the only lead
+            trace = None if isinstance(exc, OBIMError) else exc
+            logger.error("%s failed, training goes on: %s", what, exc, exc_info=trace)
             return None
 
     def _merge_and_record(self, step: int, pending: PendingMerge | None, timings: dict[str, float]) -> None:
@@ -430,9 +432,7 @@ class OBIMCallback(TrainerCallback):
             table = evaluate_folders({n: (p, "merge") for n, p in folders.items()}, self.evaluator, device=device)
         best = pick(table, self.config.objective)
         variant = next(v for v in pending.variants if v.name == best.name)
-        if merged.path.exists():
-            shutil.rmtree(merged.path)  # a resumed run redoing this step
-        os.replace(best.path, merged.path)
+        replace_folder(best.path, merged.path)  # one step: a resumed run may be redoing this one
         best.path = merged.path
         if self.config.keep_sweep:
             table.write(root)

@@ -16,7 +16,7 @@ from obim_trainer.comparison import Objective
 from obim_trainer.config import MergeConfig, OutputDType
 from obim_trainer.errors import ConfigError
 from obim_trainer.variants import accepts_total_share
-from obim_trainer.yaml_config import YamlConfig, load_yaml_config
+from obim_trainer.yaml_config import YamlConfig, load_yaml_config, section_of
 
 
 class OBIMConfig(YamlConfig):
@@ -121,7 +121,7 @@ class OBIMConfig(YamlConfig):
         if section is not None:
             if not isinstance(data.get(section), dict):
                 raise ConfigError(f"config file {path} has no '{section}:' mapping with the callback settings")
-            data = data[section]
+            return cls.build(data[section], source=section_of(path, section))
         return cls.build(data, source=path)
 
     def merge_config(self, checkpoints: list[Path], output: Path | None) -> MergeConfig:
@@ -142,6 +142,7 @@ class OBIMConfig(YamlConfig):
                 "output": output,
                 "dry_run": output is None,
                 "overwrite": True,  # merged-step-N belongs to this run; a resumed run may redo a step
+                "stats_beside_checkpoints": True,  # the checkpoints of this run, in its own output folder
                 "out_shard_size": self.out_shard_size,
                 "dtype": self.dtype,
                 "device": self.merge_device,

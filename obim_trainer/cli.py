@@ -14,7 +14,7 @@ import yaml
 
 from obim_trainer.config import MergeConfig, merge_overrides
 from obim_trainer.errors import ConfigError, OBIMError
-from obim_trainer.merge_comparison import COMPARISON_KEYS, ComparisonConfig, compare_merges, describe_variants
+from obim_trainer.merge_comparison import COMPARISON_KEYS, ComparisonConfig, compare_merges, plan_comparison
 from obim_trainer.merging import MergeMethod, available_methods
 from obim_trainer.merging.registry import StatisticsNeeds
 from obim_trainer.yaml_config import load_yaml_config
@@ -47,7 +47,7 @@ examples:
   obim-merge-ckpts --config configs/merge/obim.yaml --output ./merged-2
 
   # compare OBIM (also keeping 40% and 70% of the base) with TIES, one table of per-language losses
-  obim-merge-ckpts --config configs/merge/obim.yaml --method obim,ties --total-share 1.0,0.6,0.3 \
+  obim-merge-ckpts --config configs/merge/obim.yaml --method obim,ties --total-share 1.0,0.6,0.3 \\
       --evaluate --eval-data en=en_eval.jsonl ja=ja_eval.jsonl --output ./compared
 
   # RegMean at three base weights (base on old-language text, checkpoints on new), beside OBIM
@@ -187,7 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--calibration-batch-size", type=int, help="Forward batch size (default 8).")
     calib.add_argument("--calibration-text-field", help="Text field of JSONL/parquet rows (default 'text').")
     calib.add_argument(
-        "--stats-cache-dir", type=Path, help="Where to keep statistics when a checkpoint folder is read-only."
+        "--stats-cache-dir",
+        type=Path,
+        help="Where to keep activation statistics (default $OBIM_STATS_CACHE, else ~/.cache/obim_trainer/stats).",
+    )
+    calib.add_argument(
+        "--stats-beside-checkpoints",
+        action="store_true",
+        help="Write new statistics into each checkpoint folder (obim_stats/) instead; without it, "
+        "folders given as inputs are never written.",
     )
     calib.add_argument("--recompute-stats", action="store_true", help="Ignore cached statistics.")
 
@@ -320,7 +328,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[MergeConfig, ComparisonC
     given = vars(args).copy()
     for key in ("list_methods", "log_level"):
         given.pop(key, None)
-    values = load_yaml_config(given.pop("config")) if "config" in given else {}
+    source = given.pop("config", None)
+    values = load_yaml_config(source) if source is not None else {}
     params, sweeps = _split_sweeps(given.pop("param", []), values.get("sweep"))
     if sweeps:
         given["sweep"] = sweeps
@@ -339,8 +348,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[MergeConfig, ComparisonC
     if objective:
         given["objective"] = {**(values.get("objective") or {}), **objective}
     merged = merge_overrides(values, given)
-    comparison = ComparisonConfig.build(_split_comparison(merged))
-    return MergeConfig.build(merged), comparison
+    comparison = ComparisonConfig.build(_split_comparison(merged), source=source)
+    return MergeConfig.build(merged, source=source), comparison
 
 
 def default_statistics(cls: type[MergeMethod]) -> StatisticsNeeds:
@@ -403,11 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config, comparison = config_from_args(args)
         if comparison.several and config.dry_run:
-            listing, variants = describe_variants(config, comparison)
-            sys.stdout.write(listing + "\n")
-            first = variants[0]
-            config = config.model_copy(update={"method": first.method, "params": first.params})
-        elif comparison.several:
+            sys.stdout.write(plan_comparison(config, comparison) + "\n")
+            return 0
+        if comparison.several:
             _, table = compare_merges(config, comparison)
             if table is not None:
                 sys.stdout.write(table.to_markdown() + "\n")

@@ -49,7 +49,13 @@ class MergeConfig(YamlConfig):
     calibration_max_length: int = Field(default=512, ge=1)
     calibration_batch_size: int = Field(default=8, ge=1)
     calibration_text_field: str = "text"
-    stats_cache_dir: Path | None = None
+    stats_cache_dir: Path | None = Field(
+        default=None, description="Where statistics are kept (default $OBIM_STATS_CACHE or the user cache's)."
+    )
+    stats_beside_checkpoints: bool = Field(
+        default=False,
+        description="Write new statistics into each checkpoint's obim_stats/ instead of the cache folder.",
+    )
     recompute_stats: bool = False
 
     zero_weights: ZeroWeights = Field(

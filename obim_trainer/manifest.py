@@ -55,6 +55,8 @@ class MergeManifest:
     ownership_share: list[float] | None = None
     notes: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    kernels: dict[str, str] = field(default_factory=dict)
+    """Which path iterative merging's selection took: native loops (and which library) or torch (and why)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +71,7 @@ class MergeManifest:
             "notes": self.notes,
             "output": self.output,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "kernels": self.kernels,
             "versions": _versions(),
         }
 

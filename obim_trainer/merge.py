@@ -3,7 +3,7 @@
 The order of work is chosen so that nothing is lost and mistakes surface early:
 configuration and inputs are validated before any statistics are computed, the
 output location is checked before any statistics are computed, statistics are cached
-beside each checkpoint, and the merged folder only appears, complete, at the end.
+(in the user cache, or beside each checkpoint when asked), and the merged folder only appears, complete, at the end.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from obim_trainer.errors import CheckpointError, ConfigError
 from obim_trainer.manifest import MergeManifest, describe_input
 from obim_trainer.merge_statistics import describe_statistics, model_statistics, raise_nonfinite
 from obim_trainer.merging import MergeMethod, build_method
+from obim_trainer.merging.native_library import kernel_state
 from obim_trainer.merging.registry import StatisticsNeeds
 from obim_trainer.merging.regmean import RIDGED_NOTE
 from obim_trainer.model_layout import ModelLayout
@@ -193,7 +194,7 @@ def prepare_calibration(config: MergeConfig, tokenizer_dir: Path | None = None) 
 def checkpoint_stats(
     reader: CheckpointReader, calibration: CalibrationSet, config: MergeConfig, device: torch.device
 ) -> tuple[ActivationStats, dict[str, Any]]:
-    """Statistics of one checkpoint, computed on that checkpoint and cached beside it.
+    """Statistics of one checkpoint, computed on that checkpoint and cached (see ``calibration/stats_cache.py``).
 
     The model is built from the reader's tensors (see :mod:`~obim_trainer.checkpoints.model_loading`), so
     DeepSpeed and LoRA checkpoints get statistics too, and always of exactly the weights merged.
@@ -216,7 +217,12 @@ def checkpoint_stats(
             del model
 
     stats, source = load_or_compute_stats(
-        reader.path, key, compute, cache_dir=config.stats_cache_dir, recompute=config.recompute_stats
+        reader.path,
+        key,
+        compute,
+        cache_dir=config.stats_cache_dir,
+        recompute=config.recompute_stats,
+        beside=config.stats_beside_checkpoints,
     )
     if not all(bool(torch.isfinite(t).all()) for t in stats.sq_sum.values()):
         raise_nonfinite(reader)
@@ -501,6 +507,13 @@ def _measure(
     return stats, statistics, records + measured
 
 
+def _kernels(device: torch.device) -> dict[str, str]:
+    """What merged: the native loops (on the CPU, when they loaded) or torch, with the reason."""
+    if device.type != "cpu":
+        return {"path": "torch", "origin": "none", "reason": f"merging on {device}"}
+    return kernel_state().to_dict()
+
+
 def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult:
     """Index, config, tokenizer and manifest into the output folder, once every part is written."""
     config, job, timings = prepared.config, prepared.job, prepared.timings
@@ -533,6 +546,7 @@ def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult
         ownership_share=report.ownership_share(len(prepared.readers)) if report.owned else None,
         notes=report.notes,
         timings=timings,
+        kernels=_kernels(resolve_device(config.device)),
     ).write(folder)
     return MergeResult(output=config.output, checkpoints=job.checkpoints, plan=plan, manifest=manifest)
 

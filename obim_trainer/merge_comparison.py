@@ -139,14 +139,20 @@ def plan(config: MergeConfig, comparison: ComparisonConfig, num_models: int) -> 
     return plan_variants(comparison.methods, config.params, comparison.total_shares, num_models, comparison.sweep)
 
 
-def describe_variants(config: MergeConfig, comparison: ComparisonConfig) -> tuple[str, list[MergeVariant]]:
-    """For ``--dry-run``: one line per merge that would be made (folder name, method, parameters), and the merges."""
-    from obim_trainer.merge import resolve_checkpoints
+def plan_comparison(config: MergeConfig, comparison: ComparisonConfig) -> str:
+    """``--dry-run`` of a comparison: one line per merge it would make, then each merge's plan under its name."""
+    from obim_trainer.merge import merge_checkpoints, resolve_checkpoints
 
-    variants = plan(config, comparison, len(resolve_checkpoints(config)))
-    lines = [f"{len(variants)} merge(s) of the same checkpoints:"]
-    lines += [f"  {v.name}: {v.method} {json.dumps(v.params, sort_keys=True)}" for v in variants]
-    return "\n".join(lines), variants
+    checkpoints = resolve_checkpoints(config)
+    variants = plan(config, comparison, len(checkpoints))
+    listing = [f"{len(variants)} merge(s) of the same checkpoints:"]
+    listing += [f"  {v.name}: {v.method} {json.dumps(v.params, sort_keys=True)}" for v in variants]
+    blocks = ["\n".join(listing)]
+    for variant in variants:
+        values = {**config.model_dump(), "method": variant.method, "params": variant.params}
+        values |= {"checkpoints": checkpoints, "run_dir": None}
+        blocks.append(f"# {variant.name}\n{merge_checkpoints(MergeConfig.build(values)).plan_text}")
+    return "\n\n".join(blocks)
 
 
 def compare_merges(

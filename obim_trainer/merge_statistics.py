@@ -132,7 +132,13 @@ def stored_statistics(
         return stats
 
     stats, source = load_or_compute_stats(
-        reader.path, key, compute, cache_dir=config.stats_cache_dir, recompute=config.recompute_stats, load=kind.load
+        reader.path,
+        key,
+        compute,
+        cache_dir=config.stats_cache_dir,
+        recompute=config.recompute_stats,
+        load=kind.load,
+        beside=config.stats_beside_checkpoints,
     )
     return stats, {"kind": kind.name, "checkpoint": str(reader.path), "key": key, "source": source}
 

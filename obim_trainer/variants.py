@@ -171,7 +171,7 @@ def merge_variants(
     merge: Callable[[MergeConfig], object] | None = None,
 ) -> dict[str, Path]:
     """Merge the same checkpoints once per variant into ``output_root/<name>``; statistics are computed
-    once and reused from the cache beside the checkpoints. ``merge`` makes one merge (default
+    once and reused from the statistics cache. ``merge`` makes one merge (default
     :func:`~obim_trainer.merge.merge_checkpoints`; the callback passes the one split between ranks)."""
     from obim_trainer.merge import merge_checkpoints
 

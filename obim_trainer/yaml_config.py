@@ -7,7 +7,8 @@ one line naming each offending key and what to change.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from obim_trainer.errors import ConfigError
 
 _Config = TypeVar("_Config", bound="YamlConfig")
+_Built = TypeVar("_Built")
 
 
 def format_validation_error(exc: ValidationError, what: str) -> str:
@@ -41,6 +43,32 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
     return data
+
+
+def section_of(path: str | Path, section: str) -> str:
+    """How an error names one top-level section of a YAML file: ``config.yaml, section 'training:'``."""
+    return f"{path}, section '{section}:'"
+
+
+def build_from_keywords(target: Callable[..., _Built], values: Mapping[str, Any], source: str) -> _Built:
+    """``target(**values)`` for a section that belongs to another library (``TrainingArguments``), with
+    an unknown key or a rejected value reported as one :class:`ConfigError` naming ``source`` and the key.
+
+    Unknown keys are checked against ``target``'s signature first: a key a newer or older version of that
+    library does not know (``overwrite_output_dir`` in transformers 5) would otherwise be a TypeError traceback.
+    """
+    name = getattr(target, "__name__", str(target))
+    accepted = inspect.signature(target).parameters
+    unknown = sorted(str(key) for key in values if key not in accepted)
+    if unknown:
+        raise ConfigError(
+            f"{source}: {name} does not accept {', '.join(repr(key) for key in unknown)}; "
+            f"remove or rename {'it' if len(unknown) == 1 else 'them'} (check the spelling and the installed version)"
+        )
+    try:
+        return target(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: invalid {name} settings: {exc}") from None
 
 
 class YamlConfig(BaseModel):

@@ -142,6 +142,17 @@ def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
     return path
 
 
+LAUNCHING_FIXTURES = {"zero_checkpoint"}
+"""Fixtures that start multi-process runs: a test using one is ``slow`` (``-m "not slow"`` skips it)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that depends on a launched run as ``slow``, however indirectly it asks for it."""
+    for item in items:
+        if LAUNCHING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))

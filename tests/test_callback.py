@@ -218,10 +218,12 @@ print("RESULT " + json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_the_callback_without_wandb_installed(tmp_path):
     inputs = build_inputs(tmp_path / "inputs")
     env = run_env(WANDB_DIR=str(tmp_path))
-    status, log = run_isolated([sys.executable, "-c", NO_WANDB, str(inputs.root), str(tmp_path / "run")], env, 240)
+    argv = [sys.executable, "-c", NO_WANDB, str(inputs.root), str(tmp_path / "run")]
+    status, log = run_isolated(argv, env, 240, tmp_path / "run.log")
     assert status == 0, log
     result = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
     assert result["merged"] == str(tmp_path / "run" / "obim" / "merged-step-4")

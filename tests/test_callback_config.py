@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import yaml
 
+from obim_trainer.callback import OBIMCallback
 from obim_trainer.callback_config import OBIMConfig
-from obim_trainer.errors import ConfigError
+from obim_trainer.errors import CheckpointError, ConfigError
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "configs" / "callback" / "example.yaml"
@@ -85,3 +88,39 @@ def _write(folder: Path, data: dict) -> Path:
     path = folder / "obim.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+@pytest.mark.parametrize(
+    ("error", "traceback_logged"),
+    [(ZeroDivisionError("division by zero"), True), (CheckpointError("checkpoint-4 is corrupt; re-save it"), False)],
+)
+def test_on_error_warn_logs_the_traceback_of_a_bug_not_of_a_users_error(tmp_path, caplog, error, traceback_logged):
+    callback = OBIMCallback(OBIMConfig.build({"base_model": tmp_path, "on_error": "warn"}))
+
+    def step() -> None:
+        raise error
+
+    with caplog.at_level(logging.ERROR, logger="obim_trainer.callback"):
+        assert callback._guarded(step, "the merge at step 4") is None
+    assert f"the merge at step 4 failed, training goes on: {error}" in caplog.text
+    assert ("Traceback (most recent call last)" in caplog.text) is traceback_logged
+
+
+def test_an_unknown_key_in_a_section_names_the_file_the_section_and_the_key(tmp_path):
+    path = _write(tmp_path, {"obim": {"base_model": "base", "top_kk": 2}})
+    with pytest.raises(ConfigError, match=r"obim\.yaml, section 'obim:'.*top_kk: Extra inputs are not permitted"):
+        OBIMConfig.from_yaml(path, section="obim")
+
+
+def test_the_example_names_a_training_key_the_installed_transformers_does_not_accept(tmp_path, caplog):
+    """``overwrite_output_dir`` was removed in transformers 5: one error line, not a TypeError traceback."""
+    spec = importlib.util.spec_from_file_location("continued_pretraining", ROOT / "examples/continued_pretraining.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    settings = yaml.safe_load(EXAMPLE.read_text())
+    settings["training"] |= {"output_dir": str(tmp_path / "run"), "overwrite_output_dir": True}
+    config = _write(tmp_path, settings)
+    with caplog.at_level(logging.ERROR, logger="continued_pretraining"):
+        assert example.main(["--config", str(config)]) == 2
+    assert f"{config}, section 'training:': TrainingArguments does not accept 'overwrite_output_dir'" in caplog.text
+    assert "Traceback" not in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -101,6 +102,26 @@ def test_console_script_help_is_for_newcomers():
     ).stdout
     for fragment in ("Optimal Brain Iterative Merging", "--calibration-data", "--run-dir", "--dry-run", "examples:"):
         assert fragment in out
+
+
+def test_help_examples_keep_their_line_breaks():
+    out = subprocess.run(
+        [sys.executable, "-m", "obim_trainer.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    examples = out.split("examples:", 1)[1].splitlines()
+    joined = [line for line in examples if re.search(r"\S {2,}--", line)]  # a continuation pulled onto its line
+    assert not joined, joined
+    continued = [i for i, line in enumerate(examples) if line.endswith(" \\")]
+    assert continued and all(examples[i + 1].startswith("      ") for i in continued)
+
+
+def test_dry_run_of_several_methods_plans_each(llama_family, calibration_jsonl, capsys):
+    base, ckpts = llama_family
+    args = ["--base", str(base), "--checkpoints", *map(str, ckpts), "--calibration-data", str(calibration_jsonl)]
+    assert main([*args, "--method", "obim,ties", "--param", "density=0.5", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert re.findall(r"^# (\S+)$", out, flags=re.MULTILINE) == ["obim", "ties"]
+    assert out.count("model.layers.1.mlp.up_proj.weight") == 2
 
 
 def test_dry_run_prints_the_plan(llama_family, calibration_jsonl, tmp_path, capsys):
@@ -258,3 +279,10 @@ def test_calibration_per_language_and_new_languages_reach_the_config(tmp_path):
     ):
         with pytest.raises(ConfigError, match=message):
             parsed(*flags)
+
+
+def test_an_unknown_key_in_the_yaml_names_the_file_and_the_key(tmp_path, caplog):
+    config = tmp_path / "merge.yaml"
+    config.write_text("base: base\ncheckpoints: [a, b]\nmethdo: ties\n")
+    assert main(["--config", str(config), "--output", str(tmp_path / "out")]) == 2
+    assert f"invalid merge configuration {config}: methdo: Extra inputs are not permitted" in caplog.text

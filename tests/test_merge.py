@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -15,9 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from obim_trainer.calibration import ActivationStats
-from obim_trainer.calibration.stats_cache import STATS_DIRNAME
+from obim_trainer.calibration.stats_cache import STATS_DIRNAME, stats_location
 from obim_trainer.errors import CheckpointError, ConfigError
 from obim_trainer.merge import merge_checkpoints
+from obim_trainer.merging import native_library as native
+from obim_trainer.merging.native_library import native_library
 from obim_trainer.model_layout import ModelLayout, block_index
 from tests.conftest import VOCAB_SIZE, copy_tree, make_texts, make_tiny_llama, save_model_folder, write_jsonl
 from tests.tiny_training import random_token_rows, training_arguments
@@ -38,10 +41,15 @@ def copied_family(family, tmp_path: Path) -> tuple[Path, list[Path]]:
     return copy_tree(base, tmp_path / "base"), [copy_tree(c, tmp_path / c.name) for c in ckpts]
 
 
-def stats_of(ckpt: Path) -> ActivationStats:
-    files = list((ckpt / STATS_DIRNAME).glob("*.safetensors"))
-    assert len(files) == 1, files
-    return ActivationStats.load(files[0])
+def stats_of(ckpt: Path, manifest: dict, cache: Path) -> ActivationStats:
+    """The statistics a merge used for ``ckpt``, from the cache folder ``cache``."""
+    (key,) = [entry["key"] for entry in manifest["statistics"] if entry["checkpoint"] == str(ckpt)]
+    return ActivationStats.load(stats_location(ckpt, key, cache, beside=False), key)
+
+
+def snapshot(*folders: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folders`` (names, bytes, modification times), to show nothing was written there."""
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for f in folders for p in f.rglob("*") if p.is_file()}
 
 
 def plain_counts(numel: int, ratios: list[float]) -> list[int]:
@@ -78,13 +86,19 @@ def brute_force_obim(base, ckpts, sq_means, block, ratios):
 @pytest.mark.parametrize("family_name", ["llama_family", "gpt2_family"])
 def test_obim_merge_agrees_with_brute_force_on_every_linear_weight(family_name, request, calibration_jsonl, tmp_path):
     base, ckpts = copied_family(request.getfixturevalue(family_name), tmp_path)
+    cache = tmp_path / "stats"  # not the session's: these statistics must be computed here
     result = merge_checkpoints(
-        base=base, checkpoints=ckpts, calibration_data=calibration_jsonl, output=tmp_path / "merged", progress=False
+        base=base,
+        checkpoints=ckpts,
+        calibration_data=calibration_jsonl,
+        output=tmp_path / "merged",
+        stats_cache_dir=cache,
+        progress=False,
     )
     merged = load_output(result.output)
     base_sd = load_file(base / "model.safetensors")
     ckpt_sds = [load_file(c / "model.safetensors") for c in ckpts]
-    stats = [stats_of(c) for c in ckpts]
+    stats = [stats_of(c, result.manifest, cache) for c in ckpts]
     layout = ModelLayout.from_pretrained_dir(base)
     linear = [n for n in base_sd if layout.kind(n).value == "linear"]
     assert len(linear) >= 8
@@ -182,7 +196,8 @@ def test_same_seed_same_bytes_other_seed_changes_only_random_saliency_tensors(
 
 def test_statistics_are_reused_and_recomputed_when_stale(llama_family, calibration_jsonl, tmp_path):
     base, ckpts = copied_family(llama_family, tmp_path)
-    common = dict(base=base, checkpoints=ckpts[:2], progress=False)
+    # its own statistics cache: the session's may hold statistics of the same files (copies keep mtimes)
+    common = dict(base=base, checkpoints=ckpts[:2], progress=False, stats_cache_dir=tmp_path / "stats")
 
     def sources(out: str, calib: Path = calibration_jsonl) -> list[str]:
         result = merge_checkpoints(**common, calibration_data=calib, output=tmp_path / out)
@@ -238,6 +253,48 @@ def test_dry_run_writes_nothing_and_shows_rotated_orders(llama_family, calibrati
     assert "order [0, 1, 2]" in q0 and "order [1, 2, 0]" in q1
 
 
+def test_a_merge_writes_nothing_into_its_inputs_and_records_its_kernels(llama_family, calibration_jsonl, tmp_path):
+    base, ckpts = copied_family(llama_family, tmp_path)
+    before = snapshot(base, *ckpts, calibration_jsonl.parent)
+    result = merge_checkpoints(
+        base=base,
+        checkpoints=ckpts,
+        calibration_data=calibration_jsonl,
+        output=tmp_path / "merged",
+        stats_cache_dir=tmp_path / "stats",
+        progress=False,
+    )
+    assert [entry["source"] for entry in result.manifest["statistics"]] == ["computed"] * 3
+    assert snapshot(base, *ckpts, calibration_jsonl.parent) == before
+    kernels = json.loads((result.output / "obim_merge.json").read_text())["kernels"]
+    assert kernels["path"] == ("native" if native_library() is not None else "torch")
+    assert ("library" if kernels["path"] == "native" else "reason") in kernels
+    beside = merge_checkpoints(
+        base=base,
+        checkpoints=ckpts,
+        calibration_data=calibration_jsonl,
+        output=tmp_path / "beside",
+        recompute_stats=True,
+        stats_beside_checkpoints=True,
+        progress=False,
+    )
+    assert beside.manifest["statistics"][0]["source"] == "computed"
+    assert all(len(list((c / STATS_DIRNAME).glob("*.safetensors"))) == 1 for c in ckpts), "asked: written beside"
+
+
+def test_the_torch_path_is_recorded_with_its_reason(llama_family, calibration_jsonl, tmp_path, monkeypatch):
+    base, ckpts = copied_family(llama_family, tmp_path)
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    native.kernel_state.cache_clear()  # as a new process with the variable set sees it
+    try:
+        result = merge_checkpoints(
+            base=base, checkpoints=ckpts, calibration_data=calibration_jsonl, output=tmp_path / "m", progress=False
+        )
+    finally:
+        native.kernel_state.cache_clear()
+    assert result.manifest["kernels"] == {"path": "torch", "origin": "none", "reason": "OBIM_NATIVE_KERNELS=0"}
+
+
 def test_baseline_methods_need_no_calibration_and_compute_no_statistics(llama_family, tmp_path):
     base, ckpts = copied_family(llama_family, tmp_path)
     result = merge_checkpoints(
@@ -257,6 +314,7 @@ def test_ties_obm_computes_statistics(llama_family, calibration_jsonl, tmp_path)
         method="ties_obm",
         calibration_data=calibration_jsonl,
         output=tmp_path / "m",
+        stats_cache_dir=tmp_path / "stats",  # not the session's, which may know these files already
         progress=False,
     )
     assert [s["source"] for s in result.manifest["statistics"]] == ["computed", "computed"]
@@ -297,7 +355,7 @@ def test_zero3_checkpoint_merges_as_its_deepspeed_consolidation(
     consolidated = hf_folder(
         tmp_path / "consolidated", zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(run)), run
     )
-    common = dict(base=base, calibration_data=calibration_jsonl, progress=False)
+    common = dict(base=base, calibration_data=calibration_jsonl, progress=False, stats_cache_dir=tmp_path / "stats")
     result = merge_checkpoints(checkpoints=[zero_only, saved], output=tmp_path / "a", **common)
     merge_checkpoints(checkpoints=[consolidated, saved], output=tmp_path / "b", **common)
     merged = assert_same_outputs(tmp_path / "a", tmp_path / "b")
@@ -560,7 +618,8 @@ def test_a_merge_with_cached_statistics_needs_neither_tokenizer_nor_transformers
 
     def run(out: str) -> str:
         args = [sys.executable, "-c", script, str(base), str(ckpts[0]), str(ckpts[1]), str(calibration_jsonl)]
-        done = subprocess.run([*args, str(tmp_path / out)], capture_output=True, text=True, timeout=300)
+        env = {**os.environ, "OBIM_STATS_CACHE": str(tmp_path / "stats")}  # not the session's statistics
+        done = subprocess.run([*args, str(tmp_path / out)], capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout.strip().splitlines()[-1]
 

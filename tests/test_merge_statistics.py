@@ -141,6 +141,7 @@ def test_the_method_gets_the_base_measured_on_old_text_and_checkpoints_on_new_te
         new_languages=["ru"],
         output=tmp_path / "merged",
         workers=workers,
+        stats_cache_dir=tmp_path / "stats",
         progress=False,
     )
     calibration = prepare_language_calibration(config)
@@ -169,7 +170,9 @@ def test_grams_are_cached_per_model_and_text_and_recomputed_when_either_changes(
     probe, llama_family, languages, tmp_path
 ):
     base, ckpts = copied_family(llama_family, tmp_path)
+    cache = tmp_path / "stats"
     common = dict(base=base, checkpoints=ckpts[:2], method=probe.name, params={"fishers": False}, progress=False)
+    common |= {"stats_cache_dir": cache}
 
     def sources(out: str, data: dict[str, Path] = languages) -> list[str]:
         result = merge_checkpoints(**common, calibration_data=data, new_languages=["ru"], output=tmp_path / out)
@@ -185,7 +188,8 @@ def test_grams_are_cached_per_model_and_text_and_recomputed_when_either_changes(
     assert sources("m4", other_new) == ["cached", "computed", "computed"]  # the base reads only en and zh
     other_old = {**languages, "en": write_jsonl(tmp_path / "en2.jsonl", make_texts(6, seed=44))}
     assert sources("m5", other_old) == ["computed", "cached", "cached"]
-    assert len(list((base / STATS_DIRNAME).glob("*.safetensors"))) == 2
+    assert len(list(cache.glob("base-*.safetensors"))) == 2
+    assert not (base / STATS_DIRNAME).exists(), "nothing is written into the folders a merge reads"
 
 
 def test_dry_run_says_which_statistics_it_would_compute(probe, llama_family, languages, tmp_path):
@@ -301,7 +305,12 @@ def test_extended_vocabulary_fishers_follow_the_rows_of_the_task(llama_family, t
     FisherRowsProbe.seen = []
     try:
         result = merge_checkpoints(
-            base=base, checkpoints=ckpts, method=FisherRowsProbe.name, calibration_data=calib, output=tmp_path / "m"
+            base=base,
+            checkpoints=ckpts,
+            method=FisherRowsProbe.name,
+            calibration_data=calib,
+            output=tmp_path / "m",
+            stats_beside_checkpoints=True,
         )
     finally:
         _REGISTRY.pop(FisherRowsProbe.name)

@@ -1,11 +1,17 @@
-"""Statistics stored beside each checkpoint and reused while they are valid.
+"""Statistics cached per checkpoint and calibration set, and reused while they are valid.
 
 A statistics file is named by a key: the hash of the tokenized calibration data (texts,
 tokenizer, sample count, max length), of the checkpoint's fingerprint and of the kind of
 statistics (activations, input Grams, Fisher diagonals; one cache for all of them). Other calibration
 data or a changed checkpoint give another key, so stale statistics are never found, and a file
-whose stored key differs is never used. Only ``obim_stats/`` is ever written in a checkpoint
-folder; the checkpoint's own files are never changed or removed.
+whose stored key differs is never used.
+
+Where new statistics go is decided here only (:func:`stats_location`): into the per-user cache
+folder, so that a merge never writes into the folders it was given to read (a model hub cache,
+another user's run, a read-only mount). Only when asked (``stats_beside_checkpoints``, or the
+callback, for the checkpoints of its own run) do they go beside the checkpoint in ``obim_stats/``,
+where every reader of the same files finds them; the checkpoint's own files are never changed.
+Statistics already beside a checkpoint are read either way.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ S = TypeVar("S", bound=StoredStats)
 
 
 def default_cache_dir() -> Path:
-    """Where statistics go when a checkpoint folder is read-only: ``$OBIM_STATS_CACHE``, else the user cache's."""
+    """The statistics cache: ``$OBIM_STATS_CACHE``, else the user cache's ``stats`` folder."""
     override = os.environ.get("OBIM_STATS_CACHE")
     return Path(override) if override else cache_dir("stats")
 
@@ -73,6 +79,11 @@ def _try_load(path: Path, key: str, load: Callable[[Path, str], S]) -> S | None:
         return None
 
 
+def stats_location(checkpoint_dir: Path, key: str, cache: Path, *, beside: bool) -> Path:
+    """Where new statistics of ``checkpoint_dir`` for ``key`` are written: beside it only if ``beside``."""
+    return stats_path(checkpoint_dir, key) if beside else _cache_path(cache, checkpoint_dir, key)
+
+
 def load_or_compute_stats(
     checkpoint_dir: Path,
     key: str,
@@ -81,34 +92,43 @@ def load_or_compute_stats(
     cache_dir: Path | None = None,
     recompute: bool = False,
     load: Callable[[Path, str], S] = ActivationStats.load,  # type: ignore[assignment]
+    beside: bool = False,
 ) -> tuple[S, str]:
     """Cached statistics of a checkpoint, or freshly computed ones (then stored).
 
     Looks beside the checkpoint, then in the cache folder; returns ``(stats, source)`` with
-    ``source`` ``"cached"`` or ``"computed"``. New statistics go beside the checkpoint, or into
-    ``cache_dir`` (default :func:`default_cache_dir`) when its folder cannot be written.
-    ``recompute`` ignores stored statistics and replaces them. ``load(path, key)`` reads one kind of
+    ``source`` ``"cached"`` or ``"computed"``. New statistics go where :func:`stats_location` says:
+    into ``cache_dir`` (default :func:`default_cache_dir`), or with ``beside`` beside the
+    checkpoint, falling back to the cache when its folder cannot be written. ``recompute``
+    ignores stored statistics and replaces them. ``load(path, key)`` reads one kind of
     statistics (default: activation statistics); the kind is part of the key, so kinds never mix.
     """
     checkpoint_dir = Path(checkpoint_dir)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    beside, cached = stats_path(checkpoint_dir, key), _cache_path(cache, checkpoint_dir, key)
+    cached = _cache_path(cache, checkpoint_dir, key)
     if not recompute:
-        for path in (beside, cached):
+        for path in (stats_path(checkpoint_dir, key), cached):
             stats = _try_load(path, key, load)
             if stats is not None:
                 logger.info("reusing statistics %s", path)
                 return stats, "cached"
     stats = compute()
+    target = stats_location(checkpoint_dir, key, cache, beside=beside)
     try:
-        stats.save(beside, key)
+        stats.save(target, key)
+        return stats, "computed"
     except OSError as exc:
-        logger.warning("cannot write beside %s (%s); storing its statistics in %s", checkpoint_dir, exc, cached)
-        try:
-            stats.save(cached, key)
-        except OSError as cache_exc:
+        if target == cached:
             raise CalibrationError(
-                f"cannot store statistics beside {checkpoint_dir} ({exc}) nor in {cache} ({cache_exc}); "
-                "pass a writable folder with --stats-cache-dir (stats_cache_dir)"
+                f"cannot store statistics in {cache} ({exc}); "
+                "pass a writable folder with --stats-cache-dir (stats_cache_dir) or set OBIM_STATS_CACHE"
             ) from None
+        logger.warning("cannot write beside %s (%s); storing its statistics in %s", checkpoint_dir, exc, cached)
+    try:
+        stats.save(cached, key)
+    except OSError as cache_exc:
+        raise CalibrationError(
+            f"cannot store statistics beside {checkpoint_dir} nor in {cache} ({cache_exc}); "
+            "pass a writable folder with --stats-cache-dir (stats_cache_dir)"
+        ) from None
     return stats, "computed"

@@ -3,16 +3,21 @@
 A merge writes into a temporary sibling of the output folder (same parent, so the same
 filesystem and an atomic rename), fsyncs everything and renames it into place. Any failure,
 Ctrl-C included, removes the temporary folder: the inputs and any earlier output are untouched.
+An existing folder is replaced in one step (:func:`replace_folder`: the two folders swap names with
+``renameat2(RENAME_EXCHANGE)`` on Linux), so a crash at any moment leaves the old or the new one.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import logging
 import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -101,24 +106,61 @@ def _warn_about_leftovers(target: Path) -> None:
         )
 
 
-def _replace(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing ``target`` is moved aside first and deleted after,
-    and moved back if the rename fails, so there is always a complete output."""
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """glibc's ``renameat2`` (2.28+, Linux), or ``None`` where there is none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def exchange(first: Path, second: Path) -> bool:
+    """Swap the names of two existing paths in one atomic step; ``False`` where the system or the
+    filesystem cannot (then nothing changed). Raises :class:`OSError` for any other failure."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Make the complete folder ``new`` become ``target``; an existing ``target`` is replaced in one
+    atomic step where the system can swap the two (else it is moved aside first, and back if the
+    rename fails), then deleted. At every moment ``target`` is the old folder or the new one."""
     if not target.exists():
-        tmp.rename(target)
+        new.rename(target)
+    elif exchange(new, target):
+        _delete_previous(new)
     else:
         old = _sibling(target, "old")
         try:
             target.rename(old)
-            tmp.rename(target)
+            new.rename(target)
         except BaseException:
             if old.exists() and not target.exists():
                 old.rename(target)
             raise
-        shutil.rmtree(old, ignore_errors=True)
-        if old.exists():
-            logger.warning("could not delete the previous output, moved aside to %s; delete it yourself", old)
+        _delete_previous(old)
     _fsync_dir(target.parent)
+
+
+def _delete_previous(old: Path) -> None:
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        logger.warning("could not delete the previous output, moved aside to %s; delete it yourself", old)
 
 
 @contextmanager
@@ -146,7 +188,7 @@ def atomic_output_dir(output: Path, *, overwrite: bool = False, inputs: Sequence
         raise
     try:
         fsync_tree(tmp)
-        _replace(tmp, target)
+        replace_folder(tmp, target)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):

@@ -155,7 +155,10 @@ class ShardedSafetensorsWriter:
 
     One shard is written as ``model.safetensors``; several as ``model-0000i-of-0000N.safetensors``
     plus ``model.safetensors.index.json``, with the names, split and index transformers'
-    ``save_pretrained`` would produce for the same tensors in the same order. Leaving the
+    ``save_pretrained`` would produce for the same tensors in the same order, as long as no tensor
+    is larger than ``max_shard_size``. Such a tensor gets a shard of its own in both, but here it
+    also ends the shard being filled, so that shards stay contiguous in plan order (one open file);
+    ``save_pretrained`` sets it aside and keeps filling (see :func:`_split`). Leaving the
     ``with`` block normally closes the writer; on an exception the partial files stay for the
     caller's atomic output folder to discard.
 

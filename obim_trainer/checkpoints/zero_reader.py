@@ -62,14 +62,35 @@ _CONVERT_HINT = (
 Loader = Callable[[], Tensor]
 
 
+MIN_DEEPSPEED = "0.16"
+"""The first DeepSpeed whose ``zero_to_fp32`` has everything below (``GatheredTensor`` came with its lazy mode)."""
+NEEDED = ("get_model_state_files", "get_optim_files", "zero3_partitioned_param_info", "GatheredTensor")
+
+
 def _deepspeed() -> Any:
+    """``deepspeed.utils.zero_to_fp32``, checked for what this reader uses (see :func:`check_zero_to_fp32`)."""
     try:
         from deepspeed.utils import zero_to_fp32
     except ImportError as exc:
         raise CheckpointError(
             f"reading DeepSpeed ZeRO checkpoints needs deepspeed ({exc}); pip install 'obim-trainer[deepspeed]'"
         ) from None
-    return zero_to_fp32
+    return check_zero_to_fp32(zero_to_fp32)
+
+
+def check_zero_to_fp32(module: Any) -> Any:
+    """``module`` if it has every function this reader uses, else one error naming the version needed
+    (an older DeepSpeed would otherwise fail with an AttributeError in the middle of a read)."""
+    missing = [name for name in NEEDED if not hasattr(module, name)]
+    if missing:
+        import deepspeed
+
+        raise CheckpointError(
+            f"reading DeepSpeed ZeRO checkpoints needs deepspeed>={MIN_DEEPSPEED}; the installed "
+            f"{getattr(deepspeed, '__version__', '(unknown version)')} lacks zero_to_fp32.{', '.join(missing)}. "
+            f"Upgrade it: pip install 'deepspeed>={MIN_DEEPSPEED}'"
+        )
+    return module
 
 
 def _constants() -> Any:

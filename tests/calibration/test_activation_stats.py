@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from obim_trainer.calibration import ActivationRecorder, ActivationStats, CalibrationSet, tokenize_calibration
 from obim_trainer.errors import CalibrationError
 from tests.conftest import make_texts, make_tiny_gpt2, make_tiny_llama
-from tests.launch import run_env, run_isolated, torchrun
+from tests.launch import run_env, run_on_free_port, torchrun
 
 
 def reference_stats(model: nn.Module, calibration: CalibrationSet) -> tuple[dict, dict]:
@@ -210,27 +210,30 @@ def run_two_ranks(tmp_path: Path, calibration: CalibrationSet, body: str) -> Non
     """``body`` (process group + ``model``) on 2 ranks; each collects its half, reduces, saves both states."""
     torch.save({"ids": calibration.input_ids, "pad": calibration.pad_token_id}, tmp_path / "calib.pt")
     script = tmp_path / "ranks.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        from pathlib import Path
-        import torch, torch.distributed as dist
-        from obim_trainer.calibration import ActivationStats, CalibrationSet
-        from tests.conftest import make_tiny_llama
-        out = Path({str(tmp_path)!r})
-        data = torch.load(out / "calib.pt")
-        """)
-        + textwrap.dedent(body)
-        + textwrap.dedent("""
+    steps = textwrap.dedent(body) + textwrap.dedent("""
         rank, world = dist.get_rank(), dist.get_world_size()
         stats = ActivationStats.collect(model, CalibrationSet(data["ids"], data["pad"]).shard(rank, world),
                                         batch_size=3, progress=False)
         stats.save(out / f"rank{rank}.safetensors", key="k")
         stats.all_reduce()
         stats.save(out / f"reduced{rank}.safetensors", key="k")
-        dist.destroy_process_group()
         """)
+    script.write_text(
+        textwrap.dedent(f"""
+        from pathlib import Path
+        import torch, torch.distributed as dist
+        from obim_trainer.calibration import ActivationStats, CalibrationSet
+        from obim_trainer.distributed.teardown import process_group_teardown
+        from tests.conftest import make_tiny_llama
+        out = Path({str(tmp_path)!r})
+        data = torch.load(out / "calib.pt")
+        def run():
+        """)
+        + textwrap.indent(steps, "    ")
+        + "with process_group_teardown():  # the model and engine go before the process group\n    run()\n"
     )
-    status, log = run_isolated([*torchrun(2), str(script)], run_env(), 300)
+    log_file = tmp_path / "launch.log"
+    status, log = run_on_free_port(lambda port: [*torchrun(2, port), str(script)], run_env(), 300, log_file)
     assert status == 0, log
 
 
@@ -246,6 +249,7 @@ def assert_reduced_equals_single_process(tmp_path: Path, calibration: Calibratio
         assert torch.equal(reduced.token_counts, single.token_counts)
 
 
+@pytest.mark.slow
 def test_all_reduce_over_two_processes_equals_one_process(calibration, tmp_path):
     body = """
         dist.init_process_group("gloo")

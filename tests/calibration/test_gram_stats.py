@@ -17,7 +17,7 @@ from obim_trainer.calibration.fisher_stats import FisherStats
 from obim_trainer.calibration.gram_stats import GramRecorder, GramStats
 from obim_trainer.errors import CalibrationError
 from tests.conftest import make_texts, make_tiny_gpt2, make_tiny_llama
-from tests.launch import run_env, run_isolated, torchrun
+from tests.launch import run_env, run_on_free_port, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_grams_and_fishers_reduced_over_two_processes_equal_the_sum_of_their_sha
         dist.destroy_process_group()
         """)
     )
-    status, log = run_isolated([*torchrun(2), str(script)], run_env(), 300)
+    status, log = run_on_free_port(lambda port: [*torchrun(2, port), str(script)], run_env(), 300, tmp_path / "run.log")
     assert status == 0, log
     model = make_tiny_llama(seed=2)
     single = GramStats.collect(model, calibration, progress=False)

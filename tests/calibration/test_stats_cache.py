@@ -1,4 +1,5 @@
-"""Statistics cached beside each checkpoint: reused while valid, recomputed when stale, never in place."""
+"""Statistics cached per checkpoint: reused while valid, recomputed when stale, written into the user cache
+(beside the checkpoint only when asked), never into the checkpoint's own files."""
 
 from __future__ import annotations
 
@@ -68,17 +69,28 @@ def assert_same_stats(a: ActivationStats, b: ActivationStats) -> None:
     assert all(torch.equal(a.sq_sum[n], b.sq_sum[n]) for n in a.sq_sum)
 
 
-def test_second_call_reuses_the_statistics_beside_the_checkpoint(ckpt, calibration, tmp_path):
+def test_second_call_reuses_the_statistics_in_the_cache_and_the_checkpoint_is_not_written(ckpt, calibration, tmp_path):
+    before = snapshot(ckpt)
     compute = CountingCompute(ckpt, calibration)
     key = key_of(ckpt, calibration)
     first, source = load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache")
     again, source2 = load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache")
     assert (source, source2, compute.calls) == ("computed", "cached", 1)
     assert_same_stats(first, again)
-    assert stats_path(ckpt, key) == ckpt / STATS_DIRNAME / f"{key[:16]}.safetensors" and stats_path(ckpt, key).is_file()
-    assert not (tmp_path / "cache").exists()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"checkpoint-10-{key[:16]}.safetensors"]
+    assert snapshot(ckpt) == before and not (ckpt / STATS_DIRNAME).exists()
     _, forced = load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache", recompute=True)
     assert forced == "computed" and compute.calls == 2
+
+
+def test_asked_to_the_statistics_go_beside_the_checkpoint_and_are_found_there(ckpt, calibration, tmp_path):
+    compute = CountingCompute(ckpt, calibration)
+    key = key_of(ckpt, calibration)
+    load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache", beside=True)
+    assert stats_path(ckpt, key) == ckpt / STATS_DIRNAME / f"{key[:16]}.safetensors" and stats_path(ckpt, key).is_file()
+    assert not (tmp_path / "cache").exists()
+    _, source = load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "other-cache")
+    assert source == "cached" and compute.calls == 1, "statistics beside a checkpoint are read without being asked"
 
 
 def test_a_changed_checkpoint_or_calibration_set_is_recomputed(
@@ -105,7 +117,7 @@ def test_a_changed_checkpoint_or_calibration_set_is_recomputed(
     assert source == "computed" and compute.calls == 2
     name = "model.layers.0.mlp.down_proj.weight"  # input of down_proj grew with up_proj
     assert not torch.allclose(after.sq_sum[name], before.sq_sum[name])
-    assert len(list((ckpt / STATS_DIRNAME).iterdir())) == 3
+    assert len(list((tmp_path / "cache").iterdir())) == 3
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "other key"])
@@ -133,7 +145,7 @@ def test_unwritable_checkpoint_folder_falls_back_to_the_cache_dir(ckpt, calibrat
     compute = CountingCompute(ckpt, calibration)
     key = key_of(ckpt, calibration)
     with caplog.at_level(logging.WARNING):
-        _, source = load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache")
+        _, source = load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache", beside=True)
     stored = list((tmp_path / "cache").iterdir())
     assert source == "computed" and [p.name for p in stored] == [f"checkpoint-10-{key[:16]}.safetensors"]
     assert str(stored[0]) in caplog.text and (ckpt / STATS_DIRNAME).read_text() == "not a folder"
@@ -149,6 +161,8 @@ def test_default_cache_dir_and_nowhere_to_write(ckpt, tmp_path, monkeypatch):
     assert (tmp_path / "env-cache" / f"checkpoint-10-{'a' * 16}.safetensors").is_file()
     (tmp_path / "blocked").write_text("a file, not a folder")
     with pytest.raises(CalibrationError, match=r"nor in .*blocked.*--stats-cache-dir"):
+        load_or_compute_stats(ckpt, "b" * 64, lambda: stats, cache_dir=tmp_path / "blocked", beside=True)
+    with pytest.raises(CalibrationError, match=r"cannot store statistics in .*blocked.*--stats-cache-dir"):
         load_or_compute_stats(ckpt, "b" * 64, lambda: stats, cache_dir=tmp_path / "blocked")
 
 
@@ -156,7 +170,9 @@ def test_default_cache_dir_and_nowhere_to_write(ckpt, tmp_path, monkeypatch):
 def test_read_only_checkpoint_folder_falls_back_to_the_cache_dir(ckpt, tmp_path):
     ckpt.chmod(0o555)
     try:
-        _, source = load_or_compute_stats(ckpt, "c" * 64, lambda: ActivationStats(), cache_dir=tmp_path / "cache")
+        _, source = load_or_compute_stats(
+            ckpt, "c" * 64, lambda: ActivationStats(), cache_dir=tmp_path / "cache", beside=True
+        )
     finally:
         ckpt.chmod(0o755)
     assert source == "computed" and (tmp_path / "cache" / f"checkpoint-10-{'c' * 16}.safetensors").is_file()
@@ -168,7 +184,7 @@ def test_existing_checkpoint_files_are_never_touched(ckpt, calibration, tmp_path
     compute = CountingCompute(ckpt, calibration)
     key = key_of(ckpt, calibration)
     for recompute in (False, False, True):
-        load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache", recompute=recompute)
+        load_or_compute_stats(ckpt, key, compute, cache_dir=tmp_path / "cache", recompute=recompute, beside=True)
     after = snapshot(ckpt)
     assert {name: after[name] for name in before} == before
     assert set(after) - set(before) == {f"{STATS_DIRNAME}/{key[:16]}.safetensors"}
@@ -188,7 +204,7 @@ def test_kinds_share_the_cache_but_never_each_others_files(ckpt, calibration, tm
 
     load_or_compute_stats(ckpt, activations, CountingCompute(ckpt, calibration), cache_dir=tmp_path / "c")
     stored, source = load_or_compute_stats(ckpt, grams, compute_grams, cache_dir=tmp_path / "c", load=GramStats.load)
-    assert source == "computed" and stored.file.path == stats_path(ckpt, grams)
+    assert source == "computed" and stored.file.path == tmp_path / "c" / f"checkpoint-10-{grams[:16]}.safetensors"
     again, source = load_or_compute_stats(ckpt, grams, compute_grams, cache_dir=tmp_path / "c", load=GramStats.load)
     assert source == "cached" and again.maps == stored.maps
-    assert len(list((ckpt / STATS_DIRNAME).glob("*.safetensors"))) == 2
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from obim_trainer.checkpoints import atomic_output_dir, fsync_tree
+from obim_trainer.checkpoints import atomic, atomic_output_dir, fsync_tree
 from obim_trainer.errors import OutputError
 
 
@@ -70,9 +70,25 @@ def test_overwrite_replaces_the_whole_folder(tmp_path):
     assert snapshot(out) == {"a.txt": b"new"} and not leftovers(tmp_path)
 
 
+def test_an_existing_folder_is_swapped_with_the_new_one_in_one_step(tmp_path, monkeypatch):
+    new, target = tmp_path / "new", tmp_path / "target"
+    new.mkdir()
+    (new / "a.txt").write_text("new")
+    earlier_output(target)
+    if not atomic.exchange(new, target):
+        pytest.skip("this filesystem cannot exchange two names (renameat2 RENAME_EXCHANGE)")
+    atomic.exchange(new, target)  # swapped back: both exist throughout
+    monkeypatch.setattr(Path, "rename", lambda *_: pytest.fail("moved the old folder aside instead of swapping"))
+    atomic.replace_folder(new, target)
+    assert snapshot(target) == {"a.txt": b"new"} and not new.exists() and not leftovers(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        atomic.exchange(target, tmp_path / "missing")
+
+
 def test_failed_rename_restores_the_earlier_output(tmp_path, monkeypatch):
     out = tmp_path / "out"
     before = earlier_output(out)
+    monkeypatch.setattr(atomic, "_renameat2", lambda: None)  # a system without renameat2: two renames
     real_rename = Path.rename
 
     def rename(self, target):

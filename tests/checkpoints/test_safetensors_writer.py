@@ -103,6 +103,36 @@ def test_oversized_tensor_gets_its_own_shard(tmp_path):
     assert groups["model-00002-of-00004.safetensors"] == ["big"], "shards follow plan order"
 
 
+def test_the_split_differs_from_save_pretrained_only_for_an_oversized_tensor(tmp_path):
+    """What the writer's docstring promises: save_pretrained's split (huggingface_hub's), except that a
+    tensor over the shard size also ends the shard being filled instead of being set aside."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    def groups(weight_map: dict[str, str]) -> list[list[str]]:
+        by_file: dict[str, list[str]] = {}
+        for name, file in sorted(weight_map.items(), key=lambda item: item[1]):
+            by_file.setdefault(file, []).append(name)
+        return list(by_file.values())
+
+    def small() -> torch.Tensor:
+        return torch.zeros(10)  # 40 bytes, its own storage (the hub counts shared storage once)
+
+    for state, ours_expected in (
+        ({"a": small(), "b": small(), "c": small(), "d": small()}, [["a", "b"], ["c", "d"]]),
+        ({"a": small(), "big": torch.zeros(100), "c": small()}, [["a"], ["big"], ["c"]]),
+    ):
+        folder = tmp_path / str(len(state))
+        folder.mkdir()
+        write_all(folder, state, max_shard=100)
+        ours = groups(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"])
+        hub = split_torch_state_dict_into_shards(state, max_shard_size=100)
+        assert ours == ours_expected
+        if "big" not in state:
+            assert ours == groups(hub.tensor_to_filename)
+        else:
+            assert sorted(sorted(g) for g in groups(hub.tensor_to_filename)) == [["a", "c"], ["big"]]
+
+
 def test_plan_violations_raise(tmp_path):
     plan = [("a", (2,), torch.float32), ("b", (3,), torch.float32)]
     writer = ShardedSafetensorsWriter(tmp_path, plan, 100)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from obim_trainer.checkpoints.detect import SAFETENSORS, ZERO, ZERO_MASTER, ZERO_SAVED, detect_format
-from obim_trainer.checkpoints.zero_reader import ZeroCheckpointReader
+from obim_trainer.checkpoints.zero_reader import NEEDED, ZeroCheckpointReader, check_zero_to_fp32
 from obim_trainer.errors import CheckpointError
 
 zero_to_fp32 = pytest.importorskip("deepspeed.utils.zero_to_fp32")
@@ -142,3 +143,15 @@ def test_a_pickle_naming_foreign_code_is_refused(zero_checkpoints, tmp_path):
     torch.save({**state, "extra": Payload()}, states)
     with pytest.raises(CheckpointError, match=r"names tests\.checkpoints\.test_zero_reader\.Payload.*for safety"):
         ZeroCheckpointReader(folder)
+
+
+def test_a_deepspeed_without_what_the_reader_uses_is_one_error_naming_the_version():
+    from deepspeed.utils import zero_to_fp32
+
+    assert check_zero_to_fp32(zero_to_fp32) is zero_to_fp32  # the installed one has everything
+    older = types.ModuleType("zero_to_fp32")  # what DeepSpeed 0.15's module lacks: the lazy GatheredTensor
+    for name in NEEDED[:-1]:
+        setattr(older, name, getattr(zero_to_fp32, name))
+    expected = r"needs deepspeed>=0\.16; the installed .* lacks zero_to_fp32\.GatheredTensor"
+    with pytest.raises(CheckpointError, match=expected):
+        check_zero_to_fp32(older)

@@ -13,10 +13,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
+from obim_trainer.distributed.teardown import process_group_teardown
 from tests.conftest import VOCAB_SIZE, make_tiny_llama
-from tests.launch import deepspeed_config, run_env, run_isolated, torchrun
+from tests.launch import deepspeed_config, run_env, run_on_free_port, torchrun
 from tests.tiny_training import random_token_rows, training_arguments
 
 SEQUENCE = 16
@@ -25,7 +24,9 @@ SEQUENCE = 16
 def launch(output: Path, stage: int, layers: int = 2, hidden: int = 64, timeout_s: float = 600) -> Path:
     """Train under ZeRO-``stage`` on two CPU processes; return the ``checkpoint-2`` folder the Trainer wrote."""
     script = [__file__, str(output), str(stage), str(layers), str(hidden)]
-    status, log = run_isolated([*torchrun(2), *script], run_env(DS_ACCELERATOR="cpu"), timeout_s)
+    log_file = output.parent / f"{output.name}-launch.log"
+    env = run_env(DS_ACCELERATOR="cpu")
+    status, log = run_on_free_port(lambda port: [*torchrun(2, port), *script], env, timeout_s, log_file)
     if status != 0:
         raise RuntimeError(f"the ZeRO-{stage} run failed ({status}):\n{log}")
     return output / "checkpoint-2"
@@ -50,10 +51,8 @@ def main(output_dir: str, stage: str, layers: str = "2", hidden: str = "64") -> 
         learning_rate=1e-2,
     )
     Trainer(model=model, args=args, train_dataset=data).train()
-    # leaving the process group to interpreter shutdown aborts a rank now and then ("terminate called ...")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    with process_group_teardown():  # main's trainer and engine are gone before the group is destroyed
+        main(*sys.argv[1:])

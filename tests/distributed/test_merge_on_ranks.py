@@ -12,8 +12,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from obim_trainer.config import MergeConfig
+from obim_trainer.distributed.teardown import process_group_teardown
 from obim_trainer.merge import merge_checkpoints, merge_checkpoints_on_ranks
 from tests.conftest import copy_tree
+
+pytestmark = pytest.mark.slow  # two processes
 
 WORLD = 2
 POISONED = "lm_head.weight"
@@ -21,7 +24,7 @@ POISONED = "lm_head.weight"
 
 def worker(local_rank: int, init_file: str, settings: dict, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=local_rank, world_size=WORLD)
-    try:
+    with process_group_teardown():
         out: dict = {}
         for name in ("good", "poisoned"):
             try:
@@ -30,8 +33,6 @@ def worker(local_rank: int, init_file: str, settings: dict, folder: str) -> None
             except Exception as exc:
                 out[name] = {"error": [type(exc).__name__, str(exc)]}
         (Path(folder) / f"rank-{local_rank}.json").write_text(json.dumps(out))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

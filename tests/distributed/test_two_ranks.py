@@ -25,8 +25,11 @@ from obim_trainer.distributed import (
     run_on_main,
     world_size,
 )
+from obim_trainer.distributed.teardown import process_group_teardown
 from obim_trainer.evaluation import PerLanguageEvaluator
 from tests.conftest import make_texts
+
+pytestmark = pytest.mark.slow  # two processes
 
 WORLD = 2
 
@@ -42,34 +45,37 @@ def fail() -> None:
 
 def worker(local_rank: int, init_file: str, folder: str, model_dir: str, tokenizer_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=local_rank, world_size=WORLD)
+    with process_group_teardown():  # the model goes before the process group, on failure too
+        work(folder, model_dir, tokenizer_dir)
+
+
+def work(folder: str, model_dir: str, tokenizer_dir: str) -> None:
+    """Every rank's share: decisions, failures, batches, statistics, evaluation and loading."""
+    out: dict = {"rank": rank(), "world_size": world_size()}
+    out["broadcast"] = broadcast_object({"sender": rank()})
+    out["max"] = max_over_ranks(10 * rank() + 1)
+    out["result"] = run_on_main(lambda: f"computed on rank {rank()}", "a test step")
     try:
-        out: dict = {"rank": rank(), "world_size": world_size()}
-        out["broadcast"] = broadcast_object({"sender": rank()})
-        out["max"] = max_over_ranks(10 * rank() + 1)
-        out["result"] = run_on_main(lambda: f"computed on rank {rank()}", "a test step")
-        try:
-            run_on_main(fail, "the failing step")
-        except Exception as exc:
-            out["failure"] = [type(exc).__name__, str(exc)]
-        out["everywhere"] = run_on_every_rank(lambda: 10 * rank(), "a step of every rank")
-        try:
-            run_on_every_rank(lambda: fail() if rank() == 1 else None, "a step failing on rank 1")
-        except Exception as exc:
-            out["failure_everywhere"] = [type(exc).__name__, str(exc)]
-        calibration = calibration_of(tokenizer_dir)
-        out["batches"] = [[b.real, b.input_ids.shape[0]] for b in lockstep_batches(calibration, 3)]
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        stats = collect_live_stats(model, calibration, batch_size=3, device=torch.device("cpu"))
-        stats.save(Path(folder) / f"stats-{rank()}.safetensors", "live")
-        out["eval"] = PerLanguageEvaluator({"en": calibration}, batch_size=3).evaluate_model(model, "cpu")
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(float(rank() + 1))  # every rank's copy differs from the file
-        ZeroGatherer(model).load_checkpoint(Path(model_dir))
-        out["state"] = {k: float(v.double().sum()) for k, v in model.state_dict().items()}
-        (Path(folder) / f"rank-{rank()}.json").write_text(json.dumps(out))
-    finally:
-        dist.destroy_process_group()
+        run_on_main(fail, "the failing step")
+    except Exception as exc:
+        out["failure"] = [type(exc).__name__, str(exc)]
+    out["everywhere"] = run_on_every_rank(lambda: 10 * rank(), "a step of every rank")
+    try:
+        run_on_every_rank(lambda: fail() if rank() == 1 else None, "a step failing on rank 1")
+    except Exception as exc:
+        out["failure_everywhere"] = [type(exc).__name__, str(exc)]
+    calibration = calibration_of(tokenizer_dir)
+    out["batches"] = [[b.real, b.input_ids.shape[0]] for b in lockstep_batches(calibration, 3)]
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    stats = collect_live_stats(model, calibration, batch_size=3, device=torch.device("cpu"))
+    stats.save(Path(folder) / f"stats-{rank()}.safetensors", "live")
+    out["eval"] = PerLanguageEvaluator({"en": calibration}, batch_size=3).evaluate_model(model, "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(float(rank() + 1))  # every rank's copy differs from the file
+    ZeroGatherer(model).load_checkpoint(Path(model_dir))
+    out["state"] = {k: float(v.double().sum()) for k, v in model.state_dict().items()}
+    (Path(folder) / f"rank-{rank()}.json").write_text(json.dumps(out))
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,9 @@ from tests.callback_run import (
     callback_settings,
     eval_history,
 )
-from tests.launch import run_env, run_isolated, torchrun
+from tests.launch import run_env, run_on_free_port, torchrun
+
+pytestmark = pytest.mark.slow  # two processes
 
 pytest.importorskip("deepspeed")
 ROOT = Path(__file__).parents[2]
@@ -37,7 +39,8 @@ def zero3_run(tmp_path_factory):
     inputs = build_inputs(work / "inputs")
     output, result = work / "run", work / "result.json"
     script = [str(RUN_SCRIPT), str(inputs.root), str(output), str(result), "3"]
-    status, log = run_isolated([*torchrun(2), *script], run_env(DS_ACCELERATOR="cpu"), TIMEOUT_S)
+    env, log_file = run_env(DS_ACCELERATOR="cpu"), work / "launch.log"
+    status, log = run_on_free_port(lambda port: [*torchrun(2, port), *script], env, TIMEOUT_S, log_file)
     assert status == 0, log
     return inputs, output, json.loads(result.read_text())
 
@@ -99,7 +102,8 @@ def test_under_zero2_the_merge_is_made_and_loaded_back(tmp_path):
     inputs = build_inputs(tmp_path / "inputs")
     output, result_file = tmp_path / "run", tmp_path / "result.json"
     script = [str(RUN_SCRIPT), str(inputs.root), str(output), str(result_file), "2"]
-    status, log = run_isolated([*torchrun(2), *script], run_env(DS_ACCELERATOR="cpu"), TIMEOUT_S)
+    env, log_file = run_env(DS_ACCELERATOR="cpu"), tmp_path / "launch.log"
+    status, log = run_on_free_port(lambda port: [*torchrun(2, port), *script], env, TIMEOUT_S, log_file)
     assert status == 0, log
     result = json.loads(result_file.read_text())
     assert result["world_size"] == 2 and not result["partitioned"]

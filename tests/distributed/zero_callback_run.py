@@ -18,6 +18,7 @@ from obim_trainer.callback import OBIMCallback
 from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.distributed import StateEntry, ZeroGatherer, is_main_process, is_partitioned, rank, world_size
+from obim_trainer.distributed.teardown import process_group_teardown
 from tests.callback_run import RunInputs, callback_settings, make_trainer
 from tests.launch import deepspeed_config
 from tests.tiny_training import training_arguments
@@ -57,10 +58,8 @@ def main(inputs_root: str, output_dir: str, result_file: str, stage: str) -> Non
             "live_equals_merged": matches,
         }
         Path(result_file).write_text(json.dumps(result, indent=2))
-    # leaving the process group to interpreter shutdown aborts a rank now and then ("terminate called ...")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    with process_group_teardown():  # main's trainer and engine are gone before the group is destroyed
+        main(*sys.argv[1:5])

@@ -1,6 +1,6 @@
 // Fused passes of iterative merging (see obim_trainer/merging/fused_take.py).
 //
-// Plain C ABI, no Python or torch headers: it compiles in a second or two and is loaded with
+// Plain C ABI, no Python or torch headers: it is built when the package is installed and loaded with
 // ctypes. A tensor is seen as rows x cols (cols = its last dimension); each function splits the
 // rows into contiguous chunks, one per thread, and every result is independent of the number of
 // threads. Scores are either given (float32) or computed on the fly as OBM saliency,
@@ -14,6 +14,10 @@
 #include <cstring>
 #include <thread>
 #include <vector>
+
+#ifndef OBIM_LEVEL
+#define OBIM_LEVEL 1  // the instruction-set level this copy is compiled for (see native/build.py)
+#endif
 
 namespace {
 
@@ -250,6 +254,23 @@ void take_all(const Scores& s, bool scored, const uint8_t* free_in, uint8_t* fre
 }  // namespace
 
 extern "C" {
+
+// The level this library was compiled for: 1 (the architecture's baseline) or 3 (x86-64-v3).
+int obim_build_level() { return OBIM_LEVEL; }
+
+// The highest level the running CPU (and its operating system) can execute, asked with cpuid through
+// the compiler's runtime, so that it holds inside containers whatever /proc/cpuinfo says. Only called
+// on the baseline library, which every CPU of the architecture runs.
+int obim_cpu_level() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") &&
+                  __builtin_cpu_supports("avx");
+  return v3 ? 3 : 1;
+#else
+  return 1;
+#endif
+}
 
 // Among free positions (free == nullptr: all), counts scores > hi into *above and gathers, in
 // ascending index order, the index and score of each one with lo <= score <= hi into cand_index /
