@@ -9,12 +9,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,8 @@ def value_label(point: Point) -> str:
     return ",".join(part.split("=", 1)[-1] for part in rest.split("@"))
 
 
-LABEL_RADII = (5.0, 11.0, 18.0, 27.0, 38.0)  # points
-LABEL_ANGLES = (45, 135, -45, -135, 0, 180, 90, -90)
+LABEL_RADII = (5.0, 11.0, 18.0, 27.0, 38.0, 52.0, 70.0)  # points
+LABEL_ANGLES = (45, 135, -45, -135, 0, 180, 90, -90, 20, 160, -20, -160)
 
 
 def place_labels(ax: Any, anchors: Sequence[tuple[str, float, float]], fontsize: str = "x-small") -> list[Any]:
@@ -135,7 +138,7 @@ def place_labels(ax: Any, anchors: Sequence[tuple[str, float, float]], fontsize:
             for angle in LABEL_ANGLES:
                 dx, dy = radius * math.cos(math.radians(angle)), radius * math.sin(math.radians(angle))
                 candidate = _annotate(ax, text, x, y, dx, dy, radius, fontsize)
-                box = candidate.get_window_extent(renderer)
+                box = _text_box(candidate, renderer)
                 free = not any(box.overlaps(b) for b in [*placed, *markers])
                 if free and frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1):
                     break
@@ -145,8 +148,17 @@ def place_labels(ax: Any, anchors: Sequence[tuple[str, float, float]], fontsize:
                 break
         if candidate is None:  # nowhere free: the first ring, overlapping; rare with this many points
             candidate = _annotate(ax, text, x, y, LABEL_RADII[0], LABEL_RADII[0], LABEL_RADII[0], fontsize)
-        placed.append(candidate.get_window_extent(renderer))
+            logger.warning("no free place for the label %r at (%g, %g); it may overlap another", text, x, y)
+        placed.append(_text_box(candidate, renderer))
     return placed
+
+
+def _text_box(annotation: Any, renderer: Any) -> Any:
+    """The display box of an annotation's text alone (its leader line may cross other points)."""
+    from matplotlib.text import Text
+
+    annotation.update_positions(renderer)
+    return Text.get_window_extent(annotation, renderer)
 
 
 def _marker_box(ax: Any, x: float, y: float, half: float = 3.0) -> Any:
