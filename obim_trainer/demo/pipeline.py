@@ -130,6 +130,7 @@ def tradeoff_points(config: DemoConfig, table: ComparisonTable) -> list[Point]:
             old_average(config, r.metrics),
             family=families.get(r.name) if r.kind == "merge" else None,
             picked=r.name == table.picked,
+            base=r.kind == "base",
         )
         for r in table.rows
         if r.kind != "checkpoint" or r is last

@@ -30,6 +30,7 @@ class Point:
     family: str | None = None
     """The curve the merge belongs to (e.g. ``regmean`` for its base weights); ``None`` for base and checkpoints."""
     picked: bool = False
+    base: bool = False
 
 
 OFF_SCALE = 1.5  # losses above this multiple of the worst base/checkpoint loss are drawn at the top edge
@@ -123,14 +124,20 @@ LABEL_RADII = (5.0, 11.0, 18.0, 27.0, 38.0, 52.0, 70.0)  # points
 LABEL_ANGLES = (45, 135, -45, -135, 0, 180, 90, -90, 20, 160, -20, -160)
 
 
-def place_labels(ax: Any, anchors: Sequence[tuple[str, float, float]], fontsize: str = "x-small") -> list[Any]:
-    """Annotate each anchor (text, x, y) where its text overlaps no other label, no marker and stays in
-    the axes: candidate offsets on rings of growing radius around the point, the first free one wins
-    (a thin leader line from the second ring on). Returns the placed texts' display boxes."""
+def place_labels(
+    ax: Any,
+    anchors: Sequence[tuple[str, float, float]],
+    obstacles: Sequence[tuple[float, float]] = (),
+    fontsize: str = "x-small",
+) -> list[Any]:
+    """Annotate each anchor (text, x, y) where its text overlaps no other label, no marker (the anchors'
+    and the ``obstacles``' points) and stays in the axes: candidate offsets on rings of growing radius
+    around the point, the first free one wins (a thin leader line from the second ring on). Returns the
+    placed texts' display boxes."""
     figure = ax.figure
     renderer = figure.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
-    markers = [_marker_box(ax, x, y) for _, x, y in anchors]
+    markers = [_marker_box(ax, x, y) for x, y in [*((x, y) for _, x, y in anchors), *obstacles]]
     placed: list[Any] = []
     for text, x, y in anchors:
         candidate = None
@@ -183,32 +190,22 @@ MARKERS = "oDs^vP<>hXp*d"
 
 def tradeoff_figure(points: Sequence[Point], new_language: str) -> Any:
     """The trade-off figure: each family's merges joined in a line in the given order (one legend entry
-    per family), the base and the last checkpoint as black reference marks, the objective's pick
-    ringed; points far beyond the base and checkpoints are listed under the plot instead of squashing it."""
+    per family), the base's old-language loss as a dashed line (its new-language loss is far to the
+    right), the last checkpoint as a black square, the objective's pick ringed; points far beyond the
+    base and the checkpoints are listed under the plot instead of squashing it."""
     plt = _pyplot()
     figure, ax = plt.subplots(figsize=(8.5, 5.6))
     references = [p for p in points if p.family is None]
-    limit_x = OFF_SCALE * max(p.new_loss for p in references) if references else math.inf
-    limit_y = OFF_SCALE * max(p.old_loss for p in references) if references else math.inf
-    shown = [p for p in points if p.new_loss <= limit_x and p.old_loss <= limit_y]
-    hidden = [p for p in points if p not in shown]
-    families: dict[str, list[Point]] = {}
-    for p in shown:
-        if p.family is not None:
-            families.setdefault(p.family, []).append(p)
-    colors = plt.get_cmap("tab10").colors
-    for i, (family, members) in enumerate(families.items()):
-        style = "-" if len(members) > 1 else ""
-        ax.plot(
-            [p.new_loss for p in members],
-            [p.old_loss for p in members],
-            style + MARKERS[i % len(MARKERS)],
-            color=colors[i % len(colors)],
-            markersize=5,
-            label=family,
-        )
-    for marker, p in zip("*s", references, strict=False):
-        ax.plot([p.new_loss], [p.old_loss], marker, color="black", markersize=9, label=p.name)
+    limit_x = OFF_SCALE * max((p.new_loss for p in references), default=math.inf)
+    limit_y = OFF_SCALE * max((p.old_loss for p in references), default=math.inf)
+    shown = [p for p in points if p.new_loss <= limit_x and p.old_loss <= limit_y and not p.base]
+    hidden = [p for p in points if p not in shown and not p.base]
+    _draw_families(ax, shown)
+    for p in (p for p in references if p.base):
+        label = f"{p.name} ({new_language} {p.new_loss:.2f}, old {p.old_loss:.2f})"
+        ax.axhline(p.old_loss, color="black", linestyle="--", linewidth=1, label=label)
+    for p in (p for p in shown if p.family is None):
+        ax.plot([p.new_loss], [p.old_loss], "s", color="black", markersize=8, label=p.name)
     for p in (p for p in shown if p.picked):
         ax.plot([p.new_loss], [p.old_loss], "o", mfc="none", mec="red", markersize=14, mew=1.5, label="picked")
     ax.margins(0.06)
@@ -218,12 +215,38 @@ def tradeoff_figure(points: Sequence[Point], new_language: str) -> Any:
     ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
     ax.set_xlim(ax.get_xlim())  # fixed before labels are placed, so the points stay where the labels expect
     ax.set_ylim(ax.get_ylim())
-    curves = [(value_label(p), p.new_loss, p.old_loss) for m in families.values() if len(m) > 1 for p in m]
-    place_labels(ax, curves)
+    curves = [m for m in _families(shown).values() if len(m) > 1]
+    place_labels(
+        ax,
+        [(value_label(p), p.new_loss, p.old_loss) for m in curves for p in m],
+        [(p.new_loss, p.old_loss) for p in shown],
+    )
     if hidden:
         note = "off scale: " + ", ".join(f"{p.name} ({p.new_loss:.2f}, {p.old_loss:.2f})" for p in hidden)
         figure.text(0.01, -0.02, note, fontsize="x-small", wrap=True, va="top")
     return figure
+
+
+def _families(points: Sequence[Point]) -> dict[str, list[Point]]:
+    families: dict[str, list[Point]] = {}
+    for p in points:
+        if p.family is not None:
+            families.setdefault(p.family, []).append(p)
+    return families
+
+
+def _draw_families(ax: Any, points: Sequence[Point]) -> None:
+    """One legend entry per family: its points joined in a line (a lone marker for a single merge)."""
+    colors = _pyplot().get_cmap("tab10").colors
+    for i, (family, members) in enumerate(_families(points).items()):
+        ax.plot(
+            [p.new_loss for p in members],
+            [p.old_loss for p in members],
+            ("-" if len(members) > 1 else "") + MARKERS[i % len(MARKERS)],
+            color=colors[i % len(colors)],
+            markersize=5,
+            label=family,
+        )
 
 
 def plot_tradeoff(points: Sequence[Point], new_language: str, path: Path) -> Path:

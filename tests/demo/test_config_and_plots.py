@@ -81,7 +81,7 @@ def test_value_labels_name_what_sets_a_point_apart_in_its_curve():
 
 
 def fake_points() -> list[Point]:
-    points = [Point("base", 13.0, 4.4), Point("ckpt-300 (last)", 5.0, 5.9)]
+    points = [Point("base", 13.0, 4.4, base=True), Point("ckpt-300 (last)", 5.0, 5.9)]
     points += [Point(n, x, y, family="obim") for n, x, y in [("obim", 5.03, 5.8), ("obim@0.6", 5.2, 5.6)]]
     points += [
         Point(f"regmean@base_weight={c}", x, y, family="regmean", picked=c == 1)
@@ -98,13 +98,16 @@ def test_the_tradeoff_draws_one_curve_per_family_and_marks_references_and_the_pi
     assert list(lines["regmean"].get_xdata()) == [5.1, 5.3, 5.9] and lines["regmean"].get_linestyle() == "-"
     assert list(lines["obim"].get_ydata()) == [5.8, 5.6]
     assert lines["ties"].get_linestyle() == "None"  # one point: a marker, no curve
-    assert (lines["base"].get_xdata()[0], lines["ckpt-300 (last)"].get_ydata()[0]) == (13.0, 5.9)
+    base = "base (zh 13.00, old 4.40)"  # the old-language level to get back to, across the plot
+    assert list(lines[base].get_ydata()) == [4.4, 4.4] and lines[base].get_linestyle() == "--"
+    assert (lines["ckpt-300 (last)"].get_xdata()[0], lines["ckpt-300 (last)"].get_ydata()[0]) == (5.0, 5.9)
+    assert ax.get_xlim()[1] < 10  # the base's new-language loss does not stretch the axis
     assert (lines["picked"].get_xdata()[0], lines["picked"].get_ydata()[0]) == (5.3, 4.5)
     assert "task_arithmetic" not in lines  # far beyond base and checkpoints: listed under the plot instead
     assert any("task_arithmetic (8.60, 16.30)" in t.get_text() for t in figure.texts)
     assert {t.get_text() for t in ax.texts} == {"0.3", "1", "3"} | {"1", "0.6"}
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["obim", "regmean", "ties", "base", "ckpt-300 (last)", "picked"]
+    assert legend == ["obim", "regmean", "ties", base, "ckpt-300 (last)", "picked"]
 
 
 def test_labels_of_crowded_points_overlap_neither_each_other_nor_the_markers():
@@ -118,10 +121,13 @@ def test_labels_of_crowded_points_overlap_neither_each_other_nor_the_markers():
     ax.plot([x for _, x, _ in anchors], [y for _, _, y in anchors], "o")
     ax.set_xlim(0.9, 1.2)
     ax.set_ylim(0.9, 1.2)
-    boxes = place_labels(ax, anchors)
+    obstacles = [(1.0 + 0.01 * i, 0.99) for i in range(4)]  # other markers just below the crowd
+    boxes = place_labels(ax, anchors, obstacles)
     assert len(boxes) == len(anchors) == len(ax.texts)
+    markers = [ax.transData.transform(xy) for xy in [*((x, y) for _, x, y in anchors), *obstacles]]
     for i, box in enumerate(boxes):
         assert not any(box.overlaps(other) for other in boxes[i + 1 :])
+        assert not any(box.contains(*xy) for xy in markers)
     plt.close(figure)
 
 
@@ -153,4 +159,5 @@ def test_the_report_marks_the_objectives_pick_and_the_plot_gets_families(tmp_pat
     points = {p.name: p for p in tradeoff_points(config, table)}
     assert set(points) == {"base", "ckpt-300 (last)", "obim", "regmean@base_weight=1", "ties"}
     assert points["regmean@base_weight=1"].picked and points["regmean@base_weight=1"].family == "regmean"
+    assert points["base"].base and not points["ckpt-300 (last)"].base
     assert points["base"].family is None and points["ckpt-300 (last)"].old_loss == pytest.approx(5.9)
