@@ -20,8 +20,9 @@ Show forgetting and its recovery on a CPU in minutes (OBIM paper, Table 2, in mi
   2. train a byte-level BPE tokenizer and pretrain a tiny Llama on the old languages;
   3. continue pretraining it on the new language with OBIMCallback attached: every save records
      activation statistics and the loss per language; the best checkpoints are merged at the end;
-  4. merge the same checkpoints with OBIM and the baselines (and OBIM keeping part of the base),
-     evaluate every model on every language with one evaluator;
+  4. merge the same checkpoints as every entry of `merges:` says (OBIM at several total shares,
+     forgetting-aware RegMean and Fisher merging with calibration per language, the baselines),
+     evaluate every model on every language with one evaluator, pick one by the objective;
   5. write README.md (the table), comparison.md/.json, losses.png, ownership.png, tradeoff.png.
 """
 

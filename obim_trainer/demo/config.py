@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from obim_trainer.comparison import Objective
+from obim_trainer.errors import ConfigError
+from obim_trainer.variants import MergeVariant, plan_variants
 from obim_trainer.yaml_config import YamlConfig
 
 
@@ -32,6 +35,45 @@ class Phase(BaseModel):
     warmup_steps: int = Field(default=0, ge=0)
 
 
+class MergeSpec(BaseModel):
+    """One entry of the demo's comparison: a method, its parameters and what is swept.
+
+    Every merge of one entry forms one curve of the trade-off plot (its ``label``, default the
+    method's name), e.g. ``{method: regmean, sweep: {base_weight: [0.3, 1, 3]}}`` or OBIM over
+    ``total_shares``. ``label`` also names the merges' folders in place of the method
+    (``regmean-parallel@base_weight=1``), so one method can appear with different fixed parameters.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    label: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.+-]+$", description="Curve and folder name.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Fixed parameters of every merge of the entry.")
+    total_shares: list[float] | None = Field(default=None, description="OBIM-style Σn_k values, one merge each.")
+    sweep: dict[str, list[Any]] = Field(default_factory=dict, description="One merge per value (product if several).")
+    calibration_samples: int | None = Field(
+        default=None, ge=1, description="Calibration texts per language for these merges (default: the demo's)."
+    )
+
+    @property
+    def family(self) -> str:
+        """The curve the entry's merges form (and the prefix of their names)."""
+        return self.label or self.method
+
+    def plan(self, num_models: int) -> list[MergeVariant]:
+        """The entry's merges, named ``<family>[@share][@param=value]``."""
+        variants = plan_variants(
+            [self.method], {self.method: self.params}, self.total_shares, num_models, self.sweep or None
+        )
+        return [dataclasses.replace(v, name=self.family + v.name[len(self.method) :]) for v in variants]
+
+
+def default_merges() -> list[MergeSpec]:
+    """OBIM at three total shares and the shipped baselines at their defaults."""
+    baselines = ["task_arithmetic", "ties", "dare_ties", "della", "widen", "consensus", "pcb"]
+    return [MergeSpec(method="obim", total_shares=[1.0, 0.6, 0.3]), *(MergeSpec(method=m) for m in baselines)]
+
+
 class DemoConfig(YamlConfig):
     """What the demo trains, on which text, and which merges it compares."""
 
@@ -42,7 +84,12 @@ class DemoConfig(YamlConfig):
     new_language: str = "zh"
     max_train_entries: int = Field(default=6000, ge=10, description="Fortunes per language for training.")
     eval_entries: int = Field(default=64, ge=2, description="Held-out fortunes per language for evaluation.")
-    calibration_samples: int = Field(default=96, ge=1, description="Spread over all languages (paper: all tasks).")
+    calibration_samples: int = Field(
+        default=32,
+        ge=1,
+        description="Calibration texts per language: the base is measured on the old ones and the checkpoints on "
+        "the new one where a method needs it; OBIM's activation statistics read all of them together.",
+    )
     vocab_size: int = Field(default=4096, ge=300)
     block_size: int = Field(default=128, ge=8)
     model: ModelShape = ModelShape()
@@ -50,10 +97,9 @@ class DemoConfig(YamlConfig):
     continued: Phase = Phase(steps=300, learning_rate=1e-3)
     save_steps: int = Field(default=50, ge=1)
     top_k: int = Field(default=3, ge=1)
-    methods: list[str] = Field(
-        default=["obim", "task_arithmetic", "ties", "dare_ties", "della", "widen", "consensus", "pcb"], min_length=1
+    merges: list[MergeSpec] = Field(
+        default_factory=default_merges, min_length=1, description="What the comparison merges, entry by entry."
     )
-    total_shares: list[float] = Field(default=[1.0, 0.6, 0.3], description="OBIM's Σn_k sweep (1.0 = the paper).")
     objective: Objective = Field(default_factory=Objective, description="How the table picks one merge.")
     seed: int = 0
     report_to: Literal["none", "wandb"] = "none"
@@ -63,6 +109,25 @@ class DemoConfig(YamlConfig):
         if self.new_language in self.old_languages:
             raise ValueError(f"new_language '{self.new_language}' is also an old language")
         return self
+
+    @model_validator(mode="after")
+    def _merges_plan(self) -> DemoConfig:
+        try:
+            names = [v.name for v in self.planned_merges()]
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"merges {', '.join(repeated)} appear twice; give one of the entries its own label")
+        return self
+
+    def planned_merges(self) -> list[MergeVariant]:
+        """Every merge of the comparison, in order (checked when the configuration is read)."""
+        return [v for spec in self.merges for v in spec.plan(self.top_k)]
+
+    def family_of(self) -> dict[str, str]:
+        """The curve (entry) each merge belongs to, by merge name."""
+        return {v.name: spec.family for spec in self.merges for v in spec.plan(self.top_k)}
 
     @property
     def languages(self) -> list[str]:

@@ -29,9 +29,9 @@ class Corpus:
         """The old languages, interleaved entry by entry."""
         return self.folder / "pretrain.jsonl"
 
-    @property
-    def calibration(self) -> Path:
-        return self.folder / "calibration.jsonl"
+    def calibration(self, language: str) -> Path:
+        """Training entries of one language, sampled for the merge statistics."""
+        return self.folder / f"{language}_calibration.jsonl"
 
 
 def write_jsonl(path: Path, texts: list[str]) -> None:
@@ -47,8 +47,9 @@ def read_texts(path: Path) -> list[str]:
 def prepare_corpus(config: DemoConfig, folder: Path) -> Corpus:
     """Split each language's fortunes into train/eval (seeded) and write the files the demo reads.
 
-    Calibration takes equal numbers of training entries of every language: the paper's
-    post-pretraining statistics come from samples of all the languages it evaluates.
+    Calibration takes ``calibration_samples`` training entries of every language, one file each: the
+    paper's post-pretraining statistics come from samples of all the languages it evaluates (OBIM reads
+    them together), and the per-language methods measure the base on the old ones, the checkpoints on the new.
     """
     corpus = Corpus(Path(folder))
     corpus.folder.mkdir(parents=True, exist_ok=True)
@@ -59,10 +60,12 @@ def prepare_corpus(config: DemoConfig, folder: Path) -> Corpus:
         write_jsonl(corpus.train(language), train[language])
         write_jsonl(corpus.eval(language), held_out)
     write_jsonl(corpus.pretraining, interleave([train[x] for x in config.old_languages]))
-    per_language = -(-config.calibration_samples // len(config.languages))
     rng = random.Random(config.seed + 1)
-    calibration = interleave([rng.sample(train[x], min(per_language, len(train[x]))) for x in config.languages])
-    write_jsonl(corpus.calibration, calibration[: config.calibration_samples])
+    for language in config.languages:
+        write_jsonl(
+            corpus.calibration(language),
+            rng.sample(train[language], min(config.calibration_samples, len(train[language]))),
+        )
     return corpus
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from obim_trainer.callback import OBIMCallback
 from obim_trainer.comparison import ComparisonTable, RowKind, evaluate_folders, pick
+from obim_trainer.config import MergeConfig
 from obim_trainer.demo.config import DemoConfig
 from obim_trainer.demo.corpus import prepare_corpus, read_texts
 from obim_trainer.demo.plots import Point, plot_losses, plot_ownership, plot_tradeoff
@@ -21,7 +22,7 @@ from obim_trainer.demo.training import continue_pretraining, pretrain_base
 from obim_trainer.evaluation import metric_names
 from obim_trainer.merging import build_method
 from obim_trainer.tracking import Image, Table, block_group, make_run_logger, summarize_merge
-from obim_trainer.variants import merge_variants, plan_variants, variant_name
+from obim_trainer.variants import merge_variants
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +67,23 @@ def checkpoint_folders(corpus_run: Path) -> dict[str, tuple[Path, RowKind]]:
     return {f"ckpt-{p.name.rsplit('-', 1)[1]}": (p, "checkpoint") for p in folders}
 
 
+def merge_all(config: DemoConfig, merge_config: MergeConfig, num_models: int, root: Path) -> dict[str, Path]:
+    """Every entry of ``config.merges`` from the same checkpoints into ``root/<name>`` (an entry's own
+    ``calibration_samples`` replaces the demo's for its merges)."""
+    merges: dict[str, Path] = {}
+    for spec in config.merges:
+        samples = spec.calibration_samples or merge_config.calibration_samples
+        own = merge_config.model_copy(update={"calibration_samples": samples})
+        merges.update(merge_variants(own, spec.plan(num_models), root))
+    return merges
+
+
 def compare(config: DemoConfig, callback: OBIMCallback, base_dir: Path, work: Path) -> ComparisonTable:
-    """Merge the selected checkpoints with every method (and OBIM at every total share), then evaluate
-    the base, every checkpoint and every merge with the callback's own evaluator."""
+    """Merge the selected checkpoints as every entry of ``config.merges`` says, then evaluate the base,
+    every checkpoint and every merge with the callback's own evaluator; the objective picks one merge."""
     assert callback.evaluator is not None
     chosen = [callback.candidates[s].merge_path for s in callback.selected]
-    variants = plan_variants(config.methods, {}, config.total_shares, len(chosen))
-    merge_config = callback.config.merge_config(chosen, work / "merges")
-    merges = merge_variants(merge_config, variants, work / "merges")
+    merges = merge_all(config, callback.config.merge_config(chosen, work / "merges"), len(chosen), work / "merges")
     folders: dict[str, tuple[Path, RowKind]] = {
         "base": (base_dir, "base"),
         **checkpoint_folders(work / "run"),
@@ -81,6 +91,7 @@ def compare(config: DemoConfig, callback: OBIMCallback, base_dir: Path, work: Pa
     }
     table = evaluate_folders(folders, callback.evaluator)
     pick(table, config.objective)
+    table.extra.update(families=config.family_of(), selected=[f"ckpt-{s}" for s in callback.selected])
     return table
 
 
@@ -101,17 +112,29 @@ def draw(
     }
     base = {x: loss(rows["base"].metrics, x) for x in config.languages}
     merges = {r.name: {x: loss(r.metrics, x) for x in config.languages} for r in table.rows if r.kind == "merge"}
-    sweep = {"base", *(variant_name("obim", share) for share in config.total_shares)}
-    points = [
-        Point(r.name, loss(r.metrics, config.new_language), old_average(config, r.metrics), sweep=r.name in sweep)
-        for r in table.rows
-        if r.kind != "checkpoint" or r.name == f"ckpt-{callback.selected[0]}"
-    ]
     return {
         "losses_png": plot_losses(curves, base, merges, output / "losses.png"),
         "ownership_png": plot_ownership(*ownership_by_block(config, callback, base_dir), output / "ownership.png"),
-        "tradeoff_png": plot_tradeoff(points, config.new_language, output / "tradeoff.png"),
+        "tradeoff_png": plot_tradeoff(tradeoff_points(config, table), config.new_language, output / "tradeoff.png"),
     }
+
+
+def tradeoff_points(config: DemoConfig, table: ComparisonTable) -> list[Point]:
+    """The base, the last checkpoint and every merge (with its family, the pick marked) for the trade-off plot."""
+    families = config.family_of()
+    last = [r for r in table.rows if r.kind == "checkpoint"][-1]
+    return [
+        Point(
+            f"{r.name} (last)" if r is last else r.name,
+            loss(r.metrics, config.new_language),
+            old_average(config, r.metrics),
+            family=families.get(r.name) if r.kind == "merge" else None,
+            picked=r.name == table.picked,
+            base=r.kind == "base",
+        )
+        for r in table.rows
+        if r.kind != "checkpoint" or r is last
+    ]
 
 
 def ownership_by_block(

@@ -86,10 +86,15 @@ def pretrain_base(config: DemoConfig, corpus: Corpus, tokenizer_dir: Path, base_
 
 
 def obim_settings(config: DemoConfig, corpus: Corpus, base_dir: Path) -> OBIMConfig:
-    """Record statistics and the per-language evaluation at every save; merge the best ``top_k`` at the end."""
+    """Record statistics and the per-language evaluation at every save; merge the best ``top_k`` at the end.
+
+    Calibration is per language with the new one named, so the per-language methods of the comparison
+    measure the base on the old languages and the checkpoints on the new one; OBIM reads all of it.
+    """
     return OBIMConfig(
         base_model=base_dir,
-        calibration_data=corpus.calibration,
+        calibration_data={language: corpus.calibration(language) for language in config.languages},
+        new_languages=[config.new_language],
         calibration_samples=config.calibration_samples,
         calibration_max_length=config.block_size,
         eval_data={language: corpus.eval(language) for language in config.languages},

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from obim_trainer.demo.config import DemoConfig
+from obim_trainer.demo.config import DemoConfig, MergeSpec
 from obim_trainer.demo.fortunes import package_files
 from obim_trainer.evaluation import PerLanguageEvaluator, load_eval_sets
 
@@ -45,8 +45,8 @@ def test_forgetting_is_measured_against_the_base(demo):
 def test_every_method_and_share_is_merged_into_a_loadable_model(demo):
     config, output, result = demo
     merges = [r for r in result.table.rows if r.kind == "merge"]
-    assert {m.split("@")[0] for m in (r.name for r in merges)} >= set(config.methods)
-    assert len(merges) >= len(config.methods) + len(config.total_shares) - 1
+    assert [r.name for r in merges] == [v.name for v in config.planned_merges()]
+    assert {"obim", "obim@0.5", "regmean@base_weight=1"} <= {r.name for r in merges}  # per-language regmean ran
     ids = AutoTokenizer.from_pretrained(output / "work" / "base")("你好, world", return_tensors="pt").input_ids
     for row in merges:
         assert row.path.parent == output / "work" / "merges"
@@ -77,6 +77,9 @@ def test_the_report_table_and_pictures_are_written(demo):
         assert f"{row.metrics[f'obim_{config.new_language}_loss']:.3f}" in report
     saved = json.loads(result.files["table_json"].read_text())
     assert saved and result.files["table_md"].read_text(encoding="utf-8") in report
+    marked = [line for line in report.splitlines() if line.startswith("| ") and line.endswith(" ✓ |")]
+    assert marked == [next(line for line in report.splitlines() if line.startswith(f"| {saved['picked']} |"))]
+    assert saved["families"] == config.family_of()
     for key in ("losses_png", "ownership_png", "tradeoff_png"):
         picture = result.files[key]
         assert picture.parent == output and picture.read_bytes()[:8] == PNG and picture.stat().st_size > 5000
@@ -92,7 +95,7 @@ def test_with_wandb_the_comparison_and_pictures_reach_the_run(tmp_path, monkeypa
     monkeypatch.setenv("WANDB_SILENT", "true")
     fresh_wandb()
     config = DemoConfig.from_yaml(ROOT / "configs" / "demo" / "smoke.yaml").model_copy(
-        update={"report_to": "wandb", "methods": ["obim"], "total_shares": [1.0]}
+        update={"report_to": "wandb", "merges": [MergeSpec(method="obim")]}
     )
     result = run_demo(config, tmp_path / "demo")
     run = run_dir(tmp_path)
