@@ -114,7 +114,15 @@ def child_floor(work: Path, k: int) -> dict:
     return {"seconds": time.perf_counter() - start}
 
 
-def child_merge(work: Path, k: int, method: str, workers: int) -> dict:
+def calibration_kwargs(work: Path, method: str) -> dict:
+    """One calibration file, or for the methods measuring base and checkpoints on different languages, two."""
+    if method not in {m for m, _ in STATISTICS_ROWS.values()}:
+        return {"calibration_data": work / "calib.jsonl"}
+    return {"calibration_data": {"en": work / "calib.jsonl", "de": work / "calib-de.jsonl"}, "new_languages": ["de"]}
+
+
+def child_merge(work: Path, k: int, method: str, workers: int, params: dict | None = None, fresh: bool = False) -> dict:
+    """One ``merge_checkpoints`` run; ``fresh`` recomputes the statistics instead of reading the cached ones."""
     from obim_trainer.merge import merge_checkpoints
     from obim_trainer.merging import get_method
 
@@ -124,9 +132,11 @@ def child_merge(work: Path, k: int, method: str, workers: int) -> dict:
         base=work / "base",
         checkpoints=[work / f"checkpoint-{i}" for i in range(k)],
         method=method,
-        calibration_data=work / "calib.jsonl",
-        calibration_samples=8,
+        params=params or {},
+        **calibration_kwargs(work, method),
+        calibration_samples=CALIBRATION_SAMPLES,
         stats_beside_checkpoints=True,  # where the callback leaves them in a real run
+        recompute_stats=fresh,
         output=work / f"merged-{method}",
         overwrite=True,
         progress=False,
@@ -135,6 +145,19 @@ def child_merge(work: Path, k: int, method: str, workers: int) -> dict:
     shutil.rmtree(work / f"merged-{method}", ignore_errors=True)
     return {"seconds": time.perf_counter() - start, "stream_seconds": result.manifest["timings"]["merge_s"]}
 
+
+CALIBRATION_SAMPLES = 8
+
+# Methods that need statistics other than OBIM's: row name -> (method, params). Timed with the statistics
+# cached (merge only) and recomputed (statistics included); sequential RegMean always runs the model on
+# the texts (its Grams depend on the merged earlier layers), so it has one time.
+STATISTICS_ROWS: dict[str, tuple[str, dict]] = {
+    "regmean seq.": ("regmean", {}),
+    # the paper's α = 0.9: with α = 1 the fp32 Grams of these few repeated texts can fail even the ridged
+    # Cholesky (measured at hidden 512)
+    "regmean non-seq.": ("regmean", {"sequential": False, "alpha": 0.9}),
+    "fisher_merging": ("fisher_merging", {}),
+}
 
 MERGEKIT_NAMES = {
     "task_arithmetic": "task_arithmetic",
@@ -197,9 +220,12 @@ def peak_rss() -> int:
     return max(own, workers) * 1024
 
 
-def timed_merge(work: Path, k: int, method: str, workers: int, repeats: int) -> dict:
+def timed_merge(
+    work: Path, k: int, method: str, workers: int, repeats: int, params: dict | None = None, fresh: bool = False
+) -> dict:
     """The fastest of ``repeats`` fresh-process merges, and the largest peak RSS among them."""
-    runs = [run_child("merge", str(work), str(k), method, str(workers)) for _ in range(repeats)]
+    extra = (json.dumps(params or {}), "fresh" if fresh else "cached")
+    runs = [run_child("merge", str(work), str(k), method, str(workers), *extra) for _ in range(repeats)]
     return {
         "seconds": min(r["seconds"] for r in runs),
         "stream_seconds": min(r["stream_seconds"] for r in runs),
@@ -210,10 +236,24 @@ def timed_merge(work: Path, k: int, method: str, workers: int, repeats: int) -> 
 def row(name: str, merge: dict, floor: float, budget: int, theirs: float | None) -> str:
     total, stream, peak = merge["seconds"], merge["stream_seconds"], merge["peak_rss"]
     return (
-        f"{name:<17} {total:>9.2f}s {total / floor:>7.2f} {stream:>7.2f}s {stream / floor:>7.2f} "
+        f"{name:<28} {total:>9.2f}s {total / floor:>7.2f} {stream:>7.2f}s {stream / floor:>7.2f} "
         f"{peak / 1e9:>7.2f}GB{'' if peak <= budget else '!'} "
         + (f"{theirs:>8.2f}s {theirs / total:>8.2f}" if theirs else f"{'-':>9} {'-':>8}")
     )
+
+
+def statistics_rows(work: Path, args: argparse.Namespace, floor: float, budget: int) -> list[str]:
+    """RegMean (sequential and not) and Fisher merging, merge only (cached statistics) and with statistics."""
+    out = []
+    for name, (method, params) in STATISTICS_ROWS.items():
+        kinds = ("with stats",) if params.get("sequential", True) and method == "regmean" else ("cached", "with stats")
+        if "cached" in kinds:
+            run_child("merge", str(work), str(args.k), method, "1", json.dumps(params))  # fill the cache, untimed
+        for kind in kinds:
+            merge = timed_merge(work, args.k, method, 1, args.repeats, params, fresh=kind == "with stats")
+            out.append(row(f"{name} {kind}", merge, floor, budget, None))
+            logger.info(out[-1])
+    return out
 
 
 def main() -> None:
@@ -225,6 +265,15 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3, help="number of checkpoints")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="N for the parallel OBIM merge")
     parser.add_argument("--methods", default="", help="comma-separated methods to time besides OBIM, or 'all'")
+    parser.add_argument(
+        "--mergekit", action=argparse.BooleanOptionalAction, default=True, help="time mergekit-yaml where installed"
+    )
+    parser.add_argument(
+        "--statistics-methods",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"also time {', '.join(STATISTICS_ROWS)} with cached and with recomputed statistics (default on)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the fastest counts")
     parser.add_argument("--workdir", type=Path, help="keep the synthetic models here (default: a temp dir)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -232,7 +281,12 @@ def main() -> None:
 
     if args.child:
         kind, work, k = args.child[0], Path(args.child[1]), int(args.child[2])
-        result = child_floor(work, k) if kind == "floor" else child_merge(work, k, args.child[3], int(args.child[4]))
+        if kind == "floor":
+            result = child_floor(work, k)
+        else:
+            params = json.loads(args.child[5]) if len(args.child) > 5 else None
+            fresh = len(args.child) > 6 and args.child[6] == "fresh"
+            result = child_merge(work, k, args.child[3], int(args.child[4]), params, fresh)
         result["peak_rss"] = peak_rss()
         sys.stdout.write(json.dumps(result) + "\n")
         return
@@ -251,6 +305,8 @@ def main() -> None:
             write_model(work / f"checkpoint-{i}", config, shapes, seed=i + 1, base=work / "base")
         calib = ["continued pre-training teaches a new language"] * 8
         (work / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in calib))
+        calib_de = ["fortgesetztes Vortrainieren lehrt eine neue Sprache"] * 8
+        (work / "calib-de.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in calib_de))
     from obim_trainer.merging import available_methods
 
     extra = list(available_methods()) if args.methods == "all" else [m for m in args.methods.split(",") if m]
@@ -267,17 +323,21 @@ def main() -> None:
         floor,
         max(f["peak_rss"] for f in floors) / 1e9,
     )
-    ties_mergekit = mergekit_seconds(work, args.k, "ties")
+    ties_mergekit = mergekit_seconds(work, args.k, "ties") if args.mergekit else None
     obim = {w: timed_merge(work, args.k, "obim", w, args.repeats) for w in sorted({1, args.workers})}
     rows = [
-        f"{'method':<17} {'end-to-end':>10} {'/floor':>7} {'stream':>8} {'/floor':>7} "
+        f"{'method':<28} {'end-to-end':>10} {'/floor':>7} {'stream':>8} {'/floor':>7} "
         f"{'peak RSS':>9} {'mergekit':>9} {'mk/ours':>8}"
     ]
     rows += [row(f"obim ({w} worker{'s' if w > 1 else ''})", m, floor, budget, ties_mergekit) for w, m in obim.items()]
     for method in extra:
         merge = timed_merge(work, args.k, method, 1, args.repeats)
-        rows.append(row(method, merge, floor, budget, mergekit_seconds(work, args.k, method)))
+        rows.append(
+            row(method, merge, floor, budget, mergekit_seconds(work, args.k, method) if args.mergekit else None)
+        )
         logger.info(rows[-1])
+    if args.statistics_methods:
+        rows += statistics_rows(work, args, floor, budget)
     best = min(obim.values(), key=lambda m: m["seconds"])
     stream = min(m["stream_seconds"] for m in obim.values())
     summary = [
@@ -288,14 +348,13 @@ def main() -> None:
     if ties_mergekit:
         summary.append(f"mergekit TIES / OBIM: {ties_mergekit / best['seconds']:.2f}x (target >= 5; mk/ours above)")
     else:
-        summary.append("mergekit TIES: not measured (mergekit-yaml not installed)")
-    logger.info(
-        "\n%s\n(mk/ours: mergekit's time for the same method, OBIM rows against mergekit TIES; RSS budget 2 GB + 4 x "
-        "largest tensor = %.2f GB; '!' marks a process over it)\n%s",
-        "\n".join(rows),
-        budget / 1e9,
-        "\n".join(summary),
+        summary.append("mergekit TIES: not measured (--no-mergekit, or mergekit-yaml not installed)")
+    print("\n".join(rows))  # the result table, to stdout
+    print(
+        f"(mk/ours: mergekit's time for the same method, OBIM rows against mergekit TIES; RSS budget 2 GB + 4 x "
+        f"largest tensor = {budget / 1e9:.2f} GB; '!' marks a process over it)"
     )
+    print("\n".join(summary))
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 
