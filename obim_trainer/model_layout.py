@@ -39,7 +39,7 @@ def block_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-_CACHE_FORMAT = 3
+_CACHE_FORMAT = 4
 
 
 def _cache_entry(folder: Path) -> Path | None:
@@ -58,6 +58,20 @@ def _is_conv1d(module: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
     return isinstance(module, Conv1D)
+
+
+def router_in_features(module: nn.Module) -> int | None:
+    """Input size of an MoE router (transformers' ``*TopKRouter``: a bare ``[experts, hidden]`` weight applied
+    as ``F.linear`` to the hidden states), ``None`` for any other module.
+
+    A router is a linear map of the token's hidden state, so OBIM scores it per input column as a Linear
+    weight (eq. 5). The size comes from ``hidden_dim``, not the weight, which ZeRO-3 partitions to nothing.
+    """
+    weight = getattr(module, "weight", None)
+    hidden = getattr(module, "hidden_dim", None)
+    if not type(module).__name__.endswith("Router") or not isinstance(weight, nn.Parameter):
+        return None
+    return hidden if isinstance(hidden, int) and weight.ndim == 2 else None
 
 
 def _stored_names(model: nn.Module, loaded: dict[str, ParamKind]) -> dict[str, str]:
@@ -111,7 +125,7 @@ class ModelLayout:
         module_names: dict[int, str] = {}
         for mod_name, module in model.named_modules(remove_duplicate=False):
             module_names.setdefault(id(module), mod_name)
-            if isinstance(module, nn.Linear) or _is_conv1d(module):
+            if isinstance(module, nn.Linear) or _is_conv1d(module) or router_in_features(module) is not None:
                 kind = ParamKind.LINEAR
             elif isinstance(module, nn.Embedding):
                 kind = ParamKind.EMBEDDING

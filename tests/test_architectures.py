@@ -1,4 +1,4 @@
-"""Architectures whose stored tensor names differ from the loaded ones (issue 15.2)."""
+"""Architectures whose stored tensor names differ from the loaded ones, and MoE routers (issue 15.1–15.2)."""
 
 from __future__ import annotations
 
@@ -58,3 +58,60 @@ def test_gpt_neox_embed_out_is_the_lm_head_and_extended_vocabularies_merge(token
     assert bool(torch.stack([sd["embed_out.weight"][VOCAB_SIZE:] == new for sd in sds]).any(0).all())
     loaded = AutoModelForCausalLM.from_pretrained(result.output)
     assert torch.equal(loaded.get_output_embeddings().weight, merged["embed_out.weight"])
+
+
+def make_tiny_mixtral(seed: int = 0):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return MixtralForCausalLM(cfg)
+
+
+def test_mixtral_router_is_scored_from_the_hidden_states_it_reads(tokenizer_dir, calibration_jsonl, tmp_path):
+    from obim_trainer.calibration import ActivationRecorder
+
+    base = make_tiny_mixtral()
+    router, stored_router = "model.layers.0.mlp.gate.weight", "model.layers.0.block_sparse_moe.gate.weight"
+    base_dir = save_model_folder(base, tmp_path / "base", tokenizer_dir)
+    stored = load_file(base_dir / "model.safetensors")
+    assert stored_router in stored  # saved under the Mixtral name, loaded as mlp.gate
+    layout = ModelLayout.from_pretrained_dir(base_dir)
+    assert layout.model_name(stored_router) == router and layout.kind(stored_router) is ParamKind.LINEAR
+
+    ids = torch.randint(3, VOCAB_SIZE, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    recorder = ActivationRecorder(base)
+    with recorder.attached(), torch.no_grad():
+        recorder.set_token_mask(mask)
+        base(input_ids=ids, attention_mask=mask)
+    stats = recorder.stats()
+    assert stats.count[router] == int(mask.sum())  # real tokens only
+    assert stats.sq_sum[router].shape == (64,) and bool((stats.sq_sum[router] > 0).all())
+
+    ckpts = [
+        save_model_folder(perturbed_copy(base, seed=10 + i, scale=0.05 * (i + 1)), tmp_path / f"c{i}", tokenizer_dir)
+        for i in range(2)
+    ]
+    # the engine refuses a Linear weight without statistics: this merge finds the router's under its stored name
+    result = merge_checkpoints(
+        base=base_dir, checkpoints=ckpts, calibration_data=calibration_jsonl, output=tmp_path / "m", progress=False
+    )
+    merged = load_file(Path(result.output) / "model.safetensors")
+    new = merged[stored_router]
+    sources = torch.stack([load_file(c / "model.safetensors")[stored_router] == new for c in ckpts])
+    assert bool((sources.any(0) | (new == stored[stored_router])).all())  # each entry from the base or a checkpoint
