@@ -441,7 +441,7 @@ class MergeEngine:
         new = rows is not None and plan.base_rows is not None and rows.start == plan.base_rows
         input_sq = None
         if plan.kind is ParamKind.LINEAR and self.needs.activations:
-            input_sq = [_stats_for(s, name, self.layout.prefix) for s in self.stats]
+            input_sq = [_stats_for(s, self.layout.model_name(name), self.layout.prefix) for s in self.stats]
             if any(x is None for x in input_sq):
                 raise CheckpointError(
                     f"no activation statistics for Linear weight {name}; the statistics do not match this "

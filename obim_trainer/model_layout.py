@@ -39,7 +39,7 @@ def block_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 4
 
 
 def _cache_entry(folder: Path) -> Path | None:
@@ -60,6 +60,40 @@ def _is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def router_in_features(module: nn.Module) -> int | None:
+    """Input size of an MoE router (transformers' ``*TopKRouter``: a bare ``[experts, hidden]`` weight applied
+    as ``F.linear`` to the hidden states), ``None`` for any other module.
+
+    A router is a linear map of the token's hidden state, so OBIM scores it per input column as a Linear
+    weight (eq. 5). The size comes from ``hidden_dim``, not the weight, which ZeRO-3 partitions to nothing.
+    """
+    weight = getattr(module, "weight", None)
+    hidden = getattr(module, "hidden_dim", None)
+    if not type(module).__name__.endswith("Router") or not isinstance(weight, nn.Parameter):
+        return None
+    return hidden if isinstance(hidden, int) and weight.ndim == 2 else None
+
+
+def _stored_names(model: nn.Module, loaded: dict[str, ParamKind]) -> dict[str, str]:
+    """Stored name → loaded name for the one-to-one renames transformers applies on load.
+
+    Uses transformers' own conversion mapping reversed (as ``save_pretrained`` does), so no
+    architecture is special-cased here. Converters that reshape tensors (fused experts) are not renames
+    and are left out.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:  # older transformers: names are stored as loaded
+        return {}
+    if not hasattr(model, "config"):
+        return {}
+    transforms = get_model_conversion_mapping(model, add_legacy=False)[::-1]
+    renamings = [t.reverse_transform() for t in transforms if type(t) is WeightRenaming]
+    stored = {name: apply_renamings(name, renamings) for name in loaded}
+    return {s: name for name, s in stored.items() if s != name}
+
+
 @dataclass
 class ModelLayout:
     """Kinds of the model's parameters and which pair of names is tied.
@@ -72,6 +106,8 @@ class ModelLayout:
         prefix: The model's ``base_model_prefix`` (``model``, ``transformer``), used to match
             files saved without it.
         transposed: Linear weights stored ``[in, out]`` (transformers' ``Conv1D``, GPT-2): input axis 0.
+        stored_names: Stored name → loaded name where transformers renames on load (GPT-NeoX's
+            ``embed_out`` is the loaded ``lm_head``), taken from transformers' own conversion mapping.
     """
 
     kinds: dict[str, ParamKind] = field(default_factory=dict)
@@ -80,6 +116,7 @@ class ModelLayout:
     tied: bool = False
     prefix: str = ""
     transposed: frozenset[str] = frozenset()
+    stored_names: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ModelLayout:
@@ -88,7 +125,7 @@ class ModelLayout:
         module_names: dict[int, str] = {}
         for mod_name, module in model.named_modules(remove_duplicate=False):
             module_names.setdefault(id(module), mod_name)
-            if isinstance(module, nn.Linear) or _is_conv1d(module):
+            if isinstance(module, nn.Linear) or _is_conv1d(module) or router_in_features(module) is not None:
                 kind = ParamKind.LINEAR
             elif isinstance(module, nn.Embedding):
                 kind = ParamKind.EMBEDDING
@@ -113,6 +150,7 @@ class ModelLayout:
             tied=bool(getattr(text_config, "tie_word_embeddings", False)),
             prefix=getattr(model, "base_model_prefix", "") or "",
             transposed=frozenset(transposed),
+            stored_names=_stored_names(model, kinds),
         )
 
     @classmethod
@@ -159,6 +197,7 @@ class ModelLayout:
             "tied": self.tied,
             "prefix": self.prefix,
             "transposed": sorted(self.transposed),
+            "stored_names": self.stored_names,
         }
 
     @classmethod
@@ -172,10 +211,13 @@ class ModelLayout:
             tied=bool(data["tied"]),
             prefix=data["prefix"],
             transposed=frozenset(data["transposed"]),
+            stored_names=dict(data["stored_names"]),
         )
 
     def model_name(self, name: str) -> str:
-        """The model's name of a stored tensor: files saved without the ``prefix.`` are matched too."""
+        """The model's name of a stored tensor: files saved without the ``prefix.`` are matched too,
+        and names transformers renames on load are mapped to the loaded name."""
+        name = self.stored_names.get(name, name)
         if name not in self.kinds and self.prefix and f"{self.prefix}.{name}" in self.kinds:
             return f"{self.prefix}.{name}"
         return name
@@ -196,8 +238,7 @@ class ModelLayout:
 
     def is_vocabulary_tensor(self, name: str) -> bool:
         """Whether rows of this tensor index the vocabulary (embedding or lm_head)."""
-        candidates = {self.input_embedding, self.output_embedding} - {None}
-        return any(name == c or (self.prefix and f"{self.prefix}.{name}" == c) for c in candidates)
+        return self.model_name(name) in {self.input_embedding, self.output_embedding} - {None}
 
     def redundant_tied_name(self, names: set[str]) -> str | None:
         """The stored output-embedding name to drop because it is tied to the input embedding."""

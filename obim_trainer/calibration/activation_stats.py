@@ -26,6 +26,7 @@ from obim_trainer.calibration.forward import device_batches, evaluation_mode, in
 from obim_trainer.calibration.reduction import all_reduce_counts, all_reduce_sums
 from obim_trainer.checkpoints.atomic import write_atomically
 from obim_trainer.errors import CalibrationError
+from obim_trainer.model_layout import router_in_features
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,9 @@ def _strip_wrappers(name: str) -> str:
     return name
 
 
-def linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, int, int]]:
-    """``(weight name, module, input axis of the weight, in_features)`` of every Linear and Conv1D.
+def linear_layers(model: nn.Module, routers: bool = False) -> Iterator[tuple[str, nn.Module, int, int]]:
+    """``(weight name, module, input axis of the weight, in_features)`` of every Linear and Conv1D, and of
+    every MoE router with ``routers`` (statistics collect them; layer-wise solvers that rewrite modules do not).
 
     Sizes come from the module attributes, not the weight, which ZeRO-3 partitions to nothing.
     """
@@ -61,6 +63,8 @@ def linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, int, int]]
             yield weight_name, module, 1, module.in_features
         elif conv1d is not None and isinstance(module, conv1d):
             yield weight_name, module, 0, module.nx  # Conv1D stores its weight as [in, out]
+        elif routers and (features := router_in_features(module)) is not None:
+            yield weight_name, module, 1, features
 
 
 @dataclass
@@ -209,7 +213,7 @@ class ActivationRecorder:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._layers = list(linear_layers(model))
+        self._layers = list(linear_layers(model, routers=True))
         self._sq: dict[str, Tensor] = {}
         self._count: dict[str, int] = {}
         self._mask: Tensor | None = None

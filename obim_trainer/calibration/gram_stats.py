@@ -157,7 +157,7 @@ class GramRecorder:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        layers = list(linear_layers(model))
+        layers = list(linear_layers(model, routers=True))
         self._layers = [(name, axis, features) for name, _module, axis, features in layers]
         self._modules = [module for _name, module, _axis, _features in layers]
         self._sums: dict[str, Tensor] = {}
