@@ -285,4 +285,5 @@ def test_an_unknown_key_in_the_yaml_names_the_file_and_the_key(tmp_path, caplog)
     config = tmp_path / "merge.yaml"
     config.write_text("base: base\ncheckpoints: [a, b]\nmethdo: ties\n")
     assert main(["--config", str(config), "--output", str(tmp_path / "out")]) == 2
-    assert f"invalid merge configuration {config}: methdo: Extra inputs are not permitted" in caplog.text
+    expected = f"invalid merge configuration {config}: methdo: Extra inputs are not permitted (did you mean 'method'?)"
+    assert expected in caplog.text
