@@ -323,6 +323,21 @@ def _split_comparison(values: dict[str, Any]) -> dict[str, Any]:
     return compared
 
 
+def _refuse_ratios_with_total_shares(merged: dict[str, Any], given: dict[str, Any]) -> None:
+    """Fixed shares n_k and a list of totals Σ n_k (Eq. 7's budget) contradict each other: the totals
+    would rescale the ratios away, so both at once is refused, each named as the user wrote it."""
+    ratios = (merged.get("params") or {}).get("ratios")
+    if ratios is None or not merged.get("total_shares"):
+        return
+    ratios_name = "--ratios" if "ratios" in given.get("params", {}) else "params: ratios:"
+    shares_name = "--total-share" if "total_shares" in given else "total_shares:"
+    raise ConfigError(
+        f"{ratios_name} {ratios} and {shares_name} {merged['total_shares']} both set the shares n_k of the "
+        f"checkpoints; keep {ratios_name} for one merge with these shares or {shares_name} to compare totals "
+        "(each split equally), not both"
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> tuple[MergeConfig, ComparisonConfig]:
     """YAML (if any) overridden by flags, validated: the merge settings and the comparison settings."""
     given = vars(args).copy()
@@ -348,6 +363,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[MergeConfig, ComparisonC
     if objective:
         given["objective"] = {**(values.get("objective") or {}), **objective}
     merged = merge_overrides(values, given)
+    _refuse_ratios_with_total_shares(merged, given)
     comparison = ComparisonConfig.build(_split_comparison(merged), source=source)
     return MergeConfig.build(merged, source=source), comparison
 
