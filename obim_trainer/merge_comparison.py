@@ -19,6 +19,7 @@ from obim_trainer.comparison import ComparisonTable, Objective, RowKind, evaluat
 from obim_trainer.config import MergeConfig
 from obim_trainer.errors import ConfigError
 from obim_trainer.evaluation import ModelEvaluator, PerLanguageEvaluator, load_eval_sets
+from obim_trainer.setting_names import setting_name
 from obim_trainer.variants import MergeVariant, merge_variants, plan_variants
 from obim_trainer.yaml_config import YamlConfig
 
@@ -75,8 +76,8 @@ class ComparisonConfig(YamlConfig):
             self.evaluate = True
         elif self.evaluate:
             raise ValueError(
-                "evaluate needs eval_data (--eval-data en=en_eval.jsonl zh=zh_eval.jsonl) "
-                "or lm_eval (--lm-eval tasks.yaml)"
+                f"evaluate needs eval_data ({setting_name('eval_data', 'en=en_eval.jsonl')}) "
+                f"or lm_eval ({setting_name('lm_eval', 'tasks.yaml')})"
             )
         return self
 
@@ -91,7 +92,8 @@ def _check_outputs_free(root: Path, variants: list[MergeVariant], overwrite: boo
     taken = [v.name for v in variants if (root / v.name).exists()]
     if taken and not overwrite:
         raise ConfigError(
-            f"{root} already holds {', '.join(taken)}; choose another --output or pass --overwrite to replace them"
+            f"{root} already holds {', '.join(taken)}; choose another {setting_name('output')} or set "
+            f"{setting_name('overwrite')} to replace them"
         )
 
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from obim_trainer.errors import ConfigError
+from obim_trainer.setting_names import settings_spelled
 
 _Config = TypeVar("_Config", bound="YamlConfig")
 _Built = TypeVar("_Built")
@@ -108,8 +109,9 @@ class YamlConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls: type[_Config], path: str | Path) -> _Config:
-        """Read and validate a YAML file holding this configuration's keys."""
-        return cls.build(load_yaml_config(path), source=path)
+        """Read and validate a YAML file holding this configuration's keys (errors name YAML keys)."""
+        with settings_spelled("yaml"):
+            return cls.build(load_yaml_config(path), source=path)
 
 
 EXAMPLE_TOP_KEYS = ("model", "data", "training", "obim", "resume_from_checkpoint")

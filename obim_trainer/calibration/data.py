@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from obim_trainer.errors import CalibrationError
+from obim_trainer.setting_names import setting_name
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +117,14 @@ def _dataset_values(dataset: Any, field: str) -> Iterator[str | None]:
 
 def _file_values(path: Path, field: str) -> Iterator[str | None]:
     if not path.exists():
-        raise CalibrationError(f"calibration file {path} does not exist; pass an existing file to --calibration-data")
+        raise CalibrationError(
+            f"calibration file {path} does not exist; "
+            f"set {setting_name('calibration_data', 'FILE')} to an existing file"
+        )
     if not path.is_file():
-        raise CalibrationError(f"{path} is not a file; pass a {'/'.join(SUFFIXES)} file to --calibration-data")
+        raise CalibrationError(
+            f"{path} is not a file; set {setting_name('calibration_data', 'FILE')} to a {'/'.join(SUFFIXES)} file"
+        )
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _jsonl_values(path, field)
