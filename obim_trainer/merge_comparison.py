@@ -15,9 +15,10 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, model_validator
 
+from obim_trainer.calibration.data import load_calibration_texts
 from obim_trainer.comparison import ComparisonTable, Objective, RowKind, evaluate_folders, pick
 from obim_trainer.config import MergeConfig
-from obim_trainer.errors import ConfigError
+from obim_trainer.errors import CalibrationError, ConfigError
 from obim_trainer.evaluation import ModelEvaluator, PerLanguageEvaluator, load_eval_sets
 from obim_trainer.setting_names import setting_name
 from obim_trainer.variants import MergeVariant, merge_variants, plan_variants
@@ -112,6 +113,19 @@ def build_evaluator(comparison: ComparisonConfig, tokenizer_dir: Path) -> PerLan
     return PerLanguageEvaluator(sets, batch_size=comparison.eval_batch_size)
 
 
+def check_eval_files(comparison: ComparisonConfig) -> None:
+    """Read the first text of every ``eval_data`` file now, so a wrong path, format or text field fails
+    before the first merge writes anything (the sets are tokenized later, with the merges' tokenizer)."""
+    for language, source in (comparison.eval_data or {}).items():
+        if isinstance(source, str | Path):
+            try:
+                load_calibration_texts(
+                    source, num_samples=1, text_field=comparison.eval_text_field, setting="eval_data"
+                )
+            except CalibrationError as exc:
+                raise ConfigError(f"eval_data['{language}']: {exc}") from None
+
+
 def _vocab_size(folder: Path) -> int | None:
     return json.loads((folder / "config.json").read_text()).get("vocab_size")
 
@@ -147,6 +161,7 @@ def plan_comparison(config: MergeConfig, comparison: ComparisonConfig) -> str:
 
     checkpoints = resolve_checkpoints(config)
     variants = plan(config, comparison, len(checkpoints))
+    check_eval_files(comparison)
     listing = [f"{len(variants)} merge(s) of the same checkpoints:"]
     listing += [f"  {v.name}: {v.method} {json.dumps(v.params, sort_keys=True)}" for v in variants]
     blocks = ["\n".join(listing)]
@@ -174,6 +189,7 @@ def compare_merges(
     checkpoints = resolve_checkpoints(config)
     variants = plan(config, comparison, len(checkpoints))
     _check_outputs_free(config.output, variants, config.overwrite)
+    check_eval_files(comparison)
     chosen = config.model_copy(update={"checkpoints": checkpoints, "run_dir": None})
     merged = merge_variants(chosen, variants, config.output)
     if not comparison.evaluate and evaluator is None:

@@ -116,3 +116,19 @@ def test_unknown_lm_eval_tasks_fail_before_any_merge(llama_family, calibration_j
     args = [*inputs(llama_family, calibration_jsonl), "--method", "obim,ties", "--lm-eval", str(lm_eval)]
     assert main([*args, "--output", str(tmp_path / "o")]) == 2
     assert "no_such_task_xyz" in caplog.text and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--evaluate"], ["--total-share", "1.0,0.5"], ["--total-share", "1.0,0.5", "--dry-run"]],
+    ids=["one-merge", "comparison", "dry-run"],
+)
+def test_a_wrong_eval_file_fails_before_any_merge_writes(
+    extra, llama_family, calibration_jsonl, eval_files, tmp_path, caplog
+):
+    out = tmp_path / "out"
+    eval_data = ["--eval-data", f"en={eval_files['en']}", f"zh={tmp_path / 'typo.jsonl'}"]
+    flags = [*inputs(llama_family, calibration_jsonl), *eval_data, *extra]
+    assert main([*flags, "--output", str(out), "--no-progress"]) == 2
+    assert f"eval_data['zh']: eval file {tmp_path / 'typo.jsonl'} does not exist; set --eval-data" in caplog.text
+    assert not out.exists() and list(tmp_path.iterdir()) == []
