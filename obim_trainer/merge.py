@@ -544,6 +544,7 @@ def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult
         calibration=_describe_calibration(config, prepared.calibration, prepared.method.statistics()),
         statistics=prepared.stats_sources,
         ownership_share=report.ownership_share(len(prepared.readers)) if report.owned else None,
+        base_share=report.base_share(plan) if report.owned else None,
         notes=report.notes,
         timings=timings,
         kernels=_kernels(resolve_device(config.device)),
