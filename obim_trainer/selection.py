@@ -40,15 +40,31 @@ def resolve_mode(metric: str, mode: MetricMode) -> Literal["min", "max"]:
     return "min" if ("loss" in lowered or "perplexity" in lowered or lowered.endswith("ppl")) else "max"
 
 
-def list_checkpoints(run_dir: Path) -> dict[int, Path]:
-    """``checkpoint-N`` folders of a run, by step."""
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder {run_dir} does not exist; pass the Trainer's output_dir to --run-dir")
+PROTECTED_DIR = Path("obim") / "selected"
+"""Where :class:`~obim_trainer.OBIMCallback` keeps copies of selected checkpoints (``checkpoint_guard.py``)."""
+
+
+def _checkpoint_folders(folder: Path) -> dict[int, Path]:
     found = {}
-    for child in run_dir.iterdir():
+    for child in folder.iterdir() if folder.is_dir() else ():
         match = CHECKPOINT_DIR.match(child.name)
         if match and child.is_dir():
             found[int(match.group(1))] = child
+    return found
+
+
+def list_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """``checkpoint-N`` folders of a run, by step; a checkpoint ``save_total_limit`` deleted is read from
+    the callback's protected copy in ``<run_dir>/obim/selected/`` (never a path that no longer exists)."""
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist; pass the Trainer's output_dir to --run-dir")
+    found = _checkpoint_folders(run_dir)
+    protected = {s: p for s, p in _checkpoint_folders(run_dir / PROTECTED_DIR).items() if s not in found}
+    if protected:
+        logger.info(
+            "reading %d checkpoint(s) from %s: the originals were deleted", len(protected), run_dir / PROTECTED_DIR
+        )
+    found |= protected
     if not found:
         raise CheckpointError(f"run folder {run_dir} holds no checkpoint-N folders; is it the Trainer's output_dir?")
     return dict(sorted(found.items()))
