@@ -201,5 +201,5 @@ def compare_merges(
     table = evaluate_folders(folders, evaluator, device=config.device, progress=config.progress)
     best = pick(table, comparison.objective)
     table.write(config.output)
-    logger.info("picked %s (%s)", best.name, comparison.objective.describe())
+    logger.info("picked %s (%s)", best.name, table.pick_reason)
     return merged, table
