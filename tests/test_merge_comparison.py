@@ -132,3 +132,15 @@ def test_a_wrong_eval_file_fails_before_any_merge_writes(
     assert main([*flags, "--output", str(out), "--no-progress"]) == 2
     assert f"eval_data['zh']: eval file {tmp_path / 'typo.jsonl'} does not exist; set --eval-data" in caplog.text
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_comparison_dry_run_plans_and_checks_every_merge_once(llama_family, calibration_jsonl, tmp_path, capsys):
+    out = tmp_path / "out"
+    flags = [*inputs(llama_family, calibration_jsonl), "--output", str(out), "--dry-run", "--no-progress"]
+    assert main([*flags, "--method", "obim,ties", "--total-share", "1.0,0.5"]) == 0
+    plan = capsys.readouterr().out
+    assert "3 merge(s) of the same checkpoints:" in plan
+    assert [plan.count(f"# {name}\n") for name in ("obim", "obim@0.5", "ties")] == [1, 1, 1]
+    assert plan.count("lm_head.weight") == 3  # each merge's tensor plan, printed once
+    assert main([*flags, "--total-share", "1.0,1.5"]) == 2  # every variant is validated, not only the first
+    assert not out.exists()
