@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from obim_trainer.cli import main
+from obim_trainer.comparison import _fmt
 from obim_trainer.evaluation import PerLanguageEvaluator, load_eval_sets
 from tests.conftest import make_texts, write_jsonl
 
@@ -144,3 +145,15 @@ def test_a_comparison_dry_run_plans_and_checks_every_merge_once(llama_family, ca
     assert plan.count("lm_head.weight") == 3  # each merge's tensor plan, printed once
     assert main([*flags, "--total-share", "1.0,1.5"]) == 2  # every variant is validated, not only the first
     assert not out.exists()
+
+
+def test_one_merge_with_evaluate_prints_its_losses(llama_family, calibration_jsonl, eval_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    flags = [*inputs(llama_family, calibration_jsonl), "--eval-data", f"en={eval_files['en']}", "--evaluate"]
+    assert main([*flags, "--output", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    loss = next(r for r in rows if r["name"] == "obim")["metrics"]["obim_en_loss"]
+    assert next(line for line in printed.splitlines() if line.startswith("| obim |")).startswith(
+        f"| obim | merge | {_fmt(loss)} |"
+    )
