@@ -64,3 +64,14 @@ def test_a_missing_calibration_file_is_named_as_written(llama_family, tmp_path, 
     with pytest.raises(OBIMError, match=r"set calibration_data=FILE to an existing file"):
         merge_checkpoints(base=base, checkpoints=ckpts, calibration_data=tmp_path / "typo.jsonl", output=tmp_path / "o")
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_missing_base_and_run_folder_are_named_as_written(llama_family, calibration_jsonl, tmp_path, caplog):
+    _, ckpts = llama_family
+    missing = tmp_path / "no-base"
+    flags = ["--checkpoints", *map(str, ckpts), "--calibration-data", str(calibration_jsonl)]
+    assert main(["--base", str(missing), *flags, "--output", str(tmp_path / "out")]) == 2
+    assert f"base folder {missing} does not exist; set --base DIR to the base model's folder" in caplog.text
+    with pytest.raises(OBIMError, match=r"set run_dir=DIR to the Trainer's output_dir"):
+        merge_checkpoints(base=llama_family[0], run_dir=missing, top_k=1, metric="eval_loss", output=tmp_path / "o")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
