@@ -28,7 +28,7 @@ from obim_trainer.distributed import ZeroGatherer, is_main_process, run_on_main,
 from obim_trainer.distributed.teardown import process_group_teardown
 from obim_trainer.errors import ConfigError, OBIMError
 from obim_trainer.training_data import load_text_file, pack_blocks
-from obim_trainer.yaml_config import build_from_keywords, load_yaml_config, section_of
+from obim_trainer.yaml_config import build_from_keywords, check_example_settings, load_yaml_config, section_of
 
 logger = logging.getLogger("continued_pretraining")
 
@@ -59,6 +59,7 @@ def build_settings(config: Path, training_arguments: type) -> tuple[dict[str, An
             raise ConfigError(f"{section_of(config, 'data')} lacks '{key}'; see configs/callback/example.yaml")
     # TrainingArguments first: with ZeRO-3 it makes from_pretrained load the model partitioned
     args = build_from_keywords(training_arguments, settings.get("training", {}), section_of(config, "training"))
+    check_example_settings(settings, config)
     obim = OBIMConfig.build(
         {"base_model": Path(settings["model"]), "eval_data": dict(data.get("eval", {})), **settings.get("obim", {})},
         source=section_of(config, "obim"),

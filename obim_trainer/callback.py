@@ -440,7 +440,7 @@ class OBIMCallback(TrainerCallback):
             shutil.rmtree(root, ignore_errors=True)
         merged.metrics, merged.total_share = best.metrics, variant.total_share
         self.run_logger.log_sweep(merged.step, table)
-        logger.info("total-share sweep: kept %s (%s)", best.name, self.config.objective.describe())
+        logger.info("total-share sweep: kept %s (%s)", best.name, table.pick_reason)
         return variant.params
 
     def _log_summary(

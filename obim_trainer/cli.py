@@ -17,6 +17,7 @@ from obim_trainer.errors import ConfigError, OBIMError
 from obim_trainer.merge_comparison import COMPARISON_KEYS, ComparisonConfig, compare_merges, plan_comparison
 from obim_trainer.merging import MergeMethod, available_methods
 from obim_trainer.merging.registry import StatisticsNeeds
+from obim_trainer.setting_names import settings_spelled
 from obim_trainer.yaml_config import load_yaml_config
 
 logger = logging.getLogger("obim_trainer")
@@ -323,6 +324,21 @@ def _split_comparison(values: dict[str, Any]) -> dict[str, Any]:
     return compared
 
 
+def _refuse_ratios_with_total_shares(merged: dict[str, Any], given: dict[str, Any]) -> None:
+    """Fixed shares n_k and a list of totals Σ n_k (Eq. 7's budget) contradict each other: the totals
+    would rescale the ratios away, so both at once is refused, each named as the user wrote it."""
+    ratios = (merged.get("params") or {}).get("ratios")
+    if ratios is None or not merged.get("total_shares"):
+        return
+    ratios_name = "--ratios" if "ratios" in given.get("params", {}) else "params: ratios:"
+    shares_name = "--total-share" if "total_shares" in given else "total_shares:"
+    raise ConfigError(
+        f"{ratios_name} {ratios} and {shares_name} {merged['total_shares']} both set the shares n_k of the "
+        f"checkpoints; keep {ratios_name} for one merge with these shares or {shares_name} to compare totals "
+        "(each split equally), not both"
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> tuple[MergeConfig, ComparisonConfig]:
     """YAML (if any) overridden by flags, validated: the merge settings and the comparison settings."""
     given = vars(args).copy()
@@ -348,6 +364,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[MergeConfig, ComparisonC
     if objective:
         given["objective"] = {**(values.get("objective") or {}), **objective}
     merged = merge_overrides(values, given)
+    _refuse_ratios_with_total_shares(merged, given)
     comparison = ComparisonConfig.build(_split_comparison(merged), source=source)
     return MergeConfig.build(merged, source=source), comparison
 
@@ -407,25 +424,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "list_methods", False):
         sys.stdout.write(format_methods())
         return 0
-    from obim_trainer.merge import merge_checkpoints
-
     try:
-        config, comparison = config_from_args(args)
-        if comparison.several and config.dry_run:
-            sys.stdout.write(plan_comparison(config, comparison) + "\n")
-            return 0
-        if comparison.several:
-            _, table = compare_merges(config, comparison)
-            if table is not None:
-                sys.stdout.write(table.to_markdown() + "\n")
-            return 0
-        result = merge_checkpoints(config)
+        with settings_spelled("cli", _yaml_keys(args)):
+            return _run(args)
     except OBIMError as exc:
         logger.error("%s", exc)
         return 2
     except KeyboardInterrupt:
         logger.error("interrupted; nothing was written and the inputs are untouched")
         return 130
+
+
+def _yaml_keys(args: argparse.Namespace) -> set[str]:
+    """Keys the ``--config`` file sets that no flag overrides: errors name them as YAML keys."""
+    if getattr(args, "config", None) is None or not Path(args.config).is_file():
+        return set()
+    try:
+        values = load_yaml_config(args.config)
+    except OBIMError:
+        return set()
+    return {str(key) for key in values if key not in vars(args)}
+
+
+def _run(args: argparse.Namespace) -> int:
+    """One ``obim-merge-ckpts`` run: a comparison, its plan, or one merge (and its plan)."""
+    from obim_trainer.merge import merge_checkpoints
+
+    config, comparison = config_from_args(args)
+    if comparison.several and config.dry_run:
+        sys.stdout.write(plan_comparison(config, comparison) + "\n")
+        return 0
+    if comparison.several:
+        _, table = compare_merges(config, comparison)
+        if table is not None:
+            sys.stdout.write(table.to_markdown() + "\n")
+        return 0
+    result = merge_checkpoints(config)
     if result.plan_text is not None:
         sys.stdout.write(result.plan_text + "\n")
     return 0

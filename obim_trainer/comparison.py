@@ -81,6 +81,8 @@ class ComparisonTable:
     higher_is_better: bool = False
     picked: str | None = None
     objective: Objective | None = None
+    pick_reason: str | None = None
+    """Why :func:`pick` chose ``picked``: the objective, or the fallback when no merge met its limit."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -115,8 +117,8 @@ class ComparisonTable:
         direction = "higher" if self.higher_is_better else "lower"
         metrics = ", ".join(self.columns.values())
         lines += ["", f"Per language: {metrics} ({direction} is better)."]
-        if self.picked is not None and self.objective is not None:
-            lines.append(f"Picked **{self.picked}**: {self.objective.describe()}.")
+        if self.picked is not None and self.pick_reason is not None:
+            lines.append(f"Picked **{self.picked}**: {self.pick_reason}.")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,6 +127,7 @@ class ComparisonTable:
             "higher_is_better": self.higher_is_better,
             "picked": self.picked,
             "objective": self.objective.model_dump() if self.objective else None,
+            "pick_reason": self.pick_reason,
             "rows": [
                 {"name": r.name, "kind": r.kind, "path": str(r.path), "metrics": r.metrics, "avg": self.average(r)}
                 for r in self.rows
@@ -182,6 +185,7 @@ def pick(table: ComparisonTable, objective: Objective) -> ComparisonRow:
     def cost(value: float) -> float:  # smaller is better; a missing value is worst
         return math.inf if math.isnan(value) else sign * value
 
+    reason = objective.describe()
     if objective.kind == "avg":
         best = min(merges, key=lambda r: cost(table.average(r)))
     else:
@@ -197,8 +201,7 @@ def pick(table: ComparisonTable, objective: Objective) -> ComparisonRow:
             best = min(within, key=lambda r: cost(table.average(r, old)))
         else:
             best = min(merges, key=lambda r: cost(table.value(r, new)))
-            logger.warning(
-                "no merge keeps %s within %g; picking %s, the best on %s", new, objective.new_limit, best.name, new
-            )
-    table.picked, table.objective = best.name, objective
+            reason = f"no merge keeps {new} within {objective.new_limit:g}, so the best on {new}"
+            logger.warning("%s: %s", reason, best.name)
+    table.picked, table.objective, table.pick_reason = best.name, objective, reason
     return best

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from obim_trainer.setting_names import setting_name
 from obim_trainer.yaml_config import YamlConfig
 
 OutputDType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -106,13 +107,18 @@ class MergeConfig(YamlConfig):
         if self.checkpoints and self.run_dir is not None:
             raise ValueError("give either checkpoints or run_dir (with top_k and metric), not both")
         if self.run_dir is not None and (self.top_k is None or self.metric is None):
-            raise ValueError("run_dir needs top_k and metric (e.g. --top-k 3 --metric eval_ja_loss)")
+            example = f"{setting_name('top_k', '3')} and {setting_name('metric', 'eval_ja_loss')}"
+            raise ValueError(f"run_dir needs top_k and metric (e.g. {example})")
         if not self.checkpoints and self.run_dir is None:
             raise ValueError(
-                "no checkpoints: pass --checkpoints DIR [DIR ...] or --run-dir DIR --top-k K --metric NAME"
+                f"no checkpoints: set {setting_name('checkpoints', '[DIR, ...]')} or {setting_name('run_dir', 'DIR')} "
+                f"with {setting_name('top_k', 'K')} and {setting_name('metric', 'NAME')}"
             )
         if self.output is None and not self.dry_run:
-            raise ValueError("no output folder: pass --output DIR (or --dry-run to only print the plan)")
+            raise ValueError(
+                f"no output folder: set {setting_name('output', 'DIR')} (or {setting_name('dry_run')} to only print "
+                "the plan)"
+            )
         return self
 
 

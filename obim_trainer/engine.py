@@ -109,6 +109,12 @@ class EngineReport:
             notes.update(report.notes)
         return cls(owned=owned, seconds=max((r.seconds for r in reports), default=0.0), notes=dict(notes))
 
+    def base_share(self, plan: MergePlan) -> float:
+        """Share of the owned tensors' positions no checkpoint took (the base keeps them: Σ n_k < 1)."""
+        positions = sum(torch.Size(t.shape).numel() for t in plan.tensors if t.name in self.owned)
+        taken = sum(sum(counts) for counts in self.owned.values())
+        return max(0.0, 1.0 - taken / positions) if positions else 0.0
+
     def ownership_share(self, num_models: int) -> list[float]:
         """Share of all merged positions taken from each checkpoint (methods that report ownership)."""
         totals = [0] * num_models

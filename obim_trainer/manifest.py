@@ -53,6 +53,9 @@ class MergeManifest:
     calibration: dict[str, Any] | None = None
     statistics: list[dict[str, Any]] = field(default_factory=list)
     ownership_share: list[float] | None = None
+    """Of the positions the checkpoints took, the part each took (sums to 1)."""
+    base_share: float | None = None
+    """Part of the owned tensors' positions the base kept (a total share Σ n_k below 1)."""
     notes: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     kernels: dict[str, str] = field(default_factory=dict)
@@ -68,6 +71,7 @@ class MergeManifest:
             "calibration": self.calibration,
             "statistics": self.statistics,
             "ownership_share": self.ownership_share,
+            "base_share": self.base_share,
             "notes": self.notes,
             "output": self.output,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
@@ -80,6 +84,15 @@ class MergeManifest:
         (folder / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
         (folder / "README.md").write_text(model_card(data))
         return data
+
+
+def _shares_line(ownership_share: list[float], base_share: float) -> str:
+    """The positions as merged: the base's part, then each checkpoint's part of all positions."""
+    taken = ", ".join(f"{s * (1.0 - base_share):.1%}" for s in ownership_share)
+    return (
+        f"Positions of the merged tensors: the base keeps {base_share:.1%}; taken from each checkpoint, "
+        f"in merge order: {taken}."
+    )
 
 
 def model_card(data: dict[str, Any]) -> str:
@@ -100,8 +113,7 @@ def model_card(data: dict[str, Any]) -> str:
         f"Parameters: `{json.dumps(params)}`, seed {data['seed']}.",
     ]
     if data.get("ownership_share"):
-        shares = ", ".join(f"{s:.1%}" for s in data["ownership_share"])
-        lines += ["", f"Share of positions taken from each checkpoint: {shares}."]
+        lines += ["", _shares_line(data["ownership_share"], data.get("base_share") or 0.0)]
     lines += [
         "",
         "OBIM: Optimal Brain Iterative Merging (arXiv 2502.12217). Full record: `obim_merge.json`.",

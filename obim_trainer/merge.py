@@ -59,6 +59,7 @@ from obim_trainer.merging.regmean import RIDGED_NOTE
 from obim_trainer.model_layout import ModelLayout
 from obim_trainer.selection import best_checkpoint, select_top_checkpoints
 from obim_trainer.sequential_regmean import sequential_regmean, sequential_write_order
+from obim_trainer.setting_names import setting_name
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,9 @@ def resolve_checkpoints(config: MergeConfig) -> list[Path]:
 def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for but CUDA is not available here; use --device cpu")
+        raise ConfigError(
+            f"device {name} was asked for but CUDA is not available here; set {setting_name('device', 'cpu')}"
+        )
     return device
 
 
@@ -124,8 +127,9 @@ def resolve_tokenizer(config: MergeConfig, checkpoints: list[Path], plan: MergeP
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(
             f"the checkpoints extend the vocabulary to {plan.vocab_size} tokens, but {folder} holds no tokenizer "
-            "files and the base's tokenizer lacks the new tokens; pass --tokenizer-source DIR with the tokenizer the "
-            "run trained with (Trainer saves it in each checkpoint when given processing_class=tokenizer)"
+            "files and the base's tokenizer lacks the new tokens; "
+            f"set {setting_name('tokenizer_source', 'DIR')} to the tokenizer the run trained with "
+            "(Trainer saves it in each checkpoint when given processing_class=tokenizer)"
         )
     logger.info("the checkpoints extend the vocabulary; using the tokenizer of %s", folder)
     return folder
@@ -165,13 +169,15 @@ def prepare_language_calibration(
                 tokenizers.append(AutoTokenizer.from_pretrained(tokenizer_dir))
             except (OSError, ValueError) as exc:
                 raise ConfigError(
-                    f"cannot load a tokenizer from {tokenizer_dir} ({exc}); pass --tokenizer-source DIR with "
-                    "tokenizer files"
+                    f"cannot load a tokenizer from {tokenizer_dir} ({exc}); set "
+                    f"{setting_name('tokenizer_source', 'DIR')} to a folder with tokenizer files"
                 ) from None
         return tokenizers[0]
 
     if not tokenizer_dir.is_dir():
-        raise ConfigError(f"tokenizer folder {tokenizer_dir} does not exist; pass --tokenizer-source DIR")
+        raise ConfigError(
+            f"tokenizer folder {tokenizer_dir} does not exist; set {setting_name('tokenizer_source', 'DIR')}"
+        )
     sets = {
         language: cached_tokenization(
             samples, tokenizer_dir, max_length, lambda s=samples: tokenize_calibration(s, tokenizer(), max_length)
@@ -434,7 +440,9 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
     check_languages(config.calibration_data, config.new_languages, needs, method.name)
     parse_size(config.out_shard_size)  # a bad size fails now, not after the statistics
     if not config.base.is_dir():
-        raise CheckpointError(f"base folder {config.base} does not exist; pass the base model's folder to --base")
+        raise CheckpointError(
+            f"base folder {config.base} does not exist; set {setting_name('base', 'DIR')} to the base model's folder"
+        )
     texts = None
     if needs.any and config.calibration_data is not None:  # every file read (an empty one refused) before any input
         texts = load_language_texts(config.calibration_data, config.calibration_samples, config.calibration_text_field)
@@ -544,6 +552,7 @@ def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult
         calibration=_describe_calibration(config, prepared.calibration, prepared.method.statistics()),
         statistics=prepared.stats_sources,
         ownership_share=report.ownership_share(len(prepared.readers)) if report.owned else None,
+        base_share=report.base_share(plan) if report.owned else None,
         notes=report.notes,
         timings=timings,
         kernels=_kernels(resolve_device(config.device)),

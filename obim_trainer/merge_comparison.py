@@ -15,10 +15,12 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, model_validator
 
+from obim_trainer.calibration.data import load_calibration_texts
 from obim_trainer.comparison import ComparisonTable, Objective, RowKind, evaluate_folders, pick
 from obim_trainer.config import MergeConfig
-from obim_trainer.errors import ConfigError
+from obim_trainer.errors import CalibrationError, ConfigError
 from obim_trainer.evaluation import ModelEvaluator, PerLanguageEvaluator, load_eval_sets
+from obim_trainer.setting_names import setting_name
 from obim_trainer.variants import MergeVariant, merge_variants, plan_variants
 from obim_trainer.yaml_config import YamlConfig
 
@@ -75,8 +77,8 @@ class ComparisonConfig(YamlConfig):
             self.evaluate = True
         elif self.evaluate:
             raise ValueError(
-                "evaluate needs eval_data (--eval-data en=en_eval.jsonl zh=zh_eval.jsonl) "
-                "or lm_eval (--lm-eval tasks.yaml)"
+                f"evaluate needs eval_data ({setting_name('eval_data', 'en=en_eval.jsonl')}) "
+                f"or lm_eval ({setting_name('lm_eval', 'tasks.yaml')})"
             )
         return self
 
@@ -91,7 +93,8 @@ def _check_outputs_free(root: Path, variants: list[MergeVariant], overwrite: boo
     taken = [v.name for v in variants if (root / v.name).exists()]
     if taken and not overwrite:
         raise ConfigError(
-            f"{root} already holds {', '.join(taken)}; choose another --output or pass --overwrite to replace them"
+            f"{root} already holds {', '.join(taken)}; choose another {setting_name('output')} or set "
+            f"{setting_name('overwrite')} to replace them"
         )
 
 
@@ -108,6 +111,19 @@ def build_evaluator(comparison: ComparisonConfig, tokenizer_dir: Path) -> PerLan
         text_field=comparison.eval_text_field,
     )
     return PerLanguageEvaluator(sets, batch_size=comparison.eval_batch_size)
+
+
+def check_eval_files(comparison: ComparisonConfig) -> None:
+    """Read the first text of every ``eval_data`` file now, so a wrong path, format or text field fails
+    before the first merge writes anything (the sets are tokenized later, with the merges' tokenizer)."""
+    for language, source in (comparison.eval_data or {}).items():
+        if isinstance(source, str | Path):
+            try:
+                load_calibration_texts(
+                    source, num_samples=1, text_field=comparison.eval_text_field, setting="eval_data"
+                )
+            except CalibrationError as exc:
+                raise ConfigError(f"eval_data['{language}']: {exc}") from None
 
 
 def _vocab_size(folder: Path) -> int | None:
@@ -145,6 +161,7 @@ def plan_comparison(config: MergeConfig, comparison: ComparisonConfig) -> str:
 
     checkpoints = resolve_checkpoints(config)
     variants = plan(config, comparison, len(checkpoints))
+    check_eval_files(comparison)
     listing = [f"{len(variants)} merge(s) of the same checkpoints:"]
     listing += [f"  {v.name}: {v.method} {json.dumps(v.params, sort_keys=True)}" for v in variants]
     blocks = ["\n".join(listing)]
@@ -172,6 +189,7 @@ def compare_merges(
     checkpoints = resolve_checkpoints(config)
     variants = plan(config, comparison, len(checkpoints))
     _check_outputs_free(config.output, variants, config.overwrite)
+    check_eval_files(comparison)
     chosen = config.model_copy(update={"checkpoints": checkpoints, "run_dir": None})
     merged = merge_variants(chosen, variants, config.output)
     if not comparison.evaluate and evaluator is None:
@@ -183,5 +201,5 @@ def compare_merges(
     table = evaluate_folders(folders, evaluator, device=config.device, progress=config.progress)
     best = pick(table, comparison.objective)
     table.write(config.output)
-    logger.info("picked %s (%s)", best.name, comparison.objective.describe())
+    logger.info("picked %s (%s)", best.name, table.pick_reason)
     return merged, table

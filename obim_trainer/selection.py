@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from obim_trainer.errors import CheckpointError, ConfigError
+from obim_trainer.setting_names import setting_name
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +41,33 @@ def resolve_mode(metric: str, mode: MetricMode) -> Literal["min", "max"]:
     return "min" if ("loss" in lowered or "perplexity" in lowered or lowered.endswith("ppl")) else "max"
 
 
-def list_checkpoints(run_dir: Path) -> dict[int, Path]:
-    """``checkpoint-N`` folders of a run, by step."""
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder {run_dir} does not exist; pass the Trainer's output_dir to --run-dir")
+PROTECTED_DIR = Path("obim") / "selected"
+"""Where :class:`~obim_trainer.OBIMCallback` keeps copies of selected checkpoints (``checkpoint_guard.py``)."""
+
+
+def _checkpoint_folders(folder: Path) -> dict[int, Path]:
     found = {}
-    for child in run_dir.iterdir():
+    for child in folder.iterdir() if folder.is_dir() else ():
         match = CHECKPOINT_DIR.match(child.name)
         if match and child.is_dir():
             found[int(match.group(1))] = child
+    return found
+
+
+def list_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """``checkpoint-N`` folders of a run, by step; a checkpoint ``save_total_limit`` deleted is read from
+    the callback's protected copy in ``<run_dir>/obim/selected/`` (never a path that no longer exists)."""
+    if not run_dir.is_dir():
+        raise CheckpointError(
+            f"run folder {run_dir} does not exist; set {setting_name('run_dir', 'DIR')} to the Trainer's output_dir"
+        )
+    found = _checkpoint_folders(run_dir)
+    protected = {s: p for s, p in _checkpoint_folders(run_dir / PROTECTED_DIR).items() if s not in found}
+    if protected:
+        logger.info(
+            "reading %d checkpoint(s) from %s: the originals were deleted", len(protected), run_dir / PROTECTED_DIR
+        )
+    found |= protected
     if not found:
         raise CheckpointError(f"run folder {run_dir} holds no checkpoint-N folders; is it the Trainer's output_dir?")
     return dict(sorted(found.items()))
@@ -97,7 +116,8 @@ def select_top_checkpoints(
         logger.warning("checkpoints without a logged %s are not candidates: steps %s", metric, missing)
     if len(scored) < top_k:
         raise ConfigError(
-            f"top_k={top_k} but only {len(scored)} checkpoint(s) of {run_dir} have a logged '{metric}'; lower --top-k"
+            f"top_k={top_k} but only {len(scored)} checkpoint(s) of {run_dir} have a logged '{metric}'; "
+            f"lower {setting_name('top_k')}"
         )
     sign = 1.0 if resolve_mode(metric, mode) == "min" else -1.0
     ranked = sorted(scored, key=lambda c: (sign * c.value, -c.step))
@@ -130,8 +150,9 @@ def best_checkpoint(checkpoints: list[Path], metric: str | None, mode: MetricMod
     """
     if metric is None:
         raise ConfigError(
-            "new_rows='best' needs --metric to know which checkpoint is best (or pick checkpoints with --run-dir "
-            "--top-k --metric); use new_rows='first' to take the first checkpoint given"
+            f"new_rows='best' needs {setting_name('metric', 'NAME')} to know which checkpoint is best (or pick "
+            f"checkpoints with {setting_name('run_dir', 'DIR')}); use {setting_name('new_rows', 'first')} to take "
+            "the first checkpoint given"
         )
     values = [own_metric(c, metric) for c in checkpoints]
     missing = [str(c) for c, v in zip(checkpoints, values, strict=True) if v is None]

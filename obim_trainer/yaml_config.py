@@ -7,8 +7,9 @@ one line naming each offending key and what to change.
 
 from __future__ import annotations
 
+import difflib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -16,19 +17,38 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from obim_trainer.errors import ConfigError
+from obim_trainer.setting_names import settings_spelled
 
 _Config = TypeVar("_Config", bound="YamlConfig")
 _Built = TypeVar("_Built")
 
 
-def format_validation_error(exc: ValidationError, what: str) -> str:
-    """``invalid <what>: key: message; ...``, one entry per error pydantic found."""
+def did_you_mean(key: str, accepted: Collection[str]) -> str:
+    """`` (did you mean 'method'?)`` for the closest accepted spelling of a mistyped key, else ``""``."""
+    close = difflib.get_close_matches(str(key), [str(a) for a in accepted], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def format_validation_error(exc: ValidationError, what: str, accepted: Collection[str] = ()) -> str:
+    """``invalid <what>: key: message; ...``, one entry per error pydantic found; an unknown top-level
+    key gets the closest of ``accepted`` as a suggestion."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+            msg += did_you_mean(loc, accepted)
         parts.append(f"{loc}: {msg}" if loc else msg)
     return f"invalid {what}: " + "; ".join(parts)
+
+
+def check_keys(values: Mapping[str, Any], accepted: Collection[str], source: str) -> None:
+    """Refuse a key of a plain YAML section (the example's ``data:`` or top level) that nothing reads,
+    with a close-match suggestion: a typo there would otherwise be ignored silently."""
+    unknown = sorted(str(key) for key in values if key not in accepted)
+    if unknown:
+        named = ", ".join(f"'{key}'{did_you_mean(key, accepted)}" for key in unknown)
+        raise ConfigError(f"{source}: unknown key(s) {named}; accepted keys: {', '.join(sorted(accepted))}")
 
 
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
@@ -61,8 +81,9 @@ def build_from_keywords(target: Callable[..., _Built], values: Mapping[str, Any]
     accepted = inspect.signature(target).parameters
     unknown = sorted(str(key) for key in values if key not in accepted)
     if unknown:
+        named = ", ".join(f"'{key}'{did_you_mean(key, accepted)}" for key in unknown)
         raise ConfigError(
-            f"{source}: {name} does not accept {', '.join(repr(key) for key in unknown)}; "
+            f"{source}: {name} does not accept {named}; "
             f"remove or rename {'it' if len(unknown) == 1 else 'them'} (check the spelling and the installed version)"
         )
     try:
@@ -84,9 +105,30 @@ class YamlConfig(BaseModel):
         try:
             return cls.model_validate(dict(values))
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, what)) from None
+            raise ConfigError(format_validation_error(exc, what, cls.model_fields)) from None
 
     @classmethod
     def from_yaml(cls: type[_Config], path: str | Path) -> _Config:
-        """Read and validate a YAML file holding this configuration's keys."""
-        return cls.build(load_yaml_config(path), source=path)
+        """Read and validate a YAML file holding this configuration's keys (errors name YAML keys)."""
+        with settings_spelled("yaml"):
+            return cls.build(load_yaml_config(path), source=path)
+
+
+EXAMPLE_TOP_KEYS = ("model", "data", "training", "obim", "resume_from_checkpoint")
+"""Top-level keys ``examples/continued_pretraining.py`` reads (layout of ``configs/callback/example.yaml``)."""
+EXAMPLE_DATA_KEYS = ("train", "eval", "text_field", "block_size")
+"""Keys of the example's ``data:`` section."""
+
+
+def check_example_settings(settings: Mapping[str, Any], path: str | Path) -> None:
+    """The example config's own keys (top level and ``data:``; ``training:`` and ``obim:`` are checked by
+    what builds them) and its data files, each error naming the file, the section and the key."""
+    check_keys(settings, EXAMPLE_TOP_KEYS, f"config {path}, top level")
+    data = settings.get("data")
+    if not isinstance(data, Mapping):
+        return
+    check_keys(data, EXAMPLE_DATA_KEYS, section_of(path, "data"))
+    files = {"train": data.get("train"), **{f"eval.{k}": v for k, v in dict(data.get("eval") or {}).items()}}
+    for key, file in files.items():
+        if file is not None and not Path(str(file)).is_file():
+            raise ConfigError(f"{section_of(path, 'data')}, key '{key}': data file {file} does not exist; fix the path")

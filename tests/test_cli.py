@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,6 +15,8 @@ from obim_trainer.cli import build_parser, config_from_args, main
 from obim_trainer.errors import ConfigError
 from obim_trainer.merging import available_methods
 from tests.conftest import copy_tree
+
+ROOT = Path(__file__).parents[1]
 
 
 def test_yaml_with_flag_overrides_produces_a_loadable_model(llama_family, calibration_jsonl, tmp_path):
@@ -285,4 +288,65 @@ def test_an_unknown_key_in_the_yaml_names_the_file_and_the_key(tmp_path, caplog)
     config = tmp_path / "merge.yaml"
     config.write_text("base: base\ncheckpoints: [a, b]\nmethdo: ties\n")
     assert main(["--config", str(config), "--output", str(tmp_path / "out")]) == 2
-    assert f"invalid merge configuration {config}: methdo: Extra inputs are not permitted" in caplog.text
+    expected = f"invalid merge configuration {config}: methdo: Extra inputs are not permitted (did you mean 'method'?)"
+    assert expected in caplog.text
+
+
+def _family_flags(llama_family, calibration_jsonl) -> list[str]:
+    base, ckpts = llama_family
+    return ["--base", str(base), "--checkpoints", *map(str, ckpts), "--calibration-data", str(calibration_jsonl)]
+
+
+def test_a_mistyped_param_gets_the_closest_name_as_users_write_it(llama_family, calibration_jsonl, tmp_path, caplog):
+    flags = [*_family_flags(llama_family, calibration_jsonl), "--method", "ties", "--param", "densty=0.5"]
+    assert main([*flags, "--output", str(tmp_path / "out")]) == 2
+    assert "densty: Extra inputs are not permitted (did you mean 'density'?)" in caplog.text
+    accepted = caplog.text.split("Parameters it accepts: ")[1]
+    assert "lambda," in accepted and "lambda_" not in accepted
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "yaml_text", "names"),
+    [
+        (["--ratios", "0.2", "0.2", "0.2", "--total-share", "1.0,0.5"], None, ("--ratios", "--total-share")),
+        ([], "params: {ratios: [0.2, 0.2, 0.2]}\ntotal_shares: [1.0, 0.5]\n", ("params: ratios:", "total_shares:")),
+    ],
+    ids=["flags", "yaml"],
+)
+def test_ratios_with_total_shares_is_a_conflict_named_as_written(
+    extra, yaml_text, names, llama_family, calibration_jsonl, tmp_path, caplog
+):
+    flags = [*_family_flags(llama_family, calibration_jsonl), *extra]
+    if yaml_text is not None:
+        (tmp_path / "merge.yaml").write_text(yaml_text)
+        flags += ["--config", str(tmp_path / "merge.yaml")]
+    assert main([*flags, "--output", str(tmp_path / "out"), "--dry-run"]) == 2
+    assert f"{names[0]} [0.2, 0.2, 0.2] and {names[1]} [1.0, 0.5] both set the shares n_k" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def _readme_command(marker: str) -> list[str]:
+    """The README's shell command (backslash continuations joined) whose first line contains ``marker``."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    return next(line for line in text.splitlines() if marker in line).split()
+
+
+def test_the_readme_dry_run_line_works_as_written(llama_family, calibration_jsonl, tmp_path, capsys, monkeypatch):
+    """README: ``obim-merge-ckpts --config configs/merge/obim_post_pretraining.yaml ... --dry-run``, run word
+    for word in a folder where its relative paths (qwen2-7b, run/, calib.jsonl, configs/) are fixtures."""
+    base, ckpts = llama_family
+    line = _readme_command("obim_post_pretraining.yaml")
+    assert line[0] == "obim-merge-ckpts" and "--dry-run" in line
+    copy_tree(base, tmp_path / "qwen2-7b")
+    for c in ckpts:
+        copy_tree(c, tmp_path / "run" / c.name)
+    history = [{"step": s, "eval_ja_loss": v} for s, v in {10: 2.0, 20: 1.5, 30: 1.7}.items()]
+    (tmp_path / "run" / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    copy_tree(ROOT / "configs" / "merge", tmp_path / "configs" / "merge")
+    (tmp_path / "calib.jsonl").write_text(calibration_jsonl.read_text())
+    monkeypatch.chdir(tmp_path)
+    assert main(line[1:]) == 0
+    plan = capsys.readouterr().out
+    assert plan.count("checkpoint 2:") == 1 and "order [1, 2, 0]" in plan
+    assert not (tmp_path / "merged").exists()

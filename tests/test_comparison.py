@@ -42,7 +42,13 @@ def test_old_avg_respects_the_new_language_limit():
 def test_old_avg_with_an_unreachable_limit_falls_back_to_the_best_new_language(caplog):
     table = table_of(SWEEP)
     assert pick(table, Objective(kind="old_avg", new_language="zh", new_limit=1.0)).name == "obim"
-    assert "no merge keeps zh within 1" in caplog.text
+    assert "no merge keeps zh within 1, so the best on zh: obim" in caplog.text
+    # the table and every log line after it say the same: not "with zh within 1", which no merge met
+    assert table.pick_reason == "no merge keeps zh within 1, so the best on zh"
+    assert "Picked **obim**: no merge keeps zh within 1, so the best on zh." in table.to_markdown()
+    assert "within 1" not in table.to_markdown().replace("no merge keeps zh within 1", "")
+    pick(table, Objective(kind="old_avg", new_language="zh", new_limit=5.0))
+    assert table.pick_reason == "best average over the languages other than zh with zh within 5"
 
 
 def test_accuracies_are_maximised():

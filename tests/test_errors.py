@@ -236,7 +236,7 @@ def test_existing_output_refused_without_overwrite(family, calibration_jsonl, tm
     out = tmp_path / "merged"
     out.mkdir()
     (out / "keep.txt").write_text("earlier output")
-    with pytest.raises(OBIMError, match="--overwrite"):
+    with pytest.raises(OBIMError, match="set overwrite=True"):
         merge_checkpoints(base=base, checkpoints=ckpts, calibration_data=calibration_jsonl, output=out, progress=False)
     assert (out / "keep.txt").read_text() == "earlier output"
 
@@ -256,7 +256,7 @@ def test_failed_overwrite_keeps_the_earlier_output(family, calibration_jsonl, tm
 
 def test_no_checkpoints(family, tmp_path):
     base, _ = family
-    assert_fails_cleanly(tmp_path, "no checkpoints", "--checkpoints", base=base, checkpoints=[])
+    assert_fails_cleanly(tmp_path, "no checkpoints", "checkpoints=[DIR, ...]", base=base, checkpoints=[])
 
 
 def test_cli_prints_one_line_not_a_traceback(family, calibration_jsonl, tmp_path, caplog, capsys):

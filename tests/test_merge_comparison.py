@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from obim_trainer.cli import main
+from obim_trainer.comparison import _fmt
 from obim_trainer.evaluation import PerLanguageEvaluator, load_eval_sets
 from tests.conftest import make_texts, write_jsonl
 
@@ -116,3 +117,43 @@ def test_unknown_lm_eval_tasks_fail_before_any_merge(llama_family, calibration_j
     args = [*inputs(llama_family, calibration_jsonl), "--method", "obim,ties", "--lm-eval", str(lm_eval)]
     assert main([*args, "--output", str(tmp_path / "o")]) == 2
     assert "no_such_task_xyz" in caplog.text and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--evaluate"], ["--total-share", "1.0,0.5"], ["--total-share", "1.0,0.5", "--dry-run"]],
+    ids=["one-merge", "comparison", "dry-run"],
+)
+def test_a_wrong_eval_file_fails_before_any_merge_writes(
+    extra, llama_family, calibration_jsonl, eval_files, tmp_path, caplog
+):
+    out = tmp_path / "out"
+    eval_data = ["--eval-data", f"en={eval_files['en']}", f"zh={tmp_path / 'typo.jsonl'}"]
+    flags = [*inputs(llama_family, calibration_jsonl), *eval_data, *extra]
+    assert main([*flags, "--output", str(out), "--no-progress"]) == 2
+    assert f"eval_data['zh']: eval file {tmp_path / 'typo.jsonl'} does not exist; set --eval-data" in caplog.text
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_comparison_dry_run_plans_and_checks_every_merge_once(llama_family, calibration_jsonl, tmp_path, capsys):
+    out = tmp_path / "out"
+    flags = [*inputs(llama_family, calibration_jsonl), "--output", str(out), "--dry-run", "--no-progress"]
+    assert main([*flags, "--method", "obim,ties", "--total-share", "1.0,0.5"]) == 0
+    plan = capsys.readouterr().out
+    assert "3 merge(s) of the same checkpoints:" in plan
+    assert [plan.count(f"# {name}\n") for name in ("obim", "obim@0.5", "ties")] == [1, 1, 1]
+    assert plan.count("lm_head.weight") == 3  # each merge's tensor plan, printed once
+    assert main([*flags, "--total-share", "1.0,1.5"]) == 2  # every variant is validated, not only the first
+    assert not out.exists()
+
+
+def test_one_merge_with_evaluate_prints_its_losses(llama_family, calibration_jsonl, eval_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    flags = [*inputs(llama_family, calibration_jsonl), "--eval-data", f"en={eval_files['en']}", "--evaluate"]
+    assert main([*flags, "--output", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    loss = next(r for r in rows if r["name"] == "obim")["metrics"]["obim_en_loss"]
+    assert next(line for line in printed.splitlines() if line.startswith("| obim |")).startswith(
+        f"| obim | merge | {_fmt(loss)} |"
+    )

@@ -60,3 +60,16 @@ def test_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoint-N"):
         select_top_checkpoints(tmp_path / "empty", "eval_loss", 1)
+
+
+def test_a_deleted_checkpoint_is_read_from_its_protected_copy(tmp_path, caplog):
+    """``save_total_limit`` deleted checkpoint-100; the callback's copy in obim/selected/ is what is read."""
+    history = [{"step": s, "eval_ja_loss": v} for s, v in [(100, 0.5), (200, 1.0), (300, 2.0)]]
+    run = make_run(tmp_path, [200, 300], history)
+    for step in (100, 200):  # 200 still exists: its original is read
+        (run / "obim" / "selected" / f"checkpoint-{step}").mkdir(parents=True)
+    with caplog.at_level("INFO", logger="obim_trainer.selection"):
+        chosen = select_top_checkpoints(run, "eval_ja_loss", 2)
+    assert [c.path for c in chosen] == [run / "obim" / "selected" / "checkpoint-100", run / "checkpoint-200"]
+    assert all(c.path.is_dir() for c in chosen)
+    assert f"reading 1 checkpoint(s) from {run / 'obim' / 'selected'}" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -58,6 +59,11 @@ def test_a_smaller_total_share_keeps_the_rest_of_the_base(llama_family, calibrat
     for path in folders.values():  # each checkpoint still owns a third of what is merged
         shares = json.loads((path / "obim_merge.json").read_text())["ownership_share"]
         assert shares == pytest.approx([1 / 3] * 3, abs=0.01)
+    manifest = json.loads((folders["obim@0.3"] / "obim_merge.json").read_text())
+    assert manifest["base_share"] == pytest.approx(0.7, abs=0.01)  # the model card states it, measured
+    card = (folders["obim@0.3"] / "README.md").read_text()
+    assert re.search(r"the base keeps 7\d\.\d%; taken from each checkpoint, in merge order: (\d+\.\d%(, )?){3}", card)
+    assert all(9.0 < float(s) < 11.0 for s in re.findall(r"(\d+\.\d)%", card.split("merge order:")[-1]))
     weight = "model.layers.0.mlp.up_proj.weight"
     kept = load_file(folders["obim@0.3"] / "model.safetensors")[weight] == load_file(base / "model.safetensors")[weight]
     assert float(kept.float().mean()) == pytest.approx(0.7, abs=0.01)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from obim_trainer.errors import CalibrationError
+from obim_trainer.setting_names import setting_name
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +115,17 @@ def _dataset_values(dataset: Any, field: str) -> Iterator[str | None]:
         yield _row_text(row, field, "the calibration dataset")
 
 
-def _file_values(path: Path, field: str) -> Iterator[str | None]:
+def _file_values(path: Path, field: str, setting: str) -> Iterator[str | None]:
+    """The texts of one file; a wrong path names ``setting`` as the user wrote it."""
     if not path.exists():
-        raise CalibrationError(f"calibration file {path} does not exist; pass an existing file to --calibration-data")
+        raise CalibrationError(
+            f"{setting.replace('_', ' ').removesuffix(' data')} file {path} does not exist; "
+            f"set {setting_name(setting, 'FILE')} to an existing file"
+        )
     if not path.is_file():
-        raise CalibrationError(f"{path} is not a file; pass a {'/'.join(SUFFIXES)} file to --calibration-data")
+        raise CalibrationError(
+            f"{path} is not a file; set {setting_name(setting, 'FILE')} to a {'/'.join(SUFFIXES)} file"
+        )
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _jsonl_values(path, field)
@@ -131,13 +138,15 @@ def _file_values(path: Path, field: str) -> Iterator[str | None]:
     raise CalibrationError(f"calibration file {path} has an unknown extension; use one of {', '.join(SUFFIXES)}")
 
 
-def load_calibration_texts(source: str | Path | Any, num_samples: int = 100, text_field: str = "text") -> list[str]:
+def load_calibration_texts(
+    source: str | Path | Any, num_samples: int = 100, text_field: str = "text", setting: str = "calibration_data"
+) -> list[str]:
     """The first ``num_samples`` non-empty texts of a JSONL/JSON/text/parquet file or ``datasets.Dataset``.
 
     Texts come in file order, so the same inputs always give the same calibration set. JSON and
     JSONL hold objects with ``text_field``; text files hold one sample per non-empty line.
     Raises :class:`CalibrationError` naming the file and the fix when the source is missing,
-    empty or unreadable.
+    empty or unreadable; ``setting`` is the setting the user gave the file to (``eval_data`` for evaluation).
     """
     if num_samples < 1:
         raise CalibrationError(f"calibration_samples must be at least 1 (got {num_samples}); ~100 works best")
@@ -147,7 +156,7 @@ def load_calibration_texts(source: str | Path | Any, num_samples: int = 100, tex
     else:
         path = Path(source)
         where = str(path)
-        values = _file_values(path, text_field)
+        values = _file_values(path, text_field, setting)
     try:
         texts = _first_texts(values, num_samples)
     except (OSError, UnicodeDecodeError) as exc:

@@ -25,6 +25,7 @@ from typing import Protocol, TypeVar
 
 from obim_trainer.calibration.activation_stats import FORMAT_VERSION, ActivationStats
 from obim_trainer.errors import CalibrationError
+from obim_trainer.setting_names import setting_name
 from obim_trainer.user_cache import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def load_or_compute_stats(
         if target == cached:
             raise CalibrationError(
                 f"cannot store statistics in {cache} ({exc}); "
-                "pass a writable folder with --stats-cache-dir (stats_cache_dir) or set OBIM_STATS_CACHE"
+                f"set {setting_name('stats_cache_dir', 'DIR')} to a writable folder or set OBIM_STATS_CACHE"
             ) from None
         logger.warning("cannot write beside %s (%s); storing its statistics in %s", checkpoint_dir, exc, cached)
     try:
@@ -129,6 +130,6 @@ def load_or_compute_stats(
     except OSError as cache_exc:
         raise CalibrationError(
             f"cannot store statistics beside {checkpoint_dir} nor in {cache} ({cache_exc}); "
-            "pass a writable folder with --stats-cache-dir (stats_cache_dir)"
+            f"set {setting_name('stats_cache_dir', 'DIR')} to a writable folder"
         ) from None
     return stats, "computed"

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from obim_trainer.errors import OutputError
+from obim_trainer.setting_names import setting_name
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,9 @@ def check_output_location(output: Path, *, overwrite: bool, inputs: Sequence[Pat
     if target.exists() and not target.is_dir():
         raise OutputError(f"output {output} exists and is a file, not a folder; choose another output folder")
     if target.exists() and not overwrite:
-        raise OutputError(f"output {output} already exists; pass --overwrite to replace it or choose another folder")
+        raise OutputError(
+            f"output {output} already exists; set {setting_name('overwrite')} to replace it or choose another folder"
+        )
     return target
 
 

@@ -62,7 +62,7 @@ def load_eval_sets(
             if _pretokenized(source, text_field):
                 sets[language] = _from_token_ids(source, tokenizer, max_samples, max_length)
             else:
-                texts = load_calibration_texts(source, num_samples=max_samples, text_field=text_field)
+                texts = load_calibration_texts(source, max_samples, text_field, setting="eval_data")
                 sets[language] = tokenize_calibration(texts, tokenizer, max_length=max_length)
         except CalibrationError as exc:
             raise ConfigError(f"eval_data['{language}']: {exc}") from None

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from obim_trainer.errors import ConfigError
 from obim_trainer.merging.task import MergeOutput, TensorTask
+from obim_trainer.yaml_config import format_validation_error
 
 logger = logging.getLogger(__name__)
 
@@ -118,15 +119,20 @@ class MergeMethod(ABC):
         return {"method": self.name, **self.params.model_dump(mode="json", by_alias=True)}
 
 
+def user_param_names(method: type[MergeMethod] | MergeMethod) -> list[str]:
+    """Parameter names as a user writes them (``lambda``, the alias, not the Python field ``lambda_``)."""
+    return [field.alias or name for name, field in method.Params.model_fields.items()]
+
+
 def parse_params(method: type[MergeMethod] | MergeMethod, raw: Mapping[str, Any]) -> MethodParams:
     """Validate raw parameters, turning pydantic's report into one readable :class:`ConfigError`."""
     try:
         return method.Params.model_validate(dict(raw))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'params'}: {err['msg']}" for err in exc.errors())
-        known = ", ".join(method.Params.model_fields) or "none"
+        known = user_param_names(method)
+        what = f"parameters for method '{method.name}'"
         raise ConfigError(
-            f"invalid parameters for method '{method.name}': {problems}. Parameters it accepts: {known}."
+            f"{format_validation_error(exc, what, known)}. Parameters it accepts: {', '.join(known) or 'none'}."
         ) from None
 
 

@@ -160,9 +160,9 @@ def test_default_cache_dir_and_nowhere_to_write(ckpt, tmp_path, monkeypatch):
     load_or_compute_stats(ckpt, "a" * 64, lambda: stats)
     assert (tmp_path / "env-cache" / f"checkpoint-10-{'a' * 16}.safetensors").is_file()
     (tmp_path / "blocked").write_text("a file, not a folder")
-    with pytest.raises(CalibrationError, match=r"nor in .*blocked.*--stats-cache-dir"):
+    with pytest.raises(CalibrationError, match=r"nor in .*blocked.*set stats_cache_dir=DIR"):
         load_or_compute_stats(ckpt, "b" * 64, lambda: stats, cache_dir=tmp_path / "blocked", beside=True)
-    with pytest.raises(CalibrationError, match=r"cannot store statistics in .*blocked.*--stats-cache-dir"):
+    with pytest.raises(CalibrationError, match=r"cannot store statistics in .*blocked.*set stats_cache_dir=DIR"):
         load_or_compute_stats(ckpt, "b" * 64, lambda: stats, cache_dir=tmp_path / "blocked")
 
 

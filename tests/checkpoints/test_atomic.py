@@ -108,7 +108,7 @@ def test_failed_rename_restores_the_earlier_output(tmp_path, monkeypatch):
 def test_existing_output_needs_overwrite(tmp_path):
     out = tmp_path / "out"
     before = earlier_output(out)
-    assert "out already exists; pass --overwrite to replace it" in refusal(out)
+    assert "out already exists; set overwrite=True to replace it" in refusal(out)
     (tmp_path / "file").write_text("x")
     assert "file exists and is a file, not a folder" in refusal(tmp_path / "file", overwrite=True)
     assert snapshot(out) == before and not leftovers(tmp_path)
