@@ -18,7 +18,14 @@ from obim_trainer.comparison import Objective
 from obim_trainer.config import MergeConfig, OutputDType
 from obim_trainer.errors import ConfigError
 from obim_trainer.merging import build_method
-from obim_trainer.variants import MergeSpec, MergeVariant, accepts_total_share, default_candidates, plan_specs
+from obim_trainer.variants import (
+    MergeSpec,
+    MergeVariant,
+    accepts_total_share,
+    default_candidates,
+    plan_specs,
+    wants_default_candidates,
+)
 from obim_trainer.yaml_config import YamlConfig, load_yaml_config, section_of
 
 logger = logging.getLogger(__name__)
@@ -125,7 +132,8 @@ class OBIMConfig(YamlConfig):
             raise ValueError("merges are compared by evaluating each: give eval_data={language: file}")
         if any(spec.calibration_samples is not None for spec in self.merges or []):
             raise ValueError("merges entries cannot set calibration_samples in the callback; set it once for the run")
-        if self.new_languages and self.eval_data is None and not self.total_share_sweep:
+        defaults = wants_default_candidates(self.calibration_data, self.new_languages)
+        if defaults and self.eval_data is None and not self.merges and not self.total_share_sweep:
             logger.warning(
                 "new_languages without eval_data: the default candidates (OBIM, regmean at base_weight 0.3/1/3) "
                 "cannot be compared, so only method '%s' is merged; give eval_data={language: file} to compare them",
@@ -158,7 +166,7 @@ class OBIMConfig(YamlConfig):
             return list(self.merges)
         if self.total_share_sweep:
             return [MergeSpec(method=self.method, params=self.params, total_shares=self.total_share_sweep)]
-        if self.new_languages and self.eval_data is not None:
+        if wants_default_candidates(self.calibration_data, self.new_languages) and self.eval_data is not None:
             return default_candidates(MergeSpec(method=self.method, params=self.params))
         return None
 

@@ -222,6 +222,12 @@ def default_candidates(configured: MergeSpec | None = None) -> list[MergeSpec]:
     return specs
 
 
+def wants_default_candidates(calibration_data: Any, new_languages: Sequence[str]) -> bool:
+    """Whether the calibration names a new language beside old ones given per language (the default
+    candidates' RegMean measures the base on the old text and the checkpoints on the new)."""
+    return isinstance(calibration_data, Mapping) and bool(new_languages)
+
+
 def plan_specs(specs: Sequence[MergeSpec], num_models: int) -> list[MergeVariant]:
     """Every merge of every entry, in order; :class:`ConfigError` when two would share a folder name."""
     variants = [v for spec in specs for v in spec.plan(num_models)]

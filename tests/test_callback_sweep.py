@@ -226,3 +226,18 @@ def test_the_callback_s_work_draws_nothing_from_training_s_generators():
     assert torch.equal(torch.rand(3), expected[0]) and (np.random.rand(3) == expected[1]).all()
     assert random.random() == expected[2]
     assert model.training and model[0].training and not model[1].training
+
+
+def test_the_command_compares_the_callback_s_default_candidates(tmp_path):
+    from obim_trainer.cli import build_parser, config_from_args
+    from obim_trainer.merge_comparison import plan
+
+    inputs = build_inputs(tmp_path / "inputs")
+    callback = OBIMConfig.build(per_language(inputs))
+    new = ["--calibration-data", "en=en.jsonl", "ja=ja.jsonl", "--new-language", "ja", "--eval-data", "ja=e.jsonl"]
+    required = ["--base", str(inputs.base), "--checkpoints", "c1", "c2", "--output", "o"]
+    config, comparison = config_from_args(build_parser().parse_args([*required, *new]))
+    assert [v.name for v in plan(config, comparison, 2)] == [v.name for v in callback.plan_candidates(2)]
+    assert [v.params for v in plan(config, comparison, 2)] == [v.params for v in callback.plan_candidates(2)]
+    _, named = config_from_args(build_parser().parse_args([*required, *new, "--method", "obim"]))
+    assert named.merges is None and named.methods == ["obim"]  # a named method is merged as asked
