@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 
@@ -17,8 +16,15 @@ from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.errors import ConfigError
 from obim_trainer.evaluation import PerLanguageEvaluator, load_eval_sets
 from obim_trainer.merge import merge_checkpoints
-from tests.callback_run import MAX_LENGTH, build_inputs, callback_settings, language_texts, make_trainer
-from tests.conftest import write_jsonl
+from tests.callback_run import (
+    CANDIDATES,
+    MAX_LENGTH,
+    build_inputs,
+    callback_settings,
+    make_trainer,
+    per_language_settings,
+    tensor_digests,
+)
 from tests.tiny_training import training_arguments
 from tests.tracking.wandb_offline import fresh_wandb, history, run_dir, table
 
@@ -103,32 +109,13 @@ def test_a_sweep_needs_evaluation_data_and_shares(tmp_path):
 
 # ---- any list of candidates (merges:), per-language calibration, the default path ----
 
-CANDIDATES = [{"method": "regmean", "sweep": {"base_weight": [0.3, 3]}}, {"method": "fisher_merging"}]
-
-
-def per_language(inputs, **overrides):
-    """Callback settings with old (en) and new (ja) calibration text, no W&B, merging at the end unless told."""
-    en = inputs.root / "calib_en.jsonl"
-    if not en.exists():
-        write_jsonl(en, language_texts("en", 12, seed=61))
-    values = {"calibration_data": {"en": en, "ja": inputs.calibration}, "new_languages": ["ja"]}
-    values |= {"log_saliency": False, "merge_every_saves": 0, **overrides}
-    return callback_settings(inputs, **values)
-
-
-def tensor_digests(folder):
-    return {
-        name: hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
-        for name, t in load_file(folder / "model.safetensors").items()
-    }
-
 
 @pytest.fixture(scope="module")
 def candidates_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("candidates")
     inputs = build_inputs(work / "inputs")
     callback = OBIMCallback(
-        OBIMConfig.build(per_language(inputs, merges=CANDIDATES, keep_sweep=True, merge_every_saves=2))
+        OBIMConfig.build(per_language_settings(inputs, merges=CANDIDATES, keep_sweep=True, merge_every_saves=2))
     )
     trainer = make_trainer(inputs, training_arguments(work / "run"), [callback], model=dropout_model(inputs))
     trainer.train()
@@ -151,7 +138,7 @@ def test_the_kept_candidate_is_the_command_s_merge_byte_for_byte(candidates_run,
     assert sorted([*others, merged.variant]) == ["fisher_merging", "regmean@base_weight=0.3", "regmean@base_weight=3"]
     picked = json.loads((sweep / "comparison.json").read_text())
     variant = next(v for v in callback.config.plan_candidates(2) if v.name == merged.variant)
-    settings = per_language(inputs)
+    settings = per_language_settings(inputs)
     offline = merge_checkpoints(
         base=inputs.base,
         checkpoints=[callback.candidates[s].merge_path for s in callback.selected],
@@ -183,16 +170,16 @@ def test_merging_candidates_leaves_training_bit_identical(candidates_run, tmp_pa
 
 def test_a_new_language_compares_the_default_candidates(tmp_path):
     inputs = build_inputs(tmp_path / "inputs")
-    config = OBIMConfig.build(per_language(inputs))
+    config = OBIMConfig.build(per_language_settings(inputs))
     assert [v.name for v in config.plan_candidates(2)] == [
         "obim",
         "regmean@base_weight=0.3",
         "regmean@base_weight=1",
         "regmean@base_weight=3",
     ]
-    tied = OBIMConfig.build(per_language(inputs, params={"saliency": "forgetting_aware"}))
+    tied = OBIMConfig.build(per_language_settings(inputs, params={"saliency": "forgetting_aware"}))
     assert [v.name for v in tied.plan_candidates(2)][-1] == "obim-configured"
-    assert OBIMConfig.build(per_language(inputs, eval_data=None)).plan_candidates(2) is None
+    assert OBIMConfig.build(per_language_settings(inputs, eval_data=None)).plan_candidates(2) is None
     assert OBIMConfig.build(callback_settings(inputs)).plan_candidates(2) is None  # no new language: one merge
 
 
@@ -211,7 +198,7 @@ def test_a_new_language_compares_the_default_candidates(tmp_path):
 def test_bad_candidates_fail_when_the_callback_is_configured(tmp_path, overrides, message):
     inputs = build_inputs(tmp_path / "inputs")
     with pytest.raises(ConfigError, match=message):
-        OBIMConfig.build(per_language(inputs, **overrides))
+        OBIMConfig.build(per_language_settings(inputs, **overrides))
 
 
 def test_the_callback_s_work_draws_nothing_from_training_s_generators():
@@ -233,7 +220,7 @@ def test_the_command_compares_the_callback_s_default_candidates(tmp_path):
     from obim_trainer.merge_comparison import plan
 
     inputs = build_inputs(tmp_path / "inputs")
-    callback = OBIMConfig.build(per_language(inputs))
+    callback = OBIMConfig.build(per_language_settings(inputs))
     new = ["--calibration-data", "en=en.jsonl", "ja=ja.jsonl", "--new-language", "ja", "--eval-data", "ja=e.jsonl"]
     required = ["--base", str(inputs.base), "--checkpoints", "c1", "c2", "--output", "o"]
     config, comparison = config_from_args(build_parser().parse_args([*required, *new]))
