@@ -206,6 +206,7 @@ class OBIMCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
+        """Record the checkpoint just saved, select and merge (see :meth:`_on_save`), without disturbing training."""
         with training_untouched(model):
             self._on_save(args, state, control, model, **kwargs)
 
@@ -249,6 +250,7 @@ class OBIMCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
+        """The final merge and loading it if asked (see :meth:`_on_train_end`), without disturbing training."""
         with training_untouched(model):
             self._on_train_end(args, state, control, model, **kwargs)
 
