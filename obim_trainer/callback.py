@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -49,7 +51,7 @@ from obim_trainer.merge import merge_checkpoints_on_ranks, prepare_calibration
 from obim_trainer.merging import build_method
 from obim_trainer.selectors import Candidate, Selector, build_selector
 from obim_trainer.tracking import RunLogger, make_run_logger, summarize_merge
-from obim_trainer.variants import MergeVariant, merge_variants, plan_variants
+from obim_trainer.variants import MergeVariant, merge_variants
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,27 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+@contextmanager
+def training_untouched(model: nn.Module | None) -> Iterator[None]:
+    """Run the callback's work (statistics, evaluation, merges) without disturbing training.
+
+    Evaluation switches the model to eval mode and merges may draw random numbers (random saliency,
+    DARE's masks, data shuffling); every generator (torch CPU and CUDA, numpy, ``random``) is forked
+    and every module's train/eval mode restored, so training continues bit-identically.
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    modes = [(module, module.training) for module in model.modules()] if model is not None else []
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+            for module, training in modes:
+                module.train(training)
 
 
 def trainer_eval_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -87,6 +110,8 @@ class MergedModel:
     checkpoints: list[int]
     metrics: dict[str, float] = field(default_factory=dict)
     total_share: float | None = None
+    variant: str | None = None
+    """The candidate kept (``regmean@base_weight=1``) when several were compared."""
 
 
 @dataclass
@@ -96,7 +121,7 @@ class PendingMerge:
     merged: MergedModel
     chosen: list[Candidate]
     config: MergeConfig
-    """The merge; for a total-share sweep, with the sweep folder as output."""
+    """The merge; when candidates are compared, with the sweep folder as output."""
     variants: list[MergeVariant] | None = None
 
 
@@ -181,6 +206,18 @@ class OBIMCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
+        """Record the checkpoint just saved, select and merge (see :meth:`_on_save`), without disturbing training."""
+        with training_untouched(model):
+            self._on_save(args, state, control, model, **kwargs)
+
+    def _on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         step = state.global_step
         if step in self._recorded_steps or model is None:
             return
@@ -213,6 +250,18 @@ class OBIMCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
+        """The final merge and loading it if asked (see :meth:`_on_train_end`), without disturbing training."""
+        with training_untouched(model):
+            self._on_train_end(args, state, control, model, **kwargs)
+
+    def _on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         if self.config.merge_at_end:
             step = state.global_step
             pending = self._guarded(lambda: self._pending_merge(step), "planning the final OBIM merge")
@@ -230,8 +279,10 @@ class OBIMCallback(TrainerCallback):
         config = self.config
         # activation statistics are recorded on the live model at each save; Grams, Fisher diagonals and the
         # layer-by-layer merge read the saved checkpoints at merge time, for the selected ones only
-        method = build_method(config.method, config.params, num_models=config.top_k)
-        self._needs_stats = method.statistics().activations
+        variants = config.plan_candidates(config.top_k) or [MergeVariant(config.method, config.method, config.params)]
+        self._needs_stats = any(
+            build_method(v.method, v.params, num_models=config.top_k).statistics().activations for v in variants
+        )
         if config.select_metric.startswith(METRIC_PREFIX) and config.eval_data is None:
             raise ConfigError(
                 f"select_metric '{config.select_metric}' comes from the OBIM evaluator, which has no eval_data; "
@@ -378,10 +429,9 @@ class OBIMCallback(TrainerCallback):
             return None
         merged = MergedModel(step=step, path=self.root / f"merged-step-{step}", checkpoints=[c.step for c in chosen])
         paths = [c.merge_path for c in chosen]
-        sweep = self.config.total_share_sweep
-        if not sweep:
+        variants = self.config.plan_candidates(len(chosen))
+        if variants is None:
             return PendingMerge(merged, chosen, self.config.merge_config(paths, merged.path))
-        variants = plan_variants([self.config.method], self.config.params, sweep, len(chosen))
         return PendingMerge(merged, chosen, self.config.merge_config(paths, self._sweep_root(step)), variants)
 
     def _sweep_root(self, step: int) -> Path:
@@ -402,7 +452,7 @@ class OBIMCallback(TrainerCallback):
     def _complete_merge(self, pending: PendingMerge, timings: dict[str, float]) -> None:
         """Evaluate the merge just made (for a sweep: pick one), keep it and log it."""
         merged, chosen = pending.merged, pending.chosen
-        params = self._pick_from_sweep(pending, timings) if pending.variants else self._evaluate(merged, timings)
+        variant = self._pick_from_sweep(pending, timings) if pending.variants else self._evaluate(merged, timings)
         self.merged.append(merged)
         self.latest_merge = merged.path
         self._prune_merged()
@@ -410,19 +460,19 @@ class OBIMCallback(TrainerCallback):
         if self.run_logger.enabled and self.config.log_saliency:
             with _timed(timings, "summary_s"):
                 manifest = json.loads((merged.path / MANIFEST_NAME).read_text())
-                self._log_summary(merged.step, chosen, params, manifest.get("ownership_share"))
+                self._log_summary(merged.step, chosen, variant, manifest.get("ownership_share"))
         logger.info("merged checkpoints %s into %s", merged.checkpoints, merged.path)
 
-    def _evaluate(self, merged: MergedModel, timings: dict[str, float]) -> dict[str, Any]:
-        """Evaluate the merged folder; returns the method parameters used."""
+    def _evaluate(self, merged: MergedModel, timings: dict[str, float]) -> MergeVariant:
+        """Evaluate the merged folder; returns the merge made."""
         if self.evaluator is not None:
             with _timed(timings, "merged_evaluation_s"):
                 merged.metrics = self.evaluator.evaluate_folder(merged.path, self.config.eval_device or self._device)
-        return self.config.params
+        return MergeVariant(self.config.method, self.config.method, self.config.params)
 
-    def _pick_from_sweep(self, pending: PendingMerge, timings: dict[str, float]) -> dict[str, Any]:
-        """Evaluate every total share's merge in ``sweep-step-N/`` and move the one the objective picks to
-        ``merged.path``; returns the method parameters of the pick."""
+    def _pick_from_sweep(self, pending: PendingMerge, timings: dict[str, float]) -> MergeVariant:
+        """Evaluate every candidate's merge in ``sweep-step-N/`` and move the one the objective picks to
+        ``merged.path``; returns the pick."""
         assert self.evaluator is not None and pending.variants is not None
         merged = pending.merged
         root = self._sweep_root(merged.step)
@@ -438,15 +488,15 @@ class OBIMCallback(TrainerCallback):
             table.write(root)
         else:
             shutil.rmtree(root, ignore_errors=True)
-        merged.metrics, merged.total_share = best.metrics, variant.total_share
+        merged.metrics, merged.total_share, merged.variant = best.metrics, variant.total_share, variant.name
         self.run_logger.log_sweep(merged.step, table)
-        logger.info("total-share sweep: kept %s (%s)", best.name, table.pick_reason)
-        return variant.params
+        logger.info("merge candidates: kept %s (%s)", best.name, table.pick_reason)
+        return variant
 
     def _log_summary(
-        self, step: int, chosen: list[Candidate], params: dict[str, Any], ownership_share: list[float] | None
+        self, step: int, chosen: list[Candidate], variant: MergeVariant, ownership_share: list[float] | None
     ) -> None:
-        method = build_method(self.config.method, params, num_models=len(chosen))
+        method = build_method(variant.method, variant.params, num_models=len(chosen))
         stats = [c.load_stats() for c in chosen]
         layers = summarize_merge(
             self.config.base_model,

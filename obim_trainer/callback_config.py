@@ -7,16 +7,28 @@ offline with ``obim-merge-ckpts`` from the same values.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from obim_trainer.calibration.languages import check_languages
 from obim_trainer.comparison import Objective
 from obim_trainer.config import MergeConfig, OutputDType
 from obim_trainer.errors import ConfigError
-from obim_trainer.variants import accepts_total_share
+from obim_trainer.merging import build_method
+from obim_trainer.variants import (
+    MergeSpec,
+    MergeVariant,
+    accepts_total_share,
+    default_candidates,
+    plan_specs,
+    wants_default_candidates,
+)
 from obim_trainer.yaml_config import YamlConfig, load_yaml_config, section_of
+
+logger = logging.getLogger(__name__)
 
 
 class OBIMConfig(YamlConfig):
@@ -77,6 +89,13 @@ class OBIMConfig(YamlConfig):
         description="Merge at each total share Σn_k (e.g. [1.0, 0.6, 0.3]; below 1 part of the base is kept), "
         "evaluate each with eval_data and keep the one objective picks as merged-step-N.",
     )
+    merges: list[MergeSpec] | None = Field(
+        default=None,
+        description="Merges made side by side at each merge point, entries as in the demo's merges: ({method, params, "
+        "total_shares, sweep, label}); each is evaluated with eval_data and the objective's pick is kept as "
+        "merged-step-N. Default with new_languages and eval_data: default_candidates() (OBIM as published, "
+        "sequential regmean at base_weight 0.3, 1, 3, and method/params).",
+    )
     objective: Objective = Field(default_factory=Objective, description="How the sweep picks: avg or old_avg.")
     keep_sweep: bool = Field(
         default=False, description="Keep every sweep merge in sweep-step-N/ (disk: one model each)."
@@ -105,6 +124,21 @@ class OBIMConfig(YamlConfig):
             raise ValueError(
                 f"min_checkpoints={self.min_checkpoints} exceeds top_k={self.top_k}: no merge would ever run"
             )
+        if self.merges and self.total_share_sweep:
+            raise ValueError("give merges or total_share_sweep, not both (an entry can have total_shares)")
+        if self.merges is not None and not self.merges:
+            raise ValueError("merges is empty; list at least one {method: ...} entry or leave merges out")
+        if self.merges and self.eval_data is None:
+            raise ValueError("merges are compared by evaluating each: give eval_data={language: file}")
+        if any(spec.calibration_samples is not None for spec in self.merges or []):
+            raise ValueError("merges entries cannot set calibration_samples in the callback; set it once for the run")
+        defaults = wants_default_candidates(self.calibration_data, self.new_languages)
+        if defaults and self.eval_data is None and not self.merges and not self.total_share_sweep:
+            logger.warning(
+                "new_languages without eval_data: the default candidates (OBIM, regmean at base_weight 0.3/1/3) "
+                "cannot be compared, so only method '%s' is merged; give eval_data={language: file} to compare them",
+                self.method,
+            )
         if self.total_share_sweep:
             if self.eval_data is None:
                 raise ValueError("total_share_sweep evaluates every merge: give eval_data={language: file}")
@@ -112,7 +146,34 @@ class OBIMConfig(YamlConfig):
                 raise ValueError(f"total_share_sweep needs a method with shares n_k (obim), not '{self.method}'")
             if not all(0.0 < s <= 1.0 for s in self.total_share_sweep):
                 raise ValueError(f"total_share_sweep values must lie in (0, 1], got {self.total_share_sweep}")
+        self._check_candidates()
         return self
+
+    def _check_candidates(self) -> None:
+        """Every merge this run may make builds and has the calibration it needs, before training starts."""
+        variants = self.plan_candidates(self.top_k) or [MergeVariant(self.method, self.method, self.params)]
+        for variant in variants:
+            needs = build_method(variant.method, variant.params, num_models=self.top_k).statistics()
+            check_languages(self.calibration_data, self.new_languages, needs, variant.method)
+
+    def candidate_specs(self) -> list[MergeSpec] | None:
+        """The merges compared at each merge point, or ``None`` for the one merge of ``method``/``params``.
+
+        ``merges`` as given; ``total_share_sweep`` as one entry of ``method`` over those shares; with
+        ``new_languages`` (and eval_data to compare them) :func:`~obim_trainer.variants.default_candidates`.
+        """
+        if self.merges:
+            return list(self.merges)
+        if self.total_share_sweep:
+            return [MergeSpec(method=self.method, params=self.params, total_shares=self.total_share_sweep)]
+        if wants_default_candidates(self.calibration_data, self.new_languages) and self.eval_data is not None:
+            return default_candidates(MergeSpec(method=self.method, params=self.params))
+        return None
+
+    def plan_candidates(self, num_models: int) -> list[MergeVariant] | None:
+        """The merges of :meth:`candidate_specs` for ``num_models`` checkpoints (``None``: one plain merge)."""
+        specs = self.candidate_specs()
+        return None if specs is None else plan_specs(specs, num_models)
 
     @classmethod
     def from_yaml(cls, path: str | Path, section: str | None = None) -> OBIMConfig:

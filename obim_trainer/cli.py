@@ -14,7 +14,13 @@ import yaml
 
 from obim_trainer.config import MergeConfig, merge_overrides
 from obim_trainer.errors import ConfigError, OBIMError
-from obim_trainer.merge_comparison import COMPARISON_KEYS, ComparisonConfig, compare_merges, plan_comparison
+from obim_trainer.merge_comparison import (
+    COMPARISON_KEYS,
+    ComparisonConfig,
+    compare_merges,
+    default_comparison,
+    plan_comparison,
+)
 from obim_trainer.merging import MergeMethod, available_methods
 from obim_trainer.merging.registry import StatisticsNeeds
 from obim_trainer.setting_names import settings_spelled
@@ -315,6 +321,9 @@ def _parse_eval_data(text: str) -> tuple[str, Path]:
 
 def _split_comparison(values: dict[str, Any]) -> dict[str, Any]:
     """Pop the comparison settings out of the merged YAML+flag values; ``method`` may list several."""
+    defaults = default_comparison(values)
+    if defaults is not None:
+        values["merges"] = defaults
     methods = values.pop("methods", None) or values.get("method", "obim")
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]

@@ -21,13 +21,22 @@ from obim_trainer.config import MergeConfig
 from obim_trainer.errors import CalibrationError, ConfigError
 from obim_trainer.evaluation import ModelEvaluator, PerLanguageEvaluator, load_eval_sets
 from obim_trainer.setting_names import setting_name
-from obim_trainer.variants import MergeVariant, merge_variants, plan_variants
+from obim_trainer.variants import (
+    MergeSpec,
+    MergeVariant,
+    default_candidates,
+    merge_variants,
+    plan_specs,
+    plan_variants,
+    wants_default_candidates,
+)
 from obim_trainer.yaml_config import YamlConfig
 
 logger = logging.getLogger(__name__)
 
 COMPARISON_KEYS = (
     "methods",
+    "merges",
     "total_shares",
     "sweep",
     "evaluate",
@@ -49,6 +58,12 @@ class ComparisonConfig(YamlConfig):
     described_as = "comparison configuration"
 
     methods: list[str] = Field(min_length=1, description="Merge methods, e.g. [obim, ties, dare_ties].")
+    merges: list[MergeSpec] | None = Field(
+        default=None,
+        description="Merges as entries ({method, params, total_shares, sweep, label}, as the demo's merges:) in place "
+        "of methods/total_shares/sweep. Default with a new language, per-language calibration, evaluation and no "
+        "method named: default_candidates() (OBIM, sequential regmean at base_weight 0.3, 1, 3).",
+    )
     total_shares: list[float] | None = Field(
         default=None, description="OBIM's Σ n_k values to sweep, e.g. [1.0, 0.6, 0.3] (1.0 is the paper)."
     )
@@ -85,7 +100,22 @@ class ComparisonConfig(YamlConfig):
     @property
     def several(self) -> bool:
         """Whether this asks for more than the one plain merge ``obim-merge-ckpts`` makes by default."""
-        return len(self.methods) > 1 or bool(self.total_shares) or bool(self.sweep) or self.evaluate
+        several = len(self.methods) > 1 or bool(self.merges) or bool(self.total_shares) or bool(self.sweep)
+        return several or self.evaluate
+
+
+def default_comparison(values: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The default candidates' entries when YAML and flags name no method or merges but a new language with
+    per-language calibration and evaluation data (the callback compares the same ones); else ``None``."""
+    named = any(values.get(key) for key in ("method", "methods", "merges"))
+    evaluated = values.get("eval_data") or values.get("lm_eval")
+    if (
+        named
+        or not evaluated
+        or not wants_default_candidates(values.get("calibration_data"), values.get("new_languages") or [])
+    ):
+        return None
+    return [spec.model_dump(exclude_defaults=True) for spec in default_candidates()]
 
 
 def _check_outputs_free(root: Path, variants: list[MergeVariant], overwrite: bool) -> None:
@@ -151,7 +181,9 @@ def reference_folders(config: MergeConfig, checkpoints: list[Path], merged: Path
 
 
 def plan(config: MergeConfig, comparison: ComparisonConfig, num_models: int) -> list[MergeVariant]:
-    """Every merge the comparison makes: methods × total shares × swept values."""
+    """Every merge the comparison makes: its ``merges`` entries, else methods × total shares × swept values."""
+    if comparison.merges:
+        return plan_specs(comparison.merges, num_models)
     return plan_variants(comparison.methods, config.params, comparison.total_shares, num_models, comparison.sweep)
 
 

@@ -14,6 +14,7 @@ share when both are swept: ``obim@0.6@gamma=2``).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -21,6 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from obim_trainer.config import MergeConfig
 from obim_trainer.errors import ConfigError
@@ -161,6 +164,77 @@ def plan_variants(
         raise ConfigError(f"merges would share a folder name ({', '.join(names)}); list each method and share once")
     for variant in variants:  # a bad value fails now, not after the merges before it were written
         build_method(variant.method, variant.params, num_models)
+    return variants
+
+
+class MergeSpec(BaseModel):
+    """One entry of a list of merges (the demo's ``merges:``, the callback's ``merges:``): a method, its
+    parameters and what is swept.
+
+    Every merge of one entry forms one family (its ``label``, default the method's name), e.g.
+    ``{method: regmean, sweep: {base_weight: [0.3, 1, 3]}}`` or OBIM over ``total_shares``. ``label``
+    also names the merges' folders in place of the method (``regmean-parallel@base_weight=1``), so one
+    method can appear with different fixed parameters.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    label: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.+-]+$", description="Family and folder name.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Fixed parameters of every merge of the entry.")
+    total_shares: list[float] | None = Field(default=None, description="OBIM-style Σn_k values, one merge each.")
+    sweep: dict[str, list[Any]] = Field(default_factory=dict, description="One merge per value (product if several).")
+    calibration_samples: int | None = Field(
+        default=None, ge=1, description="Calibration texts per language for these merges (default: the run's)."
+    )
+
+    @property
+    def family(self) -> str:
+        """The family the entry's merges form (and the prefix of their names)."""
+        return self.label or self.method
+
+    def plan(self, num_models: int) -> list[MergeVariant]:
+        """The entry's merges, named ``<family>[@share][@param=value]``."""
+        variants = plan_variants(
+            [self.method], {self.method: self.params}, self.total_shares, num_models, self.sweep or None
+        )
+        return [dataclasses.replace(v, name=self.family + v.name[len(self.method) :]) for v in variants]
+
+
+DEFAULT_BASE_WEIGHTS = [0.3, 1, 3]
+"""RegMean's c in the default candidates: the base's old-language outputs weighted 0.3×, 1× and 3× the
+checkpoints' new-language ones (Eq. 2 of RegMean with the base as one more model)."""
+
+
+def default_candidates(configured: MergeSpec | None = None) -> list[MergeSpec]:
+    """The merges compared by default when the calibration names a new language: OBIM as published
+    (n_k = 1/K), sequential RegMean at ``base_weight`` 0.3, 1 and 3, and the configured merge beside them.
+
+    One list for the callback and ``obim-merge-ckpts``: with a new language, a per-layer least-squares
+    merge can keep the old languages where OBIM's hard ownership cannot, and which one wins is measured,
+    not assumed. The configured merge gets the label ``configured`` when it is not one of the defaults.
+    """
+    specs = [MergeSpec(method="obim"), MergeSpec(method="regmean", sweep={"base_weight": DEFAULT_BASE_WEIGHTS})]
+    if configured is not None and configured not in specs:
+        taken = {s.family for s in specs}
+        label = configured.family if configured.family not in taken else f"{configured.method}-configured"
+        specs.append(configured.model_copy(update={"label": label}))
+    return specs
+
+
+def wants_default_candidates(calibration_data: Any, new_languages: Sequence[str]) -> bool:
+    """Whether the calibration names a new language beside old ones given per language (the default
+    candidates' RegMean measures the base on the old text and the checkpoints on the new)."""
+    return isinstance(calibration_data, Mapping) and bool(new_languages)
+
+
+def plan_specs(specs: Sequence[MergeSpec], num_models: int) -> list[MergeVariant]:
+    """Every merge of every entry, in order; :class:`ConfigError` when two would share a folder name."""
+    variants = [v for spec in specs for v in spec.plan(num_models)]
+    names = [v.name for v in variants]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"merges {', '.join(repeated)} appear twice; give one of the entries its own label")
     return variants
 
 

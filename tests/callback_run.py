@@ -93,6 +93,35 @@ def callback_settings(inputs: RunInputs, **overrides: Any) -> dict[str, Any]:
     }
 
 
+CANDIDATES = [{"method": "regmean", "sweep": {"base_weight": [0.3, 3]}}, {"method": "fisher_merging"}]
+"""Merges compared by the candidate tests: input Grams and Fisher diagonals, per language."""
+
+
+def per_language_settings(inputs: RunInputs, **overrides: Any) -> dict[str, Any]:
+    """:func:`callback_settings` with old (en) and new (ja) calibration text, no saliency logging, merging
+    at the end unless ``overrides`` say otherwise."""
+    en = inputs.root / "calib_en.jsonl"
+    if not en.exists():
+        write_jsonl(en, language_texts("en", 12, seed=61))
+    values = {"calibration_data": {"en": en, "ja": inputs.calibration}, "new_languages": ["ja"]}
+    values |= {"log_saliency": False, "merge_every_saves": 0, **overrides}
+    return callback_settings(inputs, **values)
+
+
+def tensor_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every tensor's bytes in ``folder/model.safetensors``: equal digests, equal merges."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "model.safetensors")
+    return {
+        name: hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+        for name, t in tensors.items()
+    }
+
+
 def make_trainer(inputs: RunInputs, args: Any, callbacks: list[Any], model: Any = None) -> Any:
     """A Trainer on the run's data; the model is the base unless given (load it before the arguments
     exist to keep transformers' zero.Init, which needs DeepSpeed's process group, out of CPU tests)."""

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from obim_trainer.comparison import Objective
 from obim_trainer.errors import ConfigError
-from obim_trainer.variants import MergeVariant, plan_variants
+from obim_trainer.variants import MergeSpec, MergeVariant, plan_specs
 from obim_trainer.yaml_config import YamlConfig
 
 
@@ -33,39 +32,6 @@ class Phase(BaseModel):
     learning_rate: float = Field(gt=0)
     batch_size: int = Field(default=16, ge=1)
     warmup_steps: int = Field(default=0, ge=0)
-
-
-class MergeSpec(BaseModel):
-    """One entry of the demo's comparison: a method, its parameters and what is swept.
-
-    Every merge of one entry forms one curve of the trade-off plot (its ``label``, default the
-    method's name), e.g. ``{method: regmean, sweep: {base_weight: [0.3, 1, 3]}}`` or OBIM over
-    ``total_shares``. ``label`` also names the merges' folders in place of the method
-    (``regmean-parallel@base_weight=1``), so one method can appear with different fixed parameters.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    method: str
-    label: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.+-]+$", description="Curve and folder name.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Fixed parameters of every merge of the entry.")
-    total_shares: list[float] | None = Field(default=None, description="OBIM-style Σn_k values, one merge each.")
-    sweep: dict[str, list[Any]] = Field(default_factory=dict, description="One merge per value (product if several).")
-    calibration_samples: int | None = Field(
-        default=None, ge=1, description="Calibration texts per language for these merges (default: the demo's)."
-    )
-
-    @property
-    def family(self) -> str:
-        """The curve the entry's merges form (and the prefix of their names)."""
-        return self.label or self.method
-
-    def plan(self, num_models: int) -> list[MergeVariant]:
-        """The entry's merges, named ``<family>[@share][@param=value]``."""
-        variants = plan_variants(
-            [self.method], {self.method: self.params}, self.total_shares, num_models, self.sweep or None
-        )
-        return [dataclasses.replace(v, name=self.family + v.name[len(self.method) :]) for v in variants]
 
 
 def default_merges() -> list[MergeSpec]:
@@ -113,17 +79,14 @@ class DemoConfig(YamlConfig):
     @model_validator(mode="after")
     def _merges_plan(self) -> DemoConfig:
         try:
-            names = [v.name for v in self.planned_merges()]
+            self.planned_merges()
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"merges {', '.join(repeated)} appear twice; give one of the entries its own label")
         return self
 
     def planned_merges(self) -> list[MergeVariant]:
         """Every merge of the comparison, in order (checked when the configuration is read)."""
-        return [v for spec in self.merges for v in spec.plan(self.top_k)]
+        return plan_specs(self.merges, self.top_k)
 
     def family_of(self) -> dict[str, str]:
         """The curve (entry) each merge belongs to, by merge name."""

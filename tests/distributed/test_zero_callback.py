@@ -17,11 +17,14 @@ from safetensors.torch import load_file
 from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.cli import main as merge_cli
 from tests.callback_run import (
+    CANDIDATES,
     MAX_LENGTH,
     assert_recorded_stats_are_the_offline_ones,
     build_inputs,
     callback_settings,
     eval_history,
+    per_language_settings,
+    tensor_digests,
 )
 from tests.launch import run_env, run_on_free_port, torchrun
 
@@ -112,3 +115,30 @@ def test_under_zero2_the_merge_is_made_and_loaded_back(tmp_path):
     history = eval_history(output, "eval_ja_loss")
     best = sorted(history, key=lambda step: (history[step], -step))[:2]
     assert result["selected"] == [str(output / "obim" / "selected" / f"checkpoint-{s}") for s in best]
+
+
+@pytest.mark.parametrize("stage", ["ddp", "3"])
+def test_the_kept_candidate_equals_the_command_s_merge(stage, tmp_path):
+    """Two ranks compare regmean and fisher_merging (per-language calibration); the merge kept and
+    loaded back is, byte for byte, what obim-merge-ckpts makes in one process from the same checkpoints."""
+    inputs = build_inputs(tmp_path / "inputs")
+    settings = per_language_settings(inputs)  # writes the old-language calibration file the run reads
+    output, result_file = tmp_path / "run", tmp_path / "result.json"
+    script = [str(RUN_SCRIPT), str(inputs.root), str(output), str(result_file), stage, "candidates"]
+    env, log_file = run_env(DS_ACCELERATOR="cpu"), tmp_path / "launch.log"
+    status, log = run_on_free_port(lambda port: [*torchrun(2, port), *script], env, TIMEOUT_S, log_file)
+    assert status == 0, log
+    result = json.loads(result_file.read_text())
+    assert result["world_size"] == 2 and result["live_equals_merged"]
+    variant = next(
+        v
+        for v in OBIMConfig.build({**settings, "merges": CANDIDATES}).plan_candidates(2)
+        if v.name == result["variant"]
+    )
+    calibration = [f"{lang}={path}" for lang, path in settings["calibration_data"].items()]
+    argv = ["--base", str(inputs.base), "--checkpoints", *result["selected"], "--output", str(tmp_path / "offline")]
+    argv += ["--calibration-data", *calibration, "--new-language", "ja", "--method", variant.method]
+    argv += [f"--param={key}={value}" for key, value in variant.params.items()]
+    argv += ["--calibration-max-length", str(MAX_LENGTH), "--calibration-batch-size", "4", "--no-progress"]
+    assert merge_cli(argv) == 0
+    assert tensor_digests(Path(result["latest_merge"])) == tensor_digests(tmp_path / "offline")

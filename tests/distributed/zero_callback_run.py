@@ -1,7 +1,9 @@
 """One rank of a two-process DeepSpeed ZeRO run on CPU with the callback (started by torch.distributed.run).
 
 Usage: python -m torch.distributed.run --nproc_per_node 2 tests/distributed/zero_callback_run.py \\
-    INPUTS OUTPUT RESULT STAGE
+    INPUTS OUTPUT RESULT STAGE [candidates]
+STAGE 2 or 3 runs DeepSpeed ZeRO; ``ddp`` plain data parallelism. With ``candidates`` the callback
+compares CANDIDATES (per-language calibration) and keeps the objective's pick.
 Rank 0 writes RESULT (JSON): the callback's merges and selection, and whether the live model
 holds the merged weights after training (load_merged_at_end).
 """
@@ -19,7 +21,7 @@ from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.distributed import StateEntry, ZeroGatherer, is_main_process, is_partitioned, rank, world_size
 from obim_trainer.distributed.teardown import process_group_teardown
-from tests.callback_run import RunInputs, callback_settings, make_trainer
+from tests.callback_run import CANDIDATES, RunInputs, callback_settings, make_trainer, per_language_settings
 from tests.launch import deepspeed_config
 from tests.tiny_training import training_arguments
 
@@ -36,13 +38,18 @@ def live_equals(model: torch.nn.Module, folder: Path) -> bool:
     return bool(equal) and all(equal)
 
 
-def main(inputs_root: str, output_dir: str, result_file: str, stage: str) -> None:
+def main(inputs_root: str, output_dir: str, result_file: str, stage: str, candidates: str = "") -> None:
     from transformers import AutoModelForCausalLM
 
     inputs = RunInputs(Path(inputs_root))
     model = AutoModelForCausalLM.from_pretrained(inputs.base)  # partitioned by the engine, not by zero.Init
-    args = training_arguments(Path(output_dir), deepspeed=deepspeed_config(int(stage), gather_16bit=False), max_steps=6)
-    callback = OBIMCallback(OBIMConfig.build(callback_settings(inputs, load_merged_at_end=True)))
+    deepspeed = None if stage == "ddp" else deepspeed_config(int(stage), gather_16bit=False)
+    args = training_arguments(Path(output_dir), deepspeed=deepspeed, max_steps=6)
+    if candidates:
+        settings = per_language_settings(inputs, merges=CANDIDATES, load_merged_at_end=True)
+    else:
+        settings = callback_settings(inputs, load_merged_at_end=True)
+    callback = OBIMCallback(OBIMConfig.build(settings))
     trainer = make_trainer(inputs, args, [callback], model=model)
     trainer.train()
     partitioned = is_partitioned(trainer.model)
@@ -56,10 +63,11 @@ def main(inputs_root: str, output_dir: str, result_file: str, stage: str) -> Non
             "selected": [str(callback.candidates[s].merge_path) for s in callback.selected],
             "candidates": {str(c.step): c.metrics for c in callback.candidates.values()},
             "live_equals_merged": matches,
+            "variant": callback.merged[-1].variant,
         }
         Path(result_file).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
     with process_group_teardown():  # main's trainer and engine are gone before the group is destroyed
-        main(*sys.argv[1:5])
+        main(*sys.argv[1:6])
