@@ -1,0 +1,159 @@
+"""The callback as the README's user runs it: merges evaluated like the checkpoints (the Trainer's own loss on
+its dict ``eval_dataset``, no ``eval_data``), training unchanged by that, a ``select_metric`` the run does not
+log stopping the run at its first evaluated save, resuming without losing a checkpoint, and a fresh run into
+an output folder that has a record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from obim_trainer.callback import OBIMCallback
+from obim_trainer.callback_config import OBIMConfig
+from obim_trainer.errors import ConfigError
+from tests.callback_run import LANGUAGE_WORDS, build_inputs, callback_settings, eval_history, make_trainer
+from tests.tiny_training import training_arguments
+from tests.tracking.wandb_offline import fresh_wandb, history, run_dir
+
+
+def trainer_settings(inputs, **overrides):
+    """The callback selecting by the Trainer's metric, with no evaluator of its own (the README's example)."""
+    return callback_settings(inputs, eval_data=None, **overrides)
+
+
+def final_weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return build_inputs(tmp_path_factory.mktemp("workflow") / "inputs")
+
+
+@pytest.fixture(scope="module")
+def trainer_eval_run(inputs, tmp_path_factory):
+    """8 steps, a save and an evaluation every 2, merges at steps 4 and 8, logged to W&B offline."""
+    work = tmp_path_factory.mktemp("trainer_eval")
+    wandb_dir = work / "wandb"
+    wandb_dir.mkdir()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        env.setenv("WANDB_DIR", str(wandb_dir))
+        env.setenv("WANDB_SILENT", "true")
+        fresh_wandb()
+        callback = OBIMCallback(OBIMConfig.build(trainer_settings(inputs, merge_every_saves=2, log_saliency=False)))
+        args = training_arguments(work / "run", report_to="wandb", save_total_limit=2)
+        trainer = make_trainer(inputs, args, [callback])
+        trainer.train()
+        import wandb
+
+        wandb.finish()
+    return work / "run", callback, final_weights(trainer), run_dir(wandb_dir)
+
+
+def test_each_merge_is_evaluated_with_the_trainers_loss_beside_the_checkpoints(trainer_eval_run, inputs, tmp_path):
+    output, callback, _, wandb_run = trainer_eval_run
+    rows = history(wandb_run)
+    checkpoint_steps = sorted(r["train/global_step"] for r in rows if "obim/checkpoint/eval_ja_loss" in r)
+    merge_rows = {r["train/global_step"]: r for r in rows if "obim/merged/eval_ja_loss" in r}
+    assert checkpoint_steps == [2, 4, 6, 8] and sorted(merge_rows) == [4, 8]
+    for step, row in merge_rows.items():
+        folder = output / "obim" / f"merged-step-{step}"
+        # an independent evaluation: a new Trainer on the merged folder, the same datasets and collator
+        fresh = make_trainer(
+            inputs, training_arguments(tmp_path / f"eval-{step}"), [], AutoModelForCausalLM.from_pretrained(folder)
+        )
+        expected = fresh.evaluate()
+        for language in LANGUAGE_WORDS:
+            assert row[f"obim/merged/eval_{language}_loss"] == pytest.approx(expected[f"eval_{language}_loss"], 1e-5)
+            assert f"obim/merged/eval_{language}_perplexity" in row
+    assert {"eval_en_loss", "eval_ja_loss"} <= set(callback.merged[-1].metrics)
+    assert not any(k.startswith("obim_") for k in callback.merged[-1].metrics)  # no second evaluator ran
+
+
+def test_the_trainers_record_and_training_are_untouched_by_the_merge_evaluations(trainer_eval_run, inputs, tmp_path):
+    output, _, weights, _ = trainer_eval_run
+    plain = make_trainer(inputs, training_arguments(tmp_path / "plain", save_total_limit=2), [])
+    plain.train()
+    reference = final_weights(plain)
+    assert set(weights) == set(reference)
+    assert all(torch.equal(weights[k], reference[k]) for k in reference), "merges changed the training"
+    # the Trainer logged each language once per evaluation step: the merges' evaluations are not in its history
+    history_rows = json.loads((output / "checkpoint-8" / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history_rows if "eval_ja_loss" in e] == [2, 4, 6, 8]
+    assert eval_history(output, "eval_ja_loss") == eval_history(tmp_path / "plain", "eval_ja_loss")
+
+
+def test_the_merge_losses_are_logged(inputs, tmp_path, caplog):
+    callback = OBIMCallback(OBIMConfig.build(trainer_settings(inputs, merge_every_saves=0, log_saliency=False)))
+    with caplog.at_level(logging.INFO, logger="obim_trainer.callback"):
+        make_trainer(inputs, training_arguments(tmp_path / "run", max_steps=4), [callback]).train()
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("merged checkpoints")]
+    assert "eval_en_loss" in line and "eval_ja_loss" in line
+
+
+def test_a_select_metric_the_run_does_not_log_stops_it_at_the_first_evaluated_save(inputs, tmp_path):
+    callback = OBIMCallback(OBIMConfig.build(trainer_settings(inputs, select_metric="eval_fr_loss")))
+    trainer = make_trainer(inputs, training_arguments(tmp_path / "run"), [callback])
+    with pytest.raises(ConfigError, match="select_metric 'eval_fr_loss'") as error:
+        trainer.train()
+    assert "eval_en_loss" in str(error.value) and "eval_ja_loss" in str(error.value)
+    assert trainer.state.global_step == 2
+    assert not (tmp_path / "run" / "checkpoint-4").exists()
+
+
+class StopsAtTheSave(OBIMCallback):
+    """Stops the run right after the Trainer saved ``checkpoint-<at>``, before the callback records it."""
+
+    def __init__(self, config, at: int) -> None:
+        super().__init__(config)
+        self.at = at
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise SystemExit("stopped during the save")
+        return super().on_save(args, state, control, **kwargs)
+
+
+def test_a_resumed_run_records_the_checkpoint_it_stopped_at_and_keeps_it(inputs, tmp_path, caplog):
+    # select the *highest* ja loss, so the early checkpoints (2, 4) are the best and 4 must survive rotation
+    settings = trainer_settings(inputs, select_mode="max", merge_every_saves=0, log_saliency=False)
+    output = tmp_path / "run"
+    first = make_trainer(inputs, training_arguments(output, save_total_limit=2), [StopsAtTheSave(settings, 4)])
+    with pytest.raises(SystemExit):
+        first.train()
+    record = json.loads((output / "obim" / "candidates.json").read_text())
+    assert [c["step"] for c in record["candidates"]] == [2]
+
+    callback = OBIMCallback(OBIMConfig.build(settings))
+    with caplog.at_level(logging.WARNING, logger="obim_trainer.callback"):
+        make_trainer(inputs, training_arguments(output, save_total_limit=2), [callback]).train(
+            resume_from_checkpoint=True
+        )
+    assert any("step(s) [4] were saved but not recorded" in r.getMessage() for r in caplog.records)
+    record = json.loads((output / "obim" / "candidates.json").read_text())
+    assert [c["step"] for c in record["candidates"]] == [2, 4, 6, 8]
+    logged = eval_history(output, "eval_ja_loss")
+    recovered = next(c for c in record["candidates"] if c["step"] == 4)
+    assert recovered["metrics"]["eval_ja_loss"] == pytest.approx(logged[4])
+    assert recovered["stats_key"] is not None
+    best = sorted(logged, key=lambda step: (-logged[step], -step))[:2]
+    assert 4 in best and record["selected"] == best
+    assert not (output / "checkpoint-4").exists()  # rotated away by the Trainer, kept by OBIM
+    assert (output / "obim" / "selected" / "checkpoint-4" / "model.safetensors").is_file()
+    assert record["merged"][-1]["checkpoints"] == best
+
+    # a fresh run into the same folder moves that record aside rather than mixing the two runs
+    caplog.clear()
+    fresh = OBIMCallback(OBIMConfig.build(settings))
+    with caplog.at_level(logging.WARNING, logger="obim_trainer.callback"):
+        make_trainer(inputs, training_arguments(output, max_steps=2), [fresh]).train()
+    (archive,) = output.glob("obim.previous-*")
+    assert json.loads((archive / "candidates.json").read_text()) == record
+    assert [c["step"] for c in json.loads((output / "obim" / "candidates.json").read_text())["candidates"]] == [2]
+    assert any(str(archive) in r.getMessage() for r in caplog.records)
