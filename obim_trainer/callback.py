@@ -48,7 +48,7 @@ from obim_trainer.evaluation.trainer_eval import eval_datasets, evaluate_like_ch
 from obim_trainer.manifest import MANIFEST_NAME
 from obim_trainer.merge import checkpoint_stats, merge_checkpoints_on_ranks, prepare_calibration
 from obim_trainer.merging import build_method
-from obim_trainer.selection import CHECKPOINT_DIR
+from obim_trainer.selection import ARCHIVE_MARK, CHECKPOINT_DIR, RECORD_FILE
 from obim_trainer.selectors import Candidate, Selector, build_selector
 from obim_trainer.tracking import RunLogger, make_run_logger, summarize_merge
 from obim_trainer.variants import MergeVariant, merge_variants, plan_variants
@@ -56,7 +56,6 @@ from obim_trainer.variants import MergeVariant, merge_variants, plan_variants
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-RECORD_FILE = "candidates.json"
 TRAINER_TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
 
 
@@ -529,7 +528,7 @@ class OBIMCallback(TrainerCallback):
         """
         if not (self.root / RECORD_FILE).is_file():
             return
-        archive = self.root.with_name(f"{self.root.name}.previous-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        archive = self.root.with_name(f"{self.root.name}{ARCHIVE_MARK}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
         self.root.rename(archive)
         logger.warning(
             "%s holds the OBIM record of an earlier run; this run starts at step 0, so it was moved to %s "

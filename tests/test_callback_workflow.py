@@ -6,8 +6,10 @@ an output folder that has a record.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +17,22 @@ from transformers import AutoModelForCausalLM
 
 from obim_trainer.callback import OBIMCallback
 from obim_trainer.callback_config import OBIMConfig
+from obim_trainer.cli import main as merge_cli
 from obim_trainer.errors import ConfigError
-from tests.callback_run import LANGUAGE_WORDS, build_inputs, callback_settings, eval_history, make_trainer
+from obim_trainer.selection import select_top_checkpoints
+from tests.callback_run import (
+    LANGUAGE_WORDS,
+    MAX_LENGTH,
+    build_inputs,
+    callback_settings,
+    eval_history,
+    example_config,
+    make_trainer,
+)
 from tests.tiny_training import training_arguments
 from tests.tracking.wandb_offline import fresh_wandb, history, run_dir
+
+ROOT = Path(__file__).parents[1]
 
 
 def trainer_settings(inputs, **overrides):
@@ -157,3 +171,38 @@ def test_a_resumed_run_records_the_checkpoint_it_stopped_at_and_keeps_it(inputs,
     assert json.loads((archive / "candidates.json").read_text()) == record
     assert [c["step"] for c in json.loads((output / "obim" / "candidates.json").read_text())["candidates"]] == [2]
     assert any(str(archive) in r.getMessage() for r in caplog.records)
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("continued_pretraining", ROOT / "examples/continued_pretraining.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
+
+
+def test_the_readmes_after_training_command_repeats_the_example_runs_merge(inputs, tmp_path):
+    """The example's settings (save_total_limit 2, top_k 3): the offline --run-dir merge finds the copies the
+    callback kept and its record, picks the same checkpoints and writes the same bytes."""
+    output = tmp_path / "run"
+    training = {"max_steps": 8, "per_device_train_batch_size": 4, "save_total_limit": 2, "report_to": "none"}
+    eval_data = {language: str(inputs.text_file(f"eval_{language}")) for language in LANGUAGE_WORDS}
+    obim = {"top_k": 3, "merge_every_saves": 0, "log_saliency": False, "eval_data": eval_data}
+    assert load_example().main(["--config", str(example_config(inputs, output, tmp_path, training, obim))]) == 0
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+    record = json.loads((output / "obim" / "candidates.json").read_text())
+    assert len(record["selected"]) == 3
+
+    argv = ["--base", str(inputs.base), "--run-dir", str(output), "--top-k", "3", "--metric", "eval_ja_loss"]
+    argv += ["--calibration-data", str(inputs.calibration), "--calibration-max-length", str(MAX_LENGTH)]
+    argv += ["--param", "order=rotation", "--no-progress", "--output", str(tmp_path / "offline")]
+    assert merge_cli(argv) == 0
+    online, offline = output / "obim" / "merged-step-8", tmp_path / "offline"
+    chosen = [c["path"] for c in json.loads((offline / "obim_merge.json").read_text())["checkpoints"]]
+    assert [Path(p).name for p in chosen] == [f"checkpoint-{s}" for s in record["selected"]]
+    assert (online / "model.safetensors").read_bytes() == (offline / "model.safetensors").read_bytes()
+
+    # the evaluator's metrics, which no trainer_state.json has, rank the run's checkpoints too
+    by_en = select_top_checkpoints(output, "obim_en_loss", 3)
+    available = {6, 8} | set(record["selected"])  # on disk: the last two saves and the kept copies
+    values = {c["step"]: c["metrics"]["obim_en_loss"] for c in record["candidates"] if c["step"] in available}
+    assert [c.step for c in by_en] == sorted(values, key=lambda s: (values[s], -s))[:3]
