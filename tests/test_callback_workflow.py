@@ -206,3 +206,22 @@ def test_the_readmes_after_training_command_repeats_the_example_runs_merge(input
     available = {6, 8} | set(record["selected"])  # on disk: the last two saves and the kept copies
     values = {c["step"]: c["metrics"]["obim_en_loss"] for c in record["candidates"] if c["step"] in available}
     assert [c.step for c in by_en] == sorted(values, key=lambda s: (values[s], -s))[:3]
+
+
+def test_the_example_resumes_from_the_yaml_key_and_from_resume(inputs, tmp_path):
+    example, output = load_example(), tmp_path / "run"
+
+    def run(max_steps: int, extra: list[str], **training) -> None:
+        training |= {"max_steps": max_steps, "per_device_train_batch_size": 4, "report_to": "none"}
+        obim = {"merge_every_saves": 0, "merge_at_end": False, "log_saliency": False}
+        config = example_config(inputs, output, tmp_path, training, obim)
+        assert example.main(["--config", str(config), *extra]) == 0
+
+    run(4, [])
+    run(6, [], resume_from_checkpoint=str(output / "checkpoint-4"))
+    run(8, ["--resume"])
+    state = json.loads((output / "checkpoint-8" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "eval_ja_loss" in e] == [2, 4, 6, 8]  # one run, not restarts
+    record = json.loads((output / "obim" / "candidates.json").read_text())
+    assert [c["step"] for c in record["candidates"]] == [2, 4, 6, 8]
+    assert not list(output.glob("obim.previous-*"))
