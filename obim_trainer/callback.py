@@ -452,7 +452,7 @@ class OBIMCallback(TrainerCallback):
                 manifest = json.loads((merged.path / MANIFEST_NAME).read_text())
                 self._log_summary(merged.step, chosen, params, manifest.get("ownership_share"))
         losses = ", ".join(f"{k} {v:.4f}" for k, v in sorted(merged.metrics.items()) if k.endswith("_loss"))
-        logger.info("merged checkpoints %s into %s%s", merged.checkpoints, merged.path, f": {losses}" if losses else "")
+        logger.info("merged checkpoints %s into %s%s", merged.checkpoints, merged.path, f" ({losses})" if losses else "")
 
     def _evaluate(self, merged: MergedModel, timings: dict[str, float]) -> dict[str, Any]:
         """Evaluate the merged folder; returns the method parameters used."""
