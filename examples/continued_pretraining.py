@@ -31,6 +31,7 @@ from obim_trainer.checkpoints.detect import hf_format
 from obim_trainer.distributed import ZeroGatherer, is_main_process, run_on_main, world_size
 from obim_trainer.distributed.teardown import process_group_teardown
 from obim_trainer.errors import ConfigError, OBIMError
+from obim_trainer.quiet import hide_deepspeed_deprecations, zero_to_fp32_advice_hidden
 from obim_trainer.training_data import load_text_file, pack_blocks
 from obim_trainer.yaml_config import build_from_keywords, load_yaml_config, section_of
 
@@ -39,7 +40,8 @@ logger = logging.getLogger("continued_pretraining")
 
 def save_final_model(trainer: Any, output_dir: Path) -> None:
     """Save the final model; under ZeRO-3 without 16-bit gathering, write its weights one module at a time."""
-    trainer.save_model(str(output_dir))
+    with zero_to_fp32_advice_hidden():  # the weights are written right below, no zero_to_fp32.py needed
+        trainer.save_model(str(output_dir))
     if run_on_main(lambda: hf_format(output_dir) is None, f"looking for model weights in {output_dir}"):
         ZeroGatherer(trainer.model).write_checkpoint(output_dir, max_shard_size=5 * 10**9)
 
@@ -126,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint of output_dir.")
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING)
+    hide_deepspeed_deprecations()  # DeepSpeed's own calls of deprecated torch collectives, at every ZeRO step
     # the trainer, its DDP wrapper or DeepSpeed engine are released, every rank waits for the others (the main
     # one may still be writing) and the process group is destroyed before interpreter exit, on failure too:
     # a group left to the exit itself hangs or aborts a rank now and then

@@ -48,6 +48,7 @@ from obim_trainer.evaluation.trainer_eval import eval_datasets, evaluate_like_ch
 from obim_trainer.manifest import MANIFEST_NAME
 from obim_trainer.merge import checkpoint_stats, merge_checkpoints_on_ranks, prepare_calibration
 from obim_trainer.merging import build_method
+from obim_trainer.quiet import ZeroToFp32AdviceHidden, deepspeed_deprecations_hidden
 from obim_trainer.selection import ARCHIVE_MARK, CHECKPOINT_DIR, RECORD_FILE
 from obim_trainer.selectors import Candidate, Selector, build_selector
 from obim_trainer.tracking import RunLogger, make_run_logger, summarize_merge
@@ -148,6 +149,7 @@ class OBIMCallback(TrainerCallback):
         self._device = "cpu"
         self._trainer: Callable[[], Any] = lambda: None
         self._metric_checked = False
+        self._advice_hidden = ZeroToFp32AdviceHidden()
 
     # ---- Trainer events ----
 
@@ -160,6 +162,12 @@ class OBIMCallback(TrainerCallback):
         self._device = str(args.device)
         self._trainer = find_trainer(self) or (lambda: None)
         self._check_setup(args)
+        if self.config.consolidate_checkpoints:  # the callback writes the weights that advice is about
+            self._advice_hidden.start()
+        with deepspeed_deprecations_hidden():
+            self._begin(args, state)
+
+    def _begin(self, args: TrainingArguments, state: TrainerState) -> None:
         calibration, eval_sets = run_on_main(self._prepare_data, "preparing OBIM calibration and evaluation data")
         self.calibration = calibration
         self.evaluator = PerLanguageEvaluator(eval_sets, batch_size=self.config.eval_batch_size) if eval_sets else None
@@ -194,6 +202,11 @@ class OBIMCallback(TrainerCallback):
         if step in self._recorded_steps or model is None:
             return
         self._recorded_steps.add(step)
+        with deepspeed_deprecations_hidden():
+            self._record_save(args, step, model)
+
+    def _record_save(self, args: TrainingArguments, step: int, model: nn.Module) -> None:
+        """Weights, statistics, evaluation and selection of the checkpoint just saved; the merge if due."""
         folder = Path(args.output_dir) / f"checkpoint-{step}"
         device = torch.device(args.device)
         timings: dict[str, float] = {}
@@ -223,8 +236,12 @@ class OBIMCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
+        self._advice_hidden.stop()
+        with deepspeed_deprecations_hidden():
+            self._end(state.global_step, model)
+
+    def _end(self, step: int, model: nn.Module | None) -> None:
         if self.config.merge_at_end:
-            step = state.global_step
             pending = self._guarded(lambda: self._pending_merge(step), "planning the final OBIM merge")
             if pending is not None:
                 self._merge_and_record(step, pending, {})
@@ -452,7 +469,8 @@ class OBIMCallback(TrainerCallback):
                 manifest = json.loads((merged.path / MANIFEST_NAME).read_text())
                 self._log_summary(merged.step, chosen, params, manifest.get("ownership_share"))
         losses = ", ".join(f"{k} {v:.4f}" for k, v in sorted(merged.metrics.items()) if k.endswith("_loss"))
-        logger.info("merged checkpoints %s into %s%s", merged.checkpoints, merged.path, f" ({losses})" if losses else "")
+        losses = f" ({losses})" if losses else ""
+        logger.info("merged checkpoints %s into %s%s", merged.checkpoints, merged.path, losses)
 
     def _evaluate(self, merged: MergedModel, timings: dict[str, float]) -> dict[str, Any]:
         """Evaluate the merged folder; returns the method parameters used."""

@@ -67,14 +67,25 @@ def _local_tensors(model: nn.Module) -> list[Tensor]:
     return tensors
 
 
+def _release_gathered(trainer: Any) -> None:
+    """Partition again every ZeRO-3 parameter a forward pass left gathered (DeepSpeed keeps them for reuse):
+    its whole copy would otherwise outlive a change of the partitions, and the next pass would use it."""
+    release = getattr(trainer.model_wrapped, "empty_partition_cache", None)
+    if callable(release):
+        release()
+
+
 @contextmanager
-def weights_kept(model: nn.Module) -> Iterator[None]:
-    """Inside, the live model may be overwritten; on leaving, every rank's share is restored exactly."""
-    tensors = _local_tensors(model)
+def weights_kept(trainer: Any) -> Iterator[None]:
+    """Inside, the Trainer's live model may be overwritten; on leaving, every rank's share is restored
+    exactly (the copy kept aside meanwhile is this rank's share, in CPU memory)."""
+    _release_gathered(trainer)
+    tensors = _local_tensors(trainer.model)
     saved = [t.detach().to("cpu", copy=True) for t in tensors]
     try:
         yield
     finally:
+        _release_gathered(trainer)
         with torch.no_grad():
             for tensor, copy in zip(tensors, saved, strict=True):
                 tensor.copy_(copy.to(tensor.device))
@@ -105,7 +116,7 @@ def evaluate_like_checkpoints(trainer: Any, folder: Path) -> dict[str, float]:
     metrics: dict[str, float] = {}
     model = trainer.model
     was_training = model.training
-    with rng_kept(), weights_kept(model):
+    with rng_kept(), weights_kept(trainer):
         ZeroGatherer(model).load_checkpoint(folder)
         for name, dataset in datasets.items():
             prefix = "eval" if name is None else f"eval_{name}"

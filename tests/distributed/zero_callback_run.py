@@ -19,6 +19,7 @@ from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.distributed import StateEntry, ZeroGatherer, is_main_process, is_partitioned, rank, world_size
 from obim_trainer.distributed.teardown import process_group_teardown
+from obim_trainer.quiet import hide_deepspeed_deprecations
 from tests.callback_run import RunInputs, callback_settings, make_trainer
 from tests.launch import deepspeed_config
 from tests.tiny_training import training_arguments
@@ -36,13 +37,27 @@ def live_equals(model: torch.nn.Module, folder: Path) -> bool:
     return bool(equal) and all(equal)
 
 
+class RestoreChecked(OBIMCallback):
+    """Records, after each merge and its evaluation in the live model, whether the live model holds the
+    trained weights again (those of the checkpoint of that step, written from it at the save)."""
+
+    restored: list[bool]
+
+    def _merge_and_record(self, step, pending, timings) -> None:
+        super()._merge_and_record(step, pending, timings)
+        if pending is not None:
+            self.restored.append(live_equals(self._trainer().model, self.root.parent / f"checkpoint-{step}"))
+
+
 def main(inputs_root: str, output_dir: str, result_file: str, stage: str) -> None:
     from transformers import AutoModelForCausalLM
 
     inputs = RunInputs(Path(inputs_root))
     model = AutoModelForCausalLM.from_pretrained(inputs.base)  # partitioned by the engine, not by zero.Init
     args = training_arguments(Path(output_dir), deepspeed=deepspeed_config(int(stage), gather_16bit=False), max_steps=6)
-    callback = OBIMCallback(OBIMConfig.build(callback_settings(inputs, load_merged_at_end=True)))
+    hide_deepspeed_deprecations()  # as examples/continued_pretraining.py does
+    callback = RestoreChecked(OBIMConfig.build(callback_settings(inputs, load_merged_at_end=True)))
+    callback.restored = []
     trainer = make_trainer(inputs, args, [callback], model=model)
     trainer.train()
     partitioned = is_partitioned(trainer.model)
@@ -56,6 +71,8 @@ def main(inputs_root: str, output_dir: str, result_file: str, stage: str) -> Non
             "selected": [str(callback.candidates[s].merge_path) for s in callback.selected],
             "candidates": {str(c.step): c.metrics for c in callback.candidates.values()},
             "live_equals_merged": matches,
+            "restored_after_merge_evaluation": callback.restored,
+            "merged_metrics": callback.merged[-1].metrics,
         }
         Path(result_file).write_text(json.dumps(result, indent=2))
 
