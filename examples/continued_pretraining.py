@@ -91,6 +91,10 @@ def train(config: Path, resume: bool = False) -> int:
     except (OBIMError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
+    if args.deepspeed:  # ZeRO-3 partitions the model while from_pretrained builds it: DeepSpeed's group must exist
+        import deepspeed
+
+        deepspeed.init_distributed()
     model_dir, data = Path(settings["model"]), settings["data"]
     logger.info("training %s in %d process(es)", model_dir, world_size())  # the process group exists by now
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -116,6 +116,7 @@ def evaluate_like_checkpoints(trainer: Any, folder: Path) -> dict[str, float]:
     metrics: dict[str, float] = {}
     model = trainer.model
     was_training = model.training
+    logger.info("evaluating %s in the live model with the Trainer; the trained weights are put back after", folder)
     with rng_kept(), weights_kept(trainer):
         ZeroGatherer(model).load_checkpoint(folder)
         for name, dataset in datasets.items():
