@@ -161,6 +161,11 @@ class OBIMCallback(TrainerCallback):
         self.run_logger = self._run_logger or make_run_logger(args.report_to)
         self._device = str(args.device)
         self._trainer = find_trainer(self) or (lambda: None)
+        if self._trainer() is None and self.config.eval_data is None:
+            logger.warning(
+                "OBIMCallback is not called by a transformers Trainer it can evaluate with, and eval_data is "
+                "not set: merges will not be evaluated; set eval_data={language: file}"
+            )
         self._check_setup(args)
         if self.config.consolidate_checkpoints:  # the callback writes the weights that advice is about
             self._advice_hidden.start()

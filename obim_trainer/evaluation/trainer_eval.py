@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from obim_trainer.distributed import ZeroGatherer
+from obim_trainer.distributed import ZeroGatherer, is_partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def eval_datasets(trainer: Any) -> dict[str | None, Any]:
 
 
 def _local_tensors(model: nn.Module) -> list[Tensor]:
-    """Every tensor this rank holds of the model's state: its ZeRO-3 partition and any whole data."""
+    """Every tensor this rank holds of a ZeRO-3 model's state: its partitions and any whole data
+    (buffers, parameters DeepSpeed keeps whole)."""
     tensors = []
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.data.numel() > 0:
@@ -76,19 +77,52 @@ def _release_gathered(trainer: Any) -> None:
 
 
 @contextmanager
-def weights_kept(trainer: Any) -> Iterator[None]:
-    """Inside, the Trainer's live model may be overwritten; on leaving, every rank's share is restored
-    exactly (the copy kept aside meanwhile is this rank's share, in CPU memory)."""
-    _release_gathered(trainer)
-    tensors = _local_tensors(trainer.model)
+def _partitions_kept(model: nn.Module) -> Iterator[None]:
+    """ZeRO-3: each rank keeps its own partitions (1/N of the model) and puts them back."""
+    tensors = _local_tensors(model)
     saved = [t.detach().to("cpu", copy=True) for t in tensors]
     try:
         yield
     finally:
-        _release_gathered(trainer)
         with torch.no_grad():
             for tensor, copy in zip(tensors, saved, strict=True):
                 tensor.copy_(copy.to(tensor.device))
+
+
+@contextmanager
+def _replicas_kept(model: nn.Module) -> Iterator[None]:
+    """Whole weights on every rank (one process, DDP, ZeRO-1/2): rank 0 alone keeps a copy, and puts it
+    back on every rank as :meth:`ZeroGatherer.load_checkpoint` loads (rank 0 writes, the others receive)."""
+    gatherer = ZeroGatherer(model)
+    saved: dict[str, Tensor] = {}
+    gatherer.visit(
+        lambda entry, tensor: saved.__setitem__(entry.name, tensor.detach().to("cpu", copy=True)),
+        modify=False,
+        what="keeping the trained weights aside",
+    )
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            gatherer.visit(
+                lambda entry, tensor: tensor.data.copy_(saved[entry.name].to(tensor.device)),
+                modify=True,
+                what="putting the trained weights back",
+            )
+
+
+@contextmanager
+def weights_kept(trainer: Any) -> Iterator[None]:
+    """Inside, the Trainer's live model may be overwritten (by a merge's weights); on leaving, the trained
+    weights are back exactly, on every rank. Host memory meanwhile: each rank's partitions under ZeRO-3,
+    else one copy of the model on rank 0."""
+    _release_gathered(trainer)
+    model = trainer.model
+    with _partitions_kept(model) if is_partitioned(model) else _replicas_kept(model):
+        try:
+            yield
+        finally:
+            _release_gathered(trainer)
 
 
 @contextmanager
