@@ -544,12 +544,13 @@ class OBIMCallback(TrainerCallback):
         tmp.replace(self.root / RECORD_FILE)
 
     def _archive_previous_record(self) -> None:
-        """A fresh run (step 0) into an ``output_dir`` with an OBIM record: move the record aside.
+        """A fresh run (step 0) into an ``output_dir`` with an OBIM folder: move it aside.
 
-        Its candidates and merges belong to the earlier run, whose checkpoints this run overwrites, so the
-        folder is renamed (one atomic step) to ``<output_subdir>.previous-<UTC time>`` rather than mixed in.
+        Its record, kept copies and merges belong to the earlier run, whose checkpoints this run overwrites
+        (a kept ``selected/checkpoint-N`` would even be taken for this run's), so the folder is renamed (one
+        atomic step) to ``<output_subdir>.previous-<UTC time>`` rather than mixed in.
         """
-        if not (self.root / RECORD_FILE).is_file():
+        if not self.root.is_dir() or not any(self.root.iterdir()):
             return
         archive = self.root.with_name(f"{self.root.name}{ARCHIVE_MARK}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
         self.root.rename(archive)

@@ -225,3 +225,4 @@ def test_the_example_resumes_from_the_yaml_key_and_from_resume(inputs, tmp_path)
     record = json.loads((output / "obim" / "candidates.json").read_text())
     assert [c["step"] for c in record["candidates"]] == [2, 4, 6, 8]
     assert not list(output.glob("obim.previous-*"))
+    assert not any(k.startswith("obim_") for c in record["candidates"] for k in c["metrics"])  # evaluated once
