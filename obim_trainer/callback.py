@@ -170,14 +170,19 @@ class OBIMCallback(TrainerCallback):
         if self.config.consolidate_checkpoints:  # the callback writes the weights that advice is about
             self._advice_hidden.start()
         with deepspeed_deprecations_hidden():
-            self._begin(args, state)
+            self._begin(args, state, kwargs.get("model"))
 
-    def _begin(self, args: TrainingArguments, state: TrainerState) -> None:
+    def _begin(self, args: TrainingArguments, state: TrainerState, model: nn.Module | None) -> None:
         calibration, eval_sets = run_on_main(self._prepare_data, "preparing OBIM calibration and evaluation data")
         self.calibration = calibration
         self.evaluator = PerLanguageEvaluator(eval_sets, batch_size=self.config.eval_batch_size) if eval_sets else None
         if state.global_step > 0:
             output_dir = Path(args.output_dir)
+            resumed = output_dir / f"checkpoint-{state.global_step}"
+            if model is not None and resumed.is_dir():
+                # the run may have stopped before the callback wrote this checkpoint's ZeRO-3 weights; the live
+                # model holds exactly them now (the Trainer loaded the checkpoint before this event)
+                self._ensure_weights(model, resumed)
             self.latest_merge = run_on_main(
                 lambda: self._resume(state.global_step, output_dir), "reading the OBIM record"
             )
