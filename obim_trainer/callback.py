@@ -46,9 +46,12 @@ from obim_trainer.distributed import (
 )
 from obim_trainer.errors import ConfigError, OBIMError
 from obim_trainer.evaluation import METRIC_PREFIX, PerLanguageEvaluator, load_eval_sets
+from obim_trainer.evaluation.trainer_eval import eval_datasets, evaluate_like_checkpoints, find_trainer
 from obim_trainer.manifest import MANIFEST_NAME
-from obim_trainer.merge import merge_checkpoints_on_ranks, prepare_calibration
+from obim_trainer.merge import checkpoint_stats, merge_checkpoints_on_ranks, prepare_calibration
 from obim_trainer.merging import build_method
+from obim_trainer.quiet import ZeroToFp32AdviceHidden, deepspeed_deprecations_hidden
+from obim_trainer.selection import ARCHIVE_MARK, CHECKPOINT_DIR, RECORD_FILE
 from obim_trainer.selectors import Candidate, Selector, build_selector
 from obim_trainer.tracking import RunLogger, make_run_logger, summarize_merge
 from obim_trainer.variants import MergeVariant, merge_variants
@@ -56,7 +59,6 @@ from obim_trainer.variants import MergeVariant, merge_variants
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-RECORD_FILE = "candidates.json"
 TRAINER_TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
 
 
@@ -170,6 +172,9 @@ class OBIMCallback(TrainerCallback):
         self._saves = 0
         self._needs_stats = True
         self._device = "cpu"
+        self._trainer: Callable[[], Any] = lambda: None
+        self._metric_checked = False
+        self._advice_hidden = ZeroToFp32AdviceHidden()
 
     # ---- Trainer events ----
 
@@ -180,12 +185,34 @@ class OBIMCallback(TrainerCallback):
         self.guard = CheckpointGuard(self.root / "selected")
         self.run_logger = self._run_logger or make_run_logger(args.report_to)
         self._device = str(args.device)
+        self._trainer = find_trainer(self) or (lambda: None)
+        if self._trainer() is None and self.config.eval_data is None:
+            logger.warning(
+                "OBIMCallback is not called by a transformers Trainer it can evaluate with, and eval_data is "
+                "not set: merges will not be evaluated; set eval_data={language: file}"
+            )
         self._check_setup(args)
+        if self.config.consolidate_checkpoints:  # the callback writes the weights that advice is about
+            self._advice_hidden.start()
+        with deepspeed_deprecations_hidden():
+            self._begin(args, state, kwargs.get("model"))
+
+    def _begin(self, args: TrainingArguments, state: TrainerState, model: nn.Module | None) -> None:
         calibration, eval_sets = run_on_main(self._prepare_data, "preparing OBIM calibration and evaluation data")
         self.calibration = calibration
         self.evaluator = PerLanguageEvaluator(eval_sets, batch_size=self.config.eval_batch_size) if eval_sets else None
         if state.global_step > 0:
-            self.latest_merge = run_on_main(lambda: self._resume(state.global_step), "reading the OBIM record")
+            output_dir = Path(args.output_dir)
+            resumed = output_dir / f"checkpoint-{state.global_step}"
+            if model is not None and resumed.is_dir():
+                # the run may have stopped before the callback wrote this checkpoint's ZeRO-3 weights; the live
+                # model holds exactly them now (the Trainer loaded the checkpoint before this event)
+                self._ensure_weights(model, resumed)
+            self.latest_merge = run_on_main(
+                lambda: self._resume(state.global_step, output_dir), "reading the OBIM record"
+            )
+        else:
+            run_on_main(self._archive_previous_record, "archiving the OBIM record of an earlier run")
 
     def on_evaluate(
         self,
@@ -206,22 +233,17 @@ class OBIMCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        """Record the checkpoint just saved, select and merge (see :meth:`_on_save`), without disturbing training."""
-        with training_untouched(model):
-            self._on_save(args, state, control, model, **kwargs)
-
-    def _on_save(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: nn.Module | None = None,
-        **kwargs: Any,
-    ) -> None:
+        """Record the checkpoint just saved, select and merge (see :meth:`_record_save`), without disturbing
+        training."""
         step = state.global_step
         if step in self._recorded_steps or model is None:
             return
         self._recorded_steps.add(step)
+        with training_untouched(model), deepspeed_deprecations_hidden():
+            self._record_save(args, step, model)
+
+    def _record_save(self, args: TrainingArguments, step: int, model: nn.Module) -> None:
+        """Weights, statistics, evaluation and selection of the checkpoint just saved; the merge if due."""
         folder = Path(args.output_dir) / f"checkpoint-{step}"
         device = torch.device(args.device)
         timings: dict[str, float] = {}
@@ -237,6 +259,7 @@ class OBIMCallback(TrainerCallback):
             metrics = dict(self._trainer_metrics.pop(step, {}))
             if self.evaluator is not None:
                 metrics.update(self.evaluator.evaluate_model(model, device))
+        self._check_select_metric(metrics)
         self._saves += 1
         candidate = Candidate(step=step, path=folder, metrics=metrics)
         pending = self._guarded(lambda: self._after_save(candidate, stats), f"OBIM selection at step {step}")
@@ -250,20 +273,13 @@ class OBIMCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        """The final merge and loading it if asked (see :meth:`_on_train_end`), without disturbing training."""
-        with training_untouched(model):
-            self._on_train_end(args, state, control, model, **kwargs)
+        """The final merge and loading it if asked (see :meth:`_end`), without disturbing training."""
+        self._advice_hidden.stop()
+        with training_untouched(model), deepspeed_deprecations_hidden():
+            self._end(state.global_step, model)
 
-    def _on_train_end(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: nn.Module | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def _end(self, step: int, model: nn.Module | None) -> None:
         if self.config.merge_at_end:
-            step = state.global_step
             pending = self._guarded(lambda: self._pending_merge(step), "planning the final OBIM merge")
             if pending is not None:
                 self._merge_and_record(step, pending, {})
@@ -292,6 +308,21 @@ class OBIMCallback(TrainerCallback):
             raise ConfigError(
                 f"select_metric '{config.select_metric}' is a Trainer evaluation metric but eval_strategy is 'no'; "
                 "set eval_strategy (with eval_steps equal to save_steps) or select by an obim_<language>_loss metric"
+            )
+
+    def _check_select_metric(self, metrics: Mapping[str, float]) -> None:
+        """At the first save evaluated by the family of ``select_metric`` (the Trainer's ``eval_*`` or the
+        evaluator's), fail unless the metric is there: otherwise the run trains to the end and never merges.
+        Every rank has the same metrics, so every rank raises alike."""
+        metric = getattr(self.selector, "metric", None)
+        family = [m for m in metrics if m.startswith("eval_") == metric.startswith("eval_")] if metric else []
+        if self._metric_checked or not family:
+            return
+        self._metric_checked = True
+        if metric not in metrics:
+            raise ConfigError(
+                f"select_metric '{metric}' is not among the metrics of the first evaluated save "
+                f"({', '.join(sorted(metrics))}); set select_metric to one of them"
             )
 
     def _prepare_data(self) -> tuple[CalibrationSet | None, dict[str, CalibrationSet] | None]:
@@ -351,10 +382,25 @@ class OBIMCallback(TrainerCallback):
             made = self._guarded(
                 lambda: self._merge_files(pending, timings), f"the OBIM merge at step {step}", everywhere=True
             )
+        if made and pending is not None and pending.variants is None:
+            metrics = self._guarded(
+                lambda: self._evaluate_in_trainer(pending.merged.path, timings),
+                f"evaluating the OBIM merge at step {step} with the Trainer",
+                everywhere=True,
+            )
+            pending.merged.metrics.update(metrics or {})
         latest = self._guarded(
             lambda: self._after_merge(step, pending if made else None, timings), "recording the merge"
         )
         self.latest_merge = latest if latest is not None else self.latest_merge
+
+    def _evaluate_in_trainer(self, folder: Path, timings: dict[str, float]) -> dict[str, float]:
+        """The merge's evaluation under the Trainer's own metric names, on its eval datasets (collective)."""
+        trainer = self._trainer()
+        if trainer is None or not eval_datasets(trainer):
+            return {}
+        with _timed(timings, "merged_evaluation_s"):
+            return trainer_eval_metrics(evaluate_like_checkpoints(trainer, folder))
 
     # ---- rank 0 ----
 
@@ -461,13 +507,16 @@ class OBIMCallback(TrainerCallback):
             with _timed(timings, "summary_s"):
                 manifest = json.loads((merged.path / MANIFEST_NAME).read_text())
                 self._log_summary(merged.step, chosen, variant, manifest.get("ownership_share"))
-        logger.info("merged checkpoints %s into %s", merged.checkpoints, merged.path)
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in sorted(merged.metrics.items()) if k.endswith("_loss"))
+        losses = f" ({losses})" if losses else ""
+        logger.info("merged checkpoints %s into %s%s", merged.checkpoints, merged.path, losses)
 
     def _evaluate(self, merged: MergedModel, timings: dict[str, float]) -> MergeVariant:
         """Evaluate the merged folder; returns the merge made."""
         if self.evaluator is not None:
             with _timed(timings, "merged_evaluation_s"):
-                merged.metrics = self.evaluator.evaluate_folder(merged.path, self.config.eval_device or self._device)
+                device = self.config.eval_device or self._device
+                merged.metrics.update(self.evaluator.evaluate_folder(merged.path, device))
         return MergeVariant(self.config.method, self.config.method, self.config.params)
 
     def _pick_from_sweep(self, pending: PendingMerge, timings: dict[str, float]) -> MergeVariant:
@@ -528,17 +577,42 @@ class OBIMCallback(TrainerCallback):
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         tmp.replace(self.root / RECORD_FILE)
 
-    def _resume(self, global_step: int) -> Path | None:
-        """Pick up the record of the run being resumed (candidates up to ``global_step``)."""
+    def _archive_previous_record(self) -> None:
+        """A fresh run (step 0) into an ``output_dir`` with an OBIM folder: move it aside.
+
+        Its record, kept copies and merges belong to the earlier run, whose checkpoints this run overwrites
+        (a kept ``selected/checkpoint-N`` would even be taken for this run's), so the folder is renamed (one
+        atomic step) to ``<output_subdir>.previous-<UTC time>`` rather than mixed in.
+        """
+        if not self.root.is_dir() or not any(self.root.iterdir()):
+            return
+        archive = self.root.with_name(f"{self.root.name}{ARCHIVE_MARK}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        self.root.rename(archive)
+        logger.warning(
+            "%s holds the OBIM record of an earlier run; this run starts at step 0, so it was moved to %s "
+            "(to continue that run instead, resume it: resume_from_checkpoint=True)",
+            self.root,
+            archive,
+        )
+
+    def _resume(self, global_step: int, output_dir: Path) -> Path | None:
+        """Pick up the record of the run being resumed (candidates up to ``global_step``), then record every
+        checkpoint the run saved but did not record (it stopped during that save)."""
+        self._read_record(global_step)
+        self._record_unrecorded(global_step, output_dir)
+        self.latest_merge = self.merged[-1].path if self.merged else None
+        return self.latest_merge
+
+    def _read_record(self, global_step: int) -> None:
         file = self.root / RECORD_FILE
         if not file.is_file():
-            return None
+            return
         try:
             record = json.loads(file.read_text())
             candidates = [Candidate.from_dict(c) for c in record["candidates"]]
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("ignoring unreadable %s (%s); selection starts afresh", file, exc)
-            return None
+            return
         self.candidates = {c.step: c for c in candidates if c.step <= global_step}
         self.selected = [s for s in record.get("selected", []) if s in self.candidates]
         self.merged = [
@@ -547,6 +621,49 @@ class OBIMCallback(TrainerCallback):
             if m["step"] <= global_step and Path(m["path"]).is_dir()
         ]
         self._saves = int(record.get("saves", len(self.candidates)))
-        self.latest_merge = self.merged[-1].path if self.merged else None
         logger.info("resumed the OBIM record: %d candidates, selected %s", len(self.candidates), self.selected)
-        return self.latest_merge
+
+    def _record_unrecorded(self, global_step: int, output_dir: Path) -> None:
+        """Record (statistics, evaluation, protected copy) each ``checkpoint-N`` up to ``global_step`` missing
+        from the record, before checkpoint rotation can delete it."""
+        steps = []
+        for folder in sorted(output_dir.glob("checkpoint-*"), key=lambda p: p.name):
+            match = CHECKPOINT_DIR.match(folder.name)
+            step = int(match.group(1)) if match else None
+            if step is None or step > global_step or step in self.candidates:
+                continue
+            if hf_format(folder) is None:  # stopped before the callback wrote its ZeRO-3 weights
+                logger.warning("%s holds no model weights; it cannot be recorded and is not a candidate", folder)
+                continue
+            self.candidates[step] = self._recorded_afterwards(step, folder)
+            self._saves += 1
+            steps.append(step)
+        if steps:
+            self._select(global_step)
+            self._write_record()
+            logger.warning(
+                "checkpoint(s) at step(s) %s were saved but not recorded by OBIM (the run stopped during the save); "
+                "recorded them now from their files and trainer_state.json; selected %s",
+                steps,
+                self.selected,
+            )
+
+    def _recorded_afterwards(self, step: int, folder: Path) -> Candidate:
+        """A candidate made from a checkpoint's files: the Trainer's evaluation logged at its step, the
+        evaluator's (if any) and its statistics computed on its weights, as the merge would compute them."""
+        state_file = folder / "trainer_state.json"
+        history = json.loads(state_file.read_text()).get("log_history", []) if state_file.is_file() else []
+        metrics: dict[str, float] = {}
+        for entry in history:
+            if entry.get("step") == step:
+                metrics.update(trainer_eval_metrics(entry))
+        if self.evaluator is not None:
+            metrics.update(self.evaluator.evaluate_folder(folder, self.config.eval_device or self._device))
+        candidate = Candidate(step=step, path=folder, metrics=metrics)
+        candidate.protected = self.guard.protect(folder, step)
+        if self.calibration is not None:
+            config = self.config.merge_config([self.config.base_model], None)
+            with open_checkpoint(candidate.protected) as reader, plain_model_loading():
+                _, info = checkpoint_stats(reader, self.calibration, config, torch.device(self._device))
+            candidate.stats_key = info["key"]
+        return candidate

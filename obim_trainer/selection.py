@@ -3,7 +3,11 @@
 The paper merges "the 3 best checkpoints by Japanese evaluation" with the base. A
 Trainer run records every evaluation in ``log_history`` of ``trainer_state.json``
 (in the run folder at the end of training and in every ``checkpoint-N``), so the
-choice needs nothing but files already on disk.
+choice needs nothing but files already on disk. A run trained with ``OBIMCallback``
+also has the callback's record (``<output_dir>/obim/candidates.json``, with the
+evaluator's ``obim_<lang>_*`` metrics too) and the copies it kept of the selected
+checkpoints (``obim/selected/checkpoint-N``), which ``save_total_limit`` rotation
+did not delete: both count, so the offline merge sees what the callback saw.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from obim_trainer.setting_names import setting_name
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+RECORD_FILE = "candidates.json"
+"""The callback's record in ``<output_dir>/<output_subdir>/`` (see :class:`~obim_trainer.callback.OBIMCallback`)."""
+ARCHIVE_MARK = ".previous-"
+"""In the name of a record folder moved aside by a fresh run into the same output folder; never read."""
 MetricMode = Literal["auto", "min", "max"]
 
 
@@ -41,10 +49,6 @@ def resolve_mode(metric: str, mode: MetricMode) -> Literal["min", "max"]:
     return "min" if ("loss" in lowered or "perplexity" in lowered or lowered.endswith("ppl")) else "max"
 
 
-PROTECTED_DIR = Path("obim") / "selected"
-"""Where :class:`~obim_trainer.OBIMCallback` keeps copies of selected checkpoints (``checkpoint_guard.py``)."""
-
-
 def _checkpoint_folders(folder: Path) -> dict[int, Path]:
     found = {}
     for child in folder.iterdir() if folder.is_dir() else ():
@@ -54,29 +58,51 @@ def _checkpoint_folders(folder: Path) -> dict[int, Path]:
     return found
 
 
+def callback_records(run_dir: Path) -> list[Path]:
+    """The folders of the callback's records in a run folder (``obim/`` by default), archived ones left out."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(
+        child for child in run_dir.iterdir() if (child / RECORD_FILE).is_file() and ARCHIVE_MARK not in child.name
+    )
+
+
 def list_checkpoints(run_dir: Path) -> dict[int, Path]:
-    """``checkpoint-N`` folders of a run, by step; a checkpoint ``save_total_limit`` deleted is read from
-    the callback's protected copy in ``<run_dir>/obim/selected/`` (never a path that no longer exists)."""
+    """``checkpoint-N`` folders of a run by step; where rotation deleted one, the callback's kept copy."""
     if not run_dir.is_dir():
         raise CheckpointError(
             f"run folder {run_dir} does not exist; set {setting_name('run_dir', 'DIR')} to the Trainer's output_dir"
         )
-    found = _checkpoint_folders(run_dir)
-    protected = {s: p for s, p in _checkpoint_folders(run_dir / PROTECTED_DIR).items() if s not in found}
-    if protected:
-        logger.info(
-            "reading %d checkpoint(s) from %s: the originals were deleted", len(protected), run_dir / PROTECTED_DIR
-        )
-    found |= protected
+    found = _checkpoint_folders(run_dir)  # the Trainer's own folder wherever it still exists
+    for record in callback_records(run_dir):
+        kept = {s: p for s, p in _checkpoint_folders(record / "selected").items() if s not in found}
+        if kept:
+            logger.info("reading %d checkpoint(s) from %s: the originals were deleted", len(kept), record / "selected")
+        found |= kept
     if not found:
         raise CheckpointError(f"run folder {run_dir} holds no checkpoint-N folders; is it the Trainer's output_dir?")
     return dict(sorted(found.items()))
 
 
-def metric_by_step(run_dir: Path, checkpoints: dict[int, Path], metric: str) -> dict[int, float]:
-    """Every logged value of ``metric`` by step, merged from all ``trainer_state.json`` files of the run."""
-    states = [run_dir / "trainer_state.json", *(p / "trainer_state.json" for p in checkpoints.values())]
+def recorded_metric(run_dir: Path, metric: str) -> dict[int, float]:
+    """``metric`` by step from the callback's records of the run (e.g. ``obim_ja_loss``, which no
+    ``trainer_state.json`` has)."""
     values: dict[int, float] = {}
+    for record in callback_records(run_dir):
+        file = record / RECORD_FILE
+        try:
+            candidates = json.loads(file.read_text())["candidates"]
+            values |= {int(c["step"]): float(c["metrics"][metric]) for c in candidates if metric in c["metrics"]}
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise CheckpointError(f"{file} is not a readable OBIM record ({exc}); remove or repair it") from None
+    return values
+
+
+def metric_by_step(run_dir: Path, checkpoints: dict[int, Path], metric: str) -> dict[int, float]:
+    """Every logged value of ``metric`` by step, merged from all ``trainer_state.json`` files of the run
+    and the callback's record (the Trainer's own value wins where both have one)."""
+    states = [run_dir / "trainer_state.json", *(p / "trainer_state.json" for p in checkpoints.values())]
+    values = recorded_metric(run_dir, metric)
     for state_file in states:
         if not state_file.is_file():
             continue

@@ -169,6 +169,7 @@ def example_config(
         "use_cpu": True,
         "disable_tqdm": True,
         "save_total_limit": 1,
+        "ddp_find_unused_parameters": settings["training"]["ddp_find_unused_parameters"],  # the example's choice
         **training,
     }
     settings["obim"] |= {

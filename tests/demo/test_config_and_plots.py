@@ -110,6 +110,23 @@ def test_the_tradeoff_draws_one_curve_per_family_and_marks_references_and_the_pi
     assert legend == ["obim", "regmean", "ties", base, "ckpt-300 (last)", "picked"]
 
 
+def test_the_tradeoff_figures_own_labels_do_not_intersect():
+    """The labels as drawn in the figure, measured by matplotlib's renderer: no two boxes intersect, and none
+    covers a point of the plot, with two families' curves crowded into one corner."""
+    crowded = [Point(f"obim@{s}", 5.0 + 0.02 * i, 5.0 - 0.01 * i, family="obim") for i, s in enumerate("12345")]
+    crowded += [Point(f"ta@{s}", 5.01 + 0.02 * i, 5.0 - 0.01 * i, family="ta") for i, s in enumerate("6789")]
+    points = [*fake_points(), *crowded]
+    figure = tradeoff_figure(points, "zh")
+    ax = figure.axes[0]
+    renderer = figure.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in ax.texts]
+    assert len(boxes) == 5 + len(crowded)
+    for i, box in enumerate(boxes):
+        assert not any(box.overlaps(other) for other in boxes[i + 1 :]), [t.get_text() for t in ax.texts]
+    markers = [ax.transData.transform((p.new_loss, p.old_loss)) for p in points if p.new_loss < 9]
+    assert not any(box.contains(*xy) for box in boxes for xy in markers)
+
+
 def test_labels_of_crowded_points_overlap_neither_each_other_nor_the_markers():
     import matplotlib
 

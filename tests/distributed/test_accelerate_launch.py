@@ -54,6 +54,13 @@ def test_each_step_is_recorded_protected_and_merged_once(launched):
     assert sorted(p.name for p in (output / "obim").glob("merged-step-*")) == ["merged-step-4", "merged-step-6"]
 
 
+def test_the_merges_are_evaluated_by_the_trainer_and_ddp_does_not_search_for_unused_parameters(launched):
+    _, log = launched
+    losses = re.findall(r"merged checkpoints \[[\d, ]+\] into \S+ \(eval_en_loss [\d.]+, eval_ja_loss [\d.]+\)", log)
+    assert len(losses) == 2, log
+    assert "find_unused_parameters" not in log  # the example config sets ddp_find_unused_parameters: false
+
+
 def test_the_selection_is_the_best_two_by_the_trainers_metric(launched):
     output, _ = launched
     history = eval_history(output, "eval_ja_loss")

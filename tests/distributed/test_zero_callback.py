@@ -56,6 +56,21 @@ def test_the_run_ends_with_one_merge_loaded_into_the_partitioned_model(zero3_run
     assert result["live_equals_merged"]
 
 
+def test_the_merge_is_evaluated_by_the_trainer_and_the_trained_weights_come_back(zero3_run):
+    _, _, result = zero3_run
+    assert result["restored_after_merge_evaluation"] == [True]
+    metrics = result["merged_metrics"]
+    assert metrics["eval_ja_loss"] > 0 and metrics["eval_en_loss"] > 0  # beside the evaluator's obim_* ones
+    assert metrics["obim_ja_loss"] > 0
+
+
+def test_the_log_has_no_warning_the_user_cannot_act_on(zero3_run):
+    _, output, _ = zero3_run
+    log = (output.parent / "launch.log").read_text()
+    assert "zero_to_fp32" not in log  # the callback wrote every checkpoint's weights
+    assert "FutureWarning" not in log  # torch deprecations met inside DeepSpeed
+
+
 def test_selection_follows_the_trainers_metric(zero3_run):
     _, output, result = zero3_run
     history = eval_history(output, "eval_ja_loss")
@@ -112,6 +127,7 @@ def test_under_zero2_the_merge_is_made_and_loaded_back(tmp_path):
     assert result["world_size"] == 2 and not result["partitioned"]
     assert result["latest_merge"] == str(output / "obim" / "merged-step-6")
     assert result["live_equals_merged"]
+    assert result["restored_after_merge_evaluation"] == [True]
     history = eval_history(output, "eval_ja_loss")
     best = sorted(history, key=lambda step: (history[step], -step))[:2]
     assert result["selected"] == [str(output / "obim" / "selected" / f"checkpoint-{s}") for s in best]

@@ -21,6 +21,7 @@ from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.distributed import StateEntry, ZeroGatherer, is_main_process, is_partitioned, rank, world_size
 from obim_trainer.distributed.teardown import process_group_teardown
+from obim_trainer.quiet import hide_deepspeed_deprecations
 from tests.callback_run import CANDIDATES, RunInputs, callback_settings, make_trainer, per_language_settings
 from tests.launch import deepspeed_config
 from tests.tiny_training import training_arguments
@@ -38,6 +39,18 @@ def live_equals(model: torch.nn.Module, folder: Path) -> bool:
     return bool(equal) and all(equal)
 
 
+class RestoreChecked(OBIMCallback):
+    """Records, after each merge and its evaluation in the live model, whether the live model holds the
+    trained weights again (those of the checkpoint of that step, written from it at the save)."""
+
+    restored: list[bool]
+
+    def _merge_and_record(self, step, pending, timings) -> None:
+        super()._merge_and_record(step, pending, timings)
+        if pending is not None:
+            self.restored.append(live_equals(self._trainer().model, self.root.parent / f"checkpoint-{step}"))
+
+
 def main(inputs_root: str, output_dir: str, result_file: str, stage: str, candidates: str = "") -> None:
     from transformers import AutoModelForCausalLM
 
@@ -45,11 +58,13 @@ def main(inputs_root: str, output_dir: str, result_file: str, stage: str, candid
     model = AutoModelForCausalLM.from_pretrained(inputs.base)  # partitioned by the engine, not by zero.Init
     deepspeed = None if stage == "ddp" else deepspeed_config(int(stage), gather_16bit=False)
     args = training_arguments(Path(output_dir), deepspeed=deepspeed, max_steps=6)
+    hide_deepspeed_deprecations()  # as examples/continued_pretraining.py does
     if candidates:
         settings = per_language_settings(inputs, merges=CANDIDATES, load_merged_at_end=True)
     else:
         settings = callback_settings(inputs, load_merged_at_end=True)
-    callback = OBIMCallback(OBIMConfig.build(settings))
+    callback = RestoreChecked(OBIMConfig.build(settings))
+    callback.restored = []
     trainer = make_trainer(inputs, args, [callback], model=model)
     trainer.train()
     partitioned = is_partitioned(trainer.model)
@@ -64,6 +79,8 @@ def main(inputs_root: str, output_dir: str, result_file: str, stage: str, candid
             "candidates": {str(c.step): c.metrics for c in callback.candidates.values()},
             "live_equals_merged": matches,
             "variant": callback.merged[-1].variant,
+            "restored_after_merge_evaluation": callback.restored,
+            "merged_metrics": callback.merged[-1].metrics,
         }
         Path(result_file).write_text(json.dumps(result, indent=2))
 
