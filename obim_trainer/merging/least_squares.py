@@ -25,22 +25,36 @@ def regularize_gram(gram: Tensor, alpha: float) -> Tensor:
     return shrunk
 
 
+RIDGES = (1e-6, 1e-4, 1e-2)
+"""Ridges tried in turn, as fractions of mean(diag G), when G is not numerically positive definite."""
+
+
 def solve_least_squares(numerator: Tensor, gram: Tensor) -> tuple[Tensor, bool]:
     """W = N·G⁻¹ for ``numerator`` N (``[out, in]``) and a symmetric positive semi-definite ``gram`` G (``[in, in]``).
 
-    Solved in float64 by Cholesky. Only if G is not positive definite (inputs some language never uses)
-    a ridge of 1e-6·mean(diag G) is added and the solve repeated. Returns the float64 solution and
-    whether the ridge was needed (the merge counts those in ``obim_merge.json``).
+    Solved in float64 by Cholesky. Only if G is not positive definite (inputs some language never uses,
+    or rounding of Grams accumulated over few texts) a ridge of 1e-6·mean(diag G) is added and the solve
+    repeated, then 1e-4 and 1e-2 if that still fails. Returns the float64 solution and whether a ridge
+    was needed (the merge counts those in ``obim_merge.json``).
+
+    Raises:
+        ValueError: G is not positive definite even with a ridge of 1e-2·mean(diag G) (not a Gram).
     """
     gram64 = gram.to(torch.float64)
     rhs = numerator.to(torch.float64).T  # G is symmetric: W·G = N  ⇔  G·Wᵀ = Nᵀ
     factor, info = torch.linalg.cholesky_ex(gram64)
-    ridged = bool(info.item() != 0)
-    if ridged:
-        ridge = 1e-6 * float(gram64.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny))
-        eye = torch.eye(gram64.shape[0], dtype=gram64.dtype, device=gram64.device)
-        factor = torch.linalg.cholesky(gram64 + ridge * eye)
-    return torch.cholesky_solve(rhs, factor).T, ridged
+    if info.item() == 0:
+        return torch.cholesky_solve(rhs, factor).T, False
+    scale = float(gram64.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny))
+    eye = torch.eye(gram64.shape[0], dtype=gram64.dtype, device=gram64.device)
+    for ridge in RIDGES:
+        factor, info = torch.linalg.cholesky_ex(gram64 + ridge * scale * eye)
+        if info.item() == 0:
+            return torch.cholesky_solve(rhs, factor).T, True
+    raise ValueError(
+        f"a {gram64.shape[0]}x{gram64.shape[0]} input Gram is not positive definite even with a ridge of "
+        f"{RIDGES[-1]}·mean(diag): the statistics are not Grams; recompute them (--recompute-stats)"
+    )
 
 
 def shrink_toward_base(base: Tensor, mean_delta: Tensor, base_weight: float) -> Tensor:

@@ -7,6 +7,7 @@ import torch
 
 from obim_trainer.errors import ConfigError
 from obim_trainer.merging import ParamKind, TensorTask, build_method
+from obim_trainer.merging.least_squares import solve_least_squares
 from obim_trainer.merging.registry import StatisticsNeeds
 from obim_trainer.merging.regmean import RIDGED_NOTE
 
@@ -162,3 +163,22 @@ def test_grams_of_another_model_are_named():
     t = TensorTask.from_tensors("w", base, ckpts, kind=ParamKind.LINEAR, base_gram=wrong, checkpoint_grams=[wrong] * K)
     with pytest.raises(ValueError, match="belong to another model"):
         build_method("regmean", {}, num_models=K).merge(t)
+
+
+def test_a_gram_indefinite_by_rounding_gets_a_larger_ridge():
+    # eigenvalues 1 … 1 and −1e-5·mean: the first ridge (1e-6·mean) is too small, the next one solves
+    generator = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(16, 16, generator=generator, dtype=torch.float64))
+    eigen = torch.ones(16, dtype=torch.float64)
+    eigen[-1] = -1e-5
+    gram = basis @ torch.diag(eigen) @ basis.T
+    numerator = torch.randn(4, 16, generator=generator, dtype=torch.float64)
+    solution, ridged = solve_least_squares(numerator, gram)
+    assert ridged and torch.isfinite(solution).all()
+    ridged_gram = gram + 1e-4 * gram.diagonal().mean() * torch.eye(16, dtype=torch.float64)
+    torch.testing.assert_close(solution @ ridged_gram, numerator)
+
+
+def test_a_matrix_far_from_a_gram_is_refused():
+    with pytest.raises(ValueError, match="not positive definite even with a ridge"):
+        solve_least_squares(torch.ones(2, 3, dtype=torch.float64), -torch.eye(3, dtype=torch.float64))
