@@ -59,11 +59,14 @@ def _checkpoint_folders(folder: Path) -> dict[int, Path]:
 
 
 def callback_records(run_dir: Path) -> list[Path]:
-    """The folders of the callback's records in a run folder (``obim/`` by default), archived ones left out."""
+    """The folders of the callback's records in a run folder (``obim/`` by default): a ``candidates.json`` or
+    kept copies in ``selected/`` (a run stopped before its first record); archived ones left out."""
     if not run_dir.is_dir():
         return []
     return sorted(
-        child for child in run_dir.iterdir() if (child / RECORD_FILE).is_file() and ARCHIVE_MARK not in child.name
+        child
+        for child in run_dir.iterdir()
+        if ((child / RECORD_FILE).is_file() or (child / "selected").is_dir()) and ARCHIVE_MARK not in child.name
     )
 
 
@@ -90,6 +93,8 @@ def recorded_metric(run_dir: Path, metric: str) -> dict[int, float]:
     values: dict[int, float] = {}
     for record in callback_records(run_dir):
         file = record / RECORD_FILE
+        if not file.is_file():
+            continue
         try:
             candidates = json.loads(file.read_text())["candidates"]
             values |= {int(c["step"]): float(c["metrics"][metric]) for c in candidates if metric in c["metrics"]}
