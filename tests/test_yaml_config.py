@@ -121,4 +121,4 @@ def test_the_example_config_with_known_keys_builds(tmp_path):
 
     config = _example_config(tmp_path, lambda s: None)
     _, args, obim = _example().build_settings(config, TrainingArguments)
-    assert args.output_dir == str(tmp_path / "run") and set(obim.eval_data) == {"en"}
+    assert args.output_dir == str(tmp_path / "run") and obim.eval_data is None  # merges: the Trainer on data.eval
