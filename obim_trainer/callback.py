@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -25,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -46,7 +44,7 @@ from obim_trainer.distributed import (
 )
 from obim_trainer.errors import ConfigError, OBIMError
 from obim_trainer.evaluation import METRIC_PREFIX, PerLanguageEvaluator, load_eval_sets
-from obim_trainer.evaluation.trainer_eval import eval_datasets, evaluate_like_checkpoints, find_trainer
+from obim_trainer.evaluation.trainer_eval import eval_datasets, evaluate_like_checkpoints, find_trainer, rng_kept
 from obim_trainer.manifest import MANIFEST_NAME
 from obim_trainer.merge import checkpoint_stats, merge_checkpoints_on_ranks, prepare_calibration
 from obim_trainer.merging import build_method
@@ -79,15 +77,11 @@ def training_untouched(model: nn.Module | None) -> Iterator[None]:
     DARE's masks, data shuffling); every generator (torch CPU and CUDA, numpy, ``random``) is forked
     and every module's train/eval mode restored, so training continues bit-identically.
     """
-    python_state, numpy_state = random.getstate(), np.random.get_state()
     modes = [(module, module.training) for module in model.modules()] if model is not None else []
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with rng_kept():
         try:
             yield
         finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
             for module, training in modes:
                 module.train(training)
 
