@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     for noisy in ("obim_trainer", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from obim_trainer.callback import OBIMCallback
-    from obim_trainer.callback_config import OBIMConfig
+    from obim_trainer.settings.callback import OBIMConfig
+    from obim_trainer.training.callback import OBIMCallback
 
     with tempfile.TemporaryDirectory(prefix="obim-overhead-") as tmp:
         work = Path(tmp)

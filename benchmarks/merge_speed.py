@@ -123,8 +123,8 @@ def calibration_kwargs(work: Path, method: str) -> dict:
 
 def child_merge(work: Path, k: int, method: str, workers: int, params: dict | None = None, fresh: bool = False) -> dict:
     """One ``merge_checkpoints`` run; ``fresh`` recomputes the statistics instead of reading the cached ones."""
-    from obim_trainer.merge import merge_checkpoints
     from obim_trainer.merging import get_method
+    from obim_trainer.pipeline.merge import merge_checkpoints
 
     k = get_method(method).max_models or k
     start = time.perf_counter()

@@ -32,8 +32,8 @@ from obim_trainer.distributed import ZeroGatherer, is_main_process, run_on_main,
 from obim_trainer.distributed.teardown import process_group_teardown
 from obim_trainer.errors import ConfigError, OBIMError
 from obim_trainer.quiet import hide_deepspeed_deprecations, zero_to_fp32_advice_hidden
-from obim_trainer.training_data import load_text_file, pack_blocks
-from obim_trainer.yaml_config import build_from_keywords, check_example_settings, load_yaml_config, section_of
+from obim_trainer.settings.yaml_files import build_from_keywords, check_example_settings, load_yaml_config, section_of
+from obim_trainer.training.text import load_text_file, pack_blocks
 
 logger = logging.getLogger("continued_pretraining")
 

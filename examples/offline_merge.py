@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from obim_trainer.merge import merge_checkpoints
+from obim_trainer.pipeline.merge import merge_checkpoints
 
 logger = logging.getLogger("offline_merge")
 

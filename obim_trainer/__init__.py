@@ -7,14 +7,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from obim_trainer import _moved
+
 __version__ = "0.1.0"
 
 _LAZY = {
-    "OBIMCallback": "obim_trainer.callback",
-    "OBIMConfig": "obim_trainer.callback_config",
-    "merge_checkpoints": "obim_trainer.merge",
-    "MergeResult": "obim_trainer.merge",
-    "MergeConfig": "obim_trainer.config",
+    "OBIMCallback": "obim_trainer.training.callback",
+    "OBIMConfig": "obim_trainer.settings.callback",
+    "merge_checkpoints": "obim_trainer.pipeline.merge",
+    "MergeResult": "obim_trainer.pipeline.merge",
+    "MergeConfig": "obim_trainer.settings.merge",
     "available_methods": "obim_trainer.merging",
     "register_method": "obim_trainer.merging",
     "MergeMethod": "obim_trainer.merging",
@@ -32,11 +34,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from obim_trainer.callback import OBIMCallback
-    from obim_trainer.callback_config import OBIMConfig
-    from obim_trainer.config import MergeConfig
-    from obim_trainer.merge import MergeResult, merge_checkpoints
     from obim_trainer.merging import MergeMethod, available_methods, register_method
+    from obim_trainer.pipeline.merge import MergeResult, merge_checkpoints
+    from obim_trainer.settings.callback import OBIMConfig
+    from obim_trainer.settings.merge import MergeConfig
+    from obim_trainer.training.callback import OBIMCallback
+
+_moved.install()
 
 
 def __getattr__(name: str) -> Any:

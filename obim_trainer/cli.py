@@ -12,19 +12,19 @@ from typing import Any
 
 import yaml
 
-from obim_trainer.config import MergeConfig, merge_overrides
 from obim_trainer.errors import ConfigError, OBIMError
-from obim_trainer.merge_comparison import (
+from obim_trainer.merging import MergeMethod, available_methods
+from obim_trainer.merging.registry import StatisticsNeeds
+from obim_trainer.pipeline.compare import (
     COMPARISON_KEYS,
     ComparisonConfig,
     compare_merges,
     default_comparison,
     plan_comparison,
 )
-from obim_trainer.merging import MergeMethod, available_methods
-from obim_trainer.merging.registry import StatisticsNeeds
-from obim_trainer.setting_names import settings_spelled
-from obim_trainer.yaml_config import load_yaml_config
+from obim_trainer.settings.merge import MergeConfig, merge_overrides
+from obim_trainer.settings.names import settings_spelled
+from obim_trainer.settings.yaml_files import load_yaml_config
 
 logger = logging.getLogger("obim_trainer")
 
@@ -457,7 +457,7 @@ def _yaml_keys(args: argparse.Namespace) -> set[str]:
 
 def _run(args: argparse.Namespace) -> int:
     """One ``obim-merge-ckpts`` run: a comparison, its plan, or one merge (and its plan)."""
-    from obim_trainer.merge import merge_checkpoints
+    from obim_trainer.pipeline.merge import merge_checkpoints
 
     config, comparison = config_from_args(args)
     if comparison.several and config.dry_run:

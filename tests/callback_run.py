@@ -192,7 +192,7 @@ def assert_recorded_stats_are_the_offline_ones(folder: Path, config: Any, scratc
 
     from obim_trainer.calibration import ActivationStats, stats_key, stats_path
     from obim_trainer.checkpoints import open_checkpoint
-    from obim_trainer.merge import checkpoint_stats, prepare_calibration
+    from obim_trainer.pipeline.merge import checkpoint_stats, prepare_calibration
 
     calibration = prepare_calibration(config)
     with open_checkpoint(folder) as reader:

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from obim_trainer.merge import merge_checkpoints
 from obim_trainer.merging import ParamKind
-from obim_trainer.model_layout import ModelLayout
+from obim_trainer.pipeline.layout import ModelLayout
+from obim_trainer.pipeline.merge import merge_checkpoints
 from tests.conftest import VOCAB_SIZE, perturbed_copy, save_model_folder
 
 NEW_ROWS = 16

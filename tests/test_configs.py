@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from obim_trainer.merging import available_methods, build_method
-from obim_trainer.yaml_config import load_yaml_config
+from obim_trainer.settings.yaml_files import load_yaml_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "merge").glob("*.yaml"))
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from obim_trainer.cli import main
 from obim_trainer.errors import OBIMError
-from obim_trainer.merge import merge_checkpoints
+from obim_trainer.pipeline.merge import merge_checkpoints
 from tests.conftest import copy_tree
 
 

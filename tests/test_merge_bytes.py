@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from obim_trainer.merge import merge_checkpoints
 from obim_trainer.merging.registry import available_methods
+from obim_trainer.pipeline.merge import merge_checkpoints
 from tests.conftest import make_texts, write_jsonl
 
 RECORD = Path(__file__).parent / "data" / "merge_bytes.json"

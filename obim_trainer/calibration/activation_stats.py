@@ -26,7 +26,7 @@ from obim_trainer.calibration.forward import device_batches, evaluation_mode, in
 from obim_trainer.calibration.reduction import all_reduce_counts, all_reduce_sums
 from obim_trainer.checkpoints.atomic import write_atomically
 from obim_trainer.errors import CalibrationError
-from obim_trainer.model_layout import router_in_features
+from obim_trainer.pipeline.layout import router_in_features
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from obim_trainer.errors import CalibrationError
-from obim_trainer.setting_names import setting_name
+from obim_trainer.settings.names import setting_name
 
 logger = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from obim_trainer._user_cache import cache_dir
 from obim_trainer.calibration.activation_stats import FORMAT_VERSION, ActivationStats
 from obim_trainer.errors import CalibrationError
-from obim_trainer.setting_names import setting_name
-from obim_trainer.user_cache import cache_dir
+from obim_trainer.settings.names import setting_name
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
+from obim_trainer._user_cache import cache_dir, installed_version
 from obim_trainer.calibration.data import CalibrationSet
 from obim_trainer.checkpoints.atomic import write_atomically
-from obim_trainer.package_versions import installed_version
-from obim_trainer.user_cache import cache_dir
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from obim_trainer.errors import OutputError
-from obim_trainer.setting_names import setting_name
+from obim_trainer.settings.names import setting_name
 
 logger = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from obim_trainer.comparison import Objective
 from obim_trainer.errors import ConfigError
-from obim_trainer.variants import MergeSpec, MergeVariant, plan_specs
-from obim_trainer.yaml_config import YamlConfig
+from obim_trainer.evaluation.comparison import Objective
+from obim_trainer.pipeline.variants import MergeSpec, MergeVariant, plan_specs
+from obim_trainer.settings.yaml_files import YamlConfig
 
 
 class ModelShape(BaseModel):

@@ -11,18 +11,18 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from obim_trainer.callback import OBIMCallback
-from obim_trainer.comparison import ComparisonTable, RowKind, evaluate_folders, pick
-from obim_trainer.config import MergeConfig
 from obim_trainer.demo.config import DemoConfig
 from obim_trainer.demo.corpus import prepare_corpus, read_texts
 from obim_trainer.demo.plots import Point, plot_losses, plot_ownership, plot_tradeoff
 from obim_trainer.demo.tokenizer import train_tokenizer
 from obim_trainer.demo.training import continue_pretraining, pretrain_base
 from obim_trainer.evaluation import metric_names
+from obim_trainer.evaluation.comparison import ComparisonTable, RowKind, evaluate_folders, pick
 from obim_trainer.merging import build_method
+from obim_trainer.pipeline.variants import merge_variants
+from obim_trainer.settings.merge import MergeConfig
 from obim_trainer.tracking import Image, Table, block_group, make_run_logger, summarize_merge
-from obim_trainer.variants import merge_variants
+from obim_trainer.training.callback import OBIMCallback
 
 logger = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from obim_trainer.callback import OBIMCallback
-from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.demo.config import DemoConfig, Phase
 from obim_trainer.demo.corpus import Corpus
-from obim_trainer.training_data import load_text_file, pack_blocks
+from obim_trainer.settings.callback import OBIMConfig
+from obim_trainer.training.callback import OBIMCallback
+from obim_trainer.training.text import load_text_file, pack_blocks
 
 logger = logging.getLogger(__name__)
 

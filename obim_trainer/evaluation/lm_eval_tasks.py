@@ -33,7 +33,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from obim_trainer.distributed import plain_model_loading
 from obim_trainer.errors import CheckpointError, ConfigError
-from obim_trainer.yaml_config import YamlConfig
+from obim_trainer.settings.yaml_files import YamlConfig
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ positions, copies θ_k there and marks them taken. With torch calls that is abou
 full-size passes; here it is two, in :mod:`~obim_trainer.merging.native_library`'s fused loops:
 
 1. **collect**: with ``hi``/``lo`` bracketing the threshold from a strided sample (as
-   :func:`~obim_trainer.merging.selection.select_top` does), count the free scores above ``hi``
+   :func:`~obim_trainer.merging.topk.select_top` does), count the free scores above ``hi``
    and gather the few percent between ``lo`` and ``hi`` with their indices;
 2. **take**: the exact threshold and tie cut come from the gathered scores; one pass copies θ_k
    bit for bit where a free score beats them and updates the free mask.
@@ -30,8 +30,8 @@ from torch import Tensor
 from obim_trainer.merging.native_library import native_library
 from obim_trainer.merging.random_scores import RandomScores, uniform_at
 from obim_trainer.merging.saliency import ScaledSquare, Scores
-from obim_trainer.merging.selection import SAMPLED_MIN, bracket_from_sample, bracket_stride
 from obim_trainer.merging.task import Workspace
+from obim_trainer.merging.topk import SAMPLED_MIN, bracket_from_sample, bracket_stride
 
 _CANDIDATE_SHARE = 8  # room for 1/8 of the positions between hi and lo (a bracket holds 1-2%)
 _MIN_SAMPLES, _MAX_SAMPLES = 1 << 12, 1 << 17

@@ -17,8 +17,8 @@ from torch import Tensor
 from obim_trainer.merging.fused_take import copy_where as fused_copy_where
 from obim_trainer.merging.fused_take import take_top
 from obim_trainer.merging.saliency import SaliencyFn, Scores, TaskVector, scores_tensor
-from obim_trainer.merging.selection import apportion, select_top
 from obim_trainer.merging.task import MergeOutput, TensorTask
+from obim_trainer.merging.topk import apportion, select_top
 
 
 def iterative_merge(
@@ -34,7 +34,7 @@ def iterative_merge(
 
     Returns:
         The merged tensor and ``owned[k]`` = number of positions taken from checkpoint k, which
-        is :func:`~obim_trainer.merging.selection.apportion` of the ratios in this order.
+        is :func:`~obim_trainer.merging.topk.apportion` of the ratios in this order.
 
     Each checkpoint is loaded once, and only one at a time besides the first, in its stored dtype.
     At owned positions θ_k itself is copied, which equals θ_B + δ_k without the rounding of that

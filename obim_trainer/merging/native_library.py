@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from obim_trainer._user_cache import cache_dir
 from obim_trainer.merging.native.build import (
     FLAGS,
     SOURCE,
@@ -48,7 +49,6 @@ from obim_trainer.merging.native.build import (
     levels,
     library_name,
 )
-from obim_trainer.user_cache import cache_dir
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from obim_trainer.merging.saliency import (
     obm_saliency,
     token_frequency_saliency,
 )
-from obim_trainer.merging.selection import RATIO_TOLERANCE
 from obim_trainer.merging.task import MergeOutput, TensorTask
+from obim_trainer.merging.topk import RATIO_TOLERANCE
 
 
 class OBIMParams(MethodParams):

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from obim_trainer.errors import ConfigError
 from obim_trainer.merging.task import MergeOutput, TensorTask
-from obim_trainer.yaml_config import format_validation_error
+from obim_trainer.settings.yaml_files import format_validation_error
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Every function returns a boolean keep-mask (or, for DELLA, the keep probability that a mask is
 drawn from) so that methods compose masks with sign consensus and rescaling instead of copying
-each other. Exact counts use :func:`~obim_trainer.merging.selection.select_top` (a radix select,
+each other. Exact counts use :func:`~obim_trainer.merging.topk.select_top` (a radix select,
 no sort); random masks come from the task's seeded generator, identical on CPU and GPU.
 """
 
@@ -13,8 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from obim_trainer.merging.selection import select_top
 from obim_trainer.merging.task import TensorTask
+from obim_trainer.merging.topk import select_top
 
 RescaleMode = Literal["inverse", "l1"]
 """``inverse``: divide kept entries by their keep probability (the DARE and DELLA papers);

@@ -11,10 +11,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
-from obim_trainer.comparison import ComparisonTable
-from obim_trainer.selectors import Candidate
+from obim_trainer.evaluation.comparison import ComparisonTable
 from obim_trainer.tracking.merge_summary import LayerSummary
 from obim_trainer.tracking.payload import Table, Value
+from obim_trainer.training.selectors import Candidate
 
 PREFIX = "obim"
 

@@ -25,10 +25,10 @@ from torch import Tensor
 
 from obim_trainer.calibration import ActivationStats
 from obim_trainer.checkpoints import open_checkpoint
-from obim_trainer.engine import MergeEngine, TensorPlan, plan_merge
 from obim_trainer.merging import MergeMethod, ParamKind, TensorTask
 from obim_trainer.merging.saliency import obm_saliency, scores_tensor
-from obim_trainer.model_layout import BLOCK_INDEX, ModelLayout
+from obim_trainer.pipeline.engine import MergeEngine, TensorPlan, plan_merge
+from obim_trainer.pipeline.layout import BLOCK_INDEX, ModelLayout
 from obim_trainer.tracking.payload import Histogram
 
 logger = logging.getLogger(__name__)

@@ -14,10 +14,10 @@ from obim_trainer.calibration import ActivationStats
 from obim_trainer.calibration.data import CalibrationSet
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.checkpoints.lora_reader import LoraCheckpointReader
-from obim_trainer.engine import MergeEngine, plan_merge
 from obim_trainer.errors import CheckpointError
 from obim_trainer.merging import build_method
-from obim_trainer.model_layout import ModelLayout
+from obim_trainer.pipeline.engine import MergeEngine, plan_merge
+from obim_trainer.pipeline.layout import ModelLayout
 from tests.checkpoints.lora_run import merged_state_dict, train_adapter
 from tests.conftest import VOCAB_SIZE, make_tiny_gpt2, make_tiny_llama
 

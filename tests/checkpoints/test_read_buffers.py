@@ -8,10 +8,10 @@ import torch
 
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.checkpoints.read_buffers import ReadBuffers
-from obim_trainer.engine import MergeEngine, plan_merge
 from obim_trainer.merging import MergeMethod, TensorTask
 from obim_trainer.merging.task import MergeOutput
-from obim_trainer.model_layout import ModelLayout
+from obim_trainer.pipeline.engine import MergeEngine, plan_merge
+from obim_trainer.pipeline.layout import ModelLayout
 
 
 def test_a_buffer_given_back_is_lent_again_for_the_same_size_only():

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from obim_trainer.comparison import ComparisonRow, ComparisonTable, Objective, pick
 from obim_trainer.demo.config import DemoConfig
 from obim_trainer.demo.pipeline import DemoResult, tradeoff_points, write_report
 from obim_trainer.demo.plots import Point, place_labels, tradeoff_figure, value_label
 from obim_trainer.errors import ConfigError
+from obim_trainer.evaluation.comparison import ComparisonRow, ComparisonTable, Objective, pick
 
 ROOT = Path(__file__).parents[2]
 

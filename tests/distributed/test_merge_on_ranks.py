@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from obim_trainer.config import MergeConfig
 from obim_trainer.distributed.teardown import process_group_teardown
-from obim_trainer.merge import merge_checkpoints, merge_checkpoints_on_ranks
+from obim_trainer.pipeline.merge import merge_checkpoints, merge_checkpoints_on_ranks
+from obim_trainer.settings.merge import MergeConfig
 from tests.conftest import copy_tree
 
 pytestmark = pytest.mark.slow  # two processes

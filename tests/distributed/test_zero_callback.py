@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.cli import main as merge_cli
+from obim_trainer.settings.callback import OBIMConfig
 from tests.callback_run import (
     CANDIDATES,
     MAX_LENGTH,

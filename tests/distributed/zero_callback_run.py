@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from obim_trainer.callback import OBIMCallback
-from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.distributed import StateEntry, ZeroGatherer, is_main_process, is_partitioned, rank, world_size
 from obim_trainer.distributed.teardown import process_group_teardown
 from obim_trainer.quiet import hide_deepspeed_deprecations
+from obim_trainer.settings.callback import OBIMConfig
+from obim_trainer.training.callback import OBIMCallback
 from tests.callback_run import CANDIDATES, RunInputs, callback_settings, make_trainer, per_language_settings
 from tests.launch import deepspeed_config
 from tests.tiny_training import training_arguments

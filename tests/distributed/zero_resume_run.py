@@ -11,10 +11,10 @@ import contextlib
 import sys
 from pathlib import Path
 
-from obim_trainer.callback import OBIMCallback
-from obim_trainer.callback_config import OBIMConfig
 from obim_trainer.distributed.teardown import process_group_teardown
 from obim_trainer.quiet import hide_deepspeed_deprecations
+from obim_trainer.settings.callback import OBIMConfig
+from obim_trainer.training.callback import OBIMCallback
 from tests.callback_run import RunInputs, callback_settings, make_trainer
 from tests.launch import deepspeed_config
 from tests.tiny_training import training_arguments

@@ -23,9 +23,9 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-from obim_trainer.comparison import ComparisonTable, evaluate_folders
 from obim_trainer.errors import ConfigError
 from obim_trainer.evaluation import LmEvalConfig, LmEvalEvaluator, ModelEvaluator
+from obim_trainer.evaluation.comparison import ComparisonTable, evaluate_folders
 from tests.conftest import WORDS, make_tiny_llama, save_model_folder
 
 needs_lm_eval = pytest.mark.skipif(

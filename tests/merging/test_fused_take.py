@@ -11,8 +11,8 @@ from obim_trainer.merging.native_library import native_library
 from obim_trainer.merging.order import merge_order
 from obim_trainer.merging.random_scores import RandomScores, uniform_at
 from obim_trainer.merging.saliency import TaskVector, obm_saliency, random_saliency
-from obim_trainer.merging.selection import select_top
 from obim_trainer.merging.task import ParamKind, TensorTask, Workspace
+from obim_trainer.merging.topk import select_top
 
 ROWS, COLS = 384, 320  # 122,880 positions: above the sampled-selection minimum
 INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

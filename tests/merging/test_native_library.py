@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from obim_trainer._user_cache import CACHE_ENV
 from obim_trainer.merging import native_library as native
 from obim_trainer.merging.native.build import levels, library_name
 from obim_trainer.merging.native_library import NativeBuildError, build_library
-from obim_trainer.user_cache import CACHE_ENV
 
 COMPILER = shutil.which("c++") or shutil.which("g++")
 needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler on this machine")

@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from obim_trainer.config import MergeConfig
 from obim_trainer.merging import ParamKind, TensorTask, available_methods, build_method, registry
+from obim_trainer.settings.merge import MergeConfig
 from tests.conftest import make_tiny_llama, perturbed_copy
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "merge"

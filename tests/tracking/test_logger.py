@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from obim_trainer.selectors import Candidate
 from obim_trainer.tracking import Histogram, LayerSummary, NullLogger, RunLogger, Table
+from obim_trainer.training.selectors import Candidate
 
 
 class Recorder(RunLogger):

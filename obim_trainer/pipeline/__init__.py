@@ -1,0 +1,1 @@
+"""The merge pipeline: plan, layout, statistics, engine, variants and comparison of merges."""

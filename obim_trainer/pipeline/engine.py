@@ -1,0 +1,614 @@
+"""The streaming merge engine: one tensor name at a time, from the readers through a method into the writer.
+
+The engine validates that the base and the K checkpoints describe the same model
+(names, shapes), decides each tensor's output dtype, and then, per tensor, reads the
+base and the checkpoints, checks every input for NaN/Inf, hands them to the method and
+writes the result. Reading the next tensor, merging this one and writing the previous one
+overlap (three threads; reads, writes and torch's kernels all release the GIL), so a merge
+runs at about the speed of the slower of the disk and the math. It knows block indices (for
+the merge order) and nothing else about the method; memory is a few tensors, never the model.
+
+Device: inputs are read on the CPU and moved to ``device`` (``cpu`` or ``cuda[:N]``) for the
+math, and each result comes back to the CPU to be written; only the current tensor's inputs,
+its result and the method's scratch buffers live on the device.
+
+Parallel merges split the plan with :func:`split_plan`: each worker (a process, or a rank of
+a distributed run) merges a contiguous run of tensors into the shared output layout.
+
+Extended vocabularies: continued pre-training for a new language often adds tokens
+(``resize_token_embeddings``), so the checkpoints' embedding and lm_head have more rows than
+the base's. The rows the base has are merged exactly as without the extension (same task,
+same counts, same seeds), and the new rows, which have no base value, by the ``new_rows``
+rule (see :data:`NEW_ROWS`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from obim_trainer.calibration import ActivationStats
+from obim_trainer.calibration.fisher_stats import FisherStats
+from obim_trainer.calibration.gram_stats import GramStats
+from obim_trainer.checkpoints import CheckpointReader, TensorInfo
+from obim_trainer.checkpoints.read_buffers import ReadBuffers
+from obim_trainer.errors import CheckpointError, ConfigError
+from obim_trainer.merging import MergeMethod, ParamKind, TensorTask, Workspace
+from obim_trainer.merging.task import MergeOutput, derive_seed
+from obim_trainer.pipeline.layout import ModelLayout, block_index
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LIST_LIMIT = 5
+NEW_ROWS = {
+    "obim": "the merge method itself on the new rows, with the base taken as zero there (for OBIM: each "
+    "checkpoint owns its share of the positions by saliency, its values taken whole)",
+    "best": "the new rows of the best checkpoint (by metric)",
+    "first": "the new rows of the first checkpoint in the given order",
+    "average": "the mean of the checkpoints' new rows",
+}
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor to merge: where it sits in the network and how it is written."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    kind: ParamKind
+    block_index: int | None
+    base_rows: int | None = None
+    """For a vocabulary tensor the checkpoints extend: the rows the base has (``shape[0]`` is more)."""
+
+
+@dataclass
+class MergePlan:
+    """The validated list of tensors to merge, in write order."""
+
+    tensors: list[TensorPlan]
+    dropped_tied: str | None = None
+    vocab_size: int | None = None
+    """The checkpoints' vocabulary size when they extend the base's, else ``None``."""
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(torch.Size(t.shape).numel() for t in self.tensors)
+
+    def write_plan(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        return [(t.name, t.shape, t.dtype) for t in self.tensors]
+
+
+@dataclass
+class EngineReport:
+    """What the streaming pass measured: ownership per tensor and time spent."""
+
+    owned: dict[str, list[int]] = field(default_factory=dict)
+    seconds: float = 0.0
+    notes: dict[str, int] = field(default_factory=dict)
+    """Counts a method reports per tensor (:attr:`MergeOutput.notes`), summed over the tensors."""
+
+    @classmethod
+    def combined(cls, reports: Sequence[EngineReport]) -> EngineReport:
+        """One report for a merge split between workers: every tensor's ownership, the slowest worker's time,
+        the notes summed."""
+        owned = {name: counts for report in reports for name, counts in report.owned.items()}
+        notes: Counter[str] = Counter()
+        for report in reports:
+            notes.update(report.notes)
+        return cls(owned=owned, seconds=max((r.seconds for r in reports), default=0.0), notes=dict(notes))
+
+    def base_share(self, plan: MergePlan) -> float:
+        """Share of the owned tensors' positions no checkpoint took (the base keeps them: Σ n_k < 1)."""
+        positions = sum(torch.Size(t.shape).numel() for t in plan.tensors if t.name in self.owned)
+        taken = sum(sum(counts) for counts in self.owned.values())
+        return max(0.0, 1.0 - taken / positions) if positions else 0.0
+
+    def ownership_share(self, num_models: int) -> list[float]:
+        """Share of all merged positions taken from each checkpoint (methods that report ownership)."""
+        totals = [0] * num_models
+        for counts in self.owned.values():
+            for k, c in enumerate(counts):
+                totals[k] += c
+        grand = sum(totals)
+        return [t / grand if grand else 0.0 for t in totals]
+
+
+def _short_list(names: Sequence[str]) -> str:
+    shown = ", ".join(sorted(names)[:_LIST_LIMIT])
+    return shown + (f" and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else "")
+
+
+def _check_same_names(base: CheckpointReader, ckpt: CheckpointReader, ignore: set[str]) -> None:
+    base_names = set(base.tensor_infos()) - ignore
+    ckpt_names = set(ckpt.tensor_infos()) - ignore
+    extra, missing = ckpt_names - base_names, base_names - ckpt_names
+    if extra:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} has tensor(s) the base {base.path} lacks: {_short_list(list(extra))}. "
+            "Merge only checkpoints trained from this base (same architecture and layer names)."
+        )
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} lacks tensor(s) the base {base.path} has: {_short_list(list(missing))}. "
+            "The checkpoint is incomplete or of another architecture; re-save it with save_pretrained."
+        )
+
+
+def _check_shape(name: str, base: TensorInfo, other: TensorInfo) -> None:
+    if base.shape != other.shape:
+        raise CheckpointError(
+            f"tensor {name} has shape {tuple(base.shape)} in the base ({base.file}) but {tuple(other.shape)} in "
+            f"{other.file}. Checkpoints must have the base's architecture."
+        )
+
+
+def _extended_rows(name: str, base: TensorInfo, others: Sequence[TensorInfo]) -> int | None:
+    """The checkpoints' row count of a vocabulary tensor they extend, ``None`` when they keep the base's.
+
+    Raises :class:`CheckpointError` when the checkpoints disagree on the vocabulary or have fewer rows.
+    """
+    for info in others:
+        if info.shape[1:] != base.shape[1:]:
+            _check_shape(name, base, info)
+    rows = {info.shape[0] for info in others}
+    if len(rows) > 1:
+        found = ", ".join(f"{info.file}: {info.shape[0]}" for info in others)
+        raise CheckpointError(
+            f"tensor {name}: the checkpoints have different vocabulary sizes ({found} rows). They were trained "
+            "with different tokenizers; merge only checkpoints that share one vocabulary (of the same run)."
+        )
+    (count,) = rows
+    if count == base.shape[0]:
+        return None
+    if count < base.shape[0]:
+        raise CheckpointError(
+            f"tensor {name}: the checkpoints ({others[0].file}) have {count} vocabulary rows but the base "
+            f"({base.file}) has {base.shape[0]}. A shrunk vocabulary cannot be merged into the base; pass the base "
+            "the checkpoints were trained from."
+        )
+    return count
+
+
+def _output_dtype(base: TensorInfo, requested: str) -> torch.dtype:
+    """The requested dtype, or with ``auto`` the base's: checkpoints may differ (fp32 ZeRO masters, a bf16
+    run of an fp32 base), the base is the one model every input shares. Integer buffers keep theirs."""
+    if requested == "auto" or not base.dtype.is_floating_point:
+        return base.dtype
+    return DTYPES[requested]
+
+
+def plan_merge(
+    base: CheckpointReader,
+    checkpoints: Sequence[CheckpointReader],
+    layout: ModelLayout,
+    dtype: str = "auto",
+) -> MergePlan:
+    """Validate that all inputs describe the same model and list the tensors to merge.
+
+    Vocabulary tensors (embedding, lm_head) may have more rows in the checkpoints than in the base, if
+    all checkpoints have the same number. Raises :class:`CheckpointError` on missing/extra tensors and
+    shape mismatches; each names the file and tensor.
+    """
+    if not checkpoints:
+        raise ConfigError("no checkpoints to merge (K = 0); give at least one checkpoint folder")
+    all_names = set(base.tensor_infos()).union(*(set(c.tensor_infos()) for c in checkpoints))
+    dropped = layout.redundant_tied_name(all_names)
+    ignore = {dropped} if dropped else set()
+    for ckpt in checkpoints:
+        _check_same_names(base, ckpt, ignore)
+    tensors, vocab_size = [], None
+    for name, info in base.tensor_infos().items():
+        if name in ignore:
+            continue
+        ckpt_infos = [c.tensor_infos()[name] for c in checkpoints]
+        rows = _extended_rows(name, info, ckpt_infos) if layout.is_vocabulary_tensor(name) else None
+        if rows is None:
+            for other in ckpt_infos:
+                _check_shape(name, info, other)
+        else:
+            vocab_size = rows
+            logger.info("%s: the checkpoints extend the vocabulary from %d to %d rows", name, info.shape[0], rows)
+        tensors.append(
+            TensorPlan(
+                name=name,
+                shape=(rows, *info.shape[1:]) if rows is not None else tuple(info.shape),
+                dtype=_output_dtype(info, dtype),
+                kind=layout.kind(name),
+                block_index=block_index(name),
+                base_rows=info.shape[0] if rows is not None else None,
+            )
+        )
+    if dropped:
+        logger.info("%s is tied to %s and is written once", dropped, layout.input_embedding)
+    return MergePlan(tensors=tensors, dropped_tied=dropped, vocab_size=vocab_size)
+
+
+def split_plan(tensors: Sequence[TensorPlan], parts: int) -> list[list[TensorPlan]]:
+    """The tensors in ``parts`` contiguous runs of about equal size, one per worker (a run may be empty).
+
+    A tensor goes to the run its midpoint falls in when the plan's parameters are laid end to
+    end, so the runs follow plan order and the math (which grows with the parameters) is shared
+    evenly; every worker computes the same split from the same plan.
+    """
+    if parts < 1:
+        raise ConfigError(f"a merge needs at least one worker, got {parts}")
+    sizes = [torch.Size(t.shape).numel() for t in tensors]
+    total = max(sum(sizes), 1)
+    runs: list[list[TensorPlan]] = [[] for _ in range(parts)]
+    done = 0
+    for tensor, size in zip(tensors, sizes, strict=True):
+        runs[min(parts - 1, (2 * done + size) * parts // (2 * total))].append(tensor)
+        done += size
+    return runs
+
+
+def _padded(counts: Tensor, rows: int) -> Tensor:
+    """Token counts for ``rows`` vocabulary rows: cut, or padded with zeros for rows no token reached."""
+    if counts.shape[0] >= rows:
+        return counts[:rows]
+    return torch.cat([counts, counts.new_zeros(rows - counts.shape[0])])
+
+
+def _check_finite(tensor: Tensor, name: str, reader: CheckpointReader) -> Tensor:
+    """``tensor`` if it holds no NaN/Inf, else a :class:`CheckpointError` naming the file."""
+    if not tensor.is_floating_point():
+        return tensor
+    # NaN/Inf propagate into the sum; only a suspicious sum (or an overflow) pays for the exact check. The sum
+    # stays in the stored dtype (accumulated in float32 inside): asking for a float32 result is 10x slower
+    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(
+            f"tensor {name} in {reader.tensor_infos()[name].file} contains NaN or Inf. The checkpoint is "
+            "broken (diverged training?); leave it out of the merge."
+        )
+    return tensor
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _stats_for(stats: ActivationStats | None, name: str, prefix: str) -> Tensor | None:
+    if stats is None:
+        return None
+    for key in (name, f"{prefix}.{name}" if prefix else None):
+        if key is not None and key in stats.sq_sum:
+            return stats.input_sq_mean(key)
+    return None
+
+
+@dataclass
+class ModelStatistics:
+    """The input Grams and Fisher diagonals of the base and of each checkpoint, for methods that read them.
+
+    Each is file-backed (read one tensor at a time) and pickles as a path, so a parallel merge's
+    workers receive it whole. ``None`` where the method asks for none.
+    """
+
+    base_grams: GramStats | None = None
+    checkpoint_grams: list[GramStats] | None = None
+    base_fishers: FisherStats | None = None
+    checkpoint_fishers: list[FisherStats] | None = None
+
+
+GRAMS_KEPT = 2
+"""Grams kept on the device, by input: tensors of one block come in name order (k, o, q, v), so q and v,
+which share k's input, find it still there."""
+
+
+def _missing(what: str, name: str) -> CheckpointError:
+    return CheckpointError(
+        f"no {what} for {name}; the statistics do not match this model's parameter names. Recompute them with "
+        "--recompute-stats."
+    )
+
+
+Inputs = list[Tensor | None]
+"""The base's and the K checkpoints' tensors of one name, as stored, on the CPU (see :meth:`MergeEngine.read_inputs`).
+
+A method takes each checkpoint tensor over on its first load (the slot becomes ``None``)."""
+
+
+class MergeEngine:
+    """Runs a :class:`MergePlan` with one method over opened readers.
+
+    Args:
+        base: Reader of the base model θ_B.
+        checkpoints: Readers of the K checkpoints, in the given order.
+        method: A built :class:`MergeMethod` for K checkpoints.
+        layout: The model layout (for the tied-embedding prefix).
+        stats: Per checkpoint, its activation statistics (``None`` for methods that need none).
+        statistics: Input Grams and Fisher diagonals of the base and the checkpoints (methods that read them).
+        device: Where the math runs (``cpu`` or ``cuda[:N]``); the same code runs on either.
+        seed: Global seed; each tensor gets ``derive_seed(seed, name, ...)``.
+        new_rows: How vocabulary rows the base lacks are merged (a key of :data:`NEW_ROWS`).
+        new_rows_source: The checkpoint the ``best``/``first`` rules take new rows from.
+        prefetch: How many tensors ahead the reading thread reads (memory: their inputs).
+    """
+
+    def __init__(
+        self,
+        base: CheckpointReader,
+        checkpoints: Sequence[CheckpointReader],
+        method: MergeMethod,
+        layout: ModelLayout,
+        stats: Sequence[ActivationStats | None] | None = None,
+        *,
+        statistics: ModelStatistics | None = None,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        new_rows: str = "obim",
+        new_rows_source: int = 0,
+        prefetch: int = 1,
+    ) -> None:
+        if new_rows not in NEW_ROWS:
+            raise ConfigError(f"new_rows must be one of {', '.join(NEW_ROWS)}, not {new_rows!r}")
+        if not 0 <= new_rows_source < len(checkpoints):
+            raise ConfigError(f"new_rows_source {new_rows_source} is not one of the {len(checkpoints)} checkpoints")
+        self.base = base
+        self.checkpoints = list(checkpoints)
+        self.method = method
+        self.layout = layout
+        self.stats = list(stats) if stats is not None else [None] * len(self.checkpoints)
+        self.statistics = statistics or ModelStatistics()
+        self.needs = method.statistics()
+        self._grams_kept: OrderedDict[str, tuple[Tensor, list[Tensor]]] = OrderedDict()
+        self.device = torch.device(device)
+        self.seed = seed
+        self.new_rows = new_rows
+        self.new_rows_source = new_rows_source
+        self.prefetch = max(1, prefetch)
+        self.workspace = Workspace()
+        self.notes: Counter[str] = Counter()
+        self.read_buffers = ReadBuffers()
+        self._reading = threading.Lock()  # readers seek and read a shared file handle
+
+    def _read(self, reader: CheckpointReader, name: str, buffers: ReadBuffers | None = None) -> Tensor:
+        """One tensor as stored, on the CPU, checked for NaN/Inf (into a recycled buffer when ``buffers`` lends one)."""
+        with self._reading:
+            tensor = reader.read(name) if buffers is None else reader.read_into(name, buffers.take)
+        return _check_finite(tensor, name, reader)
+
+    def read_inputs(self, plan: TensorPlan, buffers: ReadBuffers | None = None) -> Inputs:
+        """The base's and every checkpoint's tensor (runs on the reading thread); integer buffers: the base's only.
+
+        With ``buffers``, they are read into recycled memory, which the caller gives back once the
+        tensor is merged (a result that is one of them keeps its buffer, see :meth:`_own`).
+        """
+        base = self._read(self.base, plan.name, buffers)
+        if not base.is_floating_point():
+            return [base]
+        return [base, *(self._read(c, plan.name, buffers) for c in self.checkpoints)]
+
+    def _grams(self, name: str) -> tuple[Tensor, list[Tensor]]:
+        """G_B and every G_k of a linear weight, float64 on the device; maps reading one input get the same tensors."""
+        base, checkpoints = self.statistics.base_grams, self.statistics.checkpoint_grams
+        if base is None or checkpoints is None:
+            raise ConfigError(f"method '{self.method.name}' reads input Grams, but the merge was given none")
+        model_name = self.layout.model_name(name)
+        group = base.group(model_name)
+        if group is None:
+            raise _missing("input Gram of the base", name)
+        if group in self._grams_kept:
+            self._grams_kept.move_to_end(group)
+            return self._grams_kept[group]
+        grams = []
+        for which, stats in [("the base", base), *((f"checkpoint {k}", s) for k, s in enumerate(checkpoints))]:
+            gram = stats.gram(model_name)
+            if gram is None:
+                raise _missing(f"input Gram of {which}", name)
+            grams.append(gram.to(self.device, torch.float64))
+        self._grams_kept[group] = (grams[0], grams[1:])
+        if len(self._grams_kept) > GRAMS_KEPT:
+            self._grams_kept.popitem(last=False)
+        return grams[0], grams[1:]
+
+    def _fishers(self, plan: TensorPlan, rows: slice | None, new: bool) -> tuple[Tensor, list[Tensor]]:
+        """F_B and every F_k of a parameter, float32 on the device, restricted to ``rows`` (the base's are zero
+        on the new rows of an extended vocabulary, where the base has no parameter)."""
+        base, checkpoints = self.statistics.base_fishers, self.statistics.checkpoint_fishers
+        if base is None or checkpoints is None:
+            raise ConfigError(f"method '{self.method.name}' reads Fisher diagonals, but the merge was given none")
+        model_name = self.layout.model_name(plan.name)
+        fishers = []
+        for k, stats in enumerate(checkpoints):
+            fisher = stats.fisher(model_name, rows)
+            if fisher is None:
+                raise _missing(f"Fisher diagonal of checkpoint {k}", plan.name)
+            fishers.append(fisher.to(self.device, torch.float32))
+        base_fisher = torch.zeros_like(fishers[0]) if new else base.fisher(model_name, rows)
+        if base_fisher is None:
+            raise _missing("Fisher diagonal of the base", plan.name)
+        return base_fisher.to(self.device, torch.float32), fishers
+
+    def task(self, plan: TensorPlan, inputs: Inputs | None = None, rows: slice | None = None) -> TensorTask:
+        """The :class:`TensorTask` for one tensor, its inputs on the compute device.
+
+        ``inputs`` as :meth:`read_inputs` gives them (read here when ``None``); a checkpoint loaded
+        a second time is read again. ``rows`` restricts the task to rows of the checkpoints'
+        tensor (``inputs`` then holds those rows): those the base has (the base as usual), or the
+        new rows of an extended vocabulary (the base is zero there, and the seed is derived apart
+        so that their random saliency is not a copy of the first rows').
+        """
+        name = plan.name
+        if inputs is None:
+            inputs = self.read_inputs(plan)
+        new = rows is not None and plan.base_rows is not None and rows.start == plan.base_rows
+        input_sq = None
+        if plan.kind is ParamKind.LINEAR and self.needs.activations:
+            input_sq = [_stats_for(s, self.layout.model_name(name), self.layout.prefix) for s in self.stats]
+            if any(x is None for x in input_sq):
+                raise CheckpointError(
+                    f"no activation statistics for Linear weight {name}; the statistics do not match this "
+                    "model's layer names. Recompute them with --recompute-stats."
+                )
+            input_sq = [x.to(self.device) for x in input_sq]
+        token_counts = None
+        first_stats = self.stats[0] if self.stats else None
+        if plan.kind is ParamKind.EMBEDDING and first_stats is not None and first_stats.token_counts is not None:
+            counts = _padded(first_stats.token_counts.to(torch.float32), plan.shape[0])[rows or slice(None)]
+            token_counts = counts.view(-1, *([1] * (len(plan.shape) - 1))).to(self.device)
+
+        def load(k: int) -> Tensor:
+            tensor, inputs[k + 1] = inputs[k + 1], None
+            if tensor is None:
+                tensor = self._read(self.checkpoints[k], name)[rows or slice(None)]
+            return tensor.to(self.device)
+
+        stored = inputs[0]
+        if stored is None:  # the new rows of an extended vocabulary
+            like = next(t for t in inputs if t is not None)
+            stored = torch.zeros((plan.shape[0] - (plan.base_rows or 0), *plan.shape[1:]), dtype=like.dtype)
+        base_stored = stored.to(self.device)
+        linear = plan.kind is ParamKind.LINEAR
+        base_gram, checkpoint_grams = self._grams(name) if linear and self.needs.grams else (None, None)
+        base_fisher, checkpoint_fishers = self._fishers(plan, rows, new) if self.needs.fishers else (None, None)
+        return TensorTask(
+            name=name,
+            _load=load,
+            num_models=len(self.checkpoints),
+            kind=plan.kind,
+            block_index=plan.block_index,
+            seed=derive_seed(self.seed, "new-rows") if new else self.seed,
+            input_sq_mean=input_sq,
+            token_counts=token_counts,
+            in_axis=self.layout.in_axis(name) if linear else 1,
+            num_blocks=self.layout.num_blocks,
+            base_gram=base_gram,
+            checkpoint_grams=checkpoint_grams,
+            base_fisher=base_fisher,
+            checkpoint_fishers=checkpoint_fishers,
+            base_stored=base_stored,
+            workspace=self.workspace,
+        )
+
+    def _own(self, tensor: Tensor) -> Tensor:
+        """``tensor``, or a copy when it lives in the workspace (which the next task reuses).
+
+        A result may live in a read buffer (iterative merging returns the first checkpoint's
+        tensor): :meth:`run` lends that buffer on until the tensor is written.
+        """
+        return tensor.clone() if self.workspace.holds(tensor) else tensor
+
+    def _merge_extended(self, plan: TensorPlan, inputs: Inputs) -> tuple[Tensor, list[int] | None]:
+        """An extended vocabulary tensor: the base's rows as without the extension, then the new rows."""
+        assert plan.base_rows is not None
+        kept_rows, new_rows = slice(0, plan.base_rows), slice(plan.base_rows, plan.shape[0])
+        new_inputs: Inputs = [None, *(t[new_rows] if t is not None else None for t in inputs[1:])]
+        kept = self._merge(self.task(plan, [inputs[0], *(t[kept_rows] for t in inputs[1:])], kept_rows))
+        kept_tensor, owned = self._own(kept.tensor), kept.owned
+        if self.new_rows == "obim":
+            new = self._merge(self.task(plan, new_inputs, new_rows))
+            tensor = new.tensor
+            if owned is not None and new.owned is not None:
+                owned = [a + b for a, b in zip(owned, new.owned, strict=True)]
+        elif self.new_rows == "average":
+            rows = [t for t in new_inputs[1:] if t is not None]
+            tensor = rows[0].to(device=self.device, dtype=torch.float32, copy=True)
+            for row in rows[1:]:
+                tensor += row.to(self.device)
+            tensor /= len(rows)
+        else:  # best / first: the source checkpoint was resolved by the caller
+            source = new_inputs[1 + self.new_rows_source]
+            assert source is not None
+            tensor = source.to(self.device)
+        return torch.cat([kept_tensor, tensor.to(kept_tensor.device)]), owned
+
+    def _merge(self, task: TensorTask) -> MergeOutput:
+        """The method's merge of one task, its notes counted into :attr:`notes`."""
+        out = self.method.merge(task)
+        if out.notes:
+            self.notes.update(out.notes)
+        return out
+
+    def merge_one(self, plan: TensorPlan, inputs: Inputs) -> tuple[Tensor, list[int] | None]:
+        """One merged tensor in its output dtype on the CPU (memory it owns), and its ownership counts."""
+        base = inputs[0]
+        assert base is not None
+        if not base.is_floating_point():
+            return base, None  # integer buffers are not merged (run() keeps their read buffer until written)
+        if plan.base_rows is not None:
+            tensor, owned = self._merge_extended(plan, inputs)
+        else:
+            out = self._merge(self.task(plan, inputs))
+            tensor, owned = out.tensor, out.owned
+        return self._own(tensor.to(device="cpu", dtype=plan.dtype)), owned
+
+    def _written(self, tensor: Tensor | None, recycle: bool) -> None:
+        """After ``write`` returned: a result living in a read buffer gives it back, or takes it along."""
+        if tensor is None:
+            return
+        if recycle:
+            self.read_buffers.give_back([tensor])
+        else:
+            self.read_buffers.keep(tensor)
+
+    def run(
+        self,
+        plan: MergePlan | Sequence[TensorPlan],
+        write: Callable[[str, Tensor], None],
+        *,
+        progress: bool = True,
+        recycle_written: bool = False,
+    ) -> EngineReport:
+        """Merge the planned tensors and pass each, in the output dtype on the CPU, to ``write``, in plan order.
+
+        Three stages overlap: a reading thread reads (and checks) the inputs of the next
+        :attr:`prefetch` tensors, this thread merges the current one, and a writing thread
+        writes the previous result. Inputs are read into recycled buffers, given back once
+        merged. ``recycle_written``: ``write`` keeps nothing of the tensors it gets (it copies
+        them to a file), so a result's buffer is recycled too once written; otherwise results
+        keep their memory. Memory: the inputs of 1 + ``prefetch`` tensors, two results, the
+        recycled buffers, and the workspace (a few buffers the size of the largest tensor).
+        """
+        tensors = list(plan.tensors if isinstance(plan, MergePlan) else plan)
+        report = EngineReport()
+        start = time.perf_counter()
+        bar = tqdm(total=len(tensors), desc=f"merging ({self.method.name})", unit="tensor", disable=not progress)
+        reads = ThreadPoolExecutor(1, thread_name_prefix="obim-read")
+        writes = ThreadPoolExecutor(1, thread_name_prefix="obim-write")
+        read = partial(self.read_inputs, buffers=self.read_buffers)
+        queued: deque[Future[Inputs]] = deque(reads.submit(read, t) for t in tensors[: self.prefetch])
+        writing: Future[None] | None = None
+        written: Tensor | None = None
+        try:
+            for i, tensor_plan in enumerate(tensors):
+                bar.set_postfix_str(tensor_plan.name, refresh=False)
+                inputs = queued.popleft().result()
+                if i + self.prefetch < len(tensors):
+                    queued.append(reads.submit(read, tensors[i + self.prefetch]))
+                lent = list(inputs)
+                merged, owned = self.merge_one(tensor_plan, inputs)
+                self.read_buffers.give_back(t for t in lent if t is not None and not _same_memory(t, merged))
+                del inputs, lent
+                if owned is not None:
+                    report.owned[tensor_plan.name] = list(owned)
+                if writing is not None:
+                    writing.result()
+                    self._written(written, recycle_written)
+                writing, written = writes.submit(write, tensor_plan.name, merged), merged
+                del merged
+                bar.update()
+            if writing is not None:
+                writing.result()
+                self._written(written, recycle_written)
+        finally:
+            for future in queued:
+                future.cancel()
+            reads.shutdown()
+            writes.shutdown()
+            bar.close()
+        report.seconds = time.perf_counter() - start
+        report.notes = dict(self.notes)
+        return report

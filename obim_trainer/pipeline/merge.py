@@ -1,0 +1,663 @@
+"""``merge_checkpoints``: one offline merge from folders on disk to a new model folder.
+
+The order of work is chosen so that nothing is lost and mistakes surface early:
+configuration and inputs are validated before any statistics are computed, the
+output location is checked before any statistics are computed, statistics are cached
+(in the user cache, or beside each checkpoint when asked), and the merged folder only appears, complete, at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, wait
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from obim_trainer.calibration import (
+    ActivationStats,
+    CalibrationSet,
+    load_or_compute_stats,
+    stats_key,
+    tokenize_calibration,
+)
+from obim_trainer.calibration.languages import (
+    LanguageCalibration,
+    check_languages,
+    is_per_language,
+    load_language_texts,
+    missing_calibration,
+)
+from obim_trainer.calibration.token_cache import cached_tokenization
+from obim_trainer.checkpoints import (
+    CheckpointReader,
+    ShardedSafetensorsWriter,
+    atomic_output_dir,
+    copy_model_files,
+    open_checkpoint,
+    parse_size,
+)
+from obim_trainer.checkpoints.model_files import TOKENIZER_FILES
+from obim_trainer.checkpoints.model_loading import load_model
+from obim_trainer.distributed.ranks import is_main_process, rank, run_on_every_rank, run_on_main, world_size
+from obim_trainer.errors import CheckpointError, ConfigError
+from obim_trainer.merging import MergeMethod, build_method
+from obim_trainer.merging.native_library import kernel_state
+from obim_trainer.merging.registry import StatisticsNeeds
+from obim_trainer.merging.regmean import RIDGED_NOTE
+from obim_trainer.pipeline.engine import EngineReport, MergeEngine, MergePlan, ModelStatistics, plan_merge, split_plan
+from obim_trainer.pipeline.layout import ModelLayout
+from obim_trainer.pipeline.manifest import MergeManifest, describe_input
+from obim_trainer.pipeline.sequential_regmean import sequential_regmean, sequential_write_order
+from obim_trainer.pipeline.statistics import describe_statistics, model_statistics, raise_nonfinite
+from obim_trainer.settings.merge import MergeConfig
+from obim_trainer.settings.names import setting_name
+from obim_trainer.training.run_dir import best_checkpoint, select_top_checkpoints
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeResult:
+    """What :func:`merge_checkpoints` did: the output folder (``None`` for a dry run), plan and record."""
+
+    output: Path | None
+    checkpoints: list[Path]
+    plan: MergePlan
+    manifest: dict[str, Any] | None = None
+    plan_text: str | None = None
+
+
+def resolve_checkpoints(config: MergeConfig) -> list[Path]:
+    """The checkpoint folders to merge: as given, or the top-k of ``run_dir`` by ``metric`` (best first)."""
+    if config.checkpoints:
+        return list(config.checkpoints)
+    assert config.run_dir is not None and config.metric is not None and config.top_k is not None
+    chosen = select_top_checkpoints(config.run_dir, config.metric, config.top_k, config.metric_mode)
+    return [c.path for c in chosen]
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {name} was asked for but CUDA is not available here; set {setting_name('device', 'cpu')}"
+        )
+    return device
+
+
+def model_max_positions(folder: Path) -> int | None:
+    """The longest input the model accepts, from its ``config.json`` (``None`` if it does not say).
+
+    Read as JSON (the text model's part of a multimodal config first): importing transformers for
+    ``AutoConfig`` would take seconds of a merge that needs no tokenizer or model.
+    """
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot read the model config in {folder} ({exc}); the base folder must hold a transformers config.json"
+        ) from None
+    for section in (config.get("text_config"), config):
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def resolve_tokenizer(config: MergeConfig, checkpoints: list[Path], plan: MergePlan, source: int) -> Path:
+    """The folder whose tokenizer the output gets and calibration uses.
+
+    ``tokenizer_source`` if given; else, when the checkpoints extend the vocabulary, checkpoint
+    ``source`` (the first or best), whose tokenizer knows the new tokens — the base's would not; else the base.
+    """
+    if config.tokenizer_source is not None:
+        return config.tokenizer_source
+    if plan.vocab_size is None:
+        return config.base
+    folder = checkpoints[source]
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"the checkpoints extend the vocabulary to {plan.vocab_size} tokens, but {folder} holds no tokenizer "
+            "files and the base's tokenizer lacks the new tokens; "
+            f"set {setting_name('tokenizer_source', 'DIR')} to the tokenizer the run trained with "
+            "(Trainer saves it in each checkpoint when given processing_class=tokenizer)"
+        )
+    logger.info("the checkpoints extend the vocabulary; using the tokenizer of %s", folder)
+    return folder
+
+
+def new_rows_source(config: MergeConfig, checkpoints: list[Path], plan: MergePlan) -> int:
+    """Which checkpoint the ``best``/``first`` rules (and the tokenizer of an extended vocabulary) come from."""
+    if config.new_rows != "best" or plan.vocab_size is None or config.run_dir is not None:
+        return 0  # with --run-dir the checkpoints are already best first
+    return best_checkpoint(checkpoints, config.metric, config.metric_mode)
+
+
+def prepare_language_calibration(
+    config: MergeConfig, tokenizer_dir: Path | None = None, texts: dict[str, list[str]] | None = None
+) -> LanguageCalibration:
+    """Calibration texts per language (one entry, ``all``, for a single source), tokenized with ``tokenizer_dir``
+    (default: ``tokenizer_source`` or the base's), or as they were the last time
+    (:mod:`~obim_trainer.calibration.token_cache`). ``texts``: as :func:`load_language_texts` read them already."""
+    if config.calibration_data is None:
+        raise ConfigError(
+            f"method '{config.method}' scores weights by activations and needs calibration text: pass "
+            "--calibration-data FILE (JSONL with a 'text' field, .txt or .parquet; ~100 samples of the new domain)"
+        )
+    tokenizer_dir = Path(tokenizer_dir or config.tokenizer_source or config.base)
+    if texts is None:
+        texts = load_language_texts(config.calibration_data, config.calibration_samples, config.calibration_text_field)
+    max_length = min(config.calibration_max_length, model_max_positions(config.base) or config.calibration_max_length)
+    if max_length < config.calibration_max_length:
+        logger.info("calibration samples are cut to %d tokens, the model's maximum number of positions", max_length)
+    tokenizers: list[Any] = []  # loaded once, and only if some language is not in the token cache
+
+    def tokenizer() -> Any:
+        from transformers import AutoTokenizer
+
+        if not tokenizers:
+            try:
+                tokenizers.append(AutoTokenizer.from_pretrained(tokenizer_dir))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"cannot load a tokenizer from {tokenizer_dir} ({exc}); set "
+                    f"{setting_name('tokenizer_source', 'DIR')} to a folder with tokenizer files"
+                ) from None
+        return tokenizers[0]
+
+    if not tokenizer_dir.is_dir():
+        raise ConfigError(
+            f"tokenizer folder {tokenizer_dir} does not exist; set {setting_name('tokenizer_source', 'DIR')}"
+        )
+    sets = {
+        language: cached_tokenization(
+            samples, tokenizer_dir, max_length, lambda s=samples: tokenize_calibration(s, tokenizer(), max_length)
+        )
+        for language, samples in texts.items()
+    }
+    for language, calibration in sets.items():
+        logger.info(
+            "calibration %s: %d samples, %d tokens", language, len(calibration.input_ids), calibration.num_tokens
+        )
+    return LanguageCalibration(sets, list(config.new_languages))
+
+
+def prepare_calibration(config: MergeConfig, tokenizer_dir: Path | None = None) -> CalibrationSet:
+    """All calibration texts together (every language's, when given per language), tokenized as by
+    :func:`prepare_language_calibration`: what a method without a language split measures every model on."""
+    return prepare_language_calibration(config, tokenizer_dir).all()
+
+
+def checkpoint_stats(
+    reader: CheckpointReader, calibration: CalibrationSet, config: MergeConfig, device: torch.device
+) -> tuple[ActivationStats, dict[str, Any]]:
+    """Statistics of one checkpoint, computed on that checkpoint and cached (see ``calibration/stats_cache.py``).
+
+    The model is built from the reader's tensors (see :mod:`~obim_trainer.checkpoints.model_loading`), so
+    DeepSpeed and LoRA checkpoints get statistics too, and always of exactly the weights merged.
+    """
+    key = stats_key(calibration.fingerprint(), reader.fingerprint())
+
+    def compute() -> ActivationStats:
+        logger.info("computing activation statistics of %s (%s)", reader.path, reader.format)
+        model = load_model(reader, config.base, device)
+        try:
+            return ActivationStats.collect(
+                model,
+                calibration,
+                batch_size=config.calibration_batch_size,
+                device=device,
+                progress=config.progress,
+                desc=f"activation statistics of {reader.path.name}",
+            )
+        finally:
+            del model
+
+    stats, source = load_or_compute_stats(
+        reader.path,
+        key,
+        compute,
+        cache_dir=config.stats_cache_dir,
+        recompute=config.recompute_stats,
+        beside=config.stats_beside_checkpoints,
+    )
+    if not all(bool(torch.isfinite(t).all()) for t in stats.sq_sum.values()):
+        raise_nonfinite(reader)
+    return stats, {"kind": "activations", "checkpoint": str(reader.path), "key": key, "source": source}
+
+
+def _open_inputs(
+    stack: ExitStack, config: MergeConfig, checkpoints: list[Path]
+) -> tuple[CheckpointReader, list[CheckpointReader]]:
+    """The base and checkpoint readers, each in its own format; LoRA adapters are read against the base."""
+    base = stack.enter_context(open_checkpoint(config.base, zero_weights=config.zero_weights))
+    readers = [
+        stack.enter_context(open_checkpoint(p, zero_weights=config.zero_weights, base=base)) for p in checkpoints
+    ]
+    return base, readers
+
+
+def _write_config(folder: Path, plan: MergePlan) -> None:
+    """Record the output dtype in config.json so ``dtype="auto"`` loads it as written, and the vocabulary
+    size of an extended vocabulary so that the model is built with the rows it stores."""
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    dtypes = {t.dtype for t in plan.tensors if t.dtype.is_floating_point}
+    if len(dtypes) == 1:
+        name = str(dtypes.pop()).removeprefix("torch.")
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = name
+    if plan.vocab_size is not None:
+        text_config = config.get("text_config")
+        target = text_config if isinstance(text_config, dict) and "vocab_size" in text_config else config
+        target["vocab_size"] = plan.vocab_size
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def format_plan(
+    plan: MergePlan,
+    method: MergeMethod,
+    checkpoints: list[Path],
+    new_rows: str = "obim",
+    statistics: Sequence[str] = (),
+) -> str:
+    """The dry-run plan: method and parameters, the statistics it would measure, checkpoints in order, then
+    every tensor."""
+    lines = [f"method: {json.dumps(method.describe())}", *statistics]
+    lines += [f"checkpoint {k}: {path}" for k, path in enumerate(checkpoints)]
+    if plan.vocab_size is not None:
+        lines.append(f"vocabulary: the checkpoints extend it to {plan.vocab_size} rows; new rows: {new_rows}")
+    if plan.dropped_tied:
+        lines.append(f"tied: {plan.dropped_tied} is written once, as the input embedding")
+    lines.append(f"{'tensor':<56} {'shape':<16} {'dtype':<9} {'kind':<9} {'block':<5} how")
+    for t in plan.tensors:
+        block = "-" if t.block_index is None else str(t.block_index)
+        lines.append(
+            f"{t.name:<56} {'x'.join(map(str, t.shape)):<16} {str(t.dtype).removeprefix('torch.'):<9} "
+            f"{t.kind.value:<9} {block:<5} {method.describe_tensor(t.block_index)}"
+        )
+    lines.append(f"{len(plan.tensors)} tensors, {plan.num_parameters:,} parameters")
+    return "\n".join(lines)
+
+
+@dataclass
+class MergeJob:
+    """What a worker needs to merge its share of the tensors into the output folder.
+
+    Picklable, so that a worker process or a rank of a distributed run receives it whole; the
+    readers are opened by each worker (file handles do not travel).
+    """
+
+    config: MergeConfig
+    checkpoints: list[Path]
+    layout: ModelLayout
+    plan: MergePlan
+    stats: list[ActivationStats] | None
+    new_rows_source: int
+    folder: Path
+    metadata: dict[str, str]
+    statistics: ModelStatistics = field(default_factory=ModelStatistics)
+    sequential: tuple[CalibrationSet, CalibrationSet] | None = None
+    """For a model-level merge (:attr:`StatisticsNeeds.sequential`): the base's and the checkpoints' texts."""
+
+    def writer(self, part: Sequence[str]) -> ShardedSafetensorsWriter:
+        """A writer of ``part`` of the plan into the output folder's shared shard layout."""
+        return ShardedSafetensorsWriter(
+            self.folder, self.plan.write_plan(), parse_size(self.config.out_shard_size), self.metadata, part=part
+        )
+
+
+def merge_part(job: MergeJob, part: int, parts: int, *, progress: bool = True) -> EngineReport:
+    """Merge run ``part`` of the plan split in ``parts`` (see :func:`~obim_trainer.pipeline.engine.split_plan`).
+
+    Every worker of a parallel merge, and the single one of a plain merge, runs this: it opens
+    the inputs, merges its tensors and writes them at their places in the output's shards.
+    """
+    if job.sequential is not None:
+        return merge_sequential(job, progress=progress) if part == 0 else EngineReport()
+    tensors = split_plan(job.plan.tensors, parts)[part]
+    with ExitStack() as stack:
+        base, readers = _open_inputs(stack, job.config, job.checkpoints)
+        config = job.config
+        engine = MergeEngine(
+            base,
+            readers,
+            build_method(config.method, config.params, num_models=len(readers)),
+            job.layout,
+            job.stats,
+            statistics=job.statistics,
+            device=resolve_device(config.device),
+            seed=config.seed,
+            new_rows=config.new_rows,
+            new_rows_source=job.new_rows_source,
+        )
+        with job.writer([t.name for t in tensors]) as writer:
+            return engine.run(tensors, writer.write, progress=progress, recycle_written=True)  # writes, keeps none
+
+
+def merge_sequential(job: MergeJob, *, progress: bool = True) -> EngineReport:
+    """The whole model-level merge (sequential RegMean) in this process: it runs the model block by block,
+    so it is not split between workers or ranks (the others have nothing to do)."""
+    config = job.config
+    params = build_method(config.method, config.params, num_models=len(job.checkpoints)).params
+    old, new = job.sequential or (None, None)
+    assert old is not None and new is not None
+    with ExitStack() as stack:
+        base, readers = _open_inputs(stack, config, job.checkpoints)
+        with job.writer([t.name for t in job.plan.tensors]) as writer:
+            report = sequential_regmean(
+                base,
+                readers,
+                config.base,
+                old,
+                new,
+                job.plan,
+                writer.write,
+                base_weight=params.base_weight,  # type: ignore[attr-defined]
+                alpha=params.alpha,  # type: ignore[attr-defined]
+                device=resolve_device(config.device),
+                batch_size=config.calibration_batch_size,
+                progress=progress,
+            )
+    return EngineReport(seconds=report.seconds, notes={RIDGED_NOTE: report.ridge_count})
+
+
+def _worker_ready() -> None:
+    """Nothing: unpickling it makes a fresh worker import this module (torch and all) before the work arrives."""
+
+
+@contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """``workers`` processes for a parallel merge (``None`` for one: the merge runs here), each with its
+    share of the CPU threads.
+
+    Opened before the leader validates and loads statistics, so that the workers start and import
+    torch meanwhile. They are spawned, not forked: a fork copies torch's thread pool in an
+    unusable state.
+    """
+    if workers == 1:
+        yield None
+        return
+    threads = max(1, torch.get_num_threads() // workers)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
+    ) as pool:
+        for _ in range(workers):
+            pool.submit(_worker_ready)
+        yield pool
+
+
+def run_parts(job: MergeJob, pool: ProcessPoolExecutor | None, workers: int, *, progress: bool) -> list[EngineReport]:
+    """Merge the whole plan, split in ``workers`` runs, in the pool's processes (here, without a pool).
+
+    A failure in any worker is raised here once every worker has stopped.
+    """
+    if pool is None:
+        return [merge_part(job, 0, 1, progress=progress)]
+    futures = [pool.submit(merge_part, job, i, workers, progress=progress and i == 0) for i in range(workers)]
+    wait(futures)  # no worker may still be writing when a failure discards the output folder
+    return [future.result() for future in futures]
+
+
+@dataclass
+class _Prepared:
+    """The leader's side of a merge between validation and the finished folder."""
+
+    config: MergeConfig
+    job: MergeJob
+    base: CheckpointReader
+    readers: list[CheckpointReader]
+    method: MergeMethod
+    tokenizer_dir: Path
+    calibration: LanguageCalibration | None
+    stats_sources: list[dict[str, Any]]
+    timings: dict[str, float]
+    start: float
+
+
+def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
+    """Validate everything, compute (or load) statistics and open the temporary output folder.
+
+    Returns a :class:`MergeResult` for a dry run. The readers and the output folder live in ``stack``.
+    """
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    device = resolve_device(config.device)
+    checkpoints = resolve_checkpoints(config)
+    method = build_method(config.method, config.params, num_models=len(checkpoints))
+    needs = method.statistics()
+    check_languages(config.calibration_data, config.new_languages, needs, method.name)
+    parse_size(config.out_shard_size)  # a bad size fails now, not after the statistics
+    if not config.base.is_dir():
+        raise CheckpointError(
+            f"base folder {config.base} does not exist; set {setting_name('base', 'DIR')} to the base model's folder"
+        )
+    texts = None
+    if needs.any and config.calibration_data is not None:  # every file read (an empty one refused) before any input
+        texts = load_language_texts(config.calibration_data, config.calibration_samples, config.calibration_text_field)
+    base, readers = _open_inputs(stack, config, checkpoints)
+    layout = ModelLayout.from_pretrained_dir(config.base)
+    plan = plan_merge(base, readers, layout, config.dtype)
+    source = new_rows_source(config, checkpoints, plan)
+    tokenizer_dir = resolve_tokenizer(config, checkpoints, plan, source)
+    if needs.any and texts is None:
+        raise missing_calibration(method.name, needs)
+    if needs.sequential and plan.vocab_size is not None:
+        raise ConfigError(
+            f"the checkpoints extend the vocabulary to {plan.vocab_size} rows, which the layer-by-layer merge of "
+            f"'{method.name}' cannot run: set the method's parameter sequential: false (--param sequential=false)"
+        )
+    calibration = prepare_language_calibration(config, tokenizer_dir, texts) if texts is not None else None
+    if config.dry_run:
+        text = format_plan(plan, method, checkpoints, config.new_rows, describe_statistics(needs, calibration))
+        logger.info("dry run, nothing written:\n%s", text)
+        return MergeResult(output=None, checkpoints=checkpoints, plan=plan, plan_text=text)
+    assert config.output is not None
+    inputs = [config.base, *checkpoints, tokenizer_dir]
+    folder = stack.enter_context(atomic_output_dir(config.output, overwrite=config.overwrite, inputs=inputs))
+    stats, statistics, stats_sources = None, ModelStatistics(), []
+    sequential = None
+    if needs.sequential and calibration is not None:
+        plan = sequential_write_order(plan, layout)
+        sequential = (calibration.side("base", needs.per_language), calibration.side("checkpoints", needs.per_language))
+    elif calibration is not None:
+        t0 = time.perf_counter()
+        stats, statistics, stats_sources = _measure(config, needs, calibration, texts, base, readers, plan, device)
+        timings["statistics_s"] = time.perf_counter() - t0
+    job = MergeJob(
+        config=config.model_copy(update={"calibration_data": None}),  # read already; may not pickle
+        checkpoints=checkpoints,
+        layout=layout,
+        plan=plan,
+        stats=stats,
+        new_rows_source=source,
+        folder=folder,
+        metadata={"format": "pt", "merged_by": "obim-trainer", "method": method.name},
+        statistics=statistics,
+        sequential=sequential,
+    )
+    return _Prepared(config, job, base, readers, method, tokenizer_dir, calibration, stats_sources, timings, start)
+
+
+def _measure(
+    config: MergeConfig,
+    needs: StatisticsNeeds,
+    calibration: LanguageCalibration,
+    texts: dict[str, list[str]] | None,
+    base: CheckpointReader,
+    readers: list[CheckpointReader],
+    plan: MergePlan,
+    device: torch.device,
+) -> tuple[list[ActivationStats] | None, ModelStatistics, list[dict[str, Any]]]:
+    """The statistics ``needs`` asks for (cached or computed) and their records: activations of each checkpoint
+    on all the texts, Grams and Fisher diagonals of the base and of each checkpoint on their sides' texts."""
+    stats, records = None, []
+    if needs.activations:
+        everything = calibration.all()
+        pairs = [checkpoint_stats(r, everything, config, device) for r in readers]
+        stats = [s for s, _ in pairs]
+        records = [{**src, "model": "checkpoint", "languages": list(calibration.sets)} for _, src in pairs]
+    base_calibration = None
+    if (needs.grams or needs.fishers) and plan.vocab_size is not None:
+        base_calibration = prepare_language_calibration(config, config.base, texts)  # ids the base's vocabulary has
+    statistics, measured = model_statistics(base, readers, needs, calibration, config, device, base_calibration)
+    return stats, statistics, records + measured
+
+
+def _kernels(device: torch.device) -> dict[str, str]:
+    """What merged: the native loops (on the CPU, when they loaded) or torch, with the reason."""
+    if device.type != "cpu":
+        return {"path": "torch", "origin": "none", "reason": f"merging on {device}"}
+    return kernel_state().to_dict()
+
+
+def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult:
+    """Index, config, tokenizer and manifest into the output folder, once every part is written."""
+    config, job, timings = prepared.config, prepared.job, prepared.timings
+    files = job.writer(()).write_index()
+    report = EngineReport.combined(reports)
+    timings["merge_s"] = report.seconds
+    folder, plan, tokenizer_dir = job.folder, job.plan, prepared.tokenizer_dir
+    copy_model_files(config.base, tokenizer_dir if tokenizer_dir != config.base else None, folder)
+    _write_config(folder, plan)
+    timings["total_s"] = time.perf_counter() - prepared.start
+    assert config.output is not None
+    manifest = MergeManifest(
+        method=prepared.method.describe(),
+        seed=config.seed,
+        base=describe_input(prepared.base),
+        checkpoints=[describe_input(r) for r in prepared.readers],
+        output={
+            "path": str(config.output.resolve()),
+            "files": [f.name for f in files],
+            "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in plan.tensors}),
+            "num_tensors": len(plan.tensors),
+            "num_parameters": plan.num_parameters,
+            "tokenizer": str(Path(tokenizer_dir).resolve()),
+            "vocab_size": plan.vocab_size,
+            "new_rows": config.new_rows if plan.vocab_size is not None else None,
+            "workers": len(reports),
+        },
+        calibration=_describe_calibration(config, prepared.calibration, prepared.method.statistics()),
+        statistics=prepared.stats_sources,
+        ownership_share=report.ownership_share(len(prepared.readers)) if report.owned else None,
+        base_share=report.base_share(plan) if report.owned else None,
+        notes=report.notes,
+        timings=timings,
+        kernels=_kernels(resolve_device(config.device)),
+    ).write(folder)
+    return MergeResult(output=config.output, checkpoints=job.checkpoints, plan=plan, manifest=manifest)
+
+
+def _build_config(config: MergeConfig | None, kwargs: dict[str, Any]) -> MergeConfig:
+    if config is None:
+        return MergeConfig.build(kwargs)
+    return MergeConfig.build({**config.model_dump(), **kwargs}) if kwargs else config
+
+
+def merge_checkpoints(config: MergeConfig | None = None, /, **kwargs: Any) -> MergeResult:
+    """Merge checkpoints into their base and write a Hugging Face model folder.
+
+    Call with a :class:`MergeConfig` or with its fields as keyword arguments::
+
+        merge_checkpoints(base="qwen2-7b", checkpoints=["run/checkpoint-3000", "run/checkpoint-4000"],
+                          calibration_data="calib.jsonl", output="merged")
+
+    With ``workers=N`` the tensors are split between N processes, each writing its share into
+    the same shard files; the output is byte for byte the one-process output. Returns a
+    :class:`MergeResult`. Every user-fixable problem raises an
+    :class:`~obim_trainer.errors.OBIMError` before any output exists.
+    """
+    config = _build_config(config, kwargs)
+    with ExitStack() as stack:
+        pool = stack.enter_context(worker_pool(1 if config.dry_run else config.workers))
+        prepared = _prepare(stack, config)
+        if isinstance(prepared, MergeResult):
+            return prepared
+        result = _finish(prepared, run_parts(prepared.job, pool, config.workers, progress=config.progress))
+    logger.info("merged %d checkpoints into %s in %.1f s", len(result.checkpoints), config.output, _total(result))
+    return result
+
+
+def merge_checkpoints_on_ranks(config: MergeConfig) -> MergeResult:
+    """:func:`merge_checkpoints` with the work split between the ranks of the running process group.
+
+    Every rank calls it at the same point with the same configuration. Rank 0 validates, loads
+    the statistics and opens the output folder; each rank merges its run of tensors
+    (:func:`merge_part`) into the shared shards; after all are done rank 0 writes the index,
+    config and manifest and publishes the folder. A failure anywhere is raised on every rank,
+    and the folder then never appears. Outside a process group this is :func:`merge_checkpoints`.
+    """
+    prepared: _Prepared | MergeResult | None = None
+    with ExitStack() as stack:
+
+        def prepare() -> MergeJob | MergeResult:
+            nonlocal prepared
+            prepared = _prepare(stack, config)
+            return prepared if isinstance(prepared, MergeResult) else prepared.job
+
+        shared = run_on_main(prepare, "preparing the merge")
+        if isinstance(shared, MergeResult):
+            return shared
+        show = config.progress and is_main_process()
+        reports = run_on_every_rank(lambda: merge_part(shared, rank(), world_size(), progress=show), "merging")
+
+        def finish() -> MergeResult:
+            assert isinstance(prepared, _Prepared)
+            result = _finish(prepared, reports)
+            stack.close()  # publishes the folder; a failure here reaches every rank too
+            return result
+
+        result = run_on_main(finish, "finishing the merge")
+    if is_main_process():
+        logger.info("merged %d checkpoints into %s in %.1f s", len(result.checkpoints), config.output, _total(result))
+    return result
+
+
+def _total(result: MergeResult) -> float:
+    return float((result.manifest or {}).get("timings", {}).get("total_s", 0.0))
+
+
+def _describe_set(calibration: CalibrationSet) -> dict[str, Any]:
+    return {
+        "samples": len(calibration.input_ids),
+        "tokens": calibration.num_tokens,
+        "fingerprint": calibration.fingerprint(),
+    }
+
+
+def _describe_calibration(
+    config: MergeConfig, calibration: LanguageCalibration | None, needs: StatisticsNeeds
+) -> dict[str, Any] | None:
+    """The calibration texts, per language when given so, and which texts each model was measured on."""
+    if calibration is None:
+        return None
+    source = config.calibration_data
+    record: dict[str, Any] = {
+        "source": str(source) if isinstance(source, (str, Path)) else type(source).__name__,
+        **_describe_set(calibration.all()),
+        "max_length": config.calibration_max_length,
+    }
+    if is_per_language(source):
+        record["source"] = {language: str(path) for language, path in source.items()}
+        record["languages"] = {
+            language: {**_describe_set(texts), "new": language in calibration.new_languages}
+            for language, texts in calibration.sets.items()
+        }
+        record["new_languages"] = list(calibration.new_languages)
+    measured = {"checkpoints": calibration.languages_of("checkpoints", needs.per_language)}
+    if needs.grams or needs.fishers or needs.sequential:
+        measured["base"] = calibration.languages_of("base", needs.per_language)
+    record["measured_on"] = measured
+    return record

@@ -1,0 +1,811 @@
+"""Sequential forgetting-aware RegMean (RegMean++ style): linear maps merged in forward order, block by block.
+
+Plain RegMean merges every linear map y = x·Wᵀ on the inputs each original model saw. Once earlier
+layers are merged, the merged model's inputs to a map are no longer those; RegMean++ (Nguyen et al.
+2026) therefore takes each map's inputs from the partially merged model, on the same texts, while its
+targets stay the original models' outputs. With the base measured on old-language text and every
+checkpoint on new-language text, the map that best reproduces both is
+
+    W* = (c·W_B·C_B/n_B + (1/K)·Σ_k W_k·C_k/n_N) · (c·Ĝ_B/n_B + Ĝ_N/n_N)⁻¹
+
+    C_B = X_BᵀX̂_B   (the base's own inputs × the merged model's inputs, old text, n_B non-pad tokens)
+    C_k = X_kᵀX̂_N   (checkpoint k's own inputs × the merged model's inputs, new text, n_N tokens)
+    Ĝ_B = X̂_BᵀX̂_B,  Ĝ_N = X̂_NᵀX̂_N
+
+the normal equations of argmin_W c·‖X̂_B·Wᵀ − X_B·W_Bᵀ‖²/n_B + (1/K)·Σ_k ‖X̂_N·Wᵀ − X_k·W_kᵀ‖²/n_N.
+RegMean's shrinkage α·M + (1−α)·diag(M) is applied to every matrix, the cross terms included: when
+the merged model's inputs equal the originals' (C = Ĝ = G) the formula is then exactly the
+non-sequential one with the same α. Everything that is not a solved linear map's weight (embeddings,
+norms, biases, a tied LM head, a map the calibration text never reaches) gets θ_B + mean_k δ_k/(1+c)
+(:func:`~obim_trainer.merging.least_squares.shrink_toward_base`).
+
+Cost and memory. The model is never built whole: a skeleton with its parameters on the ``meta``
+device (buffers real, so rotary tables exist) gives the architecture, the architecture's own code runs
+everything before the first block (a "catcher" pre-hook on block 0 stores its arguments and stops the
+forward, as GPTQ does), and one decoder block at a time is loaded from the readers. The hidden states at
+the current block's input are kept, on ``device``, for K + 3 streams: the base on old text, each
+checkpoint on new text, the merged model on old and on new text. Per block, every original model runs
+once, one after the other, its inputs to each group of maps recorded on the CPU (float32, non-pad
+tokens: (K + 1) × tokens × the summed input widths of the block's groups, about 5.7 hidden states per
+model for a Llama); then the merged block runs once per group of maps reading the same input (q/k/v;
+gate/up), stopping at that group, and once in full to advance its hidden states. So a merge costs the
+originals' forward pass once and the merged model's about (groups per block + 1) times. Statistics
+accumulate in float64; a group holds K + 3 float64 [in, in] matrices while it is solved.
+
+Precision: the originals run in float32 whatever their stored dtype; the merged model runs with its
+weights as they are written (rounded to the output dtype), so later maps see the model that is saved.
+
+Limits: maps run more than once per forward pass (shared weights) are refused, maps the calibration text
+never reaches (unrouted MoE experts) and parameters that are not ``nn.Linear``/``Conv1D`` weights (fused
+3-D expert tensors) get the shrink rule; vocabularies the checkpoints extend are refused (use the
+non-sequential merge). Tested against a whole-model reference on Llama (MHA and GQA, tied bf16 and untied),
+GPT-2 (Conv1D, fused qkv), Qwen2 (q/k/v biases), Phi-3 (fused qkv_proj, gate_up_proj) and Gemma (scaled embeddings).
+
+The merge writes in a fixed order (:func:`sequential_write_order`): tensors outside the blocks first,
+then block by block, the untied LM head last. Build the writer from that order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from obim_trainer.calibration.activation_stats import linear_layers
+from obim_trainer.calibration.data import CalibrationSet
+from obim_trainer.checkpoints.reader import CheckpointReader
+from obim_trainer.errors import CalibrationError, CheckpointError, ConfigError
+from obim_trainer.merging.least_squares import regularize_gram, shrink_toward_base, solve_least_squares
+from obim_trainer.merging.task import ParamKind
+from obim_trainer.pipeline.engine import MergePlan, TensorPlan, _check_finite
+from obim_trainer.pipeline.layout import BLOCK_INDEX, ModelLayout
+
+logger = logging.getLogger(__name__)
+
+COMPUTE_DTYPE = torch.float32
+ACCUMULATE_DTYPE = torch.float64
+
+
+@dataclass
+class SequentialReport:
+    """What the sequential merge did: the maps whose solve needed a ridge, tensors written, time."""
+
+    ridged: list[str] = field(default_factory=list)
+    tensors: int = 0
+    solved: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ridge_count(self) -> int:
+        return len(self.ridged)
+
+
+def check_parameters(base_weight: float, alpha: float, old: CalibrationSet, new: CalibrationSet) -> None:
+    """One clear error for a bad parameter or empty calibration text, before anything is read."""
+    if not (isinstance(base_weight, (int, float)) and math.isfinite(base_weight) and base_weight > 0):
+        raise ConfigError(f"regmean: base_weight must be a positive number (got {base_weight!r}); 1.0 is the default")
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise ConfigError(f"regmean: alpha must lie in [0, 1] (got {alpha!r}); 1.0 keeps the full input covariance")
+    for side, calibration in (("old-language", old), ("new-language", new)):
+        if not calibration.input_ids or calibration.num_tokens == 0:
+            raise CalibrationError(
+                f"sequential regmean needs {side} calibration text, and it is empty; give ~100 samples of the "
+                f"{side.split('-')[0]} language(s)"
+            )
+
+
+# --- the model skeleton --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside goes to the ``meta`` device; buffers stay real.
+
+    Non-persistent buffers (rotary ``inv_freq``) are computed at construction and stored nowhere, so
+    a model built entirely on ``meta`` could not run; parameters are what the readers provide.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:  # a meta one is kept as it is: tying assigns the same object
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+@dataclass
+class _Param:
+    """One parameter of the skeleton: the module holding it, its attribute, and its stored name."""
+
+    owner: nn.Module
+    attr: str
+    stored: str
+
+    def set(self, value: Tensor) -> None:
+        self.owner._parameters[self.attr] = nn.Parameter(value, requires_grad=False)
+
+    def release(self) -> None:
+        current = self.owner._parameters[self.attr]
+        assert current is not None
+        self.owner._parameters[self.attr] = nn.Parameter(current.to("meta"), requires_grad=False)
+
+
+@dataclass
+class _Skeleton:
+    """The base architecture with meta parameters, and where its blocks, final norm and LM head are."""
+
+    model: nn.Module
+    blocks: nn.ModuleList
+    blocks_name: str
+    stored_name: Callable[[str], str | None]
+    outside: list[_Param]
+    """Parameters outside the blocks the embedding stage needs (all but the untied head)."""
+    tail: list[nn.Module]
+    """Modules applied between the last block and the LM head (the final norm)."""
+    tail_params: list[_Param]
+    head: _Param | None
+    """The untied LM head, solved as a linear map; ``None`` when tied or not stored."""
+    head_axis: int = 1
+
+    def block_params(self, index: int) -> list[_Param]:
+        return _params(self.blocks[index], f"{self.blocks_name}.{index}", self.stored_name)
+
+
+def _params(module: nn.Module, prefix: str, stored_name: Callable[[str], str | None]) -> list[_Param]:
+    """Every parameter under ``module`` (a tied one once), with the name the files store it under."""
+    found, seen = [], set()
+    for owner_name, owner in module.named_modules():
+        for attr, param in owner.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            full = ".".join(part for part in (prefix, owner_name, attr) if part)
+            stored = stored_name(full)
+            if stored is None:
+                raise CheckpointError(
+                    f"the base stores no tensor {full}, which its architecture needs; re-save the base with "
+                    "save_pretrained"
+                )
+            found.append(_Param(owner, attr, stored))
+    return found
+
+
+def _block_list(base_model: nn.Module) -> tuple[str, nn.ModuleList]:
+    for name, child in base_model.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) > 0 and BLOCK_INDEX.search(f"{name}.0.x"):
+            return name, child
+    raise ConfigError(
+        f"sequential regmean cannot find the decoder blocks of {type(base_model).__name__}; use sequential: false"
+    )
+
+
+def _stored_name_function(stored_names: set[str], prefix: str) -> Callable[[str], str | None]:
+    """Module parameter name → the name in the files (which may lack the ``base_model_prefix``)."""
+
+    def stored_name(full: str) -> str | None:
+        if full in stored_names:
+            return full
+        if prefix and full.startswith(prefix + ".") and full[len(prefix) + 1 :] in stored_names:
+            return full[len(prefix) + 1 :]
+        return None
+
+    return stored_name
+
+
+def _build_model(base_dir: Path, device: torch.device) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(base_dir)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the model config in {base_dir} ({exc}); it must hold config.json") from None
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[key] = buffer.to(device)
+    return model
+
+
+def _build_skeleton(base_dir: Path, stored_names: set[str], device: torch.device) -> _Skeleton:
+    """The base's architecture on ``meta`` (buffers on ``device``), with its parts located.
+
+    The final norm is taken as the modules with parameters the base model registers after its block
+    list (Llama's ``norm``, GPT-2's ``ln_f``); they are applied in that order to the last hidden states.
+    """
+    model = _build_model(base_dir, device)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    stored_name = _stored_name_function(stored_names, prefix)
+    base_model = getattr(model, prefix) if prefix and hasattr(model, prefix) else model
+    blocks_attr, blocks = _block_list(base_model)
+    blocks_name = f"{prefix}.{blocks_attr}" if base_model is not model else blocks_attr
+    children = [name for name, _ in base_model.named_children()]
+    tail = [
+        module
+        for name, module in list(base_model.named_children())[children.index(blocks_attr) + 1 :]
+        if any(True for _ in module.parameters())
+    ]
+    head_module, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    head, head_axis = None, 1
+    if head_module is not None and head_module.weight is not embedding.weight:
+        head_name = next(n for n, m in model.named_modules() if m is head_module)
+        stored = stored_name(f"{head_name}.weight")
+        if stored is not None:
+            head = _Param(head_module, "weight", stored)
+            head_axis = next((axis for _n, m, axis, _f in linear_layers(model) if m is head_module), 1)
+    in_blocks = {id(m) for m in blocks.modules()}
+    outside = [
+        p
+        for p in _params(model, "", stored_name)
+        if id(p.owner) not in in_blocks and not (head is not None and p.owner is head.owner and p.attr == "weight")
+    ]
+    tail_ids = {id(m) for module in tail for m in module.modules()}
+    tail_params = [p for p in outside if id(p.owner) in tail_ids]
+    return _Skeleton(model, blocks, blocks_name, stored_name, outside, tail, tail_params, head, head_axis)
+
+
+def sequential_write_order(plan: MergePlan, layout: ModelLayout) -> MergePlan:
+    """The plan in the order the sequential merge writes it: tensors outside the blocks, then block by block
+    (each in plan order), the untied LM head last. Build the output writer from this plan."""
+    head = next(
+        (
+            t.name
+            for t in plan.tensors
+            if t.block_index is None and t.kind is ParamKind.LINEAR and layout.is_vocabulary_tensor(t.name)
+        ),
+        None,
+    )
+    outside = [t for t in plan.tensors if t.block_index is None and t.name != head]
+    blocks = sorted({t.block_index for t in plan.tensors if t.block_index is not None})
+    in_blocks = [t for index in blocks for t in plan.tensors if t.block_index == index]
+    last = [t for t in plan.tensors if t.name == head]
+    return MergePlan(tensors=outside + in_blocks + last, dropped_tied=plan.dropped_tied, vocab_size=plan.vocab_size)
+
+
+# --- hidden states and linear inputs ---------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised by a hook once it has what it needs, to skip the rest of a forward pass."""
+
+
+@dataclass
+class _Batch:
+    """A batch at a block's input: the hidden states, the block's other arguments, the non-pad token mask."""
+
+    hidden: Tensor
+    rest: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    mask: Tensor
+
+
+Stream = list[_Batch]
+
+
+def _catch(skeleton: _Skeleton, calibration: CalibrationSet, batch_size: int, device: torch.device) -> Stream:
+    """The arguments of the first block for every batch (GPTQ's "catcher": a pre-hook that stores them and stops).
+
+    Whatever the architecture computes before its blocks (embeddings, positions, the causal mask, rotary
+    position embeddings) is computed by its own code, so the blocks can then be run one at a time.
+    """
+    caught: list[tuple[Tensor, tuple[Any, ...], dict[str, Any]]] = []
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        caught.append((hidden, tuple(args[1:]), kwargs))
+        raise _Stop
+
+    handle = skeleton.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    stream: Stream = []
+    try:
+        for ids, mask in calibration.batches(batch_size):
+            mask = mask.to(device)
+            with suppress(_Stop):
+                skeleton.model(input_ids=ids.to(device), attention_mask=mask, use_cache=False)
+            if not caught:
+                raise ConfigError(
+                    f"{type(skeleton.model).__name__} did not call its first decoder block on a plain forward pass; "
+                    "sequential regmean cannot run it block by block: use sequential: false"
+                )
+            hidden, rest, kwargs = caught.pop()
+            stream.append(_Batch(hidden.to(COMPUTE_DTYPE), rest, kwargs, mask.reshape(-1).bool()))
+    finally:
+        handle.remove()
+    return stream
+
+
+def _sharing_arguments(stream: Stream, like: Stream) -> Stream:
+    """``stream`` with the block arguments of ``like`` (the same text): the mask and position embeddings depend
+    on the token ids only, so the streams on one text keep one copy of them."""
+    return [_Batch(b.hidden, a.rest, a.kwargs, a.mask) for b, a in zip(stream, like, strict=True)]
+
+
+def _run_block(block: nn.Module, batch: _Batch) -> Tensor:
+    out = block(batch.hidden, *batch.rest, **batch.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _rows(inputs: Tensor, in_features: int, mask: Tensor) -> Tensor:
+    """The non-pad tokens' inputs as ``[n, in]`` rows."""
+    return inputs.detach().reshape(-1, in_features)[mask]
+
+
+@dataclass
+class _Map:
+    """A linear map of a block: its stored weight name, module, input axis of the weight, input width."""
+
+    name: str
+    module: nn.Module
+    axis: int
+    in_features: int
+
+
+def _groups(block: nn.Module, batch: _Batch, maps: list[_Map]) -> list[list[_Map]]:
+    """The block's linear maps in forward order, grouped by the input tensor they read (q/k/v; gate/up).
+
+    Found by running the block once with hooks; a map called twice per forward (shared weights) cannot be
+    merged one input at a time and is an error; maps never called are left out (they get the shrink rule).
+    """
+    calls: list[tuple[_Map, Tensor]] = []
+
+    def hook(entry: _Map) -> Callable[..., None]:
+        def record(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            calls.append((entry, args[0] if args else next(iter(kwargs.values()))))
+
+        return record
+
+    handles = [m.module.register_forward_pre_hook(hook(m), with_kwargs=True) for m in maps]
+    try:
+        _run_block(block, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = [entry.name for entry, _ in calls]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(
+            f"{repeated[0]} runs more than once per forward pass (shared weights or MoE experts); sequential "
+            "regmean merges each map on one input: use sequential: false"
+        )
+    groups: list[list[_Map]] = []
+    previous: Tensor | None = None
+    for entry, inputs in calls:
+        if previous is not None and inputs is previous:
+            groups[-1].append(entry)
+        else:
+            groups.append([entry])
+        previous = inputs
+    unused = [m.name for m in maps if m.name not in names]
+    if unused:
+        logger.warning(
+            "%d linear map(s) never ran on the calibration text; shrunk toward the base: %s",
+            len(unused),
+            ", ".join(unused),
+        )
+    return groups
+
+
+def _record_inputs(block: nn.Module, leaders: list[_Map], stream: Stream) -> tuple[list[list[Tensor]], list[Tensor]]:
+    """Run ``block`` (an original model's) over ``stream``: per group, its leader's inputs per batch (non-pad
+    rows, on the CPU), and the block's outputs (the next block's hidden states)."""
+    recorded: list[list[Tensor]] = [[] for _ in leaders]
+    current: list[Tensor] = []
+
+    def hook(index: int, entry: _Map) -> Callable[..., None]:
+        def record(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            inputs = args[0] if args else next(iter(kwargs.values()))
+            recorded[index].append(_rows(inputs, entry.in_features, current[0]).to("cpu", COMPUTE_DTYPE))
+
+        return record
+
+    handles = [m.module.register_forward_pre_hook(hook(i, m), with_kwargs=True) for i, m in enumerate(leaders)]
+    outputs = []
+    try:
+        for batch in stream:
+            current[:] = [batch.mask]
+            outputs.append(_run_block(block, batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorded, outputs
+
+
+def _merged_inputs(block: nn.Module, leader: _Map, batch: _Batch) -> Tensor:
+    """The partially merged block's inputs to ``leader`` on one batch (the forward stops there)."""
+    found: list[Tensor] = []
+
+    def record(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        found.append(_rows(args[0] if args else next(iter(kwargs.values())), leader.in_features, batch.mask))
+        raise _Stop
+
+    handle = leader.module.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        _run_block(block, batch)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return found[0]
+
+
+# --- the normal equations ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Side:
+    """One calibration text: the merged model's stream on it, and the originals measured on it (with weights).
+
+    ``originals[i][b]`` are original model i's inputs to the group on batch b; ``weights[i]`` its weight in
+    the objective (c/n_B for the base on old text, 1/(K·n_N) for each checkpoint on new text)."""
+
+    stream: Stream
+    originals: list[list[Tensor]]
+    weights: list[float]
+    gram_weight: float
+    """The merged inputs' Gram weight: c/n_B (old text), 1/n_N (new text)."""
+
+
+def _normal_equations(
+    sides: Sequence[_Side],
+    merged_inputs: Callable[[_Batch], Tensor],
+    in_features: int,
+    alpha: float,
+    device: torch.device,
+) -> tuple[list[Tensor], Tensor]:
+    """Per original model (in side order), its weighted, shrunk cross term w_i·reg(X_iᵀX̂); and the weighted,
+    shrunk Gram of the merged inputs Σ_sides w·reg(X̂ᵀX̂). Accumulated in float64 over non-pad tokens."""
+    crosses: list[Tensor] = []
+    gram_total = torch.zeros(in_features, in_features, dtype=ACCUMULATE_DTYPE, device=device)
+    for side in sides:
+        gram = torch.zeros_like(gram_total)
+        cross = [torch.zeros_like(gram_total) for _ in side.originals]
+        for b, batch in enumerate(side.stream):
+            merged = merged_inputs(batch).to(ACCUMULATE_DTYPE)
+            gram.addmm_(merged.T, merged)
+            for i, inputs in enumerate(side.originals):
+                cross[i].addmm_(inputs[b].to(device, ACCUMULATE_DTYPE).T, merged)
+        gram_total.add_(regularize_gram(gram, alpha), alpha=side.gram_weight)
+        crosses += [regularize_gram(c, alpha).mul_(w) for c, w in zip(cross, side.weights, strict=True)]
+    return crosses, gram_total
+
+
+# --- the merge ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Streams:
+    """Hidden states at the current block's input: originals on their own text, the merged model on both."""
+
+    base_old: Stream
+    checkpoints_new: list[Stream]
+    merged_old: Stream
+    merged_new: Stream
+
+
+def _advanced(stream: Stream, hidden: Sequence[Tensor]) -> Stream:
+    return [_Batch(h, b.rest, b.kwargs, b.mask) for b, h in zip(stream, hidden, strict=True)]
+
+
+class _SequentialMerge:
+    """One sequential merge: the readers, the skeleton, the parameters and where results go."""
+
+    def __init__(
+        self,
+        base: CheckpointReader,
+        checkpoints: Sequence[CheckpointReader],
+        skeleton: _Skeleton,
+        plan: MergePlan,
+        write: Callable[[str, Tensor], None],
+        *,
+        base_weight: float,
+        alpha: float,
+        device: torch.device,
+        old_tokens: int,
+        new_tokens: int,
+    ) -> None:
+        self.base, self.checkpoints, self.models = base, list(checkpoints), [base, *checkpoints]
+        self.skeleton, self.write, self.device = skeleton, write, device
+        self.dtypes = {t.name: t.dtype for t in plan.tensors}
+        self.base_weight, self.alpha = base_weight, alpha
+        self.old_tokens, self.new_tokens = old_tokens, new_tokens
+        self.report = SequentialReport()
+        self.tail_merged: dict[str, Tensor] = {}
+        """The merged final norm's parameters, kept from the embedding stage for the LM head."""
+
+    # reading and the shrink rule
+
+    def read(self, reader: CheckpointReader, name: str) -> Tensor:
+        return _check_finite(reader.read(name), name, reader)
+
+    def load(self, params: Sequence[_Param], reader: CheckpointReader) -> None:
+        for p in params:
+            p.set(self.read(reader, p.stored).to(self.device, COMPUTE_DTYPE))
+
+    def shrink(self, name: str) -> Tensor:
+        """θ_B + mean_k δ_k/(1+c) in the output dtype, on the CPU (integer buffers: the base's)."""
+        base = self.read(self.base, name)
+        dtype = self.dtypes.get(name, base.dtype)
+        if not base.is_floating_point():
+            return base
+        base32 = base.to(self.device, COMPUTE_DTYPE)
+        mean_delta = torch.zeros_like(base32)
+        for reader in self.checkpoints:
+            mean_delta += self.read(reader, name).to(self.device, COMPUTE_DTYPE) - base32
+        mean_delta /= len(self.checkpoints)
+        return shrink_toward_base(base32, mean_delta, self.base_weight).to("cpu", dtype).contiguous()
+
+    def emit(self, name: str, tensor: Tensor) -> None:
+        self.write(name, tensor)
+        self.report.tensors += 1
+
+    # the least-squares solve
+
+    def sides(self, merged: _Streams, base_inputs: list[Tensor], checkpoint_inputs: list[list[Tensor]]) -> list[_Side]:
+        c, k = self.base_weight, len(self.checkpoints)
+        old = _Side(merged.merged_old, [base_inputs], [c / self.old_tokens], c / self.old_tokens)
+        new_weight = 1.0 / (k * self.new_tokens)
+        new = _Side(merged.merged_new, checkpoint_inputs, [new_weight] * k, 1.0 / self.new_tokens)
+        return [old, new]
+
+    def solve(self, name: str, axis: int, crosses: Sequence[Tensor], gram: Tensor) -> Tensor:
+        """W* = Σ_i W_i·(w_i·reg(X_iᵀX̂)) · (Σ w·reg(X̂ᵀX̂))⁻¹ for one map, stored as the files store it."""
+        numerator: Tensor | None = None
+        for reader, cross in zip(self.models, crosses, strict=True):
+            weight = self.read(reader, name).to(self.device, ACCUMULATE_DTYPE)
+            term = (weight if axis == 1 else weight.T) @ cross
+            numerator = term if numerator is None else numerator.add_(term)
+        assert numerator is not None
+        if not (bool(torch.isfinite(gram).all()) and bool(torch.isfinite(numerator).all())):
+            raise CheckpointError(
+                f"the inputs of {name} on the calibration text contain NaN or Inf although the weights are finite "
+                "(overflow?); check the checkpoints, or use sequential: false"
+            )
+        solution, ridged = solve_least_squares(numerator, gram)
+        if ridged:
+            self.report.ridged.append(name)
+        self.report.solved += 1
+        stored = solution if axis == 1 else solution.T
+        return stored.to("cpu", self.dtypes.get(name, COMPUTE_DTYPE)).contiguous()
+
+    # the stages
+
+    def embed(
+        self, outside: Sequence[TensorPlan], old: CalibrationSet, new: CalibrationSet, batch_size: int
+    ) -> _Streams:
+        """Write the tensors outside the blocks (shrink rule) and catch every stream's first-block inputs."""
+        merged: dict[str, Tensor] = {}
+        for tensor in outside:
+            merged[tensor.name] = self.shrink(tensor.name)
+            self.emit(tensor.name, merged[tensor.name])
+        params = self.skeleton.outside
+        self.load(params, self.base)
+        base_old = _catch(self.skeleton, old, batch_size, self.device)
+        checkpoints_new = []
+        for reader in self.checkpoints:
+            self.load(params, reader)
+            checkpoints_new.append(_catch(self.skeleton, new, batch_size, self.device))
+        for p in params:
+            value = merged[p.stored] if p.stored in merged else self.shrink(p.stored)
+            p.set(value.to(self.device, COMPUTE_DTYPE))
+        merged_old = _catch(self.skeleton, old, batch_size, self.device)
+        merged_new = _catch(self.skeleton, new, batch_size, self.device)
+        streams = _Streams(
+            _sharing_arguments(base_old, merged_old),
+            [_sharing_arguments(stream, merged_new) for stream in checkpoints_new],
+            merged_old,
+            merged_new,
+        )
+        self.tail_merged = {p.stored: p.owner._parameters[p.attr] for p in self.skeleton.tail_params}
+        for p in params:
+            p.release()
+        return streams
+
+    def run_originals(
+        self, block: nn.Module, params: Sequence[_Param], leaders: list[_Map], streams: _Streams
+    ) -> list[tuple[list[list[Tensor]], list[Tensor]]]:
+        """Each original's block (the base's already loaded) over its own stream: per model, its inputs to each
+        group and its outputs. One original block is in memory at a time."""
+        results = [_record_inputs(block, leaders, streams.base_old)]
+        for reader, stream in zip(self.checkpoints, streams.checkpoints_new, strict=True):
+            self.load(params, reader)
+            results.append(_record_inputs(block, leaders, stream))
+        return results
+
+    def shrunk_block(self, params: Sequence[_Param], solved: set[str]) -> dict[str, Tensor]:
+        """The merged block before its maps are solved: every other parameter at its shrink value (returned,
+        in the output dtype, to be written). The maps to solve go back to ``meta``: the forward stops at the
+        group being merged, so no map runs before it is solved."""
+        pending: dict[str, Tensor] = {}
+        for p in params:
+            if p.stored in solved:
+                p.release()
+            else:
+                pending[p.stored] = self.shrink(p.stored)
+                p.set(pending[p.stored].to(self.device, COMPUTE_DTYPE))
+        return pending
+
+    def merge_group(
+        self, block: nn.Module, group: list[_Map], streams: _Streams, originals: list[list[Tensor]]
+    ) -> dict[str, Tensor]:
+        """Solve the maps of one group (``originals``: the base's then each checkpoint's inputs to it, per batch)
+        on the partially merged block's inputs; returns the merged weights in the output dtype."""
+        leader = group[0]
+        crosses, gram = _normal_equations(
+            self.sides(streams, originals[0], originals[1:]),
+            lambda batch: _merged_inputs(block, leader, batch),
+            leader.in_features,
+            self.alpha,
+            self.device,
+        )
+        return {entry.name: self.solve(entry.name, entry.axis, crosses, gram) for entry in group}
+
+    def block(self, index: int, streams: _Streams, tensors: Sequence[TensorPlan]) -> None:
+        """Merge block ``index`` group by group, write its tensors, and advance every stream through it."""
+        skeleton = self.skeleton
+        block = skeleton.blocks[index]
+        params = skeleton.block_params(index)
+        by_name = {p.stored: p for p in params}
+        maps = []
+        for local, module, axis, in_features in linear_layers(block):
+            stored = skeleton.stored_name(f"{skeleton.blocks_name}.{index}.{local}")
+            if stored is not None:
+                maps.append(_Map(stored, module, axis, in_features))
+        self.load(params, self.base)
+        groups = _groups(block, streams.base_old[0], maps)
+        leaders = [group[0] for group in groups]
+        (base_inputs, base_out), *per_checkpoint = self.run_originals(block, params, leaders, streams)
+        checkpoint_inputs = [inputs for inputs, _ in per_checkpoint]
+        pending = self.shrunk_block(params, solved={m.name for group in groups for m in group})
+        for g, group in enumerate(groups):
+            originals = [base_inputs, *checkpoint_inputs]
+            solved = self.merge_group(block, group, streams, [inputs[g] for inputs in originals])
+            for name, value in solved.items():
+                pending[name] = value
+                by_name[name].set(value.to(self.device, COMPUTE_DTYPE))
+            for inputs in originals:
+                inputs[g] = []  # the originals' inputs to this group are used up
+        streams.merged_old = _advanced(streams.merged_old, [_run_block(block, b) for b in streams.merged_old])
+        streams.merged_new = _advanced(streams.merged_new, [_run_block(block, b) for b in streams.merged_new])
+        streams.base_old = _advanced(streams.base_old, base_out)
+        streams.checkpoints_new = [
+            _advanced(s, out) for s, (_, out) in zip(streams.checkpoints_new, per_checkpoint, strict=True)
+        ]
+        for p in params:
+            p.release()
+        for tensor in tensors:
+            self.emit(tensor.name, pending.pop(tensor.name) if tensor.name in pending else self.shrink(tensor.name))
+
+    def head(self, streams: _Streams, tensor: TensorPlan) -> None:
+        """The untied LM head: a linear map whose inputs are the last hidden states after the final norm."""
+        skeleton = self.skeleton
+        assert skeleton.head is not None
+        head_module = skeleton.head.owner
+        in_features = next(f for _n, m, _a, f in linear_layers(skeleton.model) if m is head_module)
+
+        def tail(batch: _Batch) -> Tensor:
+            hidden = batch.hidden
+            for module in skeleton.tail:
+                hidden = module(hidden)
+            return _rows(hidden, in_features, batch.mask)
+
+        self.load(skeleton.tail_params, self.base)
+        base_inputs = [tail(b).to("cpu") for b in streams.base_old]
+        checkpoint_inputs = []
+        for reader, stream in zip(self.checkpoints, streams.checkpoints_new, strict=True):
+            self.load(skeleton.tail_params, reader)
+            checkpoint_inputs.append([tail(b).to("cpu") for b in stream])
+        for p in skeleton.tail_params:
+            p.set(self.tail_merged[p.stored])
+        crosses, gram = _normal_equations(
+            self.sides(streams, base_inputs, checkpoint_inputs), tail, in_features, self.alpha, self.device
+        )
+        self.emit(tensor.name, self.solve(tensor.name, skeleton.head_axis, crosses, gram))
+        for p in skeleton.tail_params:
+            p.release()
+
+
+def sequential_regmean(
+    base: CheckpointReader,
+    checkpoints: Sequence[CheckpointReader],
+    base_dir: Path,
+    old: CalibrationSet,
+    new: CalibrationSet,
+    plan: MergePlan,
+    write: Callable[[str, Tensor], None],
+    *,
+    base_weight: float = 1.0,
+    alpha: float = 1.0,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> SequentialReport:
+    """Merge ``checkpoints`` into ``base`` by sequential forgetting-aware RegMean and write every planned tensor.
+
+    Args:
+        base: The base model's reader (θ_B), measured on ``old`` text.
+        checkpoints: The K checkpoints' readers, each measured on ``new`` text.
+        base_dir: The base's folder, whose ``config.json`` gives the architecture.
+        old: Calibration text of the languages the base knew (tokenized with the base's tokenizer).
+        new: Calibration text of the new language.
+        plan: The validated plan (:func:`~obim_trainer.pipeline.engine.plan_merge`); each tensor is written in its
+            dtype. Extended vocabularies are not supported here.
+        write: Called once per planned tensor, in :func:`sequential_write_order`, with a CPU tensor.
+        base_weight: c > 0, the base's weight against the checkpoints'.
+        alpha: α ∈ [0, 1], RegMean's shrinkage of every Gram and cross term toward its diagonal.
+        device: Where the forward passes and the solves run.
+        batch_size: Calibration samples per forward pass.
+        progress: Show a progress bar over the blocks.
+
+    Raises :class:`ConfigError` / :class:`CalibrationError` for bad parameters or empty calibration text
+    before anything is read or written.
+    """
+    check_parameters(base_weight, alpha, old, new)
+    if not checkpoints:
+        raise ConfigError("no checkpoints to merge (K = 0); give at least one checkpoint folder")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"calibration_batch_size must be at least 1 (got {batch_size!r})")
+    if plan.vocab_size is not None:
+        raise ConfigError(
+            f"the checkpoints extend the vocabulary to {plan.vocab_size} rows; sequential regmean runs the merged "
+            "model with the base's vocabulary and cannot merge new rows: use sequential: false"
+        )
+    start = time.perf_counter()
+    device = torch.device(device)
+    skeleton = _build_skeleton(Path(base_dir), set(base.tensor_infos()), device)
+    order = sequential_write_order(plan, ModelLayout.from_model(skeleton.model))
+    blocks = len(skeleton.blocks)
+    beyond = [t.name for t in order.tensors if t.block_index is not None and t.block_index >= blocks]
+    if beyond:
+        raise CheckpointError(f"tensor {beyond[0]} belongs to no block of the base's {blocks}-block architecture")
+    head = order.tensors[-1] if skeleton.head is not None and order.tensors[-1].name == skeleton.head.stored else None
+    merge = _SequentialMerge(
+        base,
+        checkpoints,
+        skeleton,
+        plan,
+        write,
+        base_weight=float(base_weight),
+        alpha=float(alpha),
+        device=device,
+        old_tokens=old.num_tokens,
+        new_tokens=new.num_tokens,
+    )
+    outside = [t for t in order.tensors if t.block_index is None and t is not head]
+    bar = tqdm(total=blocks + (head is not None), desc="sequential regmean", unit="block", disable=not progress)
+    try:
+        with torch.no_grad():
+            streams = merge.embed(outside, old, new, batch_size)
+            for index in range(blocks):
+                merge.block(index, streams, [t for t in order.tensors if t.block_index == index])
+                bar.update()
+            if head is not None:
+                merge.head(streams, head)
+                bar.update()
+    finally:
+        bar.close()
+    merge.report.seconds = time.perf_counter() - start
+    logger.info(
+        "sequential regmean: %d tensors (%d maps solved, %d with a ridge) in %.1fs",
+        merge.report.tensors,
+        merge.report.solved,
+        merge.report.ridge_count,
+        merge.report.seconds,
+    )
+    return merge.report

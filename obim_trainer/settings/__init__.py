@@ -1,0 +1,1 @@
+"""Settings: the pydantic models behind the YAML files, the command's flags and ``OBIMConfig``."""

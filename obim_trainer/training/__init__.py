@@ -1,0 +1,1 @@
+"""Training side: ``OBIMCallback``, candidate checkpoints, the run record and training text."""
