@@ -34,7 +34,6 @@ from obim_trainer.checkpoints.atomic import rename_durably, replace_folder, writ
 from obim_trainer.checkpoints.detect import hf_format
 from obim_trainer.distributed import (
     ZeroGatherer,
-    collect_live_stats,
     plain_model_loading,
     run_on_main,
 )
@@ -246,8 +245,13 @@ class OBIMCallback(TrainerCallback):
         stats = None
         if self.calibration is not None:
             with _timed(timings, "statistics_s"):
-                stats = collect_live_stats(
-                    model, self.calibration, batch_size=self.config.calibration_batch_size, device=device
+                stats = ActivationStats.collect(
+                    model,
+                    self.calibration,
+                    batch_size=self.config.calibration_batch_size,
+                    device=device,
+                    progress=False,
+                    across_ranks=True,
                 )
         with _timed(timings, "evaluation_s"):
             metrics = dict(self._trainer_metrics.pop(step, {}))
