@@ -32,8 +32,12 @@ def hand_written_renames(source: str) -> list[int]:
             continue
         name, receiver = node.func.attr, node.func.value
         path_replace = len(node.args) == 1 and not node.keywords
-        os_replace = isinstance(receiver, ast.Name) and receiver.id == "os"
-        if name in {"rename", "mkstemp", "NamedTemporaryFile"} or (name == "replace" and (path_replace or os_replace)):
+        module = receiver.id if isinstance(receiver, ast.Name) else None
+        if (
+            name in {"rename", "mkstemp", "NamedTemporaryFile"}
+            or (name == "replace" and (path_replace or module == "os"))
+            or (name == "move" and module == "shutil")
+        ):
             lines.append(node.lineno)
     return lines
 
@@ -49,8 +53,8 @@ def test_no_module_renames_files_by_hand():
 
 
 def test_the_guard_sees_each_hand_written_form():
-    source = "tmp.replace(path)\nos.replace(a, b)\nfolder.rename(x)\ntempfile.mkstemp()\nname.replace('a', 'b')\n"
-    assert hand_written_renames(source) == [1, 2, 3, 4]
+    source = "tmp.replace(path)\nos.replace(a, b)\nfolder.rename(x)\ntempfile.mkstemp()\nshutil.move(a, b)\n"
+    assert hand_written_renames(source + "name.replace('a', 'b')\ndataclasses.replace(v, name=n)\n") == [1, 2, 3, 4, 5]
 
 
 def leftovers(folder: Path) -> list[str]:
