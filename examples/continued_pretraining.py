@@ -103,9 +103,9 @@ def train(config: Path, resume: bool = False) -> int:
     text_field = data.get("text_field", "text")
     block_size = int(data.get("block_size", 1024))
     with args.main_process_first(desc="tokenizing"):
-        train_rows = pack_blocks(load_text_file(data["train"]), tokenizer, text_field, block_size)
+        train_rows = pack_blocks(load_text_file(data["train"], text_field), tokenizer, text_field, block_size)
         evals = {
-            lang: pack_blocks(load_text_file(path), tokenizer, text_field, block_size)
+            lang: pack_blocks(load_text_file(path, text_field), tokenizer, text_field, block_size)
             for lang, path in data["eval"].items()
         }
     if tokenizer.pad_token is None:

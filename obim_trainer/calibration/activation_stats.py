@@ -3,9 +3,9 @@
 For a layer y = Wx with the layer-wise MSE objective, H = 2XXᵀ (the paper's eq. 6), and OBM
 needs only h_jj = 2·Σ_tokens x_j² (eq. 5). Forward pre-hooks add Σx² over the real
 (non-padding) tokens of each batch into a float32 vector per layer, in place: no per-token
-Python, no stored activations. The same recorder works on a live model inside a training loop;
-under data parallelism or ZeRO-3 each rank records its share and
-:meth:`ActivationStats.all_reduce` sums them.
+Python, no stored activations. :meth:`ActivationStats.collect` is the one collector: on a loaded
+checkpoint in a merge, and on the live model inside a training loop, where under data parallelism or
+ZeRO-3 each rank records its share and :meth:`ActivationStats.all_reduce` sums them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from obim_trainer.calibration.data import CalibrationSet
-from obim_trainer.calibration.forward import device_batches, evaluation_mode, input_device, model_label
+from obim_trainer.calibration.forward import input_device, model_label, record_forward_passes
 from obim_trainer.calibration.reduction import all_reduce_counts, all_reduce_sums
 from obim_trainer.checkpoints.atomic import write_atomically
 from obim_trainer.errors import CalibrationError
@@ -101,8 +101,12 @@ class ActivationStats:
         device: str | torch.device | None = None,
         progress: bool = True,
         desc: str | None = None,
+        across_ranks: bool = False,
     ) -> ActivationStats:
         """Run ``model`` on the calibration samples (forward only, no labels) and record the statistics.
+
+        The one collector: a merge calls it on a loaded checkpoint, the callback on the live model at
+        a save with ``across_ranks`` (under DDP/ZeRO-3 each rank runs its share, then :meth:`all_reduce`).
 
         Args:
             model: A causal LM taking ``input_ids``/``attention_mask``; it is not moved.
@@ -111,22 +115,27 @@ class ActivationStats:
             device: Where the batches go; the device of the model's first parameter by default.
             progress: Show a progress bar.
             desc: Progress-bar label; names the model (``config.name_or_path``) by default.
+            across_ranks: Collective: every rank of the process group calls it with the same samples
+                and gets the statistics of all of them (the order of float32 additions aside).
         """
-        device = input_device(model, device)
         recorder = ActivationRecorder(model)
-        batches = device_batches(
+        ran = record_forward_passes(
+            model,
+            recorder,
             calibration,
-            batch_size,
-            device,
+            batch_size=batch_size,
+            device=input_device(model, device),
             progress=progress,
             desc=desc or f"activation statistics of {model_label(model)}",
+            across_ranks=across_ranks,
         )
-        # no_grad, not inference_mode: ZeRO-3's parameter-gathering hooks break on inference tensors
-        with evaluation_mode(model), recorder.attached(), torch.no_grad():
-            for ids, mask in batches:
-                recorder.set_token_mask(mask)
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
         stats = recorder.stats()
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        vocab = getattr(embeddings, "num_embeddings", None)
+        if vocab:
+            stats.token_counts = ran.token_counts(vocab)
+        if across_ranks:
+            stats.all_reduce()
         unseen = [n for n, c in stats.count.items() if c == 0]
         if unseen:
             logger.warning(
@@ -134,10 +143,6 @@ class ActivationStats:
                 len(unseen),
                 unseen[0],
             )
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        vocab = getattr(embeddings, "num_embeddings", None)
-        if vocab:
-            stats.token_counts = calibration.token_counts(vocab)
         return stats
 
     def all_reduce(self, group: Any = None) -> None:

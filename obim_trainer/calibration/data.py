@@ -7,10 +7,10 @@ samples best (Table 5) and task-related text better than unrelated text (Table 4
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -18,149 +18,25 @@ import torch
 from torch import Tensor
 
 from obim_trainer.errors import CalibrationError
-from obim_trainer.settings.names import setting_name
+from obim_trainer.text_sources import TextSettings, describe, read_texts
 
 logger = logging.getLogger(__name__)
-
-SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
-FIELD_HINT = "pass --calibration-text-field (calibration_text_field) with the right name"
-
-
-def _as_text(value: Any, field: str, where: str) -> str | None:
-    """The sample's text, ``None`` for a missing/blank one; anything but a string is an error."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise CalibrationError(f"{where}: field '{field}' holds {type(value).__name__}, not text; {FIELD_HINT}")
-    return value if value.strip() else None
-
-
-def _first_texts(values: Iterable[str | None], limit: int) -> list[str]:
-    texts: list[str] = []
-    for text in values:
-        if text is not None:
-            texts.append(text)
-            if len(texts) == limit:
-                break
-    return texts
-
-
-def _jsonl_values(path: Path, field: str) -> Iterator[str | None]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CalibrationError(
-                    f"{path} line {number} is not valid JSON ({exc.msg}); fix or remove that line"
-                ) from None
-            yield _row_text(row, field, f"{path} line {number}")
-
-
-def _row_text(row: Any, field: str, where: str) -> str | None:
-    if not isinstance(row, dict) or field not in row:
-        found = ", ".join(row) if isinstance(row, dict) else f"a {type(row).__name__}, not an object"
-        raise CalibrationError(f"{where} has no '{field}' field (found: {found}); {FIELD_HINT}")
-    return _as_text(row[field], field, where)
-
-
-def _json_values(path: Path, field: str) -> Iterator[str | None]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        yield from _jsonl_values(path, field)  # JSON Lines saved as .json
-        return
-    if not isinstance(data, list):
-        raise CalibrationError(f"{path} must hold a list of objects with a '{field}' field, or JSON Lines")
-    for index, row in enumerate(data):
-        yield _row_text(row, field, f"{path} item {index}")
-
-
-def _txt_values(path: Path) -> Iterator[str | None]:
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            text = line.rstrip("\r\n")
-            yield text if text.strip() else None
-
-
-def _parquet_values(path: Path, field: str) -> Iterator[str | None]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.ParquetFile(path)
-        columns = table.schema_arrow.names
-    except Exception as exc:
-        raise CalibrationError(f"{path} is not a readable parquet file ({exc}); check the file") from None
-    if field not in columns:
-        raise CalibrationError(f"{path} has no column '{field}' (columns: {', '.join(columns)}); {FIELD_HINT}")
-    for batch in table.iter_batches(columns=[field], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            yield _as_text(value, field, str(path))
-
-
-def _dataset_values(dataset: Any, field: str) -> Iterator[str | None]:
-    columns = dataset.column_names
-    if isinstance(columns, dict):
-        raise CalibrationError(
-            f"the calibration data is a DatasetDict with splits {', '.join(columns)}; pass one split, "
-            "e.g. dataset['train']"
-        )
-    if columns is not None and field not in columns:
-        raise CalibrationError(
-            f"the calibration dataset has no column '{field}' (columns: {', '.join(columns)}); {FIELD_HINT}"
-        )
-    for row in dataset:
-        yield _row_text(row, field, "the calibration dataset")
-
-
-def _file_values(path: Path, field: str, setting: str) -> Iterator[str | None]:
-    """The texts of one file; a wrong path names ``setting`` as the user wrote it."""
-    if not path.exists():
-        raise CalibrationError(
-            f"{setting.replace('_', ' ').removesuffix(' data')} file {path} does not exist; "
-            f"set {setting_name(setting, 'FILE')} to an existing file"
-        )
-    if not path.is_file():
-        raise CalibrationError(
-            f"{path} is not a file; set {setting_name(setting, 'FILE')} to a {'/'.join(SUFFIXES)} file"
-        )
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _jsonl_values(path, field)
-    if suffix == ".json":
-        return _json_values(path, field)
-    if suffix == ".txt":
-        return _txt_values(path)
-    if suffix == ".parquet":
-        return _parquet_values(path, field)
-    raise CalibrationError(f"calibration file {path} has an unknown extension; use one of {', '.join(SUFFIXES)}")
 
 
 def load_calibration_texts(
     source: str | Path | Any, num_samples: int = 100, text_field: str = "text", setting: str = "calibration_data"
 ) -> list[str]:
-    """The first ``num_samples`` non-empty texts of a JSONL/JSON/text/parquet file or ``datasets.Dataset``.
+    """The first ``num_samples`` non-empty texts of a JSONL/JSON/text/parquet file or ``datasets.Dataset``,
+    read by :func:`~obim_trainer.text_sources.read_texts` (the reader evaluation and training use too).
 
-    Texts come in file order, so the same inputs always give the same calibration set. JSON and
-    JSONL hold objects with ``text_field``; text files hold one sample per non-empty line.
+    Texts come in file order, so the same inputs always give the same calibration set.
     Raises :class:`CalibrationError` naming the file and the fix when the source is missing,
     empty or unreadable; ``setting`` is the setting the user gave the file to (``eval_data`` for evaluation).
     """
     if num_samples < 1:
         raise CalibrationError(f"calibration_samples must be at least 1 (got {num_samples}); ~100 works best")
-    if hasattr(source, "column_names"):
-        where = "the calibration dataset"
-        values = _dataset_values(source, text_field)
-    else:
-        path = Path(source)
-        where = str(path)
-        values = _file_values(path, text_field, setting)
-    try:
-        texts = _first_texts(values, num_samples)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CalibrationError(f"cannot read calibration data {where} ({exc}); check it is UTF-8 text") from None
+    texts = list(islice(read_texts(source, text_field, TextSettings(setting)), num_samples))
+    where = describe(source, TextSettings(setting))
     if not texts:
         raise CalibrationError(f"{where} holds no non-empty text; give ~100 samples of the new language/domain")
     if len(texts) < num_samples:

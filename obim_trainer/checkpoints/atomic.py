@@ -1,4 +1,4 @@
-"""Outputs that appear whole or not at all.
+"""Outputs that appear whole or not at all: every file and folder the project writes goes through here.
 
 A merge writes into a temporary sibling of the output folder (same parent, so the same
 filesystem and an atomic rename), fsyncs everything and renames it into place. Any failure,
@@ -16,7 +16,6 @@ import logging
 import os
 import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,18 +38,43 @@ def fsync_tree(folder: Path) -> None:
         _fsync_dir(Path(root))
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all: a temporary file in its folder, fsynced, then renamed over it."""
+@contextmanager
+def atomic_output_file(path: Path, mode: int = 0o666) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; it becomes ``path`` when the block ends cleanly.
+
+    The file is fsynced, renamed over ``path`` in one step and the folder fsynced, so a crash at any
+    moment leaves the old file or the new one, never a part. On an exception (Ctrl-C included) the
+    temporary file is deleted and ``path`` is as it was. It is created with ``mode`` less the umask,
+    as ``open()`` would, so readers see the permissions a plain write gives.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode))
     try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+        yield partial
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(partial, path)
+        _fsync_dir(path.parent)
     finally:
-        Path(partial).unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+
+
+def write_atomically(path: Path, data: bytes | str) -> None:
+    """Write ``path`` whole or not at all (:func:`atomic_output_file`); ``str`` is written as UTF-8."""
+    with atomic_output_file(path) as partial:
+        partial.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def rename_durably(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target`` (same filesystem: one atomic step) and fsync the folder, so the new
+    name survives a crash; for files finished elsewhere and folders moved aside."""
+    os.replace(source, target)
+    _fsync_dir(Path(target).parent)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from itertools import chain, zip_longest
 from pathlib import Path
 
+from obim_trainer.checkpoints.atomic import write_atomically
 from obim_trainer.demo.config import DemoConfig
 from obim_trainer.demo.fortunes import language_entries, split_entries
 
@@ -35,9 +36,7 @@ class Corpus:
 
 
 def write_jsonl(path: Path, texts: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
-    tmp.replace(path)
+    write_atomically(path, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
 
 
 def read_texts(path: Path) -> list[str]:

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from obim_trainer.checkpoints.atomic import write_atomically
 from obim_trainer.demo.config import DemoConfig
 from obim_trainer.demo.corpus import prepare_corpus, read_texts
 from obim_trainer.demo.plots import Point, plot_losses, plot_ownership, plot_tradeoff
@@ -175,9 +176,7 @@ def write_report(config: DemoConfig, result: DemoResult, output: Path) -> Path:
         "",
     ]
     path = output / "README.md"
-    tmp = path.with_name(".README.md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(path)
+    write_atomically(path, "\n".join(lines))
     return path
 
 

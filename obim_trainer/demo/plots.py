@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from obim_trainer.checkpoints.atomic import atomic_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,11 @@ def _pyplot() -> Any:
 
 
 def _save(figure: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(tmp, dpi=120, bbox_inches="tight")
-    _pyplot().close(figure)
-    os.replace(tmp, path)
+    try:
+        with atomic_output_file(path) as partial:
+            figure.savefig(partial, format=path.suffix.lstrip("."), dpi=120, bbox_inches="tight")
+    finally:
+        _pyplot().close(figure)
     return path
 
 

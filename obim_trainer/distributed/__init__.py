@@ -1,7 +1,6 @@
 """Multi-process helpers: ranks from ``torch.distributed``, rank-0 decisions shared with every rank,
 forward passes in step across ranks, and ZeRO-3 gathering one module at a time."""
 
-from obim_trainer.distributed.live_stats import collect_live_stats
 from obim_trainer.distributed.lockstep import Batch, local_share, lockstep_batches
 from obim_trainer.distributed.ranks import (
     RankFailure,
@@ -29,7 +28,6 @@ __all__ = [
     "all_reduce",
     "barrier",
     "broadcast_object",
-    "collect_live_stats",
     "is_distributed",
     "is_main_process",
     "is_partitioned",

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from obim_trainer.calibration import CalibrationSet
 from obim_trainer.distributed.ranks import is_distributed, max_over_ranks, rank, world_size
+
+if TYPE_CHECKING:  # calibration runs its forward passes through this module
+    from obim_trainer.calibration.data import CalibrationSet
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,11 @@ import logging
 import os
 import traceback
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from obim_trainer.calibration.reduction import collective_device
 from obim_trainer.errors import OBIMError
 
 logger = logging.getLogger(__name__)
@@ -87,14 +86,28 @@ def all_gather_object(obj: T) -> list[T]:
     return gathered  # type: ignore[return-value]
 
 
-def all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
-    """``tensor`` reduced (``sum`` or ``max``) over all ranks, on the CPU (collective; itself alone)."""
+def collective_device(group: Any = None) -> torch.device:
+    """Gloo reduces CPU tensors; NCCL (and other accelerator backends) need them on the current device."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or "mpi" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def all_reduce(tensor: Tensor, op: str = "sum", group: Any = None) -> Tensor:
+    """``tensor`` reduced (``sum`` or ``max``) over the ranks of ``group``, on the CPU (collective; itself alone).
+
+    The one all-reduce of the project: evaluation sums and every kind of statistics
+    (:mod:`~obim_trainer.calibration.reduction`) go through it.
+    """
     import torch.distributed as dist
 
     if not is_distributed():
         return tensor
-    reduced = tensor.to(collective_device(None))  # gloo reduces CPU tensors, NCCL device tensors
-    dist.all_reduce(reduced, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    reduced = tensor.to(collective_device(group))  # gloo reduces CPU tensors, NCCL device tensors
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
     return reduced.cpu()
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from obim_trainer.checkpoints import CheckpointReader, ShardedSafetensorsWriter, open_checkpoint
+from obim_trainer.checkpoints.atomic import rename_durably
 from obim_trainer.distributed.ranks import is_distributed, is_main_process, run_on_main, share_failure
 from obim_trainer.errors import CheckpointError
 
@@ -151,7 +152,7 @@ class ZeroGatherer:
         def publish() -> None:
             assert writer is not None, "the model has no parameters"
             for file in writer.close():
-                os.replace(file, folder / file.name)
+                rename_durably(file, folder / file.name)
 
         try:
             self.visit(write, modify=False, what=f"gathering the weights to write {folder}")

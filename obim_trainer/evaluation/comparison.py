@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
+from obim_trainer.checkpoints.atomic import write_atomically
 from obim_trainer.evaluation import ModelEvaluator
 
 logger = logging.getLogger(__name__)
@@ -137,21 +138,14 @@ class ComparisonTable:
 
     def write(self, folder: Path) -> tuple[Path, Path]:
         """``comparison.md`` and ``comparison.json`` in ``folder``, each replaced atomically."""
-        folder.mkdir(parents=True, exist_ok=True)
-        md = _write_atomic(folder / TABLE_MD, self.to_markdown() + "\n")
-        js = _write_atomic(folder / TABLE_JSON, json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n")
+        md, js = folder / TABLE_MD, folder / TABLE_JSON
+        write_atomically(md, self.to_markdown() + "\n")
+        write_atomically(js, json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n")
         return md, js
 
 
 def _fmt(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:.3f}"
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 
 def evaluate_folders(

@@ -1,6 +1,7 @@
 """Evaluation sets, one per language: text files or datasets, tokenized once.
 
-The sources are the ones calibration accepts (JSONL/JSON/text/parquet files, ``datasets.Dataset``
+The sources are the ones calibration accepts, read by the same reader
+(:func:`~obim_trainer.text_sources.read_texts`: JSONL/JSON/text/parquet files, ``datasets.Dataset``
 with a text column), plus datasets that are already tokenized (an ``input_ids`` column, like
 the ``eval_dataset`` given to a Trainer), so the same dict can serve both.
 """
@@ -8,14 +9,17 @@ the ``eval_dataset`` given to a Trainer), so the same dict can serve both.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import islice
 from typing import Any
 
 import torch
 
-from obim_trainer.calibration import CalibrationSet, load_calibration_texts, tokenize_calibration
+from obim_trainer.calibration import CalibrationSet, tokenize_calibration
 from obim_trainer.errors import CalibrationError, ConfigError
+from obim_trainer.text_sources import TextSettings, describe, read_texts
 
 EvalSets = dict[str, CalibrationSet]
+EVALUATION = TextSettings(source="eval_data")
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -54,6 +58,8 @@ def load_eval_sets(
     Raises :class:`ConfigError` naming the language and the fix when a source is missing,
     empty or unreadable.
     """
+    if max_samples < 1:
+        raise ConfigError(f"eval_samples must be at least 1 (got {max_samples})")
     if not sources:
         raise ConfigError("eval_data is empty; give {language: file or dataset}, e.g. {'ja': 'ja_eval.jsonl'}")
     sets: EvalSets = {}
@@ -62,7 +68,9 @@ def load_eval_sets(
             if _pretokenized(source, text_field):
                 sets[language] = _from_token_ids(source, tokenizer, max_samples, max_length)
             else:
-                texts = load_calibration_texts(source, max_samples, text_field, setting="eval_data")
+                texts = list(islice(read_texts(source, text_field, EVALUATION), max_samples))
+                if not texts:
+                    raise CalibrationError(f"{describe(source, EVALUATION)} holds no non-empty text")
                 sets[language] = tokenize_calibration(texts, tokenizer, max_length=max_length)
         except CalibrationError as exc:
             raise ConfigError(f"eval_data['{language}']: {exc}") from None

@@ -30,11 +30,10 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from obim_trainer.calibration import ActivationStats, CalibrationSet, stats_key, stats_path
 from obim_trainer.checkpoints import open_checkpoint, parse_size
-from obim_trainer.checkpoints.atomic import replace_folder
+from obim_trainer.checkpoints.atomic import rename_durably, replace_folder, write_atomically
 from obim_trainer.checkpoints.detect import hf_format
 from obim_trainer.distributed import (
     ZeroGatherer,
-    collect_live_stats,
     plain_model_loading,
     run_on_main,
 )
@@ -246,8 +245,13 @@ class OBIMCallback(TrainerCallback):
         stats = None
         if self.calibration is not None:
             with _timed(timings, "statistics_s"):
-                stats = collect_live_stats(
-                    model, self.calibration, batch_size=self.config.calibration_batch_size, device=device
+                stats = ActivationStats.collect(
+                    model,
+                    self.calibration,
+                    batch_size=self.config.calibration_batch_size,
+                    device=device,
+                    progress=False,
+                    across_ranks=True,
                 )
         with _timed(timings, "evaluation_s"):
             metrics = dict(self._trainer_metrics.pop(step, {}))
@@ -566,10 +570,7 @@ class OBIMCallback(TrainerCallback):
             "merged": [{**m.__dict__, "path": str(m.path)} for m in self.merged],
             "saves": self._saves,
         }
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{RECORD_FILE}.tmp"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(self.root / RECORD_FILE)
+        write_atomically(self.root / RECORD_FILE, json.dumps(record, indent=2) + "\n")
 
     def _archive_previous_record(self) -> None:
         """A fresh run (step 0) into an ``output_dir`` with an OBIM folder: move it aside.
@@ -581,7 +582,7 @@ class OBIMCallback(TrainerCallback):
         if not self.root.is_dir() or not any(self.root.iterdir()):
             return
         archive = self.root.with_name(f"{self.root.name}{ARCHIVE_MARK}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-        self.root.rename(archive)
+        rename_durably(self.root, archive)
         logger.warning(
             "%s holds the OBIM record of an earlier run; this run starts at step 0, so it was moved to %s "
             "(to continue that run instead, resume it: resume_from_checkpoint=True)",

@@ -18,6 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
+from obim_trainer.checkpoints.atomic import atomic_output_dir
 from obim_trainer.errors import OutputError
 
 logger = logging.getLogger(__name__)
@@ -52,19 +53,16 @@ class CheckpointGuard:
         target = self.path_for(step)
         if target.is_dir():
             return target
-        staging = self.root / f".{target.name}.tmp-{os.getpid()}"
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(
-                checkpoint,
-                staging,
-                ignore=lambda _d, names: [n for n in names if _skipped(n)],
-                copy_function=link_or_copy,
-            )
-            staging.rename(target)
-        except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
+            with atomic_output_dir(target, inputs=(checkpoint,)) as staging:
+                shutil.copytree(
+                    checkpoint,
+                    staging,
+                    ignore=lambda _d, names: [n for n in names if _skipped(n)],
+                    copy_function=link_or_copy,
+                    dirs_exist_ok=True,
+                )
+        except (OSError, OutputError) as exc:  # OutputError: the staging folder could not be made or published
             raise OutputError(
                 f"cannot keep a copy of the selected {checkpoint} in {target} ({exc}); check free space and "
                 "permissions in the output folder, or raise save_total_limit"

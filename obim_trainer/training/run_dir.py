@@ -17,10 +17,11 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from obim_trainer.errors import CheckpointError, ConfigError
 from obim_trainer.settings.names import setting_name
+from obim_trainer.training.ranking import MetricMode, best_by_metric
+from obim_trainer.training.ranking import resolve_mode as resolve_mode  # re-exported: its 0.1 home
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,6 @@ RECORD_FILE = "candidates.json"
 (see :class:`~obim_trainer.training.callback.OBIMCallback`)."""
 ARCHIVE_MARK = ".previous-"
 """In the name of a record folder moved aside by a fresh run into the same output folder; never read."""
-MetricMode = Literal["auto", "min", "max"]
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,6 @@ class ScoredCheckpoint:
     path: Path
     step: int
     value: float
-
-
-def resolve_mode(metric: str, mode: MetricMode) -> Literal["min", "max"]:
-    """``auto`` means lower is better for losses and perplexities, higher for everything else."""
-    if mode != "auto":
-        return mode
-    lowered = metric.lower()
-    return "min" if ("loss" in lowered or "perplexity" in lowered or lowered.endswith("ppl")) else "max"
 
 
 def _checkpoint_folders(folder: Path) -> dict[int, Path]:
@@ -127,7 +119,8 @@ def metric_by_step(run_dir: Path, checkpoints: dict[int, Path], metric: str) -> 
 def select_top_checkpoints(
     run_dir: str | Path, metric: str, top_k: int, mode: MetricMode = "auto"
 ) -> list[ScoredCheckpoint]:
-    """The ``top_k`` best checkpoints of a run by ``metric``, best first; ties go to the later step.
+    """The ``top_k`` best checkpoints of a run by ``metric``, best first (ranked by :func:`best_by_metric`:
+    ties go to the later step).
 
     Only checkpoints whose own step has a logged value are candidates. Raises
     :class:`CheckpointError` / :class:`ConfigError` naming the run folder and the fix.
@@ -151,9 +144,7 @@ def select_top_checkpoints(
             f"top_k={top_k} but only {len(scored)} checkpoint(s) of {run_dir} have a logged '{metric}'; "
             f"lower {setting_name('top_k')}"
         )
-    sign = 1.0 if resolve_mode(metric, mode) == "min" else -1.0
-    ranked = sorted(scored, key=lambda c: (sign * c.value, -c.step))
-    chosen = ranked[:top_k]
+    chosen = best_by_metric(scored, lambda c: c.value, lambda c: c.step, metric, mode, top_k)
     logger.info("selected by %s: %s", metric, ", ".join(f"{c.path.name} ({c.value:.4g})" for c in chosen))
     return chosen
 
@@ -176,7 +167,8 @@ def own_metric(checkpoint: Path, metric: str) -> float | None:
 
 
 def best_checkpoint(checkpoints: list[Path], metric: str | None, mode: MetricMode = "auto") -> int:
-    """Index of the best of ``checkpoints`` by the ``metric`` each logged at its own step (ties: the later one).
+    """Index of the best of ``checkpoints`` by the ``metric`` each logged at its own step, ranked by
+    :func:`best_by_metric` (ties: the later one in the list).
 
     Raises :class:`ConfigError` when there is no metric or a checkpoint did not log it.
     """
@@ -193,5 +185,5 @@ def best_checkpoint(checkpoints: list[Path], metric: str | None, mode: MetricMod
             f"no '{metric}' logged at the checkpoint's own step in trainer_state.json of {', '.join(missing)}; "
             "pick a metric the Trainer logged at every save, or use new_rows='first'"
         )
-    sign = 1.0 if resolve_mode(metric, mode) == "min" else -1.0
-    return min(range(len(checkpoints)), key=lambda i: (sign * values[i], -i))
+    logged = [v for v in values if v is not None]  # all of them: a missing one raised above
+    return best_by_metric(range(len(checkpoints)), logged.__getitem__, lambda i: i, metric, mode, 1)[0]

@@ -3,7 +3,7 @@
 The paper merges "the 3 best checkpoints by Japanese evaluation" with the base. During a run
 every save adds a :class:`Candidate` (its step, folder and per-language metrics) and a
 :class:`Selector` picks the ones to merge, best first. :class:`TopKSelector` is that rule
-(ties go to the later step, as in :func:`obim_trainer.training.run_dir.select_top_checkpoints`);
+(ranked by :func:`~obim_trainer.training.ranking.best_by_metric`, as ``--run-dir`` ranks a finished run);
 other rules subclass :class:`Selector` and are passed to the callback or registered by name.
 """
 
@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from obim_trainer.calibration import ActivationStats, stats_path
 from obim_trainer.errors import ConfigError
-from obim_trainer.training.run_dir import MetricMode, resolve_mode
+from obim_trainer.training.ranking import MetricMode, best_by_metric
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +95,14 @@ class TopKSelector(Selector):
 
     def __init__(self, metric: str, mode: MetricMode = "auto") -> None:
         self.metric = metric
-        self.sign = 1.0 if resolve_mode(metric, mode) == "min" else -1.0
+        self.mode = mode
 
     def select(self, candidates: Sequence[Candidate], top_k: int) -> list[Candidate]:
         scored = [c for c in candidates if self.metric in c.metrics]
         if len(scored) < len(candidates):
             missing = sorted(c.step for c in candidates if self.metric not in c.metrics)
             logger.info("checkpoints without %s are not candidates: steps %s", self.metric, missing)
-        return sorted(scored, key=lambda c: (self.sign * c.metrics[self.metric], -c.step))[:top_k]
+        return best_by_metric(scored, lambda c: c.metrics[self.metric], lambda c: c.step, self.metric, self.mode, top_k)
 
 
 class LatestSelector(Selector):

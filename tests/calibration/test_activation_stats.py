@@ -206,6 +206,17 @@ def test_all_reduce_is_a_no_op_without_a_process_group(calibration):
     assert stats.count == before[1] and all(torch.equal(stats.sq_sum[n], t) for n, t in before[0].items())
 
 
+def test_the_callbacks_collection_is_the_merges_in_one_process(calibration):
+    """``across_ranks`` (the callback on the live model) runs the same loop: outside a process group the
+    statistics are bit-identical to a merge's."""
+    model, samples = make_tiny_llama(seed=2), CalibrationSet(calibration.input_ids[:4], calibration.pad_token_id)
+    merge = ActivationStats.collect(model, samples, batch_size=3, progress=False)
+    live = ActivationStats.collect(model, samples, batch_size=3, progress=False, across_ranks=True)
+    assert live.count == merge.count and live.in_axis == merge.in_axis
+    assert all(torch.equal(live.sq_sum[n], merge.sq_sum[n]) for n in merge.sq_sum)
+    assert torch.equal(live.token_counts, merge.token_counts)
+
+
 def run_two_ranks(tmp_path: Path, calibration: CalibrationSet, body: str) -> None:
     """``body`` (process group + ``model``) on 2 ranks; each collects its half, reduces, saves both states."""
     torch.save({"ids": calibration.input_ids, "pad": calibration.pad_token_id}, tmp_path / "calib.pt")

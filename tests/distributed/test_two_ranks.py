@@ -17,7 +17,6 @@ from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.distributed import (
     ZeroGatherer,
     broadcast_object,
-    collect_live_stats,
     lockstep_batches,
     max_over_ranks,
     rank,
@@ -67,7 +66,7 @@ def work(folder: str, model_dir: str, tokenizer_dir: str) -> None:
     calibration = calibration_of(tokenizer_dir)
     out["batches"] = [[b.real, b.input_ids.shape[0]] for b in lockstep_batches(calibration, 3)]
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    stats = collect_live_stats(model, calibration, batch_size=3, device=torch.device("cpu"))
+    stats = ActivationStats.collect(model, calibration, batch_size=3, progress=False, across_ranks=True)
     stats.save(Path(folder) / f"stats-{rank()}.safetensors", "live")
     out["eval"] = PerLanguageEvaluator({"en": calibration}, batch_size=3).evaluate_model(model, "cpu")
     with torch.no_grad():
