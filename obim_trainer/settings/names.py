@@ -18,6 +18,8 @@ Spelling = Literal["cli", "yaml", "python"]
 
 FLAGS = {"total_shares": "--total-share", "params": "--param", "new_languages": "--new-language"}
 """Flags not spelled ``--`` + the field with hyphens."""
+NEGATED = frozenset({"progress", "eval_checkpoints"})
+"""Settings that default to on: their flag turns them off (``--no-progress``)."""
 SWITCHES = frozenset({"overwrite", "dry_run", "evaluate", "recompute_stats"})
 """Settings that are a bare flag on the command line and ``true`` elsewhere."""
 
@@ -51,7 +53,12 @@ def setting_name(name: str, value: str = "") -> str:
     if source.spelling == "yaml" or name in source.yaml_keys:
         return f"{name}: {value}".rstrip()
     if source.spelling == "cli":
-        if name in SWITCHES:
-            return FLAGS.get(name, "--" + name.replace("_", "-"))
-        return f"{FLAGS.get(name, '--' + name.replace('_', '-'))} {value}".rstrip()
+        return flag_of(name) if name in SWITCHES else f"{flag_of(name)} {value}".rstrip()
     return f"{name}={value or '...'}"
+
+
+def flag_of(name: str) -> str:
+    """The ``obim-merge-ckpts`` flag of the setting ``name``: ``--top-k``, ``--total-share``, ``--no-progress``."""
+    if name in NEGATED:
+        return "--no-" + name.replace("_", "-")
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
