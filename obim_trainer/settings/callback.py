@@ -27,7 +27,6 @@ from obim_trainer.pipeline.variants import (
 )
 from obim_trainer.settings.blocks import (
     CalibrationSettings,
-    Device,
     InputSettings,
     MethodSettings,
     MetricMode,
@@ -84,7 +83,7 @@ class OBIMConfig(CalibrationSettings, MethodSettings, EvaluationSettings, Schedu
     tokenizer_source: Path | None = same_setting(OutputSettings, "tokenizer_source")
     out_shard_size: str | int = same_setting(OutputSettings, "out_shard_size")
     dtype: OutputDType = same_setting(OutputSettings, "dtype")
-    merge_device: Device = same_setting(OutputSettings, "device")
+    merge_device: str = same_setting(OutputSettings, "device")
     workers: int = same_setting(OutputSettings, "workers")
     stats_beside_checkpoints: bool = same_setting(
         CalibrationSettings,
