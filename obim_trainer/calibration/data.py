@@ -23,7 +23,10 @@ from obim_trainer.settings.names import setting_name
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
-FIELD_HINT = "pass --calibration-text-field (calibration_text_field) with the right name"
+
+
+def _field_hint() -> str:
+    return f"set {setting_name('calibration_text_field', 'NAME')} to the field that holds the text"
 
 
 def _as_text(value: Any, field: str, where: str) -> str | None:
@@ -31,7 +34,7 @@ def _as_text(value: Any, field: str, where: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise CalibrationError(f"{where}: field '{field}' holds {type(value).__name__}, not text; {FIELD_HINT}")
+        raise CalibrationError(f"{where}: field '{field}' holds {type(value).__name__}, not text; {_field_hint()}")
     return value if value.strip() else None
 
 
@@ -62,7 +65,7 @@ def _jsonl_values(path: Path, field: str) -> Iterator[str | None]:
 def _row_text(row: Any, field: str, where: str) -> str | None:
     if not isinstance(row, dict) or field not in row:
         found = ", ".join(row) if isinstance(row, dict) else f"a {type(row).__name__}, not an object"
-        raise CalibrationError(f"{where} has no '{field}' field (found: {found}); {FIELD_HINT}")
+        raise CalibrationError(f"{where} has no '{field}' field (found: {found}); {_field_hint()}")
     return _as_text(row[field], field, where)
 
 
@@ -94,7 +97,7 @@ def _parquet_values(path: Path, field: str) -> Iterator[str | None]:
     except Exception as exc:
         raise CalibrationError(f"{path} is not a readable parquet file ({exc}); check the file") from None
     if field not in columns:
-        raise CalibrationError(f"{path} has no column '{field}' (columns: {', '.join(columns)}); {FIELD_HINT}")
+        raise CalibrationError(f"{path} has no column '{field}' (columns: {', '.join(columns)}); {_field_hint()}")
     for batch in table.iter_batches(columns=[field], batch_size=1024):
         for value in batch.column(0).to_pylist():
             yield _as_text(value, field, str(path))
@@ -109,7 +112,7 @@ def _dataset_values(dataset: Any, field: str) -> Iterator[str | None]:
         )
     if columns is not None and field not in columns:
         raise CalibrationError(
-            f"the calibration dataset has no column '{field}' (columns: {', '.join(columns)}); {FIELD_HINT}"
+            f"the calibration dataset has no column '{field}' (columns: {', '.join(columns)}); {_field_hint()}"
         )
     for row in dataset:
         yield _row_text(row, field, "the calibration dataset")
@@ -117,14 +120,15 @@ def _dataset_values(dataset: Any, field: str) -> Iterator[str | None]:
 
 def _file_values(path: Path, field: str, setting: str) -> Iterator[str | None]:
     """The texts of one file; a wrong path names ``setting`` as the user wrote it."""
+    example = {"LANG": "FILE"} if setting == "eval_data" else "FILE"  # eval_data is per language
     if not path.exists():
         raise CalibrationError(
             f"{setting.replace('_', ' ').removesuffix(' data')} file {path} does not exist; "
-            f"set {setting_name(setting, 'FILE')} to an existing file"
+            f"set {setting_name(setting, example)} to an existing file"
         )
     if not path.is_file():
         raise CalibrationError(
-            f"{path} is not a file; set {setting_name(setting, 'FILE')} to a {'/'.join(SUFFIXES)} file"
+            f"{path} is not a file; set {setting_name(setting, example)} to a {'/'.join(SUFFIXES)} file"
         )
     suffix = path.suffix.lower()
     if suffix == ".jsonl":

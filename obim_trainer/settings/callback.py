@@ -8,7 +8,8 @@ offline with ``obim-merge-ckpts`` from the same values.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +39,7 @@ from obim_trainer.settings.blocks import (
 )
 from obim_trainer.settings.comparison import EvaluationSettings, VariantSettings
 from obim_trainer.settings.merge import MergeConfig
+from obim_trainer.settings.names import settings_spelled
 from obim_trainer.settings.yaml_files import YamlConfig, load_yaml_config, section_of
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,14 @@ CHOSEN_BY_CALLBACK = {
     "progress": "progress bars stay off inside training logs",
 }
 """MergeConfig fields the callback sets itself, and why; given to :class:`OBIMConfig` they are refused."""
+
+
+@contextmanager
+def callback_spelling() -> Iterator[None]:
+    """Errors within name settings as keys of :class:`OBIMConfig` (its YAML section, its keywords):
+    ``base_model: DIR``, not ``--base DIR``."""
+    with settings_spelled("yaml", renamed=CALLBACK_NAMES):
+        yield
 
 
 class OBIMConfig(CalibrationSettings, MethodSettings, EvaluationSettings, ScheduleSettings, YamlConfig):
@@ -164,11 +174,13 @@ class OBIMConfig(CalibrationSettings, MethodSettings, EvaluationSettings, Schedu
         return self
 
     def _check_candidates(self) -> None:
-        """Every merge this run may make builds and has the calibration it needs, before training starts."""
+        """Every merge this run may make builds and has the calibration it needs, before training starts
+        (errors name the settings as keys of this configuration, the callback's YAML)."""
         variants = self.plan_candidates(self.top_k) or [MergeVariant(self.method, self.method, self.params)]
-        for variant in variants:
-            needs = build_method(variant.method, variant.params, num_models=self.top_k).statistics()
-            check_languages(self.calibration_data, self.new_languages, needs, variant.method)
+        with callback_spelling():
+            for variant in variants:
+                needs = build_method(variant.method, variant.params, num_models=self.top_k).statistics()
+                check_languages(self.calibration_data, self.new_languages, needs, variant.method)
 
     def candidate_specs(self) -> list[MergeSpec] | None:
         """The merges compared at each merge point, or ``None`` for the one merge of ``method``/``params``.
@@ -192,12 +204,13 @@ class OBIMConfig(CalibrationSettings, MethodSettings, EvaluationSettings, Schedu
     @classmethod
     def from_yaml(cls, path: str | Path, section: str | None = None) -> OBIMConfig:
         """Read a YAML file, or one top-level ``section`` of it (``obim:`` in ``configs/callback/example.yaml``)."""
-        data = load_yaml_config(path)
-        if section is not None:
+        with callback_spelling():
+            data = load_yaml_config(path)
+            if section is None:
+                return cls.build(data, source=path)
             if not isinstance(data.get(section), dict):
                 raise ConfigError(f"config file {path} has no '{section}:' mapping with the callback settings")
             return cls.build(data[section], source=section_of(path, section))
-        return cls.build(data, source=path)
 
     def merge_config(self, checkpoints: list[Path], output: Path | None) -> MergeConfig:
         """The offline merge of ``checkpoints`` with these settings (``output=None``: a dry run): every
