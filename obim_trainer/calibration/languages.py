@@ -102,7 +102,7 @@ def load_language_texts(data: Any, num_samples: int, text_field: str) -> dict[st
         try:
             texts[language] = load_calibration_texts(source, num_samples=num_samples, text_field=text_field)
         except CalibrationError as exc:
-            raise CalibrationError(f"{setting_name('calibration_data', {language: source})}: {exc}") from None
+            raise CalibrationError(f"{setting_name('calibration_data', {language: str(source)})}: {exc}") from None
     return texts
 
 

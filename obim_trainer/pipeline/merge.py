@@ -457,7 +457,7 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
     if needs.sequential and plan.vocab_size is not None:
         raise ConfigError(
             f"the checkpoints extend the vocabulary to {plan.vocab_size} rows, which the layer-by-layer merge of "
-            f"'{method.name}' cannot run: set the method's parameter sequential to false "
+            f"'{method.name}' cannot run: set the method's parameter sequential: false "
             f"({setting_name('params', {'sequential': False})})"
         )
     calibration = prepare_language_calibration(config, tokenizer_dir, texts) if texts is not None else None
