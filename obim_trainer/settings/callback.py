@@ -51,7 +51,9 @@ CALLBACK_NAMES = {
     "metric": "select_metric",
     "metric_mode": "select_mode",
 }
-"""MergeConfig fields the callback calls otherwise (the same setting: one declaration, see ``same_setting``)."""
+"""MergeConfig settings the callback calls otherwise (the same declaration, see ``same_setting``); the
+callback's own ``select_metric`` is its ``metric``, with a default (eval_loss). (The comparison's
+``total_shares`` is the callback's ``total_share_sweep``; entries of ``merges`` keep ``total_shares``.)"""
 
 CHOSEN_BY_CALLBACK = {
     "checkpoints": "the callback merges the top_k checkpoints it selected by select_metric",
@@ -108,7 +110,8 @@ class OBIMConfig(CalibrationSettings, MethodSettings, EvaluationSettings, Schedu
 
     # selection
     select_metric: str = Field(
-        default="eval_loss", description="e.g. eval_ja_loss (Trainer) or obim_ja_loss (evaluator)."
+        default="eval_loss",
+        description="Metric the checkpoints are selected by: eval_ja_loss (Trainer) or obim_ja_loss (evaluator).",
     )
     select_mode: MetricMode = same_setting(InputSettings, "metric_mode")
     top_k: int = Field(default=3, ge=1, description="How many checkpoints are selected and merged.")
