@@ -81,7 +81,7 @@ def check_eval_files(comparison: ComparisonConfig) -> None:
                     source, num_samples=1, text_field=comparison.eval_text_field, setting="eval_data"
                 )
             except CalibrationError as exc:
-                raise ConfigError(f"{setting_name('eval_data', {language: source})}: {exc}") from None
+                raise ConfigError(f"{setting_name('eval_data', {language: str(source)})}: {exc}") from None
 
 
 def _vocab_size(folder: Path) -> int | None:

@@ -12,6 +12,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any, Literal
 
 import yaml
@@ -99,6 +100,7 @@ def settings_example(values: Mapping[str, Any]) -> str:
 
 
 def _value_text(name: str, value: Mapping[str, Any] | Sequence[Any], spelling: Spelling) -> str:
+    value = {k: _plain(v) for k, v in value.items()} if isinstance(value, Mapping) else [_plain(v) for v in value]
     if spelling == "yaml":
         return yaml.safe_dump(value if isinstance(value, Mapping) else list(value), default_flow_style=True).strip()
     if spelling == "python":
@@ -108,6 +110,11 @@ def _value_text(name: str, value: Mapping[str, Any] | Sequence[Any], spelling: S
             f"{key}={','.join(map(str, item)) if isinstance(item, list) else item}" for key, item in value.items()
         )
     return LIST_SEPARATORS.get(name, " ").join(str(item) for item in value)
+
+
+def _plain(item: Any) -> Any:
+    """A path as the text the user typed (``repr`` would say ``PosixPath(...)``)."""
+    return str(item) if isinstance(item, PurePath) else item
 
 
 def flag_of(name: str) -> str:
