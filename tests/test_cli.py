@@ -375,3 +375,5 @@ def test_every_setting_has_a_flag_with_the_fields_help_and_choices():
     assert actions["dtype"].choices == ["auto", "float32", "bfloat16", "float16"]
     assert actions["progress"].option_strings == ["--no-progress"] and actions["workers"].type is int
     assert "(default 100)" in actions["calibration_samples"].help
+    titles = [group.title.split()[0].strip(":") for group in build_parser()._action_groups[2:]]
+    assert titles == ["inputs", "calibration", "method", "evaluation", "output"]
