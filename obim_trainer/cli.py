@@ -11,17 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from obim_trainer.errors import ConfigError, OBIMError
+from obim_trainer.evaluation.comparison import Objective
 from obim_trainer.merging import MergeMethod, available_methods
+from obim_trainer.merging.obim import OBIMParams
 from obim_trainer.merging.registry import StatisticsNeeds
-from obim_trainer.pipeline.compare import (
-    COMPARISON_KEYS,
-    ComparisonConfig,
-    compare_merges,
-    default_comparison,
-    plan_comparison,
-)
+from obim_trainer.pipeline.compare import compare_merges, default_comparison, plan_comparison
+from obim_trainer.settings.blocks import CalibrationSettings, InputSettings, MethodSettings, OutputSettings
+from obim_trainer.settings.comparison import COMPARISON_KEYS, ComparisonConfig, EvaluationSettings, VariantSettings
+from obim_trainer.settings.flags import add_setting, describe
 from obim_trainer.settings.merge import MergeConfig, merge_overrides
 from obim_trainer.settings.names import settings_spelled
 from obim_trainer.settings.yaml_files import load_yaml_config
@@ -91,201 +91,6 @@ def _split_sweeps(pairs: list[tuple[str, Any]], yaml_sweep: dict[str, Any] | Non
     return params, {**kept, **sweeps}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    s = argparse.SUPPRESS  # flags not given do not override YAML
-    parser = argparse.ArgumentParser(
-        prog="obim-merge-ckpts",
-        description=DESCRIPTION,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=s,
-    )
-    parser.add_argument("--config", type=Path, help="YAML file with any of the settings below; flags override it.")
-    parser.add_argument(
-        "--list-methods", action="store_true", help="List merge methods with their parameters and exit."
-    )
-
-    inputs = parser.add_argument_group("what to merge")
-    inputs.add_argument("--base", type=Path, help="Base model folder (the model before continued pre-training).")
-    inputs.add_argument(
-        "--checkpoints",
-        type=Path,
-        nargs="+",
-        metavar="DIR",
-        help="Checkpoint folders, in merge order (for OBIM's 'given' order, first merged first).",
-    )
-    inputs.add_argument(
-        "--run-dir",
-        type=Path,
-        metavar="DIR",
-        help="Trainer output_dir: pick checkpoints from it by --metric instead of --checkpoints.",
-    )
-    inputs.add_argument("--top-k", type=int, metavar="K", help="How many checkpoints to pick from --run-dir.")
-    inputs.add_argument("--metric", help="Metric logged in trainer_state.json to rank by, e.g. eval_ja_loss.")
-    inputs.add_argument(
-        "--metric-mode",
-        choices=["auto", "min", "max"],
-        help="Whether lower or higher is better (auto: lower for losses/perplexities).",
-    )
-    inputs.add_argument(
-        "--zero-weights",
-        choices=["auto", "saved", "master"],
-        help="DeepSpeed checkpoints: auto (default) reads the saved model.safetensors when present, else the "
-        "fp32 master weights of the ZeRO shards; saved requires the saved weights; master reads the fp32 masters.",
-    )
-
-    method = parser.add_argument_group("how to merge")
-    method.add_argument(
-        "--method",
-        help="Merge method (default obim); see --list-methods. Several, comma-separated (obim,ties,dare_ties), "
-        "make one merge each in --output/<method>/ to compare.",
-    )
-    method.add_argument(
-        "--total-share",
-        type=_parse_floats,
-        dest="total_shares",
-        metavar="S,S,...",
-        help="OBIM: merge once per total share Σn_k (e.g. 1.0,0.6,0.3); below 1 part of each tensor keeps the "
-        "base's values, trading new-language gain for old-language recovery. Written as --output/obim@0.6/.",
-    )
-    method.add_argument(
-        "--param",
-        type=_parse_param,
-        action="append",
-        metavar="KEY=VALUE",
-        help="A method parameter, repeatable (e.g. --param density=0.5 --param lambda=1.0). Several values, "
-        "comma-separated, sweep it: --param base_weight=0.3,1,3 makes one merge per value, written as "
-        "--output/regmean@base_weight=1/ (several swept parameters: every combination; a list value is [a,b]).",
-    )
-    method.add_argument(
-        "--ratios",
-        type=float,
-        nargs="+",
-        metavar="N_K",
-        help="OBIM: share n_k of each tensor taken from each checkpoint (default 1/K each; sum <= 1).",
-    )
-    method.add_argument("--order", help="OBIM: merge order: rotation (default; rotates by block), given, priority.")
-    method.add_argument("--priority", type=float, nargs="+", help="OBIM with --order priority: higher goes first.")
-    method.add_argument(
-        "--embedding-saliency",
-        choices=["random", "token_frequency"],
-        help="OBIM: saliency of embedding rows (default random, as the paper).",
-    )
-    method.add_argument(
-        "--new-rows",
-        choices=["obim", "best", "average", "first"],
-        help="Extended vocabulary: embedding/lm_head rows the base lacks. obim (default): merged by the method "
-        "with the base taken as zero; best: from the best checkpoint by --metric; first: from the first "
-        "checkpoint; average: their mean.",
-    )
-    method.add_argument("--seed", type=int, help="Seed for random saliency and random methods (default 0).")
-
-    calib = parser.add_argument_group("calibration (methods that read activations, input Grams or Fisher diagonals)")
-    calib.add_argument(
-        "--calibration-data",
-        nargs="+",
-        metavar="FILE | LANG=FILE",
-        help="JSONL (field 'text'), .txt (one sample per line) or .parquet; or one file per language "
-        "(en=en.jsonl zh=zh.jsonl ru=ru.jsonl) with --new-language naming the new ones: methods with per-language "
-        "statistics measure the base on the old languages and each checkpoint on the new ones, others read all.",
-    )
-    calib.add_argument("--calibration-samples", type=int, help="Samples to use (default 100, the paper's best).")
-    calib.add_argument("--calibration-max-length", type=int, help="Tokens per sample (default 512).")
-    calib.add_argument("--calibration-batch-size", type=int, help="Forward batch size (default 8).")
-    calib.add_argument("--calibration-text-field", help="Text field of JSONL/parquet rows (default 'text').")
-    calib.add_argument(
-        "--stats-cache-dir",
-        type=Path,
-        help="Where to keep activation statistics (default $OBIM_STATS_CACHE, else ~/.cache/obim_trainer/stats).",
-    )
-    calib.add_argument(
-        "--stats-beside-checkpoints",
-        action="store_true",
-        help="Write new statistics into each checkpoint folder (obim_stats/) instead; without it, "
-        "folders given as inputs are never written.",
-    )
-    calib.add_argument("--recompute-stats", action="store_true", help="Ignore cached statistics.")
-
-    compare = parser.add_argument_group("compare merges (with several methods or total shares)")
-    compare.add_argument(
-        "--evaluate",
-        action="store_true",
-        help="Evaluate the base, the checkpoints and every merge per language and write --output/comparison.md/.json.",
-    )
-    compare.add_argument(
-        "--eval-data",
-        type=_parse_eval_data,
-        nargs="+",
-        metavar="LANG=FILE",
-        help="Evaluation texts per language (JSONL with 'text', .txt or .parquet), e.g. en=en.jsonl ja=ja.jsonl.",
-    )
-    compare.add_argument(
-        "--lm-eval",
-        type=Path,
-        metavar="TASKS.yaml",
-        help="Score with lm-eval-harness tasks per language instead (pip install 'obim-trainer[eval]'); "
-        "see configs/eval/lm_eval_example.yaml.",
-    )
-    compare.add_argument("--eval-samples", type=int, help="Samples per language (default 200).")
-    compare.add_argument("--eval-max-length", type=int, help="Tokens per sample (default 512).")
-    compare.add_argument(
-        "--objective",
-        choices=["avg", "old_avg"],
-        help="How to pick the best merge: avg (default) of all languages' losses; old_avg: best on the languages "
-        "other than --new-language, among merges with its loss at most --new-limit.",
-    )
-    compare.add_argument(
-        "--new-language",
-        nargs="+",
-        metavar="LANG",
-        help="The language(s) continued pre-training added: the new side of --calibration-data LANG=FILE, and the "
-        "language the old_avg objective excludes (one).",
-    )
-    compare.add_argument("--new-limit", type=float, help="old_avg: the largest acceptable new-language loss.")
-
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--output",
-        type=Path,
-        help="New folder for the merged model (appears only when complete); when comparing, the folder that holds "
-        "one such folder per merge and the comparison table.",
-    )
-    out.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
-    out.add_argument("--out-shard-size", help="Largest safetensors shard (default 5GB).")
-    out.add_argument(
-        "--tokenizer-source",
-        type=Path,
-        help="Copy the tokenizer from here (default: the base's, or the first checkpoint's when the "
-        "checkpoints extend the vocabulary); calibration texts are tokenized with it too.",
-    )
-    out.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="Output dtype (default auto: each tensor in the base's dtype, whatever the checkpoints hold). "
-        "Math is always float32.",
-    )
-    out.add_argument(
-        "--device",
-        help="cpu (default) or cuda[:N] for the merge math and statistics; tensors are read on the CPU, moved to the "
-        "GPU one at a time and written back.",
-    )
-    out.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help="Merge with N processes (default 1), each taking a share of the tensors and of the CPU threads; the "
-        "output is byte for byte the one-process output.",
-    )
-    out.add_argument("--dry-run", action="store_true", help="Validate inputs and print the plan; write nothing.")
-    out.add_argument("--no-progress", dest="progress", action="store_false", help="Hide progress bars.")
-    out.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Default INFO.")
-    return parser
-
-
-OBIM_FLAGS = ("ratios", "order", "priority", "embedding_saliency")
-OBJECTIVE_FLAGS = {"objective": "kind", "new_language": "new_language", "new_limit": "new_limit"}
-
-
 def _parse_floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -293,6 +98,107 @@ def _parse_floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"expected numbers separated by commas, got {text!r} (e.g. 1.0,0.6,0.3)"
         ) from None
+
+
+def _parse_eval_data(text: str) -> tuple[str, Path]:
+    language, sep, path = text.partition("=")
+    if not sep or not language or not path:
+        raise argparse.ArgumentTypeError(f"expected LANG=FILE, got {text!r} (e.g. --eval-data en=en_eval.jsonl)")
+    return language.strip(), Path(path)
+
+
+SPECIAL_FLAGS: dict[str, dict[str, Any]] = {
+    "top_k": {"metavar": "K"},
+    "ratios": {"metavar": "N_K"},
+    "calibration_data": {"nargs": "+", "metavar": "FILE | LANG=FILE"},
+    "new_languages": {"dest": "new_language", "metavar": "LANG"},
+    "eval_data": {"type": _parse_eval_data, "nargs": "+", "metavar": "LANG=FILE"},
+    "lm_eval": {"metavar": "TASKS.yaml"},
+    "calibration_text_field": {"metavar": "FIELD"},
+    "eval_text_field": {"metavar": "FIELD"},
+    "out_shard_size": {"metavar": "SIZE"},
+    "kind": {"flag": "--objective", "dest": "objective", "after": "(--new-language names it, --new-limit the limit)"},
+    "total_shares": {
+        "type": _parse_floats,
+        "nargs": None,
+        "metavar": "S,S,...",
+        "after": "Written as --output/obim@0.6/.",
+    },
+    "params": {
+        "type": _parse_param,
+        "action": "append",
+        "metavar": "KEY=VALUE",
+        "dest": "param",
+        "after": "Repeatable (e.g. --param density=0.5 --param lambda=1.0). Several values, comma-separated, "
+        "sweep it: --param base_weight=0.3,1,3 makes one merge per value, written as --output/regmean@base_weight=1/ "
+        "(several swept parameters: every combination; a list value is [a,b]).",
+    },
+    "method": {
+        "after": "Several, comma-separated (obim,ties,dare_ties): "
+        + describe(ComparisonConfig.model_fields["methods"].description or "")
+    },
+}
+"""Flags whose name, parsing or help goes beyond what their field says (help still starts from the field)."""
+
+NO_FLAG = frozenset({"merges", "sweep", "methods", "objective"})
+"""Settings with no flag of their own: merges (YAML), sweep (--param K=V1,V2), methods (--method a,b),
+objective (--objective, --new-language, --new-limit)."""
+
+OBIM_FLAGS = ("ratios", "order", "priority", "embedding_saliency")
+"""OBIM's parameters that have a flag of their own (any method's parameter: --param)."""
+BLOCK_FLAGS: dict[type[BaseModel], tuple[str, ...]] = {
+    OBIMParams: OBIM_FLAGS,
+    Objective: ("kind", "new_limit"),  # new_language: --new-language, also the calibration's new side
+}
+"""Blocks of which only some fields have flags."""
+BLOCK_PREFIX: dict[type[BaseModel], str] = {OBIMParams: "OBIM:"}
+
+GROUPS: tuple[tuple[str, tuple[type[BaseModel], ...]], ...] = (
+    ("inputs: what to merge", (InputSettings,)),
+    ("calibration (methods that read activations, input Grams or Fisher diagonals)", (CalibrationSettings,)),
+    ("method: how to merge", (MethodSettings, OBIMParams)),
+    (
+        "evaluation: compare merges (several methods, total shares or swept parameters)",
+        (VariantSettings, ComparisonConfig, EvaluationSettings, Objective),
+    ),
+    ("output", (OutputSettings,)),
+)
+"""The help's groups, each the flags of these blocks' fields in the order they declare them."""
+
+
+def _add_block(group: argparse._ArgumentGroup, block: type[BaseModel], done: set[str]) -> None:
+    """The flags of ``block``'s fields not added yet (ComparisonConfig shares its blocks' fields)."""
+    own = [name for name in block.model_fields if name not in done and name not in NO_FLAG]
+    for name in BLOCK_FLAGS.get(block, own):
+        add_setting(group, block, name, before=BLOCK_PREFIX.get(block, ""), **SPECIAL_FLAGS.get(name, {}))
+        done.add(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser: one flag per setting of the blocks, in the help's groups."""
+    parser = argparse.ArgumentParser(
+        prog="obim-merge-ckpts",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # flags not given do not override YAML
+    )
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="YAML file with any of the settings below; flags override it."
+    )
+    parser.add_argument(
+        "--list-methods", action="store_true", help="List merge methods with their parameters and exit."
+    )
+    done: set[str] = set()
+    for title, blocks in GROUPS:
+        group = parser.add_argument_group(title)
+        for block in blocks:
+            _add_block(group, block, done)
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Default INFO.")
+    return parser
+
+
+OBJECTIVE_FLAGS = {"objective": "kind", "new_language": "new_language", "new_limit": "new_limit"}
 
 
 def _calibration_data(values: list[str]) -> str | dict[str, str]:
@@ -310,13 +216,6 @@ def _calibration_data(values: list[str]) -> str | dict[str, str]:
             raise ConfigError(f"--calibration-data names the language {language.strip()!r} twice; give each once")
         pairs[language.strip()] = path
     return pairs
-
-
-def _parse_eval_data(text: str) -> tuple[str, Path]:
-    language, sep, path = text.partition("=")
-    if not sep or not language or not path:
-        raise argparse.ArgumentTypeError(f"expected LANG=FILE, got {text!r} (e.g. --eval-data en=en_eval.jsonl)")
-    return language.strip(), Path(path)
 
 
 def _split_comparison(values: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,10 @@ class TextSettings:
         """``calibration``, ``eval``, ``train``: how messages name the data."""
         return self.source.replace("_", " ").removesuffix(" data")
 
+    def example(self) -> str | dict[str, str]:
+        """How a value of ``source`` looks: eval data is given per language."""
+        return {"LANG": "FILE"} if self.source == "eval_data" else "FILE"
+
     def field_hint(self) -> str:
         field = self.text_field or f"{self.source.removesuffix('_data')}_text_field"
         return f"set {setting_name(field, 'NAME')} to the field that holds the text"
@@ -136,15 +140,11 @@ def _dataset_values(dataset: Any, field: str, settings: TextSettings) -> Iterato
 
 def check_text_file(path: Path, settings: TextSettings) -> None:
     """Raise ``settings.error`` naming ``path`` and the fix unless it is an existing file of a known suffix."""
+    setting = setting_name(settings.source, settings.example())
     if not path.exists():
-        raise settings.error(
-            f"{settings.label} file {path} does not exist; set {setting_name(settings.source, 'FILE')} to an "
-            "existing file"
-        )
+        raise settings.error(f"{settings.label} file {path} does not exist; set {setting} to an existing file")
     if not path.is_file():
-        raise settings.error(
-            f"{path} is not a file; set {setting_name(settings.source, 'FILE')} to a {'/'.join(SUFFIXES)} file"
-        )
+        raise settings.error(f"{path} is not a file; set {setting} to a {'/'.join(SUFFIXES)} file")
     if path.suffix.lower() not in READERS:
         raise settings.error(f"{settings.label} file {path} has an unknown extension; use one of {', '.join(SUFFIXES)}")
 

@@ -350,3 +350,30 @@ def test_the_readme_dry_run_line_works_as_written(llama_family, calibration_json
     plan = capsys.readouterr().out
     assert plan.count("checkpoint 2:") == 1 and "order [1, 2, 0]" in plan
     assert not (tmp_path / "merged").exists()
+
+
+def test_every_setting_has_a_flag_with_the_fields_help_and_choices():
+    """The flags are generated from the settings: each field's description (with its default) is the help,
+    a Literal's values the choices; settings without a flag of their own say where they are set."""
+    from typing import get_args
+
+    from obim_trainer.cli import NO_FLAG, SPECIAL_FLAGS
+    from obim_trainer.settings.comparison import ComparisonConfig
+    from obim_trainer.settings.flags import describe
+    from obim_trainer.settings.merge import MergeConfig
+
+    actions = {action.dest: action for action in build_parser()._actions}
+    for model in (MergeConfig, ComparisonConfig):
+        for name, field in model.model_fields.items():
+            if name in NO_FLAG:
+                continue
+            action = actions[SPECIAL_FLAGS.get(name, {}).get("dest", name)]
+            assert describe(field.description).replace("%", "%%") in action.help, name
+            literal = [arg for arg in get_args(field.annotation) if isinstance(arg, str)]
+            if literal and action.choices is not None:
+                assert list(action.choices) == literal, name
+    assert actions["dtype"].choices == ["auto", "float32", "bfloat16", "float16"]
+    assert actions["progress"].option_strings == ["--no-progress"] and actions["workers"].type is int
+    assert "(default 100)" in actions["calibration_samples"].help
+    titles = [group.title.split()[0].strip(":") for group in build_parser()._action_groups[2:]]
+    assert titles == ["inputs", "calibration", "method", "evaluation", "output"]

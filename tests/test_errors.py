@@ -209,7 +209,7 @@ def test_unreadable_calibration_file(family, tmp_path):
 
 def test_missing_calibration_data_for_obim(family, tmp_path):
     base, ckpts = family
-    assert_fails_cleanly(tmp_path, "--calibration-data", base=base, checkpoints=ckpts)
+    assert_fails_cleanly(tmp_path, "calibration_data=FILE", base=base, checkpoints=ckpts)
 
 
 def test_corrupt_safetensors(family, calibration_jsonl, tmp_path):

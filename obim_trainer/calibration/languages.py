@@ -21,10 +21,10 @@ from typing import Any
 from obim_trainer.calibration.data import CalibrationSet, load_calibration_texts
 from obim_trainer.errors import CalibrationError, ConfigError
 from obim_trainer.merging.registry import StatisticsNeeds
+from obim_trainer.settings.names import PER_LANGUAGE_CALIBRATION, setting_key, setting_name, settings_example
 
 ALL = "all"
 """The name of the one calibration source when it is not given per language."""
-EXAMPLE = "--calibration-data en=en.jsonl ru=ru.jsonl --new-language ru"
 
 
 def is_per_language(data: Any) -> bool:
@@ -41,47 +41,51 @@ def check_languages(data: Any, new_languages: Sequence[str], needs: StatisticsNe
     No calibration at all is left to :func:`missing_calibration`, once the inputs are checked.
     """
     per_language = is_per_language(data)
+    calibration, new = setting_key("calibration_data"), setting_key("new_languages")
     if per_language:
         if not data:
-            raise ConfigError(f"--calibration-data (calibration_data) names no language; e.g. {EXAMPLE}")
+            raise ConfigError(f"{calibration} names no language; e.g. {settings_example(PER_LANGUAGE_CALIBRATION)}")
         bad = [str(k) for k, v in data.items() if not isinstance(k, str) or not k or v is None]
         if bad:
             raise ConfigError(
-                f"--calibration-data (calibration_data) needs a file for every language, as LANG=FILE; check "
+                f"{calibration} needs a file for every language "
+                f"({setting_name('calibration_data', PER_LANGUAGE_CALIBRATION['calibration_data'])}); check "
                 f"{', '.join(bad)}"
             )
         unknown = [lang for lang in new_languages if lang not in data]
         if unknown:
             raise ConfigError(
-                f"--new-language (new_languages) names {', '.join(map(repr, unknown))}, which --calibration-data "
-                f"(calibration_data) does not give; its languages are {', '.join(data)}: name one of them"
+                f"{new} names {', '.join(map(repr, unknown))}, which {calibration} does not give; its languages "
+                f"are {', '.join(data)}: name one of them"
             )
     if data is None or not needs.per_language:
         return  # no calibration at all is refused once the inputs are known good (missing_calibration)
     if not per_language:
         raise ConfigError(
             f"method '{method}' measures the base on old-language text and each checkpoint on new-language text, "
-            f"but --calibration-data (calibration_data) is one file; give one file per language and name the new "
-            f"one(s), e.g. {EXAMPLE}"
+            f"but {calibration} is one file; give one file per language and name the new one(s), e.g. "
+            f"{settings_example(PER_LANGUAGE_CALIBRATION)}"
         )
     if not new_languages:
         raise ConfigError(
             f"method '{method}' measures each checkpoint on new-language text, but no language is named new; add "
-            f"--new-language LANG (new_languages) with one of {', '.join(data)}"
+            f"{setting_name('new_languages', [next(iter(data))])} (one of {', '.join(data)})"
         )
     if set(data) <= set(new_languages):
         raise ConfigError(
-            f"method '{method}' measures the base on old-language text, but every language of --calibration-data "
-            f"(calibration_data) is named by --new-language (new_languages); add the base's languages, e.g. "
-            f"--calibration-data en=en.jsonl {' '.join(f'{lang}=...' for lang in new_languages)}"
+            f"method '{method}' measures the base on old-language text, but every language of {calibration} is "
+            f"named by {new}; add the base's languages, e.g. "
+            f"{setting_name('calibration_data', {'en': 'en.jsonl', **{lang: f'{lang}.jsonl' for lang in data}})}"
         )
 
 
 def missing_calibration(method: str, needs: StatisticsNeeds) -> ConfigError:
     """The error for a method that reads statistics but was given no calibration text."""
-    wanted = EXAMPLE if needs.per_language else "--calibration-data FILE"
+    wanted = (
+        settings_example(PER_LANGUAGE_CALIBRATION) if needs.per_language else setting_name("calibration_data", "FILE")
+    )
     return ConfigError(
-        f"method '{method}' needs calibration text: pass {wanted} (JSONL with a 'text' field, .txt or .parquet; "
+        f"method '{method}' needs calibration text: set {wanted} (JSONL with a 'text' field, .txt or .parquet; "
         "~100 samples of each language)"
     )
 
@@ -98,7 +102,7 @@ def load_language_texts(data: Any, num_samples: int, text_field: str) -> dict[st
         try:
             texts[language] = load_calibration_texts(source, num_samples=num_samples, text_field=text_field)
         except CalibrationError as exc:
-            raise CalibrationError(f"--calibration-data {language}={source}: {exc}") from None
+            raise CalibrationError(f"{setting_name('calibration_data', {language: str(source)})}: {exc}") from None
     return texts
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from obim_trainer.checkpoints import detect
 from obim_trainer.checkpoints.reader import CheckpointReader, SafetensorsReader, TorchBinReader
 from obim_trainer.errors import CheckpointError
+from obim_trainer.settings.names import setting_name
 
 
 def open_checkpoint(
@@ -59,8 +60,8 @@ def _open_adapter(path: Path, base: CheckpointReader | None) -> CheckpointReader
     if base is None:
         raise CheckpointError(
             f"{path} is a PEFT LoRA adapter, which holds only the change to its base model, not a model; it can be "
-            "merged as a checkpoint of its base (pass the base model the adapter was trained on as --base), but it "
-            "cannot be the base itself"
+            f"merged as a checkpoint of its base (set {setting_name('base', 'DIR')} to the base model the adapter was "
+            "trained on), but it cannot be the base itself"
         )
     from obim_trainer.checkpoints.lora_reader import LoraCheckpointReader
 

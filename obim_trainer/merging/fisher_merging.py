@@ -22,6 +22,7 @@ from torch import Tensor
 from obim_trainer.merging.least_squares import shrink_toward_base
 from obim_trainer.merging.registry import MergeMethod, MethodParams, StatisticsNeeds, register_method
 from obim_trainer.merging.task import MergeOutput, TensorTask
+from obim_trainer.settings.names import PER_LANGUAGE_CALIBRATION, settings_example
 
 ZERO_FISHER = torch.finfo(torch.float32).tiny
 """Total Fisher weight at or below this counts as none (absolute, not relative: only against 0/0)."""
@@ -56,7 +57,7 @@ def _fishers(task: TensorTask) -> tuple[Tensor, list[Tensor]]:
     if task.base_fisher is None or task.checkpoint_fishers is None or len(task.checkpoint_fishers) != task.num_models:
         raise ValueError(
             f"Fisher merging of {task.name} needs the base's Fisher and one per checkpoint; run the merge with "
-            "per-language calibration data (--calibration-data en=... zh=... --new-language zh)"
+            f"per-language calibration data ({settings_example(PER_LANGUAGE_CALIBRATION)})"
         )
     fishers = [f.to(task.device, torch.float32) for f in (task.base_fisher, *task.checkpoint_fishers)]
     if any(f.shape != task.shape for f in fishers):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from obim_trainer.merging.task import TensorTask
+from obim_trainer.settings.names import setting_name
 
 
 def regularize_gram(gram: Tensor, alpha: float) -> Tensor:
@@ -53,7 +54,7 @@ def solve_least_squares(numerator: Tensor, gram: Tensor) -> tuple[Tensor, bool]:
             return torch.cholesky_solve(rhs, factor).T, True
     raise ValueError(
         f"a {gram64.shape[0]}x{gram64.shape[0]} input Gram is not positive definite even with a ridge of "
-        f"{RIDGES[-1]}·mean(diag): the statistics are not Grams; recompute them (--recompute-stats)"
+        f"{RIDGES[-1]}·mean(diag): the statistics are not Grams; recompute them ({setting_name('recompute_stats')})"
     )
 
 

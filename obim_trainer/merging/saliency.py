@@ -21,6 +21,7 @@ from torch import Tensor
 
 from obim_trainer.merging.random_scores import RandomScores
 from obim_trainer.merging.task import ParamKind, TensorTask, derive_seed
+from obim_trainer.settings.names import PER_LANGUAGE_CALIBRATION, settings_example
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ def _fisher_pair(task: TensorTask, k: int) -> tuple[Tensor, Tensor]:
     if task.base_fisher is None or fishers is None or len(fishers) != task.num_models:
         raise ValueError(
             f"forgetting-aware saliency of {task.name} needs the base's Fisher and checkpoint {k}'s; run the merge "
-            "with per-language calibration data (--calibration-data en=... zh=... --new-language zh)"
+            f"with per-language calibration data ({settings_example(PER_LANGUAGE_CALIBRATION)})"
         )
     pair = task.base_fisher.to(task.device, torch.float32), fishers[k].to(task.device, torch.float32)
     if any(f.shape != task.shape for f in pair):

@@ -13,14 +13,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import ConfigDict, Field, model_validator
-
 from obim_trainer.calibration.data import load_calibration_texts
 from obim_trainer.errors import CalibrationError, ConfigError
 from obim_trainer.evaluation import ModelEvaluator, PerLanguageEvaluator, load_eval_sets
-from obim_trainer.evaluation.comparison import ComparisonTable, Objective, RowKind, evaluate_folders, pick
+from obim_trainer.evaluation.comparison import ComparisonTable, RowKind, evaluate_folders, pick
 from obim_trainer.pipeline.variants import (
-    MergeSpec,
     MergeVariant,
     default_candidates,
     merge_variants,
@@ -28,80 +25,11 @@ from obim_trainer.pipeline.variants import (
     plan_variants,
     wants_default_candidates,
 )
+from obim_trainer.settings.comparison import ComparisonConfig
 from obim_trainer.settings.merge import MergeConfig
 from obim_trainer.settings.names import setting_name
-from obim_trainer.settings.yaml_files import YamlConfig
 
 logger = logging.getLogger(__name__)
-
-COMPARISON_KEYS = (
-    "methods",
-    "merges",
-    "total_shares",
-    "sweep",
-    "evaluate",
-    "eval_data",
-    "eval_samples",
-    "eval_max_length",
-    "eval_batch_size",
-    "eval_text_field",
-    "eval_checkpoints",
-    "lm_eval",
-    "objective",
-)
-
-
-class ComparisonConfig(YamlConfig):
-    """Which merges to make besides each other and how to evaluate them (names as in OBIMConfig)."""
-
-    model_config = ConfigDict(extra="forbid")
-    described_as = "comparison configuration"
-
-    methods: list[str] = Field(min_length=1, description="Merge methods, e.g. [obim, ties, dare_ties].")
-    merges: list[MergeSpec] | None = Field(
-        default=None,
-        description="Merges as entries ({method, params, total_shares, sweep, label}, as the demo's merges:) in place "
-        "of methods/total_shares/sweep. Default with a new language, per-language calibration, evaluation and no "
-        "method named: default_candidates() (OBIM, sequential regmean at base_weight 0.3, 1, 3).",
-    )
-    total_shares: list[float] | None = Field(
-        default=None, description="OBIM's Σ n_k values to sweep, e.g. [1.0, 0.6, 0.3] (1.0 is the paper)."
-    )
-    sweep: dict[str, list[Any]] | None = Field(
-        default=None,
-        description="Parameters to sweep, {name: [values]}: one merge per value (the product for several) for every "
-        "method that has the parameter, named like regmean@base_weight=1 (CLI: --param base_weight=0.3,1,3).",
-    )
-    evaluate: bool = False
-    eval_data: dict[str, Path] | None = Field(default=None, description="{language: file} of evaluation texts.")
-    eval_samples: int = Field(default=200, ge=1)
-    eval_max_length: int = Field(default=512, ge=2)
-    eval_batch_size: int = Field(default=8, ge=1)
-    eval_text_field: str = "text"
-    eval_checkpoints: bool = Field(default=True, description="Also evaluate the base and the checkpoints.")
-    lm_eval: Path | None = Field(
-        default=None, description="YAML of LmEvalConfig: score with lm-eval-harness tasks per language instead."
-    )
-    objective: Objective = Objective()
-
-    @model_validator(mode="after")
-    def _evaluation_has_data(self) -> ComparisonConfig:
-        if self.eval_data and self.lm_eval:
-            raise ValueError("give eval_data (loss per language) or lm_eval (lm-eval-harness tasks), not both")
-        if self.eval_data or self.lm_eval:
-            self.evaluate = True
-        elif self.evaluate:
-            raise ValueError(
-                f"evaluate needs eval_data ({setting_name('eval_data', 'en=en_eval.jsonl')}) "
-                f"or lm_eval ({setting_name('lm_eval', 'tasks.yaml')})"
-            )
-        return self
-
-    @property
-    def several(self) -> bool:
-        """Whether this asks for more than the one plain merge ``obim-merge-ckpts`` makes by default."""
-        several = len(self.methods) > 1 or bool(self.merges) or bool(self.total_shares) or bool(self.sweep)
-        return several or self.evaluate
 
 
 def default_comparison(values: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -153,7 +81,7 @@ def check_eval_files(comparison: ComparisonConfig) -> None:
                     source, num_samples=1, text_field=comparison.eval_text_field, setting="eval_data"
                 )
             except CalibrationError as exc:
-                raise ConfigError(f"eval_data['{language}']: {exc}") from None
+                raise ConfigError(f"{setting_name('eval_data', {language: str(source)})}: {exc}") from None
 
 
 def _vocab_size(folder: Path) -> int | None:

@@ -46,6 +46,7 @@ from obim_trainer.errors import CheckpointError, ConfigError
 from obim_trainer.merging import MergeMethod, ParamKind, TensorTask, Workspace
 from obim_trainer.merging.task import MergeOutput, derive_seed
 from obim_trainer.pipeline.layout import ModelLayout, block_index
+from obim_trainer.settings.names import setting_name
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +311,7 @@ which share k's input, find it still there."""
 def _missing(what: str, name: str) -> CheckpointError:
     return CheckpointError(
         f"no {what} for {name}; the statistics do not match this model's parameter names. Recompute them with "
-        "--recompute-stats."
+        f"{setting_name('recompute_stats')}."
     )
 
 
@@ -451,7 +452,7 @@ class MergeEngine:
             if any(x is None for x in input_sq):
                 raise CheckpointError(
                     f"no activation statistics for Linear weight {name}; the statistics do not match this "
-                    "model's layer names. Recompute them with --recompute-stats."
+                    f"model's layer names. Recompute them with {setting_name('recompute_stats')}."
                 )
             input_sq = [x.to(self.device) for x in input_sq]
         token_counts = None

@@ -150,8 +150,9 @@ def prepare_language_calibration(
     (:mod:`~obim_trainer.calibration.token_cache`). ``texts``: as :func:`load_language_texts` read them already."""
     if config.calibration_data is None:
         raise ConfigError(
-            f"method '{config.method}' scores weights by activations and needs calibration text: pass "
-            "--calibration-data FILE (JSONL with a 'text' field, .txt or .parquet; ~100 samples of the new domain)"
+            f"method '{config.method}' scores weights by activations and needs calibration text: set "
+            f"{setting_name('calibration_data', 'FILE')} (JSONL with a 'text' field, .txt or .parquet; ~100 samples "
+            "of the new domain)"
         )
     tokenizer_dir = Path(tokenizer_dir or config.tokenizer_source or config.base)
     if texts is None:
@@ -456,7 +457,8 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
     if needs.sequential and plan.vocab_size is not None:
         raise ConfigError(
             f"the checkpoints extend the vocabulary to {plan.vocab_size} rows, which the layer-by-layer merge of "
-            f"'{method.name}' cannot run: set the method's parameter sequential: false (--param sequential=false)"
+            f"'{method.name}' cannot run: set the method's parameter sequential: false "
+            f"({setting_name('params', {'sequential': False})})"
         )
     calibration = prepare_language_calibration(config, tokenizer_dir, texts) if texts is not None else None
     if config.dry_run:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from obim_trainer.errors import ConfigError
 from obim_trainer.merging import build_method, get_method
 from obim_trainer.settings.merge import MergeConfig
+from obim_trainer.settings.names import setting_name
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +82,11 @@ def _method_sweeps(method: str, sweeps: Mapping[str, Sequence[Any]]) -> list[dic
 def _check_sweeps(sweeps: Mapping[str, Sequence[Any]], methods: Sequence[str]) -> None:
     for key, values in sweeps.items():
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-            raise ConfigError(f"sweep of '{key}' needs a list of values, e.g. --param {key}=0.3,1,3, got {values!r}")
+            example = setting_name("sweep", {key: [0.3, 1, 3]})
+            raise ConfigError(f"sweep of '{key}' needs a list of values, e.g. {example}, got {values!r}")
         if key == SHARED_PARAM:
-            raise ConfigError("ratios cannot be swept value by value; sweep their total with --total-share")
+            total = setting_name("total_shares", [1.0, 0.6])
+            raise ConfigError(f"ratios cannot be swept value by value; sweep their total with {total}")
         if not any(key in _accepted_names(m) for m in methods):
             raise ConfigError(
                 f"swept parameter '{key}' belongs to none of the methods {', '.join(methods)}; see "
@@ -137,7 +140,7 @@ def plan_variants(
     no method takes and sweeps without values.
     """
     if not methods:
-        raise ConfigError("no merge method given; name at least one, e.g. --method obim,ties")
+        raise ConfigError(f"no merge method given; name at least one, e.g. {setting_name('methods', ['obim', 'ties'])}")
     for share in total_shares or []:
         if not 0.0 < share <= 1.0:
             raise ConfigError(f"total share {share} must lie in (0, 1]: it is Σ n_k, the part of each tensor merged")

@@ -8,6 +8,8 @@ offline with ``obim-merge-ckpts`` from the same values.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +17,6 @@ from pydantic import ConfigDict, Field, model_validator
 
 from obim_trainer.calibration.languages import check_languages
 from obim_trainer.errors import ConfigError
-from obim_trainer.evaluation.comparison import Objective
 from obim_trainer.merging import build_method
 from obim_trainer.pipeline.variants import (
     MergeSpec,
@@ -25,85 +26,100 @@ from obim_trainer.pipeline.variants import (
     plan_specs,
     wants_default_candidates,
 )
-from obim_trainer.settings.merge import MergeConfig, OutputDType
+from obim_trainer.settings.blocks import (
+    CalibrationSettings,
+    InputSettings,
+    MethodSettings,
+    MetricMode,
+    OutputDType,
+    OutputSettings,
+    ScheduleSettings,
+    ZeroWeights,
+    same_setting,
+)
+from obim_trainer.settings.comparison import EvaluationSettings, VariantSettings
+from obim_trainer.settings.merge import MergeConfig
+from obim_trainer.settings.names import settings_spelled
 from obim_trainer.settings.yaml_files import YamlConfig, load_yaml_config, section_of
 
 logger = logging.getLogger(__name__)
 
 
-class OBIMConfig(YamlConfig):
-    """What the callback records at each save, which checkpoints it merges, when, and where."""
+CALLBACK_NAMES = {
+    "base": "base_model",
+    "device": "merge_device",
+    "metric": "select_metric",
+    "metric_mode": "select_mode",
+}
+"""MergeConfig settings the callback calls otherwise (the same declaration, see ``same_setting``); the
+callback's own ``select_metric`` is its ``metric``, with a default (eval_loss). (The comparison's
+``total_shares`` is the callback's ``total_share_sweep``; entries of ``merges`` keep ``total_shares``.)"""
+
+CHOSEN_BY_CALLBACK = {
+    "checkpoints": "the callback merges the top_k checkpoints it selected by select_metric",
+    "run_dir": "the callback merges the checkpoints of the run it is attached to",
+    "top_k": "the merge gets the checkpoints the callback selected; top_k here is how many it selects",
+    "output": "merges are written to output_dir/<output_subdir>/merged-step-N",
+    "overwrite": "merged-step-N belongs to the run; a resumed run may redo a step",
+    "dry_run": "the callback always merges; plan a merge offline with obim-merge-ckpts --dry-run",
+    "progress": "progress bars stay off inside training logs",
+}
+"""MergeConfig fields the callback sets itself, and why; given to :class:`OBIMConfig` they are refused."""
+
+
+@contextmanager
+def callback_spelling() -> Iterator[None]:
+    """Errors within name settings as keys of :class:`OBIMConfig` (its YAML section, its keywords):
+    ``base_model: DIR``, not ``--base DIR``."""
+    with settings_spelled("yaml", renamed=CALLBACK_NAMES):
+        yield
+
+
+class OBIMConfig(CalibrationSettings, MethodSettings, EvaluationSettings, ScheduleSettings, YamlConfig):
+    """What the callback records at each save, which checkpoints it merges, when, and where.
+
+    Every :class:`~obim_trainer.settings.merge.MergeConfig` setting is here under its own name, under the
+    name in :data:`CALLBACK_NAMES`, or is chosen by the callback (:data:`CHOSEN_BY_CALLBACK`: ``checkpoints``,
+    ``run_dir``, ``output``, ``overwrite``, ``dry_run``, ``progress``; refused with the reason).
+    """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
     described_as = "OBIM callback configuration"
 
-    base_model: Path = Field(description="Folder of the base model the run started from (config, tokenizer, weights).")
-    tokenizer_source: Path | None = Field(default=None, description="Tokenizer folder if the base has none.")
-
-    # activation statistics, recorded on the live model at every save
-    calibration_data: Any = Field(
-        default=None,
-        description="JSONL/text/parquet path or a datasets.Dataset, or {language: file} with new_languages.",
+    base_model: Path = same_setting(
+        InputSettings,
+        "base",
+        description="Folder of the base model the run started from (config, tokenizer, weights); the merges' base.",
     )
-    new_languages: list[str] = Field(
-        default_factory=list,
-        description="Languages of calibration_data the run adds; methods with per-language statistics (regmean, "
-        "fisher_merging) measure the base on the others and the checkpoints on these, at merge time.",
+    zero_weights: ZeroWeights = same_setting(InputSettings, "zero_weights")
+    tokenizer_source: Path | None = same_setting(OutputSettings, "tokenizer_source")
+    out_shard_size: str | int = same_setting(OutputSettings, "out_shard_size")
+    dtype: OutputDType = same_setting(OutputSettings, "dtype")
+    merge_device: str = same_setting(OutputSettings, "device")
+    workers: int = same_setting(OutputSettings, "workers")
+    stats_beside_checkpoints: bool = same_setting(
+        CalibrationSettings,
+        "stats_beside_checkpoints",
+        default=True,  # the checkpoints of this run, in its own output folder
     )
-    calibration_samples: int = Field(default=100, ge=1)
-    calibration_max_length: int = Field(default=512, ge=1)
-    calibration_batch_size: int = Field(default=8, ge=1)
-    calibration_text_field: str = "text"
 
     # the project's per-language evaluator (checkpoints and merged models alike)
-    eval_data: dict[str, Any] | None = Field(
-        default=None, description="{language: file or dataset}; texts or pre-tokenized input_ids."
-    )
-    eval_samples: int = Field(default=200, ge=1, description="Samples per language.")
-    eval_max_length: int = Field(default=512, ge=2)
-    eval_batch_size: int = Field(default=8, ge=1)
-    eval_text_field: str = "text"
     eval_device: str | None = Field(
         default=None, description="Where merged models are evaluated (default: the Trainer's device)."
     )
 
     # selection
     select_metric: str = Field(
-        default="eval_loss", description="e.g. eval_ja_loss (Trainer) or obim_ja_loss (evaluator)."
+        default="eval_loss",
+        description="Metric the checkpoints are selected by: eval_ja_loss (Trainer) or obim_ja_loss (evaluator).",
     )
-    select_mode: Literal["auto", "min", "max"] = "auto"
-    top_k: int = Field(default=3, ge=1)
+    select_mode: MetricMode = same_setting(InputSettings, "metric_mode")
+    top_k: int = Field(default=3, ge=1, description="How many checkpoints are selected and merged.")
     selector: str = Field(default="top_k", description="A registered selector: top_k or latest.")
 
-    # merging
-    method: str = "obim"
-    params: dict[str, Any] = Field(default_factory=dict)
-    merge_every_saves: int = Field(default=0, ge=0, description="Merge every N saves (0: not by count).")
-    merge_on_change: bool = Field(default=False, description="Merge whenever the selected set changes.")
-    merge_at_end: bool = True
-    min_checkpoints: int = Field(default=2, ge=1, description="Merge only once this many checkpoints are selected.")
-    keep_merged: int = Field(default=2, ge=1, description="How many merged-step-N folders to keep.")
-    load_merged_at_end: bool = Field(default=False, description="Load the last merge into the trained model.")
-    total_share_sweep: list[float] | None = Field(
-        default=None,
-        description="Merge at each total share Σn_k (e.g. [1.0, 0.6, 0.3]; below 1 part of the base is kept), "
-        "evaluate each with eval_data and keep the one objective picks as merged-step-N.",
-    )
-    merges: list[MergeSpec] | None = Field(
-        default=None,
-        description="Merges made side by side at each merge point, entries as in the demo's merges: ({method, params, "
-        "total_shares, sweep, label}); each is evaluated with eval_data and the objective's pick is kept as "
-        "merged-step-N. Default with new_languages and eval_data: default_candidates() (OBIM as published, "
-        "sequential regmean at base_weight 0.3, 1, 3, and method/params).",
-    )
-    objective: Objective = Field(default_factory=Objective, description="How the sweep picks: avg or old_avg.")
-    keep_sweep: bool = Field(
-        default=False, description="Keep every sweep merge in sweep-step-N/ (disk: one model each)."
-    )
-    merge_device: str = "cpu"
-    dtype: OutputDType = "auto"
-    out_shard_size: str | int = "5GB"
-    seed: int = 0
+    # compared merges (the sweep)
+    merges: list[MergeSpec] | None = same_setting(VariantSettings, "merges")
+    total_share_sweep: list[float] | None = same_setting(VariantSettings, "total_shares")
 
     # ZeRO-3 with stage3_gather_16bit_weights_on_model_save off saves no model weights
     consolidate_checkpoints: bool = Field(
@@ -113,10 +129,21 @@ class OBIMConfig(YamlConfig):
     output_subdir: str = Field(default="obim", description="Folder under output_dir for merges and protected copies.")
     log_saliency: bool = Field(default=True, description="Log saliency histograms and ownership per layer type.")
     saliency_blocks: int = Field(default=3, ge=1, description="Decoder blocks sampled for saliency statistics.")
-    histogram_bins: int = Field(default=64, ge=2)
+    histogram_bins: int = Field(default=64, ge=2, description="Bins of the saliency histograms.")
     on_error: Literal["raise", "warn"] = Field(
         default="warn", description="A failed merge stops training (raise) or is logged and skipped (warn)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_what_the_callback_chooses(cls, values: Any) -> Any:
+        if isinstance(values, Mapping):
+            for key in values:
+                if key in CHOSEN_BY_CALLBACK and key not in cls.model_fields:
+                    raise ValueError(f"{key} is chosen by the callback ({CHOSEN_BY_CALLBACK[key]}); remove it")
+                if key in CALLBACK_NAMES:
+                    raise ValueError(f"{key} is called {CALLBACK_NAMES[key]} in the callback's settings; rename it")
+        return values
 
     @model_validator(mode="after")
     def _can_merge(self) -> OBIMConfig:
@@ -150,11 +177,13 @@ class OBIMConfig(YamlConfig):
         return self
 
     def _check_candidates(self) -> None:
-        """Every merge this run may make builds and has the calibration it needs, before training starts."""
+        """Every merge this run may make builds and has the calibration it needs, before training starts
+        (errors name the settings as keys of this configuration, the callback's YAML)."""
         variants = self.plan_candidates(self.top_k) or [MergeVariant(self.method, self.method, self.params)]
-        for variant in variants:
-            needs = build_method(variant.method, variant.params, num_models=self.top_k).statistics()
-            check_languages(self.calibration_data, self.new_languages, needs, variant.method)
+        with callback_spelling():
+            for variant in variants:
+                needs = build_method(variant.method, variant.params, num_models=self.top_k).statistics()
+                check_languages(self.calibration_data, self.new_languages, needs, variant.method)
 
     def candidate_specs(self) -> list[MergeSpec] | None:
         """The merges compared at each merge point, or ``None`` for the one merge of ``method``/``params``.
@@ -178,36 +207,22 @@ class OBIMConfig(YamlConfig):
     @classmethod
     def from_yaml(cls, path: str | Path, section: str | None = None) -> OBIMConfig:
         """Read a YAML file, or one top-level ``section`` of it (``obim:`` in ``configs/callback/example.yaml``)."""
-        data = load_yaml_config(path)
-        if section is not None:
+        with callback_spelling():
+            data = load_yaml_config(path)
+            if section is None:
+                return cls.build(data, source=path)
             if not isinstance(data.get(section), dict):
                 raise ConfigError(f"config file {path} has no '{section}:' mapping with the callback settings")
             return cls.build(data[section], source=section_of(path, section))
-        return cls.build(data, source=path)
 
     def merge_config(self, checkpoints: list[Path], output: Path | None) -> MergeConfig:
-        """The offline merge of ``checkpoints`` with these settings (``output=None``: a dry run)."""
-        return MergeConfig.build(
-            {
-                "base": self.base_model,
-                "checkpoints": checkpoints,
-                "method": self.method,
-                "params": self.params,
-                "calibration_data": self.calibration_data,
-                "new_languages": self.new_languages,
-                "calibration_samples": self.calibration_samples,
-                "calibration_max_length": self.calibration_max_length,
-                "calibration_batch_size": self.calibration_batch_size,
-                "calibration_text_field": self.calibration_text_field,
-                "tokenizer_source": self.tokenizer_source,
-                "output": output,
-                "dry_run": output is None,
-                "overwrite": True,  # merged-step-N belongs to this run; a resumed run may redo a step
-                "stats_beside_checkpoints": True,  # the checkpoints of this run, in its own output folder
-                "out_shard_size": self.out_shard_size,
-                "dtype": self.dtype,
-                "device": self.merge_device,
-                "seed": self.seed,
-                "progress": False,
-            }
-        )
+        """The offline merge of ``checkpoints`` with these settings (``output=None``: a dry run): every
+        MergeConfig field from its namesake here (or its :data:`CALLBACK_NAMES` name), the chosen ones set."""
+        chosen = {"checkpoints": checkpoints, "output": output, "dry_run": output is None, "overwrite": True}
+        chosen |= {"progress": False}
+        shared = {
+            name: getattr(self, CALLBACK_NAMES.get(name, name))
+            for name in MergeConfig.model_fields
+            if name not in CHOSEN_BY_CALLBACK
+        }
+        return MergeConfig.build({**shared, **chosen})

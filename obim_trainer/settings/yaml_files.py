@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from obim_trainer.errors import ConfigError
-from obim_trainer.settings.names import settings_spelled
+from obim_trainer.settings.names import settings_spelled, spelling
 
 _Config = TypeVar("_Config", bound="YamlConfig")
 _Built = TypeVar("_Built")
@@ -55,7 +55,8 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML configuration into a plain dict; relative paths stay relative to the caller's cwd."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+        where = " to --config" if spelling() == "cli" else ""
+        raise ConfigError(f"config file {path} does not exist; give an existing YAML file{where}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -46,7 +46,7 @@ from obim_trainer.pipeline.manifest import MANIFEST_NAME
 from obim_trainer.pipeline.merge import checkpoint_stats, merge_checkpoints_on_ranks, prepare_calibration
 from obim_trainer.pipeline.variants import MergeVariant, merge_variants
 from obim_trainer.quiet import ZeroToFp32AdviceHidden, deepspeed_deprecations_hidden
-from obim_trainer.settings.callback import OBIMConfig
+from obim_trainer.settings.callback import OBIMConfig, callback_spelling
 from obim_trainer.settings.merge import MergeConfig
 from obim_trainer.tracking import RunLogger, make_run_logger, summarize_merge
 from obim_trainer.training.checkpoint_guard import CheckpointGuard, link_or_copy
@@ -363,7 +363,8 @@ class OBIMCallback(TrainerCallback):
         """Run rank-0 work (``everywhere``: work of every rank) and give every rank its result; with
         ``on_error='warn'`` a failure is logged, every rank gets ``None`` and training goes on."""
         try:
-            return fn() if everywhere else run_on_main(fn, what)
+            with callback_spelling():  # errors name OBIMConfig's keys, as in the callback's YAML
+                return fn() if everywhere else run_on_main(fn, what)
         except Exception as exc:  # raised on every rank alike (see run_on_main), so all go on together
             if self.config.on_error == "raise":
                 raise

@@ -224,7 +224,7 @@ def test_folder_without_weights_lists_files_and_formats(tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     save_file({"a": torch.zeros(1)}, adapter / "adapter_model.safetensors")
-    with pytest.raises(CheckpointError, match=r"adapter is a PEFT LoRA adapter, .*pass the base model .* as --base"):
+    with pytest.raises(CheckpointError, match=r"adapter is a PEFT LoRA adapter, .*set base=DIR to the base model"):
         open_checkpoint(adapter)
     zero = tmp_path / "zero"
     (zero / "global_step10").mkdir(parents=True)

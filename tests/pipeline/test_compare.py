@@ -131,7 +131,8 @@ def test_a_wrong_eval_file_fails_before_any_merge_writes(
     eval_data = ["--eval-data", f"en={eval_files['en']}", f"zh={tmp_path / 'typo.jsonl'}"]
     flags = [*inputs(llama_family, calibration_jsonl), *eval_data, *extra]
     assert main([*flags, "--output", str(out), "--no-progress"]) == 2
-    assert f"eval_data['zh']: eval file {tmp_path / 'typo.jsonl'} does not exist; set --eval-data" in caplog.text
+    typo = tmp_path / "typo.jsonl"
+    assert f"--eval-data zh={typo}: eval file {typo} does not exist; set --eval-data LANG=FILE to" in caplog.text
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

@@ -227,14 +227,14 @@ def test_obim_reads_every_language_together_like_one_file_of_all_texts(llama_fam
 @pytest.mark.parametrize(
     ("data", "new", "error", "match"),
     [
-        ("none", [], ConfigError, "needs calibration text: pass --calibration-data en=en.jsonl ru=ru.jsonl --new"),
+        ("none", [], ConfigError, r"needs calibration text: set calibration_data=\{'en': 'en.jsonl', 'zh'"),
         ("one", ["ru"], ConfigError, r"is one file; give one file per language and name the new one\(s\)"),
         ("one", [], ConfigError, "is one file; give one file per language"),
-        ("all", [], ConfigError, r"no language is named new; add --new-language LANG \(new_languages\)"),
-        ("all", ["xx"], ConfigError, r"names 'xx', which --calibration-data \(calibration_data\) does not give"),
-        ({"ru": "ru"}, ["ru"], ConfigError, "no old-language text|every language .* is named by --new-language"),
-        ("empty", ["ru"], CalibrationError, r"--calibration-data ru=.*ru_empty\.jsonl: .* holds no non-empty text"),
-        ("missing", ["ru"], CalibrationError, r"--calibration-data ru=.*nowhere\.jsonl: .*does not exist"),
+        ("all", [], ConfigError, r"no language is named new; add new_languages=\['en'\] \(one of en, zh, ru\)"),
+        ("all", ["xx"], ConfigError, r"new_languages names 'xx', which calibration_data does not give"),
+        ({"ru": "ru"}, ["ru"], ConfigError, "no old-language text|every language of calibration_data is named"),
+        ("empty", ["ru"], CalibrationError, r"calibration_data=\{'ru': '.*ru_empty\.jsonl'\}: .* holds no non-empty"),
+        ("missing", ["ru"], CalibrationError, r"calibration_data=\{'ru': '.*nowhere\.jsonl'\}: .*does not exist"),
     ],
 )
 def test_bad_per_language_input_is_one_clear_error_and_nothing_is_written(

@@ -113,7 +113,7 @@ def test_an_aliased_parameter_is_swept_under_the_name_users_give():
         ({"bogus": [1, 2]}, "swept parameter 'bogus' belongs to none"),
         ({"base_weight": []}, "needs a list of values"),
         ({"base_weight": 1.0}, "needs a list of values"),
-        ({"ratios": [0.5, 0.5]}, "sweep their total with --total-share"),
+        ({"ratios": [0.5, 0.5]}, r"sweep their total with total_shares=\[1.0, 0.6\]"),
         ({"base_weight": [1, 1.0]}, "share a folder name"),
     ],
 )

@@ -5,13 +5,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from obim_trainer.errors import CheckpointError, ConfigError
-from obim_trainer.settings.callback import OBIMConfig
+from obim_trainer.settings.callback import CALLBACK_NAMES, CHOSEN_BY_CALLBACK, OBIMConfig
+from obim_trainer.settings.merge import MergeConfig
 from obim_trainer.training.callback import OBIMCallback
 
 ROOT = Path(__file__).parents[2]
@@ -124,3 +126,60 @@ def test_the_example_names_a_training_key_the_installed_transformers_does_not_ac
         assert example.main(["--config", str(config)]) == 2
     assert f"{config}, section 'training:': TrainingArguments does not accept 'overwrite_output_dir'" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+def test_every_merge_setting_is_settable_from_the_callback_or_chosen_by_it():
+    """One declaration per setting: the callback's field is the merge's (annotation, bounds, choices,
+    description, default), except the callback's own selection and the defaults it states for itself."""
+    selection = {"top_k", "metric"}  # the callback's: how many and by what it selects, always set
+    own_defaults = {"stats_beside_checkpoints"}  # True: the run's own checkpoints, in its output folder
+    for name, field in MergeConfig.model_fields.items():
+        callback_name = CALLBACK_NAMES.get(name, name)
+        if callback_name not in OBIMConfig.model_fields:
+            assert name in CHOSEN_BY_CALLBACK, f"{name} is neither settable from OBIMConfig nor chosen by it"
+            continue
+        if name in selection:
+            continue
+        callback_field = OBIMConfig.model_fields[callback_name]
+        assert (callback_field.annotation, callback_field.metadata) == (field.annotation, field.metadata), name
+        assert callback_field.description == field.description or name == "base", name
+        if name not in own_defaults:
+            default = field.get_default(call_default_factory=True)
+            assert callback_field.get_default(call_default_factory=True) == default, name
+
+
+def test_the_merge_of_the_callback_carries_every_merge_setting(tmp_path):
+    values = {
+        "new_rows": "average",
+        "zero_weights": "master",
+        "stats_cache_dir": str(tmp_path / "stats"),
+        "recompute_stats": True,
+        "workers": 2,
+        "select_mode": "max",
+        "select_metric": "eval_acc",
+        "merge_device": "cpu",
+        "dtype": "bfloat16",
+        "stats_beside_checkpoints": False,
+        "calibration_batch_size": 3,
+    }
+    merge = OBIMConfig.build({"base_model": "base", **values}).merge_config([Path("a")], tmp_path / "out")
+    assert (merge.new_rows, merge.zero_weights, merge.stats_cache_dir) == ("average", "master", tmp_path / "stats")
+    assert (merge.recompute_stats, merge.workers, merge.metric_mode, merge.metric) == (True, 2, "max", "eval_acc")
+    assert (merge.dtype, merge.stats_beside_checkpoints, merge.calibration_batch_size) == ("bfloat16", False, 3)
+    assert (merge.progress, merge.overwrite, merge.run_dir, merge.top_k) == (False, True, None, None)
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("checkpoints", "checkpoints is chosen by the callback (the callback merges the top_k checkpoints"),
+        ("output", "output is chosen by the callback (merges are written to output_dir/<output_subdir>"),
+        ("dry_run", "dry_run is chosen by the callback"),
+        ("device", "device is called merge_device in the callback's settings; rename it"),
+        ("metric_mode", "metric_mode is called select_mode in the callback's settings; rename it"),
+    ],
+)
+def test_a_setting_the_callback_chooses_is_refused_with_the_reason(tmp_path, key, message):
+    path = _write(tmp_path, {"obim": {"base_model": "base", key: "x"}})
+    with pytest.raises(ConfigError, match=rf"obim\.yaml, section 'obim:'.*{re.escape(message)}"):
+        OBIMConfig.from_yaml(path, section="obim")
