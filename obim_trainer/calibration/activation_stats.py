@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,16 +90,19 @@ def statistics_layers(model: nn.Module) -> list[tuple[str, int, int]]:
     return layers
 
 
-def warn_unreached_experts(stats: Sequence[ActivationStats]) -> int:
-    """One warning naming how many experts no calibration token reached (in any of ``stats``); their count.
+def warn_unreached_experts(
+    counts: Sequence[Mapping[str, int]], consequence: str = "their weights are scored at random"
+) -> int:
+    """One warning saying how many MoE experts no calibration token reached (in any of the models whose token
+    ``counts`` per statistics key are given), and what follows; returns their number.
 
-    Their statistics are zero, so :func:`~obim_trainer.merging.saliency.obm_saliency` scores their weights
-    at random, as the paper does for parameters without a Hessian estimate.
+    For OBIM their statistics are zero, so :func:`~obim_trainer.merging.saliency.obm_saliency` scores
+    their weights at random, as the paper does for parameters without a Hessian estimate.
     """
     experts: set[tuple[str, int]] = set()
     unreached: set[tuple[str, int]] = set()
-    for one in stats:
-        for key, tokens in one.count.items():
+    for one in counts:
+        for key, tokens in one.items():
             if (slice_of := expert_of(key)) is None:
                 continue
             expert = (slice_of[0].rpartition(".")[0], slice_of[1])  # (experts module, e): both maps count alike
@@ -108,11 +111,11 @@ def warn_unreached_experts(stats: Sequence[ActivationStats]) -> int:
                 unreached.add(expert)
     if unreached:
         logger.warning(
-            "%d of %d experts in %d layer(s) got no calibration token; their weights are scored at random — give "
-            "more calibration text",
+            "%d of %d experts in %d layer(s) got no calibration token; %s — give more calibration text",
             len(unreached),
             len(experts),
             len({module for module, _e in unreached}),
+            consequence,
         )
     return len(unreached)
 
@@ -177,7 +180,7 @@ class ActivationStats:
                 recorder.set_token_mask(mask)
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
         stats = recorder.stats()
-        unseen = [n for n, c in stats.count.items() if c == 0]
+        unseen = [n for n, c in stats.count.items() if c == 0 and expert_of(n) is None]  # experts: the merge warns
         if unseen:
             logger.warning(
                 "%d layer(s) never ran on the calibration data and have no activation statistics (e.g. %s)",

@@ -28,10 +28,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from obim_trainer.calibration.activation_stats import expert_layers, linear_layers, statistics_layers
+from obim_trainer.calibration.activation_stats import (
+    expert_layers,
+    linear_layers,
+    statistics_layers,
+    warn_unreached_experts,
+)
 from obim_trainer.calibration.data import CalibrationSet
 from obim_trainer.calibration.forward import device_batches, evaluation_mode, input_device, model_label
-from obim_trainer.calibration.moe import FusedExperts, expert_key, routing_arguments
+from obim_trainer.calibration.moe import FusedExperts, expert_key, expert_of, routing_arguments
 from obim_trainer.calibration.reduction import all_reduce_counts, all_reduce_sums
 from obim_trainer.calibration.stats_file import StatsFile, write_stats_file
 from obim_trainer.errors import CalibrationError
@@ -103,9 +108,10 @@ class GramStats:
                 recorder.set_token_mask(mask)
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
         stats = recorder.stats()
-        unseen = [n for n, g in stats.maps.items() if stats.count[g] == 0]
+        unseen = [n for n, g in stats.maps.items() if stats.count[g] == 0 and expert_of(n) is None]
         if unseen:
             logger.warning("%d linear map(s) never ran on the calibration data (e.g. %s)", len(unseen), unseen[0])
+        warn_unreached_experts([stats.count], f"their input Grams are zero ({label})")
         return stats
 
     def all_reduce(self, group: Any = None) -> None:

@@ -527,7 +527,7 @@ def _measure(
         everything = calibration.all()
         pairs = [checkpoint_stats(r, everything, config, device) for r in readers]
         stats = [s for s, _ in pairs]
-        warn_unreached_experts(stats)
+        warn_unreached_experts([s.count for s in stats])
         records = [{**src, "model": "checkpoint", "languages": list(calibration.sets)} for _, src in pairs]
     base_calibration = None
     if (needs.grams or needs.fishers) and plan.vocab_size is not None:
