@@ -95,13 +95,16 @@ class FusedExperts:
         """
         hidden = hidden.reshape(-1, hidden.shape[-1])
         routed = top_k_index.reshape(hidden.shape[0], -1)
-        for e in range(self.num_experts):
-            rows = (routed == e).any(-1)
-            if keep is not None:
-                rows &= keep
-            index = rows.nonzero().squeeze(1)
+        tokens = torch.arange(hidden.shape[0], device=routed.device).unsqueeze(1).expand_as(routed)
+        valid = (routed >= 0) & (routed < self.num_experts)  # expert-parallel sentinels are never routed here
+        if keep is not None:
+            valid &= keep.to(routed.device).unsqueeze(1)
+        experts, tokens = routed[valid], tokens[valid]
+        counts = torch.bincount(experts, minlength=self.num_experts).tolist()  # one sync per layer, not one per expert
+        by_expert = tokens[torch.argsort(experts, stable=True)].split(counts)  # a token reaches an expert once
+        for e, index in enumerate(by_expert):
             if index.numel():
-                x = hidden.index_select(0, index)
+                x = hidden.index_select(0, index.to(hidden.device))
                 yield e, x, self._activation(x, e)
 
     def _activation(self, x: Tensor, expert: int) -> Tensor:
