@@ -30,13 +30,14 @@ def router_in_features(module: nn.Module) -> int | None:
     as ``F.linear`` to the hidden states), ``None`` for any other module.
 
     A router is a linear map of the token's hidden state, so OBIM scores it per input column as a Linear
-    weight (eq. 5). The size comes from ``hidden_dim``, not the weight, which ZeRO-3 partitions to nothing.
+    weight (eq. 5). The sizes come from ``hidden_dim`` and ``ds_shape``, not the weight, which ZeRO-3
+    partitions to nothing.
     """
     weight = getattr(module, "weight", None)
     hidden = getattr(module, "hidden_dim", None)
     if not type(module).__name__.endswith("Router") or not isinstance(weight, nn.Parameter):
         return None
-    return hidden if isinstance(hidden, int) and weight.ndim == 2 else None
+    return hidden if isinstance(hidden, int) and len(_full_shape(weight)) == 2 else None
 
 
 def expert_key(param: str, expert: int) -> str:

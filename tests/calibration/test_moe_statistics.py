@@ -9,15 +9,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
+from transformers import AutoTokenizer
 
-from obim_trainer.calibration import ActivationRecorder, GramRecorder
+from obim_trainer.calibration import ActivationRecorder, ActivationStats, GramRecorder, tokenize_calibration
 from obim_trainer.pipeline.layout import ModelLayout
 from obim_trainer.pipeline.merge import merge_checkpoints
 from tests.architectures import tiny_causal_lm
-from tests.conftest import VOCAB_SIZE, perturbed_copy, save_model_folder
+from tests.calibration.test_activation_stats import run_two_ranks
+from tests.conftest import VOCAB_SIZE, make_texts, perturbed_copy, save_model_folder
 
 EXPERTS, LAYERS = 4, 2
 
@@ -120,3 +123,29 @@ def test_unreached_experts_are_scored_at_random_with_one_warning_and_the_seed_mo
     assert len(last) == 3 * LAYERS and len(routed) == 7 * LAYERS
     assert all(not torch.equal(merged[0][n], merged[1][n]) for n in last)  # random: the seed decides
     assert all(torch.equal(merged[0][n], merged[1][n]) for n in routed)  # statistics decide, not the seed
+
+
+@pytest.mark.slow
+def test_zero3_partitioned_experts_and_routers_get_the_statistics_of_one_process(tokenizer_dir, tmp_path):
+    pytest.importorskip("deepspeed")
+    calibration = tokenize_calibration(make_texts(12, seed=5), AutoTokenizer.from_pretrained(tokenizer_dir), 64)
+    body = """
+        import os
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        from tests.architectures import tiny_causal_lm
+        deepspeed.init_distributed(dist_backend="gloo")
+        zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+        config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero}
+        tiny = tiny_causal_lm("mixtral", seed=2)
+        model, *_ = deepspeed.initialize(model=tiny, config=config, model_parameters=list(tiny.parameters()))
+        assert tiny.model.layers[0].mlp.experts.gate_up_proj.numel() == 0  # partitioned: no rank holds it
+        assert tiny.model.layers[0].mlp.gate.weight.numel() == 0
+    """
+    run_two_ranks(tmp_path, calibration, body)
+    single = ActivationStats.collect(tiny_causal_lm("mixtral", seed=2), calibration, batch_size=3, progress=False)
+    reduced = ActivationStats.load(tmp_path / "reduced1.safetensors")
+    assert reduced.count == single.count
+    assert "model.layers.1.mlp.gate.weight" in single.count and "model.layers.1.mlp.experts.down_proj.3" in single.count
+    for name, sums in single.sq_sum.items():
+        torch.testing.assert_close(reduced.sq_sum[name], sums, rtol=1e-5, atol=1e-5)
