@@ -5,14 +5,16 @@ needs only h_jj = 2·Σ_tokens x_j² (eq. 5). Forward pre-hooks add Σx² over t
 (non-padding) tokens of each batch into a float32 vector per layer, in place: no per-token
 Python, no stored activations. :meth:`ActivationStats.collect` is the one collector: on a loaded
 checkpoint in a merge, and on the live model inside a training loop, where under data parallelism or
-ZeRO-3 each rank records its share and :meth:`ActivationStats.all_reduce` sums them.
+ZeRO-3 each rank records its share and :meth:`ActivationStats.all_reduce` sums them. Each MoE expert
+is a linear map over the tokens routed to it and gets its own statistics over those tokens
+(:mod:`~obim_trainer.calibration.moe`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +25,17 @@ from torch import Tensor, nn
 
 from obim_trainer.calibration.data import CalibrationSet
 from obim_trainer.calibration.forward import input_device, model_label, record_forward_passes
+from obim_trainer.calibration.moe import (
+    FusedExperts,
+    expert_key,
+    expert_of,
+    fused_experts,
+    router_in_features,
+    routing_arguments,
+)
 from obim_trainer.calibration.reduction import all_reduce_counts, all_reduce_sums
 from obim_trainer.checkpoints.atomic import write_atomically
 from obim_trainer.errors import CalibrationError
-from obim_trainer.pipeline.layout import router_in_features
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +74,51 @@ def linear_layers(model: nn.Module, routers: bool = False) -> Iterator[tuple[str
             yield weight_name, module, 0, module.nx  # Conv1D stores its weight as [in, out]
         elif routers and (features := router_in_features(module)) is not None:
             yield weight_name, module, 1, features
+
+
+def expert_layers(model: nn.Module) -> list[FusedExperts]:
+    """Every fused MoE experts module of the model (see :mod:`~obim_trainer.calibration.moe`)."""
+    found = (fused_experts(_strip_wrappers(name), module) for name, module in model.named_modules())
+    return [experts for experts in found if experts is not None]
+
+
+def statistics_layers(model: nn.Module) -> list[tuple[str, int, int]]:
+    """``(statistics key, input axis, in_features)`` of every linear map a recorder keeps statistics for:
+    Linear/Conv1D weights, routers, and each expert of every fused experts module."""
+    layers = [(name, axis, features) for name, _module, axis, features in linear_layers(model, routers=True)]
+    for experts in expert_layers(model):
+        layers += [(key, experts.in_axis, features) for key, features in experts.maps()]
+    return layers
+
+
+def warn_unreached_experts(
+    counts: Sequence[Mapping[str, int]], consequence: str = "their weights are scored at random"
+) -> int:
+    """One warning saying how many MoE experts no calibration token reached (in any of the models whose token
+    ``counts`` per statistics key are given), and what follows; returns their number.
+
+    For OBIM their statistics are zero, so :func:`~obim_trainer.merging.saliency.obm_saliency` scores
+    their weights at random, as the paper does for parameters without a Hessian estimate.
+    """
+    experts: set[tuple[str, int]] = set()
+    unreached: set[tuple[str, int]] = set()
+    for one in counts:
+        for key, tokens in one.items():
+            if (slice_of := expert_of(key)) is None:
+                continue
+            expert = (slice_of[0].rpartition(".")[0], slice_of[1])  # (experts module, e): both maps count alike
+            experts.add(expert)
+            if tokens == 0:
+                unreached.add(expert)
+    if unreached:
+        logger.warning(
+            "%d of %d experts in %d layer(s) got no calibration token; %s — give more calibration text",
+            len(unreached),
+            len(experts),
+            len({module for module, _e in unreached}),
+            consequence,
+        )
+    return len(unreached)
 
 
 @dataclass
@@ -136,7 +190,7 @@ class ActivationStats:
             stats.token_counts = ran.token_counts(vocab)
         if across_ranks:
             stats.all_reduce()
-        unseen = [n for n, c in stats.count.items() if c == 0]
+        unseen = [n for n, c in stats.count.items() if c == 0 and expert_of(n) is None]  # experts: the merge warns
         if unseen:
             logger.warning(
                 "%d layer(s) never ran on the calibration data and have no activation statistics (e.g. %s)",
@@ -201,7 +255,8 @@ class ActivationStats:
 
 
 class ActivationRecorder:
-    """Forward pre-hooks that accumulate Σx² over non-padding tokens for every Linear/Conv1D of a model.
+    """Forward pre-hooks that accumulate Σx² over non-padding tokens for every Linear/Conv1D and router of a
+    model, and for each MoE expert over the tokens routed to it.
 
     Usage inside any loop (a Trainer callback, a ZeRO-3 engine's ``module``)::
 
@@ -219,6 +274,8 @@ class ActivationRecorder:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._layers = list(linear_layers(model, routers=True))
+        self._experts = expert_layers(model)
+        self._keys = statistics_layers(model)
         self._sq: dict[str, Tensor] = {}
         self._count: dict[str, int] = {}
         self._mask: Tensor | None = None
@@ -239,31 +296,59 @@ class ActivationRecorder:
             if not torch.is_tensor(inputs):
                 return
             x = inputs.detach().reshape(-1, in_features)
-            sq = x.float().square()
-            acc = self._sq.get(name)
-            if acc is None:
-                acc = self._sq[name] = torch.zeros(in_features, dtype=torch.float32, device=x.device)
             mask = self._mask
             if mask is not None and mask.numel() != x.shape[0]:
-                if name not in self._warned:  # e.g. an MoE expert sees only its routed tokens
+                if name not in self._warned:  # a module called on a subset of the tokens
                     self._warned.add(name)
                     logger.info("%s sees %d rows, not one per token; counting all of them", name, x.shape[0])
                 mask = None
             if mask is None:
-                acc.add_(sq.sum(0).to(acc.device))
-                self._count[name] = self._count.get(name, 0) + x.shape[0]
-            else:
-                acc.add_((sq.t() @ mask.to(sq.device)).to(acc.device))
-                self._count[name] = self._count.get(name, 0) + self._mask_tokens
+                self._add(name, x)
+                return
+            acc = self._sq.get(name)
+            if acc is None:
+                acc = self._sq[name] = torch.zeros(in_features, dtype=torch.float32, device=x.device)
+            acc.add_((x.float().square().t() @ mask.to(x.device)).to(acc.device))
+            self._count[name] = self._count.get(name, 0) + self._mask_tokens
+
+        return hook
+
+    def _add(self, name: str, x: Tensor) -> None:
+        """Σx² over every row of ``x`` (``[tokens, in_features]``, already restricted to the tokens that count)."""
+        acc = self._sq.get(name)
+        if acc is None:
+            acc = self._sq[name] = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+        acc.add_(x.float().square().sum(0).to(acc.device))
+        self._count[name] = self._count.get(name, 0) + x.shape[0]
+
+    def _experts_hook(self, experts: FusedExperts) -> Callable[..., None]:
+        """Σx² of each expert's two maps over the real tokens routed to it (eq. 6 restricted to those tokens)."""
+        first, down = experts.params()
+
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            routing = routing_arguments(args, kwargs)
+            if routing is None:
+                return
+            hidden, index = routing
+            mask = self._mask
+            keep = mask.to(hidden.device).bool() if mask is not None and mask.numel() == index.shape[0] else None
+            for e, x, activation in experts.routed_inputs(hidden.detach(), index, keep):
+                self._add(expert_key(first, e), x)
+                self._add(expert_key(down, e), activation)
 
         return hook
 
     @contextmanager
     def attached(self) -> Iterator[ActivationRecorder]:
-        """Hooks on every Linear/Conv1D while inside; statistics keep accumulating over re-entries."""
+        """Hooks on every Linear/Conv1D, router and experts module while inside; statistics keep accumulating
+        over re-entries."""
         handles = [
             module.register_forward_pre_hook(self._hook(name, in_features), with_kwargs=True)
             for name, module, _axis, in_features in self._layers
+        ]
+        handles += [
+            experts.module.register_forward_pre_hook(self._experts_hook(experts), with_kwargs=True)
+            for experts in self._experts
         ]
         try:
             yield self
@@ -277,8 +362,8 @@ class ActivationRecorder:
         return ActivationStats(
             sq_sum={
                 name: self._sq[name].cpu() if name in self._sq else torch.zeros(in_features)
-                for name, _module, _axis, in_features in self._layers
+                for name, _axis, in_features in self._keys
             },
-            count={name: self._count.get(name, 0) for name, *_ in self._layers},
-            in_axis={name: axis for name, _module, axis, _features in self._layers},
+            count={name: self._count.get(name, 0) for name, *_ in self._keys},
+            in_axis={name: axis for name, axis, _features in self._keys},
         )

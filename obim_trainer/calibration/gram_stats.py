@@ -28,9 +28,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from obim_trainer.calibration.activation_stats import linear_layers
+from obim_trainer.calibration.activation_stats import (
+    expert_layers,
+    linear_layers,
+    statistics_layers,
+    warn_unreached_experts,
+)
 from obim_trainer.calibration.data import CalibrationSet
 from obim_trainer.calibration.forward import device_batches, evaluation_mode, input_device, model_label
+from obim_trainer.calibration.moe import FusedExperts, expert_key, expert_of, routing_arguments
 from obim_trainer.calibration.reduction import all_reduce_counts, all_reduce_sums
 from obim_trainer.calibration.stats_file import StatsFile, write_stats_file
 from obim_trainer.errors import CalibrationError
@@ -102,9 +108,10 @@ class GramStats:
                 recorder.set_token_mask(mask)
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
         stats = recorder.stats()
-        unseen = [n for n, g in stats.maps.items() if stats.count[g] == 0]
+        unseen = [n for n, g in stats.maps.items() if stats.count[g] == 0 and expert_of(n) is None]
         if unseen:
             logger.warning("%d linear map(s) never ran on the calibration data (e.g. %s)", len(unseen), unseen[0])
+        warn_unreached_experts([stats.count], f"their input Grams are zero ({label})")
         return stats
 
     def all_reduce(self, group: Any = None) -> None:
@@ -142,7 +149,8 @@ class GramStats:
 
 
 class GramRecorder:
-    """Forward pre-hooks that accumulate XᵀX over non-padding tokens for every Linear/Conv1D of a model.
+    """Forward pre-hooks that accumulate XᵀX over non-padding tokens for every Linear/Conv1D and router of a
+    model, and for each MoE expert over the tokens routed to it (:mod:`~obim_trainer.calibration.moe`).
 
     Usage inside any loop, like :class:`~obim_trainer.calibration.activation_stats.ActivationRecorder`::
 
@@ -160,6 +168,8 @@ class GramRecorder:
         layers = list(linear_layers(model, routers=True))
         self._layers = [(name, axis, features) for name, _module, axis, features in layers]
         self._modules = [module for _name, module, _axis, _features in layers]
+        self._experts = expert_layers(model)
+        self._keys = statistics_layers(model)  # the layers, then each expert's two maps (each its own Gram)
         self._sums: dict[str, Tensor] = {}
         self._count: dict[str, int] = {}
         self._group: dict[str, str] = {}
@@ -203,10 +213,14 @@ class GramRecorder:
             rows = None
         if rows is not None:
             x = x.index_select(0, rows.to(x.device))
+        self._add(group, x)
+
+    def _add(self, group: str, x: Tensor) -> None:
+        """XᵀX in float64 over every row of ``x`` (``[tokens, in_features]``, the tokens that count)."""
         x = x.to(torch.float64)
         acc = self._sums.get(group)
         if acc is None:
-            acc = self._sums[group] = torch.zeros(in_features, in_features, dtype=torch.float64, device=x.device)
+            acc = self._sums[group] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
         acc.addmm_(x.T, x)
         self._count[group] = self._count.get(group, 0) + x.shape[0]
 
@@ -218,12 +232,36 @@ class GramRecorder:
 
         return hook
 
+    def _experts_hook(self, experts: FusedExperts) -> Callable[..., None]:
+        """Each expert's two Grams over the real tokens routed to it; an expert's input is never shared."""
+        first, down = experts.params()
+
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            routing = routing_arguments(args, kwargs)
+            if routing is None:
+                return
+            hidden, index = routing
+            keep = None
+            if self._rows is not None and self._mask_numel == index.shape[0]:
+                keep = torch.zeros(index.shape[0], dtype=torch.bool, device=hidden.device)
+                keep[self._rows.to(hidden.device)] = True
+            for e, x, activation in experts.routed_inputs(hidden.detach(), index, keep):
+                self._add(expert_key(first, e), x)
+                self._add(expert_key(down, e), activation)
+
+        return hook
+
     @contextmanager
     def attached(self) -> Iterator[GramRecorder]:
-        """Hooks on every Linear/Conv1D while inside; the Grams keep accumulating over re-entries."""
+        """Hooks on every Linear/Conv1D, router and experts module while inside; the Grams keep accumulating
+        over re-entries."""
         handles = [
             module.register_forward_pre_hook(self._hook(name, features), with_kwargs=True)
             for (name, _axis, features), module in zip(self._layers, self._modules, strict=True)
+        ]
+        handles += [
+            experts.module.register_forward_pre_hook(self._experts_hook(experts), with_kwargs=True)
+            for experts in self._experts
         ]
         try:
             yield self
@@ -234,8 +272,8 @@ class GramRecorder:
 
     def stats(self) -> GramStats:
         """What was recorded so far, on the CPU (maps that never ran get a zero Gram and count 0)."""
-        maps = {name: self._group.get(name, name) for name, _axis, _features in self._layers}
-        features = {name: f for name, _axis, f in self._layers}
+        maps = {name: self._group.get(name, name) for name, _axis, _features in self._keys}
+        features = {name: f for name, _axis, f in self._keys}
         sums = {
             g: self._sums[g].cpu() if g in self._sums else torch.zeros(features[g], features[g], dtype=torch.float64)
             for g in dict.fromkeys(maps.values())
@@ -243,6 +281,6 @@ class GramRecorder:
         return GramStats(
             maps=maps,
             count={g: self._count.get(g, 0) for g in sums},
-            in_axis={name: axis for name, axis, _features in self._layers},
+            in_axis={name: axis for name, axis, _features in self._keys},
             sums=sums,
         )

@@ -7,7 +7,8 @@ s_ij = Σ_tokens x_j²·δ_ij², and only the per-input-feature sum of squared a
 (forward passes, no labels). Scaling a tensor's scores does not change the ranking inside it,
 so the mean over tokens is used. "For nonlinear layers, such as bias layers, we apply random
 pruning": everything that is not a Linear weight gets seeded uniform scores, identical on every
-device. Embeddings can instead be scored by token frequency, the exact analogue of eq. 5 for a
+device. MoE routers and experts are linear maps (an expert over the tokens routed to it) and are
+scored like Linear weights. Embeddings can instead be scored by token frequency, the exact analogue of eq. 5 for a
 one-hot input.
 """
 
@@ -114,6 +115,10 @@ def random_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Sc
 def obm_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Scores:
     """mean_j(x²)·δ_ij² for Linear weights (eq. 5 with H = 2XXᵀ from eq. 6); random for everything else.
 
+    A linear map no calibration token reached in checkpoint ``k`` (an MoE expert the router never chose:
+    its statistics are all zero) has no Hessian estimate either, and is scored at random too; zero scores
+    would hand its positions out by index.
+
     Raises:
         ValueError: a Linear weight without activation statistics for checkpoint ``k``, or with
             statistics of the wrong shape.
@@ -127,6 +132,8 @@ def obm_saliency(task: TensorTask, k: int, delta: Callable[[], Tensor]) -> Score
             "run the merge with calibration data"
         )
     _check_broadcast(task, f"activation statistics of checkpoint {k}", sq_mean)
+    if not bool(sq_mean.any()):
+        return random_saliency(task, k, delta)
     return _scaled_square(delta, sq_mean)
 
 

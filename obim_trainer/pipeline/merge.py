@@ -28,6 +28,7 @@ from obim_trainer.calibration import (
     stats_key,
     tokenize_calibration,
 )
+from obim_trainer.calibration.activation_stats import warn_unreached_experts
 from obim_trainer.calibration.languages import (
     LanguageCalibration,
     check_languages,
@@ -48,7 +49,7 @@ from obim_trainer.checkpoints.model_files import TOKENIZER_FILES
 from obim_trainer.checkpoints.model_loading import load_model
 from obim_trainer.distributed.ranks import is_main_process, rank, run_on_every_rank, run_on_main, world_size
 from obim_trainer.errors import CheckpointError, ConfigError
-from obim_trainer.merging import MergeMethod, build_method
+from obim_trainer.merging import MergeMethod, ParamKind, build_method
 from obim_trainer.merging.native_library import kernel_state
 from obim_trainer.merging.registry import StatisticsNeeds
 from obim_trainer.merging.regmean import RIDGED_NOTE
@@ -265,6 +266,23 @@ def _write_config(folder: Path, plan: MergePlan) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def tensor_statistics(kind: ParamKind, needs: StatisticsNeeds) -> str:
+    """The dry run's statistics column: what the method reads for a tensor of this kind (``none``: scored
+    without calibration data, e.g. at random by OBM saliency)."""
+    linear = kind is ParamKind.LINEAR
+    read = [
+        name
+        for name, wanted in (
+            ("x²", linear and needs.activations),
+            ("Gram", linear and needs.grams),
+            ("inputs", linear and needs.sequential),
+            ("Fisher", needs.fishers),
+        )
+        if wanted
+    ]
+    return "+".join(read) or "none"
+
+
 def format_plan(
     plan: MergePlan,
     method: MergeMethod,
@@ -280,12 +298,14 @@ def format_plan(
         lines.append(f"vocabulary: the checkpoints extend it to {plan.vocab_size} rows; new rows: {new_rows}")
     if plan.dropped_tied:
         lines.append(f"tied: {plan.dropped_tied} is written once, as the input embedding")
-    lines.append(f"{'tensor':<56} {'shape':<16} {'dtype':<9} {'kind':<9} {'block':<5} how")
+    needs = method.statistics()
+    lines.append(f"{'tensor':<56} {'shape':<16} {'dtype':<9} {'kind':<9} {'statistics':<10} {'block':<5} how")
     for t in plan.tensors:
         block = "-" if t.block_index is None else str(t.block_index)
+        read = tensor_statistics(t.kind, needs)
         lines.append(
             f"{t.name:<56} {'x'.join(map(str, t.shape)):<16} {str(t.dtype).removeprefix('torch.'):<9} "
-            f"{t.kind.value:<9} {block:<5} {method.describe_tensor(t.block_index)}"
+            f"{t.kind.value:<9} {read:<10} {block:<5} {method.describe_tensor(t.block_index)}"
         )
     lines.append(f"{len(plan.tensors)} tensors, {plan.num_parameters:,} parameters")
     return "\n".join(lines)
@@ -509,6 +529,7 @@ def _measure(
         everything = calibration.all()
         pairs = [checkpoint_stats(r, everything, config, device) for r in readers]
         stats = [s for s, _ in pairs]
+        warn_unreached_experts([s.count for s in stats])
         records = [{**src, "model": "checkpoint", "languages": list(calibration.sets)} for _, src in pairs]
     base_calibration = None
     if (needs.grams or needs.fishers) and plan.vocab_size is not None:

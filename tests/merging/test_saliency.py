@@ -53,6 +53,17 @@ def test_obm_without_or_with_mismatched_statistics_names_the_tensor():
         obm_saliency(task, 0, lambda: task.delta(0))
 
 
+def test_a_linear_map_no_token_reached_is_scored_at_random_for_that_checkpoint_only():
+    # an MoE expert the router never chose in checkpoint 0: its statistics are all zero
+    sq = [torch.zeros(1, IN), torch.rand(1, IN)]
+    task, _ = linear_task(input_sq_mean=sq)
+    for k in range(2):
+        delta = task.delta(k)
+        scores = obm_saliency(task, k, delta.clone).clone()
+        expected = random_saliency(task, k, never) if k == 0 else delta.square() * sq[k]
+        torch.testing.assert_close(scores, expected)
+
+
 def other_task(name: str = "model.norm.weight", seed: int = 0, kind: ParamKind = ParamKind.OTHER, **kwargs):
     gen = torch.Generator().manual_seed(99)
     base = torch.randn(64, generator=gen)
