@@ -67,7 +67,7 @@ def test_maps_reading_the_same_input_share_one_gram(calibration):
         assert llama.group(mlp + "up_proj.weight") == llama.group(mlp + "gate_proj.weight") == mlp + "gate_proj.weight"
         for alone in (attention + "o_proj.weight", mlp + "down_proj.weight"):
             assert llama.group(alone) == alone
-    assert len(llama.sums) == 2 * 4 + 1  # 4 distinct inputs per block and the LM head
+    assert len(llama.count) == 2 * 4 + 1  # 4 distinct inputs per block and the LM head
     gpt2 = GramStats.collect(make_tiny_gpt2(), calibration, batch_size=4, progress=False)
     assert all(gpt2.group(n) == n for n in gpt2.maps) and gpt2.in_axis["transformer.h.0.attn.c_attn.weight"] == 0
     assert gpt2.gram("transformer.h.0.mlp.c_proj.weight").shape == (256, 256)
@@ -78,9 +78,10 @@ def test_padding_is_excluded():
     short, long = torch.tensor([1, 40, 41, 42]), torch.arange(1, 60)
     alone = [GramStats.collect(model, CalibrationSet([s], 40), progress=False) for s in (short, long)]
     together = GramStats.collect(model, CalibrationSet([short, long], pad_token_id=40), batch_size=2, progress=False)
-    for group, total in together.sums.items():
+    for name, group in together.maps.items():
         assert together.count[group] == 4 + 59
-        torch.testing.assert_close(total, alone[0].sums[group] + alone[1].sums[group], rtol=1e-4, atol=1e-7)
+        sums = [stats.gram(name) * stats.count[group] for stats in (together, *alone)]
+        torch.testing.assert_close(sums[0], sums[1] + sums[2], rtol=1e-4, atol=1e-7)
     unmasked = GramRecorder(model)
     with unmasked.attached(), torch.no_grad():
         ids, _mask = next(CalibrationSet([short, long], pad_token_id=40).batches(2))
