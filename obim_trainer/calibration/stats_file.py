@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ from torch import Tensor
 
 from obim_trainer.checkpoints.reader import SAFETENSORS_DTYPES
 from obim_trainer.errors import CalibrationError
+
+logger = logging.getLogger(__name__)
 
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 KEY_PLACEHOLDER = "0" * 64
@@ -90,10 +93,7 @@ class StatsFileWriter:
         """Write the header (key, kind, JSON-encoded ``metadata``) into the reserved room, fsync, rename to ``path``."""
         header = _header_json(self._entries, _metadata_header(key, kind, metadata))
         if len(header) > self._room:
-            self.abort()
-            raise CalibrationError(
-                f"the header of {self.path} needs {len(header)} bytes, {self._room} were reserved (a bug: report it)"
-            )
+            self._grow_room(len(header))
         self._file.seek(0)
         self._file.write(self._room.to_bytes(8, "little") + header + b" " * (self._room - len(header)))
         self._file.flush()
@@ -102,6 +102,20 @@ class StatsFileWriter:
         os.replace(self._partial, self.path)
         _fsync_folder(self.path.parent)
         return StatsFile(self.path, kind, dict(metadata))
+
+    def _grow_room(self, needed: int) -> None:
+        """Move the data behind a larger header room (a copy on disk; only when the reservation was too small)."""
+        logger.info(
+            "the header of %s needs %d bytes, %d were reserved; rewriting the data", self.path, needed, self._room
+        )
+        handle, partial = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        grown = os.fdopen(handle, "w+b")
+        room = needed + (-needed % 8)
+        grown.seek(8 + room)
+        self._file.seek(8 + self._room)
+        shutil.copyfileobj(self._file, grown, 16 << 20)
+        self.abort()
+        self._file, self._partial, self._room = grown, Path(partial), room
 
     def abort(self) -> None:
         """Drop what was written (nothing appears at ``path``)."""
