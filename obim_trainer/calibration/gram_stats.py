@@ -273,7 +273,7 @@ def _walkable(
     """The model's decoder parts if it can be run block by block, else ``None`` (the same answer on every rank).
 
     Block by block needs every linear map inside a block or the LM head (a map elsewhere may run anywhere in
-    the forward pass) and every block called with block 0's arguments (checked on the first batch)."""
+    the forward pass) and every block called with block 0's arguments (checked on the longest sample)."""
     try:
         parts: DecoderParts | None = decoder_parts(model)
     except BlockWalkError:
@@ -283,13 +283,11 @@ def _walkable(
         inside = {id(m) for m in parts.blocks.modules()} | ({id(head[1])} if head else set())
         if any(id(module) not in inside for _name, module, _axis, _features in layers):
             parts = None
-    if parts is not None:
-        ids, mask = next(calibration.batches(batch_size), (None, None))
-        if (
-            ids is not None
-            and mask is not None
-            and not same_block_arguments(model, parts, ids.to(device), mask.to(device))
-        ):
+    if parts is not None and calibration.input_ids:
+        # the longest sample alone: masks that differ per layer (sliding windows) differ at its length if ever
+        longest = max(calibration.input_ids, key=lambda ids: ids.numel())
+        ids, mask = next(CalibrationSet([longest], calibration.pad_token_id).batches(1))
+        if not same_block_arguments(model, parts, ids.to(device), mask.to(device)):
             parts = None
     if all_reduce:
         walkable = all_reduce_counts({"walk": int(parts is not None)}, None)["walk"]
