@@ -7,7 +7,9 @@ once. Turned inside out, the loop holds one block's: the architecture's own code
 before the first block (a "catcher" pre-hook on block 0 stores its arguments and stops the forward, as
 GPTQ does), then each block runs over every batch and its outputs become the next block's inputs.
 Memory: the hidden states of the calibration text (tokens × hidden size per stream), plus one block's
-statistics.
+statistics. Used by the Gram collection (:meth:`~obim_trainer.calibration.gram_stats.GramStats.collect`)
+and by sequential RegMean (:mod:`~obim_trainer.pipeline.sequential_regmean`, on a model whose blocks are
+loaded one at a time).
 
 The blocks are called with the arguments block 0 received (attention mask, position embeddings):
 architectures whose blocks receive different ones (per-layer sliding windows) are found by
