@@ -12,15 +12,27 @@ whose input is the very tensor the previous map read (the same object, in the sa
 is recorded under the first map's name and costs nothing more. A 7B Llama has 4 distinct inputs
 per block instead of 7.
 
+Memory. A 7B Llama's Grams are about 22 GB in float32 (44 GB while summed in float64), more than a
+merge may hold, so :meth:`GramStats.collect` never holds more than one decoder block's: it runs the
+model block by block (:mod:`~obim_trainer.calibration.block_walk`, the hidden states of the
+calibration text kept at the current block's input), and each block's Grams are written to the
+statistics file (:class:`~obim_trainer.calibration.stats_file.StatsFileWriter`) before the next block
+runs. The merge reads them back one shared input at a time. Results equal a whole-model pass: the
+same float64 sums over the same tokens.
+
 The same recorder works on a live model inside a training loop; under data parallelism each rank
-records its share and :meth:`GramStats.all_reduce` sums them.
+records its share and :meth:`GramStats.all_reduce` sums them (``collect(..., all_reduce=True)`` sums
+each block's over the ranks before writing it).
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
+import tempfile
+import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,29 +46,50 @@ from obim_trainer.calibration.activation_stats import (
     statistics_layers,
     warn_unreached_experts,
 )
+from obim_trainer.calibration.block_walk import (
+    BlockWalkError,
+    DecoderParts,
+    Stop,
+    Stream,
+    advanced,
+    catch_block_inputs,
+    decoder_parts,
+    run_block,
+    same_block_arguments,
+)
 from obim_trainer.calibration.data import CalibrationSet
 from obim_trainer.calibration.forward import device_batches, evaluation_mode, input_device, model_label
 from obim_trainer.calibration.moe import FusedExperts, expert_key, expert_of, routing_arguments
 from obim_trainer.calibration.reduction import all_reduce_counts, all_reduce_sums
-from obim_trainer.calibration.stats_file import StatsFile, write_stats_file
+from obim_trainer.calibration.stats_file import (
+    KEY_PLACEHOLDER,
+    StatsFile,
+    StatsFileWriter,
+    header_room,
+    move_stats_file,
+    set_stats_key,
+    write_stats_file,
+)
 from obim_trainer.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 
-KIND = "grams-v1"
-"""Names the kind and format of a Gram file; part of its cache key, so another format is never read."""
+KIND = "grams-v2"
+"""Names the kind and format of a Gram file; part of its cache key, so another format is never read
+(v2: collected block by block; files of v1 are recomputed, never misread)."""
 
 
 @dataclass
 class GramStats:
-    """Input Grams of every linear map of a model, in memory (after :meth:`collect`) or in a file.
+    """Input Grams of every linear map of a model, in memory (from a :class:`GramRecorder`) or in a file.
 
     Attributes:
         maps: Weight name → the name its Gram is stored under (the first map reading that input).
         count: Per stored Gram, the number of tokens n it sums over.
         in_axis: Weight name → input axis of the weight (1 for ``nn.Linear``, 0 for ``Conv1D``).
-        sums: Per stored Gram, Σ XᵀX in float64, while in memory; ``None`` once saved.
-        file: The file the Grams are read from, one at a time, once saved or loaded.
+        sums: Per stored Gram, Σ XᵀX in float64, while in memory; ``None`` once in a file.
+        file: The file the Grams are read from, one at a time.
+        finite: False when a Gram held NaN/Inf (broken weights or an overflow); nothing was kept then.
     """
 
     maps: dict[str, str]
@@ -64,6 +97,12 @@ class GramStats:
     in_axis: dict[str, int]
     sums: dict[str, Tensor] | None = None
     file: StatsFile | None = field(default=None, repr=False)
+    finite: bool = True
+    _spool: Any = field(default=None, repr=False, compare=False)
+    """While the file is a temporary one written by :meth:`collect`: the finalizer that removes it unless saved."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_spool": None}  # workers read the file; only this process owns a temporary
 
     def group(self, name: str) -> str | None:
         """The name of the Gram ``name`` reads (shared by every map with the same input), ``None`` if unknown."""
@@ -76,12 +115,13 @@ class GramStats:
             return None
         if self.sums is not None:
             return self.sums[group] / max(self.count[group], 1)
-        assert self.file is not None
+        if self.file is None:
+            raise CalibrationError("these Grams were not kept (they held NaN/Inf)")
         return self.file.read(group).to(torch.float64)
 
     def is_finite(self) -> bool:
-        """Whether every Gram in memory is free of NaN/Inf (broken weights or an overflow)."""
-        return self.sums is None or all(bool(torch.isfinite(s).all()) for s in self.sums.values())
+        """Whether every Gram is free of NaN/Inf (broken weights or an overflow)."""
+        return self.finite and (self.sums is None or all(bool(torch.isfinite(s).all()) for s in self.sums.values()))
 
     @classmethod
     def collect(
@@ -93,21 +133,31 @@ class GramStats:
         device: str | torch.device | None = None,
         progress: bool = True,
         desc: str | None = None,
+        spool_dir: Path | None = None,
+        all_reduce: bool = False,
     ) -> GramStats:
         """Run ``model`` on the calibration samples (forward only, ``no_grad``, eval mode) and record the Grams.
 
-        The model is not moved and its train/eval mode is restored. Memory: every Gram of the model
-        in float64 while recording (twice its file size).
+        The model is run block by block and each block's Grams are written, as G = XᵀX/n in float32,
+        to a temporary file in ``spool_dir`` (default: the system's temporary folder) that :meth:`save`
+        moves into place; memory holds one block's Grams in float64. A model that cannot be run block
+        by block (no block list, blocks called with different arguments, linear maps after the blocks
+        other than the LM head) is run whole, holding all its Grams (with a warning). The model is not
+        moved and its train/eval mode is restored. ``all_reduce``: sum each block's Grams over the ranks
+        of ``torch.distributed`` before writing them (each rank measuring its share of the texts).
         """
         device = input_device(model, device)
-        recorder = GramRecorder(model)
         label = desc or f"input Grams of {model_label(model)}"
+        layers = list(linear_layers(model, routers=True))
+        spool = _Spool(Path(spool_dir or tempfile.gettempdir()), statistics_layers(model))
         # no_grad, not inference_mode: ZeRO-3's parameter-gathering hooks break on inference tensors
-        with evaluation_mode(model), recorder.attached(), torch.no_grad():
-            for ids, mask in device_batches(calibration, batch_size, device, progress=progress, desc=label):
-                recorder.set_token_mask(mask)
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-        stats = recorder.stats()
+        with evaluation_mode(model), torch.no_grad(), spool.writing():
+            parts = _walkable(model, calibration, batch_size, device, layers, all_reduce)
+            if parts is None:
+                _whole_model(model, calibration, batch_size, device, progress, label, spool, all_reduce)
+            else:
+                _block_by_block(model, parts, calibration, batch_size, device, progress, label, spool, all_reduce)
+        stats = spool.stats()
         unseen = [n for n, g in stats.maps.items() if stats.count[g] == 0 and expert_of(n) is None]
         if unseen:
             logger.warning("%d linear map(s) never ran on the calibration data (e.g. %s)", len(unseen), unseen[0])
@@ -117,21 +167,33 @@ class GramStats:
     def all_reduce(self, group: Any = None) -> None:
         """Sum the Grams over all ranks of ``group`` (no-op outside ``torch.distributed``); before :meth:`save`."""
         if self.sums is None:
-            raise CalibrationError("saved Grams cannot be reduced; reduce them before saving")
+            raise CalibrationError(
+                "Grams in a file cannot be reduced; reduce them before saving (or collect with all_reduce=True)"
+            )
         self.sums = all_reduce_sums(self.sums, group)
         self.count = all_reduce_counts(self.count, group)
 
     def save(self, path: Path, key: str) -> None:
-        """Write G = XᵀX/n per stored Gram (float32) atomically; from then on the Grams are read from the file.
+        """Store the Grams at ``path`` under ``key`` atomically; from then on they are read from that file.
 
-        Dropping the in-memory sums keeps a merge's memory at one Gram per model, whatever the model's size.
+        Grams collected by :meth:`collect` are already in a temporary file: it gets its key and is moved
+        (renamed where possible). Grams in memory are written one at a time (float32), and the in-memory sums
+        are dropped, which keeps a merge's memory at one Gram per model, whatever the model's size.
         """
+        path = Path(path)
+        if self._spool is not None:
+            assert self.file is not None
+            set_stats_key(self.file.path, key)
+            move_stats_file(self.file.path, path)
+            self._spool.detach()
+            self._spool, self.file = None, StatsFile(path, KIND, self.file.metadata)
+            return
         if self.sums is None:
             raise CalibrationError(f"these Grams are already stored in {self.file and self.file.path}")
-        grams = {g: (s / max(self.count[g], 1)).float().contiguous() for g, s in self.sums.items()}
-        metadata = {"maps": self.maps, "count": self.count, "in_axis": self.in_axis}
+        metadata = _metadata(self.maps, self.count, self.in_axis)
+        grams = {g: _mean(s, self.count[g]) for g, s in self.sums.items()}
         write_stats_file(path, grams, key, KIND, metadata)
-        self.sums, self.file = None, StatsFile(Path(path), KIND, metadata)
+        self.sums, self.file = None, StatsFile(path, KIND, metadata)
 
     @classmethod
     def load(cls, path: Path, expected_key: str | None = None) -> GramStats:
@@ -146,6 +208,186 @@ class GramStats:
         if not set(maps.values()) <= set(count) or set(maps) != set(in_axis):
             raise CalibrationError(f"statistics file {path} is inconsistent; delete it to recompute")
         return cls(maps=maps, count=count, in_axis=in_axis, file=file)
+
+
+def _metadata(maps: dict[str, str], count: dict[str, int], in_axis: dict[str, int]) -> dict[str, Any]:
+    return {"maps": maps, "count": count, "in_axis": in_axis}
+
+
+def _mean(total: Tensor, count: int) -> Tensor:
+    """G = XᵀX/n as stored: float32 (the merge solves in float64 again)."""
+    return (total / max(count, 1)).float().contiguous()
+
+
+class _Spool:
+    """The temporary Gram file :meth:`GramStats.collect` writes block by block, and the names recorded so far."""
+
+    def __init__(self, folder: Path, keys: list[tuple[str, int, int]]) -> None:
+        names = [name for name, _axis, _features in keys]
+        longest = max((len(n) for n in names), default=1)
+        worst = _metadata({n: "x" * longest for n in names}, {n: 2**63 for n in names}, {n: 0 for n in names})
+        self.room = 2 * header_room({n: (f, f) for n, _a, f in keys}, worst, KIND) + 4096
+        self.path = folder / f".grams-{secrets.token_hex(8)}.safetensors"
+        self.maps: dict[str, str] = {}
+        self.count: dict[str, int] = {}
+        self.in_axis: dict[str, int] = {}
+        self.finite = True
+        self.file: StatsFile | None = None
+        self.writer: StatsFileWriter | None = None
+
+    @contextmanager
+    def writing(self) -> Iterator[_Spool]:
+        self.writer = StatsFileWriter(self.path, self.room)
+        with self.writer:
+            yield self
+            if self.finite:
+                self.file = self.writer.finish(KEY_PLACEHOLDER, KIND, _metadata(self.maps, self.count, self.in_axis))
+            else:
+                self.writer.abort()
+
+    def write(self, recorded: GramStats, prefix: str = "", all_reduce: bool = False) -> None:
+        """Add a recorder's Grams (names relative to the module it watched, under ``prefix``); they leave memory."""
+        assert recorded.sums is not None and self.writer is not None
+        if all_reduce:
+            recorded.all_reduce()
+        assert recorded.sums is not None
+        for name, group in recorded.maps.items():
+            self.maps[prefix + name] = prefix + group
+            self.in_axis[prefix + name] = recorded.in_axis[name]
+        for group in list(recorded.sums):
+            total = recorded.sums.pop(group)
+            self.count[prefix + group] = recorded.count[group]
+            if self.finite and not bool(torch.isfinite(total).all()):
+                self.finite = False
+            if self.finite:
+                self.writer.add(prefix + group, _mean(total, recorded.count[group]))
+
+    def stats(self) -> GramStats:
+        stats = GramStats(maps=self.maps, count=self.count, in_axis=self.in_axis, file=self.file, finite=self.finite)
+        if self.file is not None:
+            stats._spool = weakref.finalize(stats, self.file.path.unlink, missing_ok=True)
+        return stats
+
+
+def _walkable(
+    model: nn.Module,
+    calibration: CalibrationSet,
+    batch_size: int,
+    device: torch.device,
+    layers: list[tuple[str, nn.Module, int, int]],
+    all_reduce: bool,
+) -> DecoderParts | None:
+    """The model's decoder parts if it can be run block by block, else ``None`` (the same answer on every rank).
+
+    Block by block needs every linear map inside a block or the LM head (a map elsewhere may run anywhere in
+    the forward pass) and every block called with block 0's arguments (checked on the longest sample)."""
+    try:
+        parts: DecoderParts | None = decoder_parts(model)
+    except BlockWalkError:
+        parts = None
+    if parts is not None:
+        head = _output_head(model)
+        inside = {id(m) for m in parts.blocks.modules()} | ({id(head[1])} if head else set())
+        if any(id(module) not in inside for _name, module, _axis, _features in layers):
+            parts = None
+    if parts is not None and calibration.input_ids:
+        # the longest sample alone: masks that differ per layer (sliding windows) differ at its length if ever
+        longest = max(calibration.input_ids, key=lambda ids: ids.numel())
+        ids, mask = next(CalibrationSet([longest], calibration.pad_token_id).batches(1))
+        if not same_block_arguments(model, parts, ids.to(device), mask.to(device)):
+            parts = None
+    if all_reduce:
+        walkable = all_reduce_counts({"walk": int(parts is not None)}, None)["walk"]
+        parts = parts if walkable == _world_size() else None
+    return parts
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _whole_model(
+    model: nn.Module,
+    calibration: CalibrationSet,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+    label: str,
+    spool: _Spool,
+    all_reduce: bool,
+) -> None:
+    """Every Gram in one pass over the whole model (memory: all of them), for models not run block by block."""
+    logger.warning(
+        "%s cannot be run block by block; its input Grams are collected in one pass, all of them in memory", label
+    )
+    recorder = GramRecorder(model)
+    with recorder.attached():
+        for ids, mask in device_batches(calibration, batch_size, device, progress=progress, desc=label):
+            recorder.set_token_mask(mask)
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    spool.write(recorder.stats(), all_reduce=all_reduce)
+
+
+def _block_by_block(
+    model: nn.Module,
+    parts: DecoderParts,
+    calibration: CalibrationSet,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+    label: str,
+    spool: _Spool,
+    all_reduce: bool,
+) -> None:
+    """Each block over every batch, its Grams written before the next runs, then the LM head on the final
+    norm's outputs. Hidden states at the current block's input: one per token of the calibration text."""
+    from tqdm.auto import tqdm
+
+    stream = catch_block_inputs(model, parts.blocks[0], calibration, batch_size, device)
+    for index, block in enumerate(tqdm(parts.blocks, desc=label, unit="block", disable=not progress)):
+        recorder = GramRecorder(block)
+        outputs = []
+        with recorder.attached():
+            for batch in stream:
+                recorder.set_token_mask(batch.mask)
+                outputs.append(run_block(block, batch))
+        stream = advanced(stream, outputs)
+        spool.write(recorder.stats(), f"{parts.blocks_name}.{index}.", all_reduce)
+    _head(model, stream, parts, spool, all_reduce)
+
+
+def _output_head(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The LM head and its name, ``None`` for a model without one."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next(((n, m) for n, m in model.named_modules() if m is head), None) if head is not None else None
+
+
+def _head(model: nn.Module, stream: Stream, parts: DecoderParts, spool: _Spool, all_reduce: bool) -> None:
+    """The LM head's Gram: its inputs are the last hidden states after the final modules (no logits computed)."""
+    found = _output_head(model)
+    if found is None:
+        return
+    head_name, head = found
+    recorder = GramRecorder(head)
+
+    def stop(_module: nn.Module, _args: tuple[Any, ...]) -> None:
+        raise Stop
+
+    with recorder.attached():
+        handle = head.register_forward_pre_hook(stop)  # after the recorder's hook: record, then stop
+        try:
+            for batch in stream:
+                hidden = batch.hidden
+                for module in parts.tail:
+                    hidden = module(hidden)
+                recorder.set_token_mask(batch.mask)
+                with suppress(Stop):
+                    head(hidden)
+        finally:
+            handle.remove()
+    spool.write(recorder.stats(), f"{head_name}." if head_name else "", all_reduce)
 
 
 class GramRecorder:

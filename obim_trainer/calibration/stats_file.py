@@ -1,32 +1,193 @@
-"""A statistics file read one tensor at a time: how Grams and Fisher diagonals reach the merge.
+"""A statistics file written and read one tensor at a time: how Grams and Fisher diagonals reach the merge.
 
 A 7B model's Grams or Fisher diagonals are tens of GB, more than the merge may hold. They are
-written once as safetensors and read back per tensor (``safe_open`` maps the file; a row range
-reads only those rows), so the merge holds one tensor's statistics at a time. The handle is a
-path and a little metadata: it pickles to the workers of a parallel merge, which open the file
+written as safetensors by :class:`StatsFileWriter`, one tensor at a time as they are produced (the
+header, which needs every name and offset, goes last into room reserved at the start; safetensors
+allows a header padded with spaces), and read back per tensor (``safe_open`` maps the file; a row
+range reads only those rows), so neither side holds more than one tensor's statistics. The handle
+is a path and a little metadata: it pickles to the workers of a parallel merge, which open the file
 themselves.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from obim_trainer.checkpoints.atomic import write_atomically
+from obim_trainer.checkpoints.reader import SAFETENSORS_DTYPES
 from obim_trainer.errors import CalibrationError
 
+logger = logging.getLogger(__name__)
 
-def write_stats_file(path: Path, tensors: dict[str, Tensor], key: str, kind: str, metadata: dict[str, Any]) -> None:
-    """Write ``tensors`` (on the CPU, contiguous) atomically with the key, kind and JSON-encoded ``metadata``."""
-    from safetensors.torch import save
+_DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+KEY_PLACEHOLDER = "0" * 64
+"""The key of a file written before its key is known; :func:`set_stats_key` replaces it in place (same length)."""
 
+
+def _metadata_header(key: str, kind: str, metadata: Mapping[str, Any]) -> dict[str, str]:
     header = {name: json.dumps(value) for name, value in metadata.items()}
     header.update({"key": key, "kind": kind})
-    write_atomically(Path(path), save(tensors, metadata=header))
+    return header
+
+
+def _header_json(entries: Mapping[str, dict[str, Any]], metadata: dict[str, str]) -> bytes:
+    return json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+
+
+def header_room(tensors: Mapping[str, tuple[int, ...]], metadata: Mapping[str, Any], kind: str) -> int:
+    """Bytes of the header of a file holding at most ``tensors`` (name → shape) with ``metadata`` no larger than
+    the given one: what :class:`StatsFileWriter` reserves when the header is only known at the end."""
+    worst = {
+        name: {"dtype": "F64", "shape": list(shape), "data_offsets": [2**63, 2**63]} for name, shape in tensors.items()
+    }
+    return len(_header_json(worst, _metadata_header(KEY_PLACEHOLDER, kind, metadata)))
+
+
+class StatsFileWriter:
+    """Streams tensors into a statistics file, one at a time; :meth:`finish` writes the header and publishes it.
+
+    The data goes into a temporary file beside ``path`` after ``header_bytes`` reserved for the header
+    (:func:`header_room`); nothing is at ``path`` until :meth:`finish` renames the fsynced file there, so a
+    failure or an interrupt leaves no partial statistics. Memory: the tensor being written.
+    """
+
+    def __init__(self, path: Path, header_bytes: int) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self._partial = Path(partial)
+        self._file = os.fdopen(handle, "w+b")
+        self._room = header_bytes + (-header_bytes % 8)  # data 8-byte aligned, so it maps without a copy
+        self._file.seek(8 + self._room)
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._position = 0
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        """Append one tensor (any device; written as it is, contiguous)."""
+        if name in self._entries:
+            raise ValueError(f"statistics tensor {name} written twice")
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        data = memoryview(flat.view(torch.uint8).numpy())
+        self._file.write(data)
+        end = self._position + len(data)
+        self._entries[name] = {
+            "dtype": _DTYPE_CODES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._position, end],
+        }
+        self._position = end
+
+    def finish(self, key: str, kind: str, metadata: Mapping[str, Any]) -> StatsFile:
+        """Write the header (key, kind, JSON-encoded ``metadata``) into the reserved room, fsync, rename to ``path``."""
+        header = _header_json(self._entries, _metadata_header(key, kind, metadata))
+        if len(header) > self._room:
+            self._grow_room(len(header))
+        self._file.seek(0)
+        self._file.write(self._room.to_bytes(8, "little") + header + b" " * (self._room - len(header)))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._partial, self.path)
+        _fsync_folder(self.path.parent)
+        return StatsFile(self.path, kind, dict(metadata))
+
+    def _grow_room(self, needed: int) -> None:
+        """Move the data behind a larger header room (a copy on disk; only when the reservation was too small)."""
+        logger.info(
+            "the header of %s needs %d bytes, %d were reserved; rewriting the data", self.path, needed, self._room
+        )
+        handle, partial = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        grown = os.fdopen(handle, "w+b")
+        room = needed + (-needed % 8)
+        grown.seek(8 + room)
+        self._file.seek(8 + self._room)
+        shutil.copyfileobj(self._file, grown, 16 << 20)
+        self.abort()
+        self._file, self._partial, self._room = grown, Path(partial), room
+
+    def abort(self) -> None:
+        """Drop what was written (nothing appears at ``path``)."""
+        self._file.close()
+        self._partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> StatsFileWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if exc_type is not None and not self._file.closed:
+            self.abort()
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_stats_file(path: Path, tensors: Mapping[str, Tensor], key: str, kind: str, metadata: dict[str, Any]) -> None:
+    """Write ``tensors`` with the key, kind and JSON-encoded ``metadata``, one at a time and atomically."""
+    room = header_room({name: tuple(t.shape) for name, t in tensors.items()}, metadata, kind)
+    with StatsFileWriter(path, room) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+        writer.finish(key, kind, metadata)
+
+
+def set_stats_key(path: Path, key: str) -> None:
+    """Replace the key of a file written by :class:`StatsFileWriter` in place, within the room its header was
+    given (fsynced; only the header is rewritten)."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(size))
+            header["__metadata__"]["key"] = key
+        except (ValueError, KeyError, TypeError):
+            raise CalibrationError(f"statistics file {path} is unreadable; delete it to recompute") from None
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        if len(raw) > size:
+            raise CalibrationError(f"the key {key!r} does not fit the header of {path}; use a shorter key")
+        f.seek(8)
+        f.write(raw + b" " * (size - len(raw)))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def move_stats_file(source: Path, target: Path) -> None:
+    """Move a finished statistics file to ``target`` atomically: a rename where possible, else a streamed copy
+    into a temporary file beside ``target``, fsynced, renamed, and the source removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:  # another filesystem: copy
+            raise
+        handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as out, open(source, "rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, target)
+        finally:
+            Path(partial).unlink(missing_ok=True)
+        source.unlink()
+    _fsync_folder(target.parent)
 
 
 @dataclass

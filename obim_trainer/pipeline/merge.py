@@ -36,6 +36,7 @@ from obim_trainer.calibration.languages import (
     load_language_texts,
     missing_calibration,
 )
+from obim_trainer.calibration.stats_cache import StatsOrigin
 from obim_trainer.calibration.token_cache import cached_tokenization
 from obim_trainer.checkpoints import (
     CheckpointReader,
@@ -207,7 +208,8 @@ def checkpoint_stats(
     The model is built from the reader's tensors (see :mod:`~obim_trainer.checkpoints.model_loading`), so
     DeepSpeed and LoRA checkpoints get statistics too, and always of exactly the weights merged.
     """
-    key = stats_key(calibration.fingerprint(), reader.fingerprint())
+    fingerprint = reader.fingerprint()
+    key = stats_key(calibration.fingerprint(), fingerprint)
 
     def compute() -> ActivationStats:
         logger.info("computing activation statistics of %s (%s)", reader.path, reader.format)
@@ -231,6 +233,7 @@ def checkpoint_stats(
         cache_dir=config.stats_cache_dir,
         recompute=config.recompute_stats,
         beside=config.stats_beside_checkpoints,
+        origin=StatsOrigin.of(calibration, reader.path, fingerprint),
     )
     if not all(bool(torch.isfinite(t).all()) for t in stats.sq_sum.values()):
         raise_nonfinite(reader)

@@ -51,7 +51,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,13 +61,23 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from obim_trainer.calibration.activation_stats import linear_layers
+from obim_trainer.calibration.block_walk import (
+    BlockInput,
+    BlockWalkError,
+    Stop,
+    Stream,
+    advanced,
+    catch_block_inputs,
+    decoder_parts,
+    run_block,
+)
 from obim_trainer.calibration.data import CalibrationSet
 from obim_trainer.checkpoints.reader import CheckpointReader
 from obim_trainer.errors import CalibrationError, CheckpointError, ConfigError
 from obim_trainer.merging.least_squares import regularize_gram, shrink_toward_base, solve_least_squares
 from obim_trainer.merging.task import ParamKind
 from obim_trainer.pipeline.engine import MergePlan, TensorPlan, _check_finite
-from obim_trainer.pipeline.layout import BLOCK_INDEX, ModelLayout
+from obim_trainer.pipeline.layout import ModelLayout
 
 logger = logging.getLogger(__name__)
 
@@ -184,15 +194,6 @@ def _params(module: nn.Module, prefix: str, stored_name: Callable[[str], str | N
     return found
 
 
-def _block_list(base_model: nn.Module) -> tuple[str, nn.ModuleList]:
-    for name, child in base_model.named_children():
-        if isinstance(child, nn.ModuleList) and len(child) > 0 and BLOCK_INDEX.search(f"{name}.0.x"):
-            return name, child
-    raise ConfigError(
-        f"sequential regmean cannot find the decoder blocks of {type(base_model).__name__}; use sequential: false"
-    )
-
-
 def _stored_name_function(stored_names: set[str], prefix: str) -> Callable[[str], str | None]:
     """Module parameter name → the name in the files (which may lack the ``base_model_prefix``)."""
 
@@ -224,23 +225,15 @@ def _build_model(base_dir: Path, device: torch.device) -> nn.Module:
 
 
 def _build_skeleton(base_dir: Path, stored_names: set[str], device: torch.device) -> _Skeleton:
-    """The base's architecture on ``meta`` (buffers on ``device``), with its parts located.
-
-    The final norm is taken as the modules with parameters the base model registers after its block
-    list (Llama's ``norm``, GPT-2's ``ln_f``); they are applied in that order to the last hidden states.
-    """
+    """The base's architecture on ``meta`` (buffers on ``device``), with its parts located
+    (:func:`~obim_trainer.calibration.block_walk.decoder_parts`)."""
     model = _build_model(base_dir, device)
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    stored_name = _stored_name_function(stored_names, prefix)
-    base_model = getattr(model, prefix) if prefix and hasattr(model, prefix) else model
-    blocks_attr, blocks = _block_list(base_model)
-    blocks_name = f"{prefix}.{blocks_attr}" if base_model is not model else blocks_attr
-    children = [name for name, _ in base_model.named_children()]
-    tail = [
-        module
-        for name, module in list(base_model.named_children())[children.index(blocks_attr) + 1 :]
-        if any(True for _ in module.parameters())
-    ]
+    stored_name = _stored_name_function(stored_names, getattr(model, "base_model_prefix", "") or "")
+    try:
+        parts = decoder_parts(model)
+    except BlockWalkError as exc:
+        raise _refusal(exc) from None
+    blocks, blocks_name, tail = parts.blocks, parts.blocks_name, parts.tail
     head_module, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     head, head_axis = None, 1
     if head_module is not None and head_module.weight is not embedding.weight:
@@ -281,65 +274,22 @@ def sequential_write_order(plan: MergePlan, layout: ModelLayout) -> MergePlan:
 # --- hidden states and linear inputs ---------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    """Raised by a hook once it has what it needs, to skip the rest of a forward pass."""
-
-
-@dataclass
-class _Batch:
-    """A batch at a block's input: the hidden states, the block's other arguments, the non-pad token mask."""
-
-    hidden: Tensor
-    rest: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    mask: Tensor
-
-
-Stream = list[_Batch]
-
-
 def _catch(skeleton: _Skeleton, calibration: CalibrationSet, batch_size: int, device: torch.device) -> Stream:
-    """The arguments of the first block for every batch (GPTQ's "catcher": a pre-hook that stores them and stops).
-
-    Whatever the architecture computes before its blocks (embeddings, positions, the causal mask, rotary
-    position embeddings) is computed by its own code, so the blocks can then be run one at a time.
-    """
-    caught: list[tuple[Tensor, tuple[Any, ...], dict[str, Any]]] = []
-
-    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        caught.append((hidden, tuple(args[1:]), kwargs))
-        raise _Stop
-
-    handle = skeleton.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    stream: Stream = []
+    """Every batch's first-block arguments, the hidden states in float32 (the merge's compute dtype)."""
     try:
-        for ids, mask in calibration.batches(batch_size):
-            mask = mask.to(device)
-            with suppress(_Stop):
-                skeleton.model(input_ids=ids.to(device), attention_mask=mask, use_cache=False)
-            if not caught:
-                raise ConfigError(
-                    f"{type(skeleton.model).__name__} did not call its first decoder block on a plain forward pass; "
-                    "sequential regmean cannot run it block by block: use sequential: false"
-                )
-            hidden, rest, kwargs = caught.pop()
-            stream.append(_Batch(hidden.to(COMPUTE_DTYPE), rest, kwargs, mask.reshape(-1).bool()))
-    finally:
-        handle.remove()
-    return stream
+        return catch_block_inputs(skeleton.model, skeleton.blocks[0], calibration, batch_size, device, COMPUTE_DTYPE)
+    except BlockWalkError as exc:
+        raise _refusal(exc) from None
+
+
+def _refusal(exc: BlockWalkError) -> ConfigError:
+    return ConfigError(f"{exc}; sequential regmean runs the model block by block: use sequential: false")
 
 
 def _sharing_arguments(stream: Stream, like: Stream) -> Stream:
     """``stream`` with the block arguments of ``like`` (the same text): the mask and position embeddings depend
     on the token ids only, so the streams on one text keep one copy of them."""
-    return [_Batch(b.hidden, a.rest, a.kwargs, a.mask) for b, a in zip(stream, like, strict=True)]
-
-
-def _run_block(block: nn.Module, batch: _Batch) -> Tensor:
-    out = block(batch.hidden, *batch.rest, **batch.kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    return [BlockInput(b.hidden, a.rest, a.kwargs, a.mask) for b, a in zip(stream, like, strict=True)]
 
 
 def _rows(inputs: Tensor, in_features: int, mask: Tensor) -> Tensor:
@@ -357,7 +307,7 @@ class _Map:
     in_features: int
 
 
-def _groups(block: nn.Module, batch: _Batch, maps: list[_Map]) -> list[list[_Map]]:
+def _groups(block: nn.Module, batch: BlockInput, maps: list[_Map]) -> list[list[_Map]]:
     """The block's linear maps in forward order, grouped by the input tensor they read (q/k/v; gate/up).
 
     Found by running the block once with hooks; a map called twice per forward (shared weights) cannot be
@@ -373,7 +323,7 @@ def _groups(block: nn.Module, batch: _Batch, maps: list[_Map]) -> list[list[_Map
 
     handles = [m.module.register_forward_pre_hook(hook(m), with_kwargs=True) for m in maps]
     try:
-        _run_block(block, batch)
+        run_block(block, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -420,25 +370,25 @@ def _record_inputs(block: nn.Module, leaders: list[_Map], stream: Stream) -> tup
     try:
         for batch in stream:
             current[:] = [batch.mask]
-            outputs.append(_run_block(block, batch))
+            outputs.append(run_block(block, batch))
     finally:
         for handle in handles:
             handle.remove()
     return recorded, outputs
 
 
-def _merged_inputs(block: nn.Module, leader: _Map, batch: _Batch) -> Tensor:
+def _merged_inputs(block: nn.Module, leader: _Map, batch: BlockInput) -> Tensor:
     """The partially merged block's inputs to ``leader`` on one batch (the forward stops there)."""
     found: list[Tensor] = []
 
     def record(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         found.append(_rows(args[0] if args else next(iter(kwargs.values())), leader.in_features, batch.mask))
-        raise _Stop
+        raise Stop
 
     handle = leader.module.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        _run_block(block, batch)
-    except _Stop:
+        run_block(block, batch)
+    except Stop:
         pass
     finally:
         handle.remove()
@@ -464,7 +414,7 @@ class _Side:
 
 def _normal_equations(
     sides: Sequence[_Side],
-    merged_inputs: Callable[[_Batch], Tensor],
+    merged_inputs: Callable[[BlockInput], Tensor],
     in_features: int,
     alpha: float,
     device: torch.device,
@@ -497,10 +447,6 @@ class _Streams:
     checkpoints_new: list[Stream]
     merged_old: Stream
     merged_new: Stream
-
-
-def _advanced(stream: Stream, hidden: Sequence[Tensor]) -> Stream:
-    return [_Batch(h, b.rest, b.kwargs, b.mask) for b, h in zip(stream, hidden, strict=True)]
 
 
 class _SequentialMerge:
@@ -681,11 +627,11 @@ class _SequentialMerge:
                 by_name[name].set(value.to(self.device, COMPUTE_DTYPE))
             for inputs in originals:
                 inputs[g] = []  # the originals' inputs to this group are used up
-        streams.merged_old = _advanced(streams.merged_old, [_run_block(block, b) for b in streams.merged_old])
-        streams.merged_new = _advanced(streams.merged_new, [_run_block(block, b) for b in streams.merged_new])
-        streams.base_old = _advanced(streams.base_old, base_out)
+        streams.merged_old = advanced(streams.merged_old, [run_block(block, b) for b in streams.merged_old])
+        streams.merged_new = advanced(streams.merged_new, [run_block(block, b) for b in streams.merged_new])
+        streams.base_old = advanced(streams.base_old, base_out)
         streams.checkpoints_new = [
-            _advanced(s, out) for s, (_, out) in zip(streams.checkpoints_new, per_checkpoint, strict=True)
+            advanced(s, out) for s, (_, out) in zip(streams.checkpoints_new, per_checkpoint, strict=True)
         ]
         for p in params:
             p.release()
@@ -699,7 +645,7 @@ class _SequentialMerge:
         head_module = skeleton.head.owner
         in_features = next(f for _n, m, _a, f in linear_layers(skeleton.model) if m is head_module)
 
-        def tail(batch: _Batch) -> Tensor:
+        def tail(batch: BlockInput) -> Tensor:
             hidden = batch.hidden
             for module in skeleton.tail:
                 hidden = module(hidden)

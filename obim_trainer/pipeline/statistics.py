@@ -10,6 +10,7 @@ their format) on the merge's device, measured, and released before the next.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from obim_trainer.calibration.fisher_stats import FisherStats
 from obim_trainer.calibration.gram_stats import KIND as GRAM_KIND
 from obim_trainer.calibration.gram_stats import GramStats
 from obim_trainer.calibration.languages import LanguageCalibration
+from obim_trainer.calibration.stats_cache import StatsOrigin, default_cache_dir, stats_location
 from obim_trainer.checkpoints import CheckpointReader
 from obim_trainer.checkpoints.model_loading import load_model
 from obim_trainer.errors import CheckpointError
@@ -44,7 +46,8 @@ class StatisticsKind:
     name: str
     label: str
     key: str
-    collect: Callable[[nn.Module, CalibrationSet, MergeConfig, torch.device, str], Stats]
+    collect: Callable[[nn.Module, CalibrationSet, MergeConfig, torch.device, str, Path], Stats]
+    """(model, texts, config, device, progress label, folder for a temporary file on the way to the cache)."""
     load: Callable[[Path, str], Stats]
 
 
@@ -52,8 +55,14 @@ GRAMS = StatisticsKind(
     "grams",
     "input Grams",
     GRAM_KIND,
-    lambda model, texts, config, device, desc: GramStats.collect(
-        model, texts, batch_size=config.calibration_batch_size, device=device, progress=config.progress, desc=desc
+    lambda model, texts, config, device, desc, spool_dir: GramStats.collect(
+        model,
+        texts,
+        batch_size=config.calibration_batch_size,
+        device=device,
+        progress=config.progress,
+        desc=desc,
+        spool_dir=spool_dir,
     ),
     GramStats.load,
 )
@@ -61,7 +70,7 @@ FISHERS = StatisticsKind(
     "fishers",
     "Fisher diagonals",
     FISHER_KIND,
-    lambda model, texts, config, device, desc: FisherStats.collect(
+    lambda model, texts, config, device, desc, _spool_dir: FisherStats.collect(
         model, texts, device=device, progress=config.progress, desc=desc
     ),
     FisherStats.load,
@@ -118,13 +127,18 @@ def stored_statistics(
     device: torch.device,
 ) -> tuple[Stats, dict[str, Any]]:
     """One model's statistics of ``kind`` on ``texts``: cached ones, or computed on the model and stored."""
-    key = stats_key(texts.fingerprint(), reader.fingerprint(), kind.key)
+    fingerprint = reader.fingerprint()
+    key = stats_key(texts.fingerprint(), fingerprint, kind.key)
+    cache = Path(config.stats_cache_dir) if config.stats_cache_dir is not None else default_cache_dir()
 
     def compute() -> Stats:
         logger.info("computing %s of %s (%s)", kind.label, reader.path, reader.format)
         model = load_model(reader, config.base, device)
         try:
-            stats = kind.collect(model, texts, config, device, f"{kind.label} of {reader.path.name}")
+            spool = stats_location(reader.path, key, cache, beside=config.stats_beside_checkpoints).parent
+            if not _writable(spool):
+                spool = cache
+            stats = kind.collect(model, texts, config, device, f"{kind.label} of {reader.path.name}", spool)
         finally:
             del model
         if not stats.is_finite():
@@ -135,12 +149,22 @@ def stored_statistics(
         reader.path,
         key,
         compute,
-        cache_dir=config.stats_cache_dir,
+        cache_dir=cache,
         recompute=config.recompute_stats,
         load=kind.load,
         beside=config.stats_beside_checkpoints,
+        origin=StatsOrigin.of(texts, reader.path, fingerprint, kind.key),
     )
     return stats, {"kind": kind.name, "checkpoint": str(reader.path), "key": key, "source": source}
+
+
+def _writable(folder: Path) -> bool:
+    """Whether new files can be made in ``folder`` (created if missing)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
 
 
 def model_statistics(

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from obim_trainer.calibration import ActivationStats, CalibrationSet, stats_key, stats_path
+from obim_trainer.calibration.stats_cache import StatsOrigin, record_origin
 from obim_trainer.checkpoints import open_checkpoint, parse_size
 from obim_trainer.checkpoints.atomic import rename_durably, replace_folder, write_atomically
 from obim_trainer.checkpoints.detect import hf_format
@@ -434,12 +435,15 @@ class OBIMCallback(TrainerCallback):
         """
         assert self.calibration is not None and candidate.protected is not None
         with open_checkpoint(candidate.protected) as reader:
-            key = stats_key(self.calibration.fingerprint(), reader.fingerprint())
+            fingerprint = reader.fingerprint()
+        key = stats_key(self.calibration.fingerprint(), fingerprint)
         stored = stats_path(candidate.protected, key)
         stats.save(stored, key)
         beside = stats_path(candidate.path, key)
         beside.parent.mkdir(exist_ok=True)
         link_or_copy(str(stored), str(beside))
+        for path in (stored, beside):  # what an offline merge compares its own calibration with
+            record_origin(path, StatsOrigin.of(self.calibration, candidate.protected, fingerprint))
         return key
 
     def _select(self, step: int) -> bool:

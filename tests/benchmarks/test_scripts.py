@@ -69,3 +69,13 @@ def test_merge_speed_prints_a_row_per_statistics_method() -> None:
     for name, line in lines.items():
         seconds, ratio = line[len(name) :].split()[:2]
         assert float(seconds.rstrip("s")) > 0 and 0 < float(ratio) < math.inf, line
+
+
+@pytest.mark.slow
+def test_gram_memory_prints_each_merge_s_peak_against_obim() -> None:
+    stdout = run_script("gram_memory.py", "--hidden", "128", "--layers", "1", "--vocab", "256", "--k", "2")
+    lines = {line[:16].strip(): line[16:].split() for line in stdout.splitlines()[-3:]}
+    assert sorted(lines) == ["obim", "regmean", "regmean cached"], stdout
+    assert float(lines["obim"][2]) == 1.0
+    for seconds, peak_mb, ratio in lines.values():
+        assert float(seconds) > 0 and float(peak_mb) > 0 and 0 < float(ratio) < math.inf, stdout

@@ -20,7 +20,7 @@ from obim_trainer.calibration import (
     stats_path,
     tokenize_calibration,
 )
-from obim_trainer.calibration.stats_cache import STATS_DIRNAME
+from obim_trainer.calibration.stats_cache import STATS_DIRNAME, StatsOrigin, describe_calibration
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.errors import CalibrationError
 from tests.conftest import copy_tree
@@ -208,3 +208,43 @@ def test_kinds_share_the_cache_but_never_each_others_files(ckpt, calibration, tm
     again, source = load_or_compute_stats(ckpt, grams, compute_grams, cache_dir=tmp_path / "c", load=GramStats.load)
     assert source == "cached" and again.maps == stored.maps
     assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2
+
+
+def test_a_merge_says_in_one_line_why_it_cannot_reuse_the_stored_statistics(
+    ckpt, calibration, tokenizer_dir, calibration_jsonl, tmp_path, caplog
+):
+    """Issue 13: statistics stored beside the checkpoint (as the training leaves them) on other calibration settings,
+    or for files that changed since, are recomputed with the reason said once; reusable ones say nothing of it."""
+
+    def merge_asks(calib: CalibrationSet) -> str:
+        with open_checkpoint(ckpt) as reader:
+            fingerprint = reader.fingerprint()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="obim_trainer.calibration.stats_cache"):
+            load_or_compute_stats(
+                ckpt,
+                stats_key(calib.fingerprint(), fingerprint),
+                CountingCompute(ckpt, calib),
+                cache_dir=tmp_path / "cache",
+                beside=True,
+                origin=StatsOrigin.of(calib, ckpt, fingerprint),
+            )
+        return caplog.text
+
+    assert "recomputing" not in merge_asks(calibration)
+    stored = next((ckpt / STATS_DIRNAME).glob("*.safetensors"))
+    assert stored.with_suffix(".json").is_file(), "what the statistics were computed from is stored beside them"
+    assert "recomputing" not in merge_asks(calibration)  # reused
+    described = describe_calibration(calibration)
+    fewer = make_calibration(tokenizer_dir, calibration_jsonl, 5)
+    said = merge_asks(fewer)
+    now = describe_calibration(fewer)
+    expected = (
+        f"activation statistics for checkpoint-10 were computed with samples=8, longest={described['longest']}, "
+        f"tokens={described['tokens']}; this merge asks samples=5, longest={now['longest']}, tokens={now['tokens']}; "
+        "recomputing"
+    )
+    assert expected in said and said.count("recomputing") == 1
+    (ckpt / "config.json").write_text((ckpt / "config.json").read_text() + " ")
+    os.utime(ckpt / "model.safetensors")  # the files changed: training wrote into the folder again
+    assert "the files of checkpoint-10 changed since its activation statistics were computed" in merge_asks(fewer)
