@@ -345,6 +345,7 @@ class MergeJob:
 
     @property
     def folder(self) -> Path:
+        """The output's temporary folder (published by the leader's atomic output folder)."""
         return self.shards.folder
 
     def writer(self, part: Sequence[str]) -> ShardedSafetensorsWriter:
@@ -353,6 +354,7 @@ class MergeJob:
         return ShardedSafetensorsWriter.on_layout(self.shards, part=part, fsync=False)
 
     def engine(self, inputs: Inputs) -> MergeEngine:
+        """The streaming engine of this merge over the opened ``inputs`` (shared by the jobs of a sweep)."""
         base, readers = inputs
         config = self.config
         return MergeEngine(
