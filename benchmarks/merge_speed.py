@@ -190,7 +190,8 @@ def sweep_summary(work: Path, k: int, repeats: int, one: float) -> list[str]:
         lines.append(
             f"3-variant sweep ({name}) / one merge: {together['seconds'] / one:.2f} (target <= 1.5; "
             f"{together['seconds']:.2f}s vs {one:.2f}s, peak RSS {together['peak_rss'] / 1e9:.2f}GB); one merge "
-            f"after the other: {separate['seconds'] / one:.2f} ({separate['seconds']:.2f}s)"
+            f"after the other: {separate['seconds'] / one:.2f} ({separate['seconds']:.2f}s, peak RSS "
+            f"{separate['peak_rss'] / 1e9:.2f}GB)"
         )
         logger.info(lines[-1])
     return lines
