@@ -10,63 +10,42 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import torch
 
 from obim_trainer.checkpoints import dispatch
 from obim_trainer.checkpoints.reader import SafetensorsReader
 from obim_trainer.pipeline.merge import merge_checkpoints
-from obim_trainer.pipeline.variants import MergeSpec, merge_variants, plan_specs, plan_variants
+from obim_trainer.pipeline.variants import MergeVariant, merge_variants, plan_variants
 from obim_trainer.settings.merge import MergeConfig
-from tests.conftest import make_texts, write_jsonl
+from tests.test_merge_bytes import _ONE_CHECKPOINT, _cases, _record, tensor_hashes
 
 
-def model_files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name.startswith("model")}
+def recorded_config(family, language_files: dict[str, Path], tmp_path: Path, **settings) -> MergeConfig:
+    """The settings ``tests/test_merge_bytes.py`` recorded its merges with."""
+    base, ckpts = family
+    values = {"base": base, "checkpoints": ckpts, "calibration_data": language_files, "new_languages": ["zh"]}
+    values |= {"calibration_samples": 12, "calibration_max_length": 32, "stats_cache_dir": tmp_path / "cache"}
+    return MergeConfig.build({**values, "output": tmp_path / "unused", "progress": False, **settings})
 
 
-@pytest.fixture(scope="module")
-def language_files(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("sweep_languages")
-    return {
-        "en": write_jsonl(folder / "en.jsonl", make_texts(12, seed=41, min_words=8)),
-        "zh": write_jsonl(folder / "zh.jsonl", make_texts(12, seed=42, min_words=8)),
-    }
-
-
-def test_a_sweep_writes_the_bytes_of_separate_merges(llama_family, language_files, tmp_path):
-    """Activations (OBIM at two total shares), no statistics (TIES), Grams (RegMean per tensor) and a model-level
-    merge (sequential RegMean) in one sweep split between two workers, against one-worker merges one by one."""
-    base, ckpts = llama_family
-    config = MergeConfig.build(
-        {
-            "base": base,
-            "checkpoints": ckpts,
-            "calibration_data": language_files,
-            "new_languages": ["zh"],
-            "calibration_samples": 12,
-            "calibration_max_length": 32,
-            "stats_cache_dir": tmp_path / "cache",
-            "out_shard_size": "100KB",
-            "output": tmp_path / "unused",  # each variant gets its own
-            "progress": False,
-        }
-    )
-    specs = [
-        MergeSpec(method="obim", total_shares=[1.0, 0.3]),
-        MergeSpec(method="ties"),
-        MergeSpec(method="regmean", label="regmean-parallel", params={"sequential": False}),
-    ]
-    variants = plan_specs(specs, len(ckpts))
-    folders = merge_variants(config.model_copy(update={"workers": 2}), variants, tmp_path / "sweep")
-    assert list(folders) == ["obim", "obim@0.3", "ties", "regmean-parallel"]
-    for variant in variants:
-        alone = tmp_path / "alone" / variant.name
-        merge_checkpoints(config, method=variant.method, params=variant.params, output=alone)
-        swept = model_files(folders[variant.name])
-        assert len(swept) > 2, "several shards and the index"
-        assert swept == model_files(alone), variant.name
-        manifests = [json.loads((f / "obim_merge.json").read_text()) for f in (folders[variant.name], alone)]
-        assert manifests[0]["ownership_share"] == manifests[1]["ownership_share"]
-        assert manifests[0]["method"] == manifests[1]["method"]
+def test_a_sweep_of_every_method_split_between_two_workers_writes_the_recorded_bytes(
+    llama_family, language_files, tmp_path
+):
+    """Every method at once, in several shards, split between two workers (sequential RegMean in its own pass),
+    each method getting the inputs as read whatever the merges before it did with theirs: every tensor is the
+    one ``tests/data/merge_bytes.json`` records for that method's merge made alone."""
+    record = _record()
+    if record["cpu_capability"] != torch.backends.cpu.get_cpu_capability():
+        pytest.skip(f"record made on {record['cpu_capability']}, this CPU is {torch.backends.cpu.get_cpu_capability()}")
+    cases = [c for c in _cases() if c[1] == "llama_family" and c[2] not in _ONE_CHECKPOINT]
+    variants = [MergeVariant(case, method, params) for case, _, method, params in cases]
+    config = recorded_config(llama_family, language_files, tmp_path, out_shard_size="100KB", workers=2)
+    folders = merge_variants(config, variants, tmp_path / "sweep")
+    assert len(list(folders["obim"].glob("*.safetensors"))) > 2, "several shards"
+    manifest = json.loads((folders["obim"] / "obim_merge.json").read_text())
+    assert manifest["output"]["workers"] == 2
+    changed = [case for case, *_ in cases if tensor_hashes(folders[case]) != record["merges"][case]]
+    assert not changed, f"{len(changed)} of {len(cases)} merges differ from the record: {changed}"
 
 
 class CountingReader(SafetensorsReader):
