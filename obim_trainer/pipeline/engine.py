@@ -578,14 +578,16 @@ def _copy_inputs(inputs: Inputs, buffers: ReadBuffers) -> Inputs:
     return [None if t is None else copy(t) for t in inputs]
 
 
-def _share_reads(engines: Sequence[MergeEngine]) -> ReadBuffers:
+def _share_buffers(engines: Sequence[MergeEngine]) -> ReadBuffers:
     """Let every engine read through the first one's buffers and lock (a re-read on the merging thread must
-    not seek a file handle the reading thread is using); the readers must be the same objects."""
+    not seek a file handle the reading thread is using) and compute in its workspace (the engines merge one
+    after the other, and a result never stays in the workspace, see :meth:`MergeEngine._own`), so memory
+    does not grow by a workspace per engine; the readers must be the same objects."""
     first = engines[0]
     for engine in engines[1:]:
         if engine.base is not first.base or list(map(id, engine.checkpoints)) != list(map(id, first.checkpoints)):
             raise ValueError("engines merged together must share the opened base and checkpoint readers")
-        engine.read_buffers, engine._reading = first.read_buffers, first._reading
+        engine.read_buffers, engine._reading, engine.workspace = first.read_buffers, first._reading, first.workspace
     return first.read_buffers
 
 
@@ -614,12 +616,11 @@ def run_together(
     merged. ``recycle_written``: the writes keep nothing of the tensors they get (they copy them to
     a file), so a result's buffer is recycled too once written; otherwise results keep their
     memory. Memory: the inputs of 1 + ``prefetch`` tensors, one engine's copy of them, two results
-    per engine, the recycled buffers, and each engine's workspace (a few buffers the size of the
-    largest tensor).
+    per engine, the recycled buffers, and one workspace (a few buffers the size of the largest tensor).
     """
     if len(writes) != len(engines) or not engines:
         raise ValueError(f"run_together needs one write per engine, got {len(writes)} for {len(engines)}")
-    buffers = _share_reads(engines)
+    buffers = _share_buffers(engines)
     first, last = engines[0], len(engines) - 1
     tensors = list(plan.tensors if isinstance(plan, MergePlan) else plan)
     reports = [EngineReport() for _ in engines]
