@@ -11,11 +11,15 @@ on both sides):
 * OBIM with 1 worker and with N (``--workers``, default: one per core), and any other
   ``--methods``: ``merge_checkpoints`` end to end, and the streaming part alone (the engine's
   own timing: reading, merging and writing the tensors);
+* two sweeps of three variants with ``merge_variants`` (OBIM at total shares 1, 0.8 and 0.6; obim,
+  ties and task_arithmetic), each made together (each input tensor read once for all three) and, for
+  reference, one merge after the other;
 * ``mergekit-yaml`` TIES on the same folders (and mergekit's version of every other method
   timed, where it has one), if mergekit is installed;
 
 and prints the times, the ratios the project targets (OBIM ≤ 2 × the floor, ≥ 5 × faster than
-mergekit TIES) and each process's peak RSS against the budget 2 GB + 4 × the largest tensor.
+mergekit TIES, a 3-variant sweep ≤ 1.5 × one merge) and each process's peak RSS against the budget
+2 GB + 4 × the largest tensor.
 Run: ``python benchmarks/merge_speed.py [--workers 2] [--methods obim,ties] [--layers 16 ...]``.
 """
 
@@ -146,6 +150,53 @@ def child_merge(work: Path, k: int, method: str, workers: int, params: dict | No
     return {"seconds": time.perf_counter() - start, "stream_seconds": result.manifest["timings"]["merge_s"]}
 
 
+SWEEPS = {
+    "obim at total shares 1, 0.8, 0.6": (["obim"], [1.0, 0.8, 0.6]),
+    "obim, ties, task_arithmetic": (["obim", "ties", "task_arithmetic"], None),
+}
+"""The 3-variant sweeps timed against one merge: name -> (methods, total shares)."""
+
+
+def child_sweep(work: Path, k: int, name: str, together: bool) -> dict:
+    """``merge_variants`` of the sweep ``name`` (see :data:`SWEEPS`): together (one read of the inputs for
+    all), or one merge per variant (a ``merge`` callable other than ``merge_checkpoints`` runs them one by one)."""
+    from obim_trainer.pipeline.merge import merge_checkpoints
+    from obim_trainer.pipeline.variants import merge_variants, plan_variants
+    from obim_trainer.settings.merge import MergeConfig
+
+    start = time.perf_counter()
+    settings = {"base": work / "base", "checkpoints": [work / f"checkpoint-{i}" for i in range(k)], "progress": False}
+    settings |= {**calibration_kwargs(work, "obim"), "calibration_samples": CALIBRATION_SAMPLES}
+    config = MergeConfig.build({**settings, "stats_beside_checkpoints": True, "output": work / "sweep"})
+    methods, shares = SWEEPS[name]
+    variants = plan_variants(methods, {}, shares, k)
+    merge_variants(config, variants, work / "sweep", merge=None if together else lambda c: merge_checkpoints(c))
+    shutil.rmtree(work / "sweep", ignore_errors=True)
+    return {"seconds": time.perf_counter() - start}
+
+
+def timed_sweep(work: Path, k: int, name: str, together: bool, repeats: int) -> dict:
+    """The fastest of ``repeats`` fresh-process sweeps, and the largest peak RSS among them."""
+    mode = "together" if together else "separate"
+    runs = [run_child("sweep", str(work), str(k), name, mode) for _ in range(repeats)]
+    return {"seconds": min(r["seconds"] for r in runs), "peak_rss": max(r["peak_rss"] for r in runs)}
+
+
+def sweep_summary(work: Path, k: int, repeats: int, one: float) -> list[str]:
+    """Each of :data:`SWEEPS` made together and one merge after the other, against one OBIM merge."""
+    lines = []
+    for name in SWEEPS:
+        together, separate = (timed_sweep(work, k, name, mode, repeats) for mode in (True, False))
+        lines.append(
+            f"3-variant sweep ({name}) / one merge: {together['seconds'] / one:.2f} (target <= 1.5; "
+            f"{together['seconds']:.2f}s vs {one:.2f}s, peak RSS {together['peak_rss'] / 1e9:.2f}GB); one merge "
+            f"after the other: {separate['seconds'] / one:.2f} ({separate['seconds']:.2f}s, peak RSS "
+            f"{separate['peak_rss'] / 1e9:.2f}GB)"
+        )
+        logger.info(lines[-1])
+    return lines
+
+
 CALIBRATION_SAMPLES = 8
 
 # Methods that need statistics other than OBIM's: row name -> (method, params). Timed with the statistics
@@ -274,6 +325,12 @@ def main() -> None:
         default=True,
         help=f"also time {', '.join(STATISTICS_ROWS)} with cached and with recomputed statistics (default on)",
     )
+    parser.add_argument(
+        "--sweep",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time 3-variant sweeps, made together and one by one, against one merge (default on)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the fastest counts")
     parser.add_argument("--workdir", type=Path, help="keep the synthetic models here (default: a temp dir)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -283,6 +340,8 @@ def main() -> None:
         kind, work, k = args.child[0], Path(args.child[1]), int(args.child[2])
         if kind == "floor":
             result = child_floor(work, k)
+        elif kind == "sweep":
+            result = child_sweep(work, k, args.child[3], args.child[4] == "together")
         else:
             params = json.loads(args.child[5]) if len(args.child) > 5 else None
             fresh = len(args.child) > 6 and args.child[6] == "fresh"
@@ -345,6 +404,8 @@ def main() -> None:
         f"OBIM end to end / I/O floor: {best['seconds'] / floor:.2f}",
         f"OBIM {args.workers} workers vs 1: {obim[1]['seconds'] / obim[args.workers]['seconds']:.2f}x as fast",
     ]
+    if args.sweep:
+        summary += sweep_summary(work, args.k, args.repeats, obim[1]["seconds"])
     if ties_mergekit:
         summary.append(f"mergekit TIES / OBIM: {ties_mergekit / best['seconds']:.2f}x (target >= 5; mk/ours above)")
     else:

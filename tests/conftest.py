@@ -163,6 +163,16 @@ def calibration_jsonl(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("calib") / "calib.jsonl", make_texts(40, seed=7))
 
 
+@pytest.fixture(scope="session")
+def language_files(tmp_path_factory) -> dict[str, Path]:
+    """Calibration text of an old (en) and a new (zh) language, as ``tests/test_merge_bytes.py`` recorded with."""
+    folder = tmp_path_factory.mktemp("bytes_languages")
+    return {
+        "en": write_jsonl(folder / "en.jsonl", make_texts(12, seed=41, min_words=8)),
+        "zh": write_jsonl(folder / "zh.jsonl", make_texts(12, seed=42, min_words=8)),
+    }
+
+
 def _model_family(tmp_path_factory, tokenizer_dir: Path, name: str, factory: Callable, k: int = 3):
     root = tmp_path_factory.mktemp(name)
     base = factory()

@@ -24,7 +24,6 @@ from safetensors.torch import load_file
 
 from obim_trainer.merging.registry import available_methods
 from obim_trainer.pipeline.merge import merge_checkpoints
-from tests.conftest import make_texts, write_jsonl
 
 RECORD = Path(__file__).parent / "data" / "merge_bytes.json"
 RECORDING = os.environ.get("OBIM_RECORD_MERGE_BYTES") == "1"
@@ -45,15 +44,6 @@ _ONE_CHECKPOINT = {"slerp"}
 def _cases() -> list[tuple[str, str, str, dict[str, Any]]]:
     cases = [(name, "llama_family", name, {}) for name in available_methods()]
     return cases + _EXTRA_CASES
-
-
-@pytest.fixture(scope="module")
-def language_files(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("bytes_languages")
-    return {
-        "en": write_jsonl(folder / "en.jsonl", make_texts(12, seed=41, min_words=8)),
-        "zh": write_jsonl(folder / "zh.jsonl", make_texts(12, seed=42, min_words=8)),
-    }
 
 
 def tensor_hashes(folder: Path) -> dict[str, str]:

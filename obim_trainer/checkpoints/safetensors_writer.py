@@ -10,6 +10,8 @@ Because the layout is fixed before any data, a merge split between workers (proc
 ranks of a distributed run) writes the same bytes: each worker's writer is given its ``part``
 of the plan and writes those tensors at their places in the shared shard files (each writes
 the same header wherever it writes, and sizes the file), and one writes the index at the end.
+The layout (:class:`ShardLayout`) is computed once and handed to every worker's writer; the index
+comes from it too, so no writer exists just to write it.
 """
 
 from __future__ import annotations
@@ -150,6 +152,81 @@ def _write_error(file: Path, exc: OSError) -> OutputError:
     return OutputError(f"cannot write {file} ({exc.strerror or exc}); free disk space or choose another output folder")
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """The whole output fixed before any data: shard files, their headers and sizes, each tensor's slot.
+
+    Picklable, so a parallel merge computes it once and every worker's writer (and the index) uses it.
+    """
+
+    folder: Path
+    plan: tuple[PlanEntry, ...]
+    shard_files: tuple[Path, ...]
+    headers: tuple[bytes, ...]
+    sizes: tuple[int, ...]
+    slots: dict[str, _Slot]
+
+    @classmethod
+    def build(
+        cls, folder: Path, plan: Sequence[PlanEntry], max_shard_size: int, metadata: dict[str, str] | None = None
+    ) -> ShardLayout:
+        """The layout of ``plan`` in shards of at most ``max_shard_size`` bytes (see :func:`_split`)."""
+        folder = Path(folder)
+        metadata = {"format": "pt", **(metadata or {})}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError(f"safetensors metadata must map strings to strings, got {metadata!r}")
+        if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size <= 0:
+            raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
+        entries = tuple((name, tuple(shape), dtype) for name, shape, dtype in plan)
+        _check_plan(entries)
+        shards = _split(entries, max_shard_size)
+        n = len(shards)
+        files = (
+            [folder / SINGLE_FILE]
+            if n == 1
+            else [folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        headers, sizes, slots = [], [], {}
+        for shard, shard_entries in enumerate(shards):
+            header, offsets = _layout(shard_entries, metadata)
+            headers.append(header)
+            sizes.append(len(header) + sum(_nbytes(shape, dtype) for _, shape, dtype in shard_entries))
+            for name, shape, dtype in shard_entries:
+                slots[name] = _Slot(shard, offsets[name], _nbytes(shape, dtype))
+        return cls(folder, entries, tuple(files), tuple(headers), tuple(sizes), slots)
+
+    @property
+    def files(self) -> list[Path]:
+        """The output's files: shards in order, then the index when there are several."""
+        return [*self.shard_files, *([self.folder / INDEX_FILE] if len(self.shard_files) > 1 else [])]
+
+    def write_index(self, *, fsync: bool = True) -> list[Path]:
+        """Write ``model.safetensors.index.json`` when there are several shards; return :attr:`files`.
+
+        ``fsync=False`` when the folder is published by
+        :func:`~obim_trainer.checkpoints.atomic.atomic_output_dir`, which fsyncs every file before the rename.
+        """
+        if len(self.shard_files) == 1:
+            return self.files
+        index = self.folder / INDEX_FILE
+        content = {
+            "metadata": {
+                "total_parameters": sum(math.prod(shape) for _, shape, _ in self.plan),
+                "total_size": sum(slot.nbytes for slot in self.slots.values()),
+            },
+            "weight_map": {name: self.shard_files[slot.shard].name for name, slot in self.slots.items()},
+        }
+        try:
+            with index.open("w", encoding="utf-8") as handle:
+                handle.write(json.dumps(content, indent=2, sort_keys=True) + "\n")
+                handle.flush()
+                if fsync:
+                    os.fsync(handle.fileno())
+        except OSError as exc:
+            raise _write_error(index, exc) from None
+        return self.files
+
+
 class ShardedSafetensorsWriter:
     """Stream tensors, in plan order, into shards of at most ``max_shard_size`` bytes of data.
 
@@ -164,7 +241,9 @@ class ShardedSafetensorsWriter:
 
     ``part`` (names from the plan) makes this writer one of several that share the output: it
     writes only those tensors, in plan order, into files laid out for the whole plan, and the
-    index is left to :meth:`write_index`, called by one writer once every part is written.
+    index is left to :meth:`ShardLayout.write_index`, called once every part is written.
+    ``fsync=False``: the caller's atomic output folder fsyncs every file before publishing it, so
+    the writer does not sync each shard a second time.
     """
 
     def __init__(
@@ -175,37 +254,34 @@ class ShardedSafetensorsWriter:
         metadata: dict[str, str] | None = None,
         *,
         part: Collection[str] | None = None,
+        fsync: bool = True,
     ) -> None:
-        self.folder = Path(folder)
-        metadata = {"format": "pt", **(metadata or {})}
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise ValueError(f"safetensors metadata must map strings to strings, got {metadata!r}")
-        if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size <= 0:
-            raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
-        self._plan = [(name, tuple(shape), dtype) for name, shape, dtype in plan]
-        _check_plan(self._plan)
-        shards = _split(self._plan, max_shard_size)
-        n = len(shards)
-        self._files = (
-            [self.folder / SINGLE_FILE]
-            if n == 1
-            else [self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
-        self._headers: list[bytes] = []
-        self._sizes: list[int] = []
-        self._slots: dict[str, _Slot] = {}
-        for shard, entries in enumerate(shards):
-            header, offsets = _layout(entries, metadata)
-            self._headers.append(header)
-            self._sizes.append(len(header) + sum(_nbytes(shape, dtype) for _, shape, dtype in entries))
-            for name, shape, dtype in entries:
-                self._slots[name] = _Slot(shard, offsets[name], _nbytes(shape, dtype))
+        self._init(ShardLayout.build(folder, plan, max_shard_size, metadata), part, fsync)
+
+    @classmethod
+    def on_layout(
+        cls, layout: ShardLayout, *, part: Collection[str] | None = None, fsync: bool = True
+    ) -> ShardedSafetensorsWriter:
+        """A writer into a layout computed once for every part (see :class:`ShardLayout`)."""
+        writer = cls.__new__(cls)
+        writer._init(layout, part, fsync)
+        return writer
+
+    def _init(self, layout: ShardLayout, part: Collection[str] | None, fsync: bool) -> None:
+        self.layout = layout
+        self.folder = layout.folder
+        self._fsync = fsync
+        self._plan = layout.plan
+        self._files = layout.shard_files
+        self._headers = layout.headers
+        self._sizes = layout.sizes
+        self._slots = layout.slots
         self._whole = part is None
         wanted = set(self._slots) if part is None else set(part)
         if not wanted <= set(self._slots):
             raise ValueError(f"part names tensor(s) the plan lacks: {sorted(wanted - set(self._slots))[:5]}")
         self._todo = [entry for entry in self._plan if entry[0] in wanted]
-        self._remaining = [0] * n
+        self._remaining = [0] * len(self._files)
         for name, _, _ in self._todo:
             self._remaining[self._slots[name].shard] += 1
         self._position = 0
@@ -215,7 +291,7 @@ class ShardedSafetensorsWriter:
     @property
     def files(self) -> list[Path]:
         """The output's files: shards in order, then the index when there are several."""
-        return self._files + ([self.folder / INDEX_FILE] if len(self._files) > 1 else [])
+        return self.layout.files
 
     def _open_shard(self, shard: int) -> BinaryIO:
         """The shard file, created if need be, with its header and its final size (which every part agrees on)."""
@@ -232,7 +308,8 @@ class ShardedSafetensorsWriter:
         assert self._handle is not None
         try:
             self._handle.flush()
-            os.fsync(self._handle.fileno())
+            if self._fsync:
+                os.fsync(self._handle.fileno())
             self._handle.close()
         except OSError as exc:
             raise _write_error(self._files[shard], exc) from None
@@ -262,7 +339,8 @@ class ShardedSafetensorsWriter:
 
     def close(self) -> list[Path]:
         """Check every planned tensor (of this writer's part) was written and, for the whole plan, write
-        the index; return :attr:`files`. Every shard is fsynced when its last tensor is written.
+        the index; return :attr:`files`. Every shard is fsynced when its last tensor is written (unless
+        ``fsync=False``).
         Calling it again is harmless."""
         if self._closed:
             return self.files
@@ -275,28 +353,8 @@ class ShardedSafetensorsWriter:
         return self.files
 
     def write_index(self) -> list[Path]:
-        """Write ``model.safetensors.index.json`` when there are several shards; return :attr:`files`.
-
-        A writer of the whole plan does it on :meth:`close`; of writers of parts, one calls it once
-        all parts are written."""
-        if len(self._files) == 1:
-            return self.files
-        index = self.folder / INDEX_FILE
-        content = {
-            "metadata": {
-                "total_parameters": sum(math.prod(shape) for _, shape, _ in self._plan),
-                "total_size": sum(slot.nbytes for slot in self._slots.values()),
-            },
-            "weight_map": {name: self._files[slot.shard].name for name, slot in self._slots.items()},
-        }
-        try:
-            with index.open("w", encoding="utf-8") as handle:
-                handle.write(json.dumps(content, indent=2, sort_keys=True) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError as exc:
-            raise _write_error(index, exc) from None
-        return self.files
+        """Write the index of the whole plan (see :meth:`ShardLayout.write_index`); return :attr:`files`."""
+        return self.layout.write_index(fsync=self._fsync)
 
     def __enter__(self) -> ShardedSafetensorsWriter:
         return self

@@ -15,6 +15,11 @@ its result and the method's scratch buffers live on the device.
 Parallel merges split the plan with :func:`split_plan`: each worker (a process, or a rank of
 a distributed run) merges a contiguous run of tensors into the shared output layout.
 
+Sweeps: V merges of the same inputs (methods side by side, OBIM at several total shares) run
+together (:func:`run_together`): each input tensor is read and checked once, and every merge
+gets it (a copy in a recycled buffer for all but the last, since a method may take its inputs
+over), so V merges read the inputs once instead of V times.
+
 Extended vocabularies: continued pre-training for a new language often adds tokens
 (``resize_token_embeddings``), so the checkpoints' embedding and lm_head have more rows than
 the base's. The rows the base has are merged exactly as without the extension (same task,
@@ -546,15 +551,6 @@ class MergeEngine:
             tensor, owned = out.tensor, out.owned
         return self._own(tensor.to(device="cpu", dtype=plan.dtype)), owned
 
-    def _written(self, tensor: Tensor | None, recycle: bool) -> None:
-        """After ``write`` returned: a result living in a read buffer gives it back, or takes it along."""
-        if tensor is None:
-            return
-        if recycle:
-            self.read_buffers.give_back([tensor])
-        else:
-            self.read_buffers.keep(tensor)
-
     def run(
         self,
         plan: MergePlan | Sequence[TensorPlan],
@@ -565,51 +561,115 @@ class MergeEngine:
     ) -> EngineReport:
         """Merge the planned tensors and pass each, in the output dtype on the CPU, to ``write``, in plan order.
 
-        Three stages overlap: a reading thread reads (and checks) the inputs of the next
-        :attr:`prefetch` tensors, this thread merges the current one, and a writing thread
-        writes the previous result. Inputs are read into recycled buffers, given back once
-        merged. ``recycle_written``: ``write`` keeps nothing of the tensors it gets (it copies
-        them to a file), so a result's buffer is recycled too once written; otherwise results
-        keep their memory. Memory: the inputs of 1 + ``prefetch`` tensors, two results, the
-        recycled buffers, and the workspace (a few buffers the size of the largest tensor).
+        The one-merge case of :func:`run_together` (see there for the stages and memory).
         """
-        tensors = list(plan.tensors if isinstance(plan, MergePlan) else plan)
-        report = EngineReport()
-        start = time.perf_counter()
-        bar = tqdm(total=len(tensors), desc=f"merging ({self.method.name})", unit="tensor", disable=not progress)
-        reads = ThreadPoolExecutor(1, thread_name_prefix="obim-read")
-        writes = ThreadPoolExecutor(1, thread_name_prefix="obim-write")
-        read = partial(self.read_inputs, buffers=self.read_buffers)
-        queued: deque[Future[Inputs]] = deque(reads.submit(read, t) for t in tensors[: self.prefetch])
-        writing: Future[None] | None = None
-        written: Tensor | None = None
-        try:
-            for i, tensor_plan in enumerate(tensors):
-                bar.set_postfix_str(tensor_plan.name, refresh=False)
-                inputs = queued.popleft().result()
-                if i + self.prefetch < len(tensors):
-                    queued.append(reads.submit(read, tensors[i + self.prefetch]))
+        return run_together([self], plan, [write], progress=progress, recycle_written=recycle_written)[0]
+
+
+def _copy_inputs(inputs: Inputs, buffers: ReadBuffers) -> Inputs:
+    """The tensors of ``inputs`` copied into recycled buffers: one merge of a sweep may take its inputs over
+    (iterative merging writes into θ_0), so every merge but the last gets its own copy."""
+
+    def copy(tensor: Tensor) -> Tensor:
+        if tensor.numel() == 0:
+            return tensor.clone()
+        raw = buffers.take(tensor.numel() * tensor.element_size())
+        return raw.view(tensor.dtype).view(tensor.shape).copy_(tensor)
+
+    return [None if t is None else copy(t) for t in inputs]
+
+
+def _share_buffers(engines: Sequence[MergeEngine]) -> ReadBuffers:
+    """Let every engine read through the first one's buffers and lock (a re-read on the merging thread must
+    not seek a file handle the reading thread is using) and compute in its workspace (the engines merge one
+    after the other, and a result never stays in the workspace, see :meth:`MergeEngine._own`), so memory
+    does not grow by a workspace per engine; the readers must be the same objects."""
+    first = engines[0]
+    for engine in engines[1:]:
+        if engine.base is not first.base or list(map(id, engine.checkpoints)) != list(map(id, first.checkpoints)):
+            raise ValueError("engines merged together must share the opened base and checkpoint readers")
+        engine.read_buffers, engine._reading, engine.workspace = first.read_buffers, first._reading, first.workspace
+    return first.read_buffers
+
+
+def _written(buffers: ReadBuffers, tensor: Tensor, recycle: bool) -> None:
+    """After ``write`` returned: a result living in a read buffer gives it back, or takes it along."""
+    if recycle:
+        buffers.give_back([tensor])
+    else:
+        buffers.keep(tensor)
+
+
+def run_together(
+    engines: Sequence[MergeEngine],
+    plan: MergePlan | Sequence[TensorPlan],
+    writes: Sequence[Callable[[str, Tensor], None]],
+    *,
+    progress: bool = True,
+    recycle_written: bool = False,
+) -> list[EngineReport]:
+    """Merge the planned tensors with every engine (same readers, own method and statistics), each tensor's
+    inputs read once; engine v's results go to ``writes[v]``, in plan order. One report per engine.
+
+    Three stages overlap: a reading thread reads (and checks) the inputs of the next ``prefetch``
+    tensors, this thread merges the current one with each engine in turn, and a writing thread
+    writes the previous tensor's results. Inputs are read into recycled buffers, given back once
+    merged. ``recycle_written``: the writes keep nothing of the tensors they get (they copy them to
+    a file), so a result's buffer is recycled too once written; otherwise results keep their
+    memory. Memory: the inputs of 1 + ``prefetch`` tensors, one engine's copy of them, two results
+    per engine, the recycled buffers, and one workspace (a few buffers the size of the largest tensor).
+    """
+    if len(writes) != len(engines) or not engines:
+        raise ValueError(f"run_together needs one write per engine, got {len(writes)} for {len(engines)}")
+    buffers = _share_buffers(engines)
+    first, last = engines[0], len(engines) - 1
+    tensors = list(plan.tensors if isinstance(plan, MergePlan) else plan)
+    reports = [EngineReport() for _ in engines]
+    start = time.perf_counter()
+    desc = f"merging ({', '.join(e.method.name for e in engines)})"
+    bar = tqdm(total=len(tensors), desc=desc, unit="tensor", disable=not progress)
+    reads = ThreadPoolExecutor(1, thread_name_prefix="obim-read")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="obim-write")
+    read = partial(first.read_inputs, buffers=buffers)
+    queued: deque[Future[Inputs]] = deque(reads.submit(read, t) for t in tensors[: first.prefetch])
+    writing: list[tuple[Future[None], Tensor]] = []
+
+    def finish_writes() -> None:
+        for future, tensor in writing:
+            future.result()
+            _written(buffers, tensor, recycle_written)
+        writing.clear()
+
+    try:
+        for i, tensor_plan in enumerate(tensors):
+            bar.set_postfix_str(tensor_plan.name, refresh=False)
+            shared = queued.popleft().result()
+            if i + first.prefetch < len(tensors):
+                queued.append(reads.submit(read, tensors[i + first.prefetch]))
+            results = []
+            for v, engine in enumerate(engines):
+                inputs = shared if v == last else _copy_inputs(shared, buffers)
                 lent = list(inputs)
-                merged, owned = self.merge_one(tensor_plan, inputs)
-                self.read_buffers.give_back(t for t in lent if t is not None and not _same_memory(t, merged))
+                merged, owned = engine.merge_one(tensor_plan, inputs)
+                buffers.give_back(t for t in lent if t is not None and not _same_memory(t, merged))
                 del inputs, lent
                 if owned is not None:
-                    report.owned[tensor_plan.name] = list(owned)
-                if writing is not None:
-                    writing.result()
-                    self._written(written, recycle_written)
-                writing, written = writes.submit(write, tensor_plan.name, merged), merged
-                del merged
-                bar.update()
-            if writing is not None:
-                writing.result()
-                self._written(written, recycle_written)
-        finally:
-            for future in queued:
-                future.cancel()
-            reads.shutdown()
-            writes.shutdown()
-            bar.close()
-        report.seconds = time.perf_counter() - start
-        report.notes = dict(self.notes)
-        return report
+                    reports[v].owned[tensor_plan.name] = list(owned)
+                results.append(merged)
+            del shared
+            finish_writes()
+            writing.extend((writer.submit(w, tensor_plan.name, r), r) for w, r in zip(writes, results, strict=True))
+            del results
+            bar.update()
+        finish_writes()
+    finally:
+        for future in queued:
+            future.cancel()
+        reads.shutdown()
+        writer.shutdown()
+        bar.close()
+    seconds = time.perf_counter() - start
+    for report, engine in zip(reports, engines, strict=True):
+        report.seconds = seconds
+        report.notes = dict(engine.notes)
+    return reports

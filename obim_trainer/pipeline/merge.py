@@ -4,6 +4,10 @@ The order of work is chosen so that nothing is lost and mistakes surface early:
 configuration and inputs are validated before any statistics are computed, the
 output location is checked before any statistics are computed, statistics are cached
 (in the user cache, or beside each checkpoint when asked), and the merged folder only appears, complete, at the end.
+
+``merge_sweep`` makes several merges of the same inputs (a comparison's or a sweep's variants) in one
+streaming pass: the inputs are opened once and each input tensor is read once for all of them
+(:func:`~obim_trainer.pipeline.engine.run_together`); a plain merge is a sweep of one.
 """
 
 from __future__ import annotations
@@ -12,12 +16,12 @@ import json
 import logging
 import multiprocessing
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -48,13 +52,22 @@ from obim_trainer.checkpoints import (
 )
 from obim_trainer.checkpoints.model_files import TOKENIZER_FILES
 from obim_trainer.checkpoints.model_loading import load_model
+from obim_trainer.checkpoints.safetensors_writer import ShardLayout
 from obim_trainer.distributed.ranks import is_main_process, rank, run_on_every_rank, run_on_main, world_size
 from obim_trainer.errors import CheckpointError, ConfigError
 from obim_trainer.merging import MergeMethod, ParamKind, build_method
 from obim_trainer.merging.native_library import kernel_state
 from obim_trainer.merging.registry import StatisticsNeeds
 from obim_trainer.merging.regmean import RIDGED_NOTE
-from obim_trainer.pipeline.engine import EngineReport, MergeEngine, MergePlan, ModelStatistics, plan_merge, split_plan
+from obim_trainer.pipeline.engine import (
+    EngineReport,
+    MergeEngine,
+    MergePlan,
+    ModelStatistics,
+    plan_merge,
+    run_together,
+    split_plan,
+)
 from obim_trainer.pipeline.layout import ModelLayout
 from obim_trainer.pipeline.manifest import MergeManifest, describe_input
 from obim_trainer.pipeline.sequential_regmean import sequential_regmean, sequential_write_order
@@ -240,15 +253,33 @@ def checkpoint_stats(
     return stats, {"kind": "activations", "checkpoint": str(reader.path), "key": key, "source": source}
 
 
-def _open_inputs(
-    stack: ExitStack, config: MergeConfig, checkpoints: list[Path]
-) -> tuple[CheckpointReader, list[CheckpointReader]]:
+Inputs = tuple[CheckpointReader, list[CheckpointReader]]
+"""The opened base and checkpoint readers of a merge."""
+InputsKey = tuple[Path, tuple[Path, ...], bool]
+
+
+def _inputs_key(config: MergeConfig, checkpoints: Sequence[Path]) -> InputsKey:
+    """What decides the inputs a merge reads: merges with one key can share the opened readers."""
+    return Path(config.base), tuple(checkpoints), bool(config.zero_weights)
+
+
+def _open_inputs(stack: ExitStack, config: MergeConfig, checkpoints: list[Path]) -> Inputs:
     """The base and checkpoint readers, each in its own format; LoRA adapters are read against the base."""
     base = stack.enter_context(open_checkpoint(config.base, zero_weights=config.zero_weights))
     readers = [
         stack.enter_context(open_checkpoint(p, zero_weights=config.zero_weights, base=base)) for p in checkpoints
     ]
     return base, readers
+
+
+def _shared_inputs(
+    stack: ExitStack, config: MergeConfig, checkpoints: list[Path], opened: dict[InputsKey, Inputs]
+) -> Inputs:
+    """The readers of ``config``'s inputs: those another merge of the sweep opened already, or opened now."""
+    key = _inputs_key(config, checkpoints)
+    if key not in opened:
+        opened[key] = _open_inputs(stack, config, checkpoints)
+    return opened[key]
 
 
 def _write_config(folder: Path, plan: MergePlan) -> None:
@@ -326,73 +357,97 @@ class MergeJob:
     checkpoints: list[Path]
     layout: ModelLayout
     plan: MergePlan
+    method: MergeMethod
+    """Built once by the leader (it pickles whole with the job)."""
+    shards: ShardLayout
+    """The output's shard files and every tensor's place in them, computed once for every worker."""
     stats: list[ActivationStats] | None
     new_rows_source: int
-    folder: Path
-    metadata: dict[str, str]
     statistics: ModelStatistics = field(default_factory=ModelStatistics)
     sequential: tuple[CalibrationSet, CalibrationSet] | None = None
     """For a model-level merge (:attr:`StatisticsNeeds.sequential`): the base's and the checkpoints' texts."""
 
+    @property
+    def folder(self) -> Path:
+        """The output's temporary folder (published by the leader's atomic output folder)."""
+        return self.shards.folder
+
     def writer(self, part: Sequence[str]) -> ShardedSafetensorsWriter:
-        """A writer of ``part`` of the plan into the output folder's shared shard layout."""
-        return ShardedSafetensorsWriter(
-            self.folder, self.plan.write_plan(), parse_size(self.config.out_shard_size), self.metadata, part=part
-        )
+        """A writer of ``part`` of the plan into the output's shard layout. No fsync of its own: the atomic
+        output folder fsyncs every file once before publishing it."""
+        return ShardedSafetensorsWriter.on_layout(self.shards, part=part, fsync=False)
 
-
-def merge_part(job: MergeJob, part: int, parts: int, *, progress: bool = True) -> EngineReport:
-    """Merge run ``part`` of the plan split in ``parts`` (see :func:`~obim_trainer.pipeline.engine.split_plan`).
-
-    Every worker of a parallel merge, and the single one of a plain merge, runs this: it opens
-    the inputs, merges its tensors and writes them at their places in the output's shards.
-    """
-    if job.sequential is not None:
-        return merge_sequential(job, progress=progress) if part == 0 else EngineReport()
-    tensors = split_plan(job.plan.tensors, parts)[part]
-    with ExitStack() as stack:
-        base, readers = _open_inputs(stack, job.config, job.checkpoints)
-        config = job.config
-        engine = MergeEngine(
+    def engine(self, inputs: Inputs) -> MergeEngine:
+        """The streaming engine of this merge over the opened ``inputs`` (shared by the jobs of a sweep)."""
+        base, readers = inputs
+        config = self.config
+        return MergeEngine(
             base,
             readers,
-            build_method(config.method, config.params, num_models=len(readers)),
-            job.layout,
-            job.stats,
-            statistics=job.statistics,
+            self.method,
+            self.layout,
+            self.stats,
+            statistics=self.statistics,
             device=resolve_device(config.device),
             seed=config.seed,
             new_rows=config.new_rows,
-            new_rows_source=job.new_rows_source,
+            new_rows_source=self.new_rows_source,
         )
-        with job.writer([t.name for t in tensors]) as writer:
-            return engine.run(tensors, writer.write, progress=progress, recycle_written=True)  # writes, keeps none
 
 
-def merge_sequential(job: MergeJob, *, progress: bool = True) -> EngineReport:
+def merge_parts(
+    jobs: Sequence[MergeJob], part: int, parts: int, *, progress: bool = True, inputs: Inputs | None = None
+) -> list[EngineReport]:
+    """Merge run ``part`` of the plan split in ``parts`` (see :func:`~obim_trainer.pipeline.engine.split_plan`)
+    for every job; one report per job.
+
+    Every worker of a parallel merge or sweep, and the single one of a plain merge, runs this: it
+    opens the inputs (``inputs``: the leader's, already open), reads each of its tensors once,
+    merges it with every job's method (:func:`~obim_trainer.pipeline.engine.run_together`) and
+    writes the results at their places in each job's shards. The jobs read the same inputs and
+    plan the same tensors; a model-level merge (sequential RegMean) runs whole in part 0.
+    """
+    reports: dict[int, EngineReport] = {}
+    with ExitStack() as stack:
+        opened = inputs or _open_inputs(stack, jobs[0].config, jobs[0].checkpoints)
+        streamed = [i for i, job in enumerate(jobs) if job.sequential is None]
+        for i, job in enumerate(jobs):
+            if job.sequential is not None:
+                reports[i] = merge_sequential(job, opened, progress=progress) if part == 0 else EngineReport()
+        if streamed:
+            tensors = split_plan(jobs[streamed[0]].plan.tensors, parts)[part]
+            names = [t.name for t in tensors]
+            writers = [stack.enter_context(jobs[i].writer(names)) for i in streamed]
+            engines = [jobs[i].engine(opened) for i in streamed]
+            writes = [w.write for w in writers]
+            done = run_together(engines, tensors, writes, progress=progress, recycle_written=True)  # writes keep none
+            reports.update(zip(streamed, done, strict=True))
+    return [reports[i] for i in range(len(jobs))]
+
+
+def merge_sequential(job: MergeJob, inputs: Inputs, *, progress: bool = True) -> EngineReport:
     """The whole model-level merge (sequential RegMean) in this process: it runs the model block by block,
     so it is not split between workers or ranks (the others have nothing to do)."""
     config = job.config
-    params = build_method(config.method, config.params, num_models=len(job.checkpoints)).params
+    params = job.method.params
     old, new = job.sequential or (None, None)
     assert old is not None and new is not None
-    with ExitStack() as stack:
-        base, readers = _open_inputs(stack, config, job.checkpoints)
-        with job.writer([t.name for t in job.plan.tensors]) as writer:
-            report = sequential_regmean(
-                base,
-                readers,
-                config.base,
-                old,
-                new,
-                job.plan,
-                writer.write,
-                base_weight=params.base_weight,  # type: ignore[attr-defined]
-                alpha=params.alpha,  # type: ignore[attr-defined]
-                device=resolve_device(config.device),
-                batch_size=config.calibration_batch_size,
-                progress=progress,
-            )
+    base, readers = inputs
+    with job.writer([t.name for t in job.plan.tensors]) as writer:
+        report = sequential_regmean(
+            base,
+            readers,
+            config.base,
+            old,
+            new,
+            job.plan,
+            writer.write,
+            base_weight=params.base_weight,  # type: ignore[attr-defined]
+            alpha=params.alpha,  # type: ignore[attr-defined]
+            device=resolve_device(config.device),
+            batch_size=config.calibration_batch_size,
+            progress=progress,
+        )
     return EngineReport(seconds=report.seconds, notes={RIDGED_NOTE: report.ridge_count})
 
 
@@ -422,16 +477,20 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         yield pool
 
 
-def run_parts(job: MergeJob, pool: ProcessPoolExecutor | None, workers: int, *, progress: bool) -> list[EngineReport]:
-    """Merge the whole plan, split in ``workers`` runs, in the pool's processes (here, without a pool).
+def run_parts(
+    jobs: Sequence[MergeJob], pool: ProcessPoolExecutor | None, workers: int, *, progress: bool, inputs: Inputs
+) -> list[list[EngineReport]]:
+    """Merge the jobs' plan, split in ``workers`` runs, in the pool's processes (here, without a pool, through
+    the leader's open ``inputs``); per job, one report per run.
 
     A failure in any worker is raised here once every worker has stopped.
     """
     if pool is None:
-        return [merge_part(job, 0, 1, progress=progress)]
-    futures = [pool.submit(merge_part, job, i, workers, progress=progress and i == 0) for i in range(workers)]
+        return [[report] for report in merge_parts(jobs, 0, 1, progress=progress, inputs=inputs)]
+    futures = [pool.submit(merge_parts, jobs, i, workers, progress=progress and i == 0) for i in range(workers)]
     wait(futures)  # no worker may still be writing when a failure discards the output folder
-    return [future.result() for future in futures]
+    per_worker = [future.result() for future in futures]
+    return [list(reports) for reports in zip(*per_worker, strict=True)]
 
 
 @dataclass
@@ -442,7 +501,6 @@ class _Prepared:
     job: MergeJob
     base: CheckpointReader
     readers: list[CheckpointReader]
-    method: MergeMethod
     tokenizer_dir: Path
     calibration: LanguageCalibration | None
     stats_sources: list[dict[str, Any]]
@@ -450,10 +508,11 @@ class _Prepared:
     start: float
 
 
-def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
+def _prepare(stack: ExitStack, config: MergeConfig, opened: dict[InputsKey, Inputs]) -> _Prepared | MergeResult:
     """Validate everything, compute (or load) statistics and open the temporary output folder.
 
-    Returns a :class:`MergeResult` for a dry run. The readers and the output folder live in ``stack``.
+    Returns a :class:`MergeResult` for a dry run. The readers and the output folder live in ``stack``;
+    the readers are taken from ``opened`` when another merge of the sweep opened the same inputs.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -470,7 +529,7 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
     texts = None
     if needs.any and config.calibration_data is not None:  # every file read (an empty one refused) before any input
         texts = load_language_texts(config.calibration_data, config.calibration_samples, config.calibration_text_field)
-    base, readers = _open_inputs(stack, config, checkpoints)
+    base, readers = _shared_inputs(stack, config, checkpoints, opened)
     layout = ModelLayout.from_pretrained_dir(config.base)
     plan = plan_merge(base, readers, layout, config.dtype)
     source = new_rows_source(config, checkpoints, plan)
@@ -500,19 +559,20 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
         t0 = time.perf_counter()
         stats, statistics, stats_sources = _measure(config, needs, calibration, texts, base, readers, plan, device)
         timings["statistics_s"] = time.perf_counter() - t0
+    metadata = {"format": "pt", "merged_by": "obim-trainer", "method": method.name}
     job = MergeJob(
         config=config.model_copy(update={"calibration_data": None}),  # read already; may not pickle
         checkpoints=checkpoints,
         layout=layout,
         plan=plan,
+        method=method,
+        shards=ShardLayout.build(folder, plan.write_plan(), parse_size(config.out_shard_size), metadata),
         stats=stats,
         new_rows_source=source,
-        folder=folder,
-        metadata={"format": "pt", "merged_by": "obim-trainer", "method": method.name},
         statistics=statistics,
         sequential=sequential,
     )
-    return _Prepared(config, job, base, readers, method, tokenizer_dir, calibration, stats_sources, timings, start)
+    return _Prepared(config, job, base, readers, tokenizer_dir, calibration, stats_sources, timings, start)
 
 
 def _measure(
@@ -551,7 +611,7 @@ def _kernels(device: torch.device) -> dict[str, str]:
 def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult:
     """Index, config, tokenizer and manifest into the output folder, once every part is written."""
     config, job, timings = prepared.config, prepared.job, prepared.timings
-    files = job.writer(()).write_index()
+    files = job.shards.write_index(fsync=False)  # the atomic output folder fsyncs every file once
     report = EngineReport.combined(reports)
     timings["merge_s"] = report.seconds
     folder, plan, tokenizer_dir = job.folder, job.plan, prepared.tokenizer_dir
@@ -560,7 +620,7 @@ def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult
     timings["total_s"] = time.perf_counter() - prepared.start
     assert config.output is not None
     manifest = MergeManifest(
-        method=prepared.method.describe(),
+        method=job.method.describe(),
         seed=config.seed,
         base=describe_input(prepared.base),
         checkpoints=[describe_input(r) for r in prepared.readers],
@@ -575,7 +635,7 @@ def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult
             "new_rows": config.new_rows if plan.vocab_size is not None else None,
             "workers": len(reports),
         },
-        calibration=_describe_calibration(config, prepared.calibration, prepared.method.statistics()),
+        calibration=_describe_calibration(config, prepared.calibration, job.method.statistics()),
         statistics=prepared.stats_sources,
         ownership_share=report.ownership_share(len(prepared.readers)) if report.owned else None,
         base_share=report.base_share(plan) if report.owned else None,
@@ -605,15 +665,61 @@ def merge_checkpoints(config: MergeConfig | None = None, /, **kwargs: Any) -> Me
     :class:`MergeResult`. Every user-fixable problem raises an
     :class:`~obim_trainer.errors.OBIMError` before any output exists.
     """
-    config = _build_config(config, kwargs)
+    return merge_sweep([_build_config(config, kwargs)])[0]
+
+
+T = TypeVar("T")
+
+
+def _by_group(jobs: Sequence[MergeJob], run: Callable[[list[MergeJob], int], list[T]]) -> dict[int, T]:
+    """``run`` once per group of jobs that stream together (same inputs, same planned tensors: a sweep's
+    variants), given the group and its first job's index; each job's result by its index."""
+    groups: dict[tuple[InputsKey, tuple[Any, ...]], list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault((_inputs_key(job.config, job.checkpoints), tuple(job.plan.tensors)), []).append(i)
+    results: dict[int, T] = {}
+    for group in groups.values():
+        results.update(zip(group, run([jobs[i] for i in group], group[0]), strict=True))
+    return results
+
+
+def _prepare_all(stack: ExitStack, configs: Sequence[MergeConfig]) -> list[_Prepared | MergeResult]:
+    """Every merge validated and prepared in order, the inputs each distinct set of folders needs opened once."""
+    opened: dict[InputsKey, Inputs] = {}
+    return [_prepare(stack, config, opened) for config in configs]
+
+
+def merge_sweep(configs: Sequence[MergeConfig]) -> list[MergeResult]:
+    """Several merges (one per configuration, e.g. a sweep's variants), each into its own folder, as
+    :func:`merge_checkpoints` would make them one by one, byte for byte.
+
+    Merges of the same inputs share one streaming pass: the inputs are opened once and each input
+    tensor is read once and merged by every method (model-level merges, sequential RegMean, run
+    whole on their own). All folders appear at the end, together; a failure leaves none. The
+    workers (``workers`` of the first configuration) each merge their run of tensors for all.
+    """
+    configs = list(configs)
+    if not configs:
+        return []
     with ExitStack() as stack:
-        pool = stack.enter_context(worker_pool(1 if config.dry_run else config.workers))
-        prepared = _prepare(stack, config)
-        if isinstance(prepared, MergeResult):
-            return prepared
-        result = _finish(prepared, run_parts(prepared.job, pool, config.workers, progress=config.progress))
-    logger.info("merged %d checkpoints into %s in %.1f s", len(result.checkpoints), config.output, _total(result))
-    return result
+        pool = stack.enter_context(worker_pool(1 if configs[0].dry_run else configs[0].workers))
+        prepared = _prepare_all(stack, configs)
+        merges = [p for p in prepared if isinstance(p, _Prepared)]
+        workers, progress = configs[0].workers, configs[0].progress
+
+        def merge(jobs: list[MergeJob], first: int) -> list[list[EngineReport]]:
+            inputs = (merges[first].base, merges[first].readers)
+            return run_parts(jobs, pool, workers, progress=progress, inputs=inputs)
+
+        reports = _by_group([p.job for p in merges], merge)
+        finished = iter([_finish(p, reports[i]) for i, p in enumerate(merges)])
+        results = [p if isinstance(p, MergeResult) else next(finished) for p in prepared]
+    for result in results:
+        if result.output is not None:
+            logger.info(
+                "merged %d checkpoints into %s in %.1f s", len(result.checkpoints), result.output, _total(result)
+            )
+    return results
 
 
 def merge_checkpoints_on_ranks(config: MergeConfig) -> MergeResult:
@@ -621,34 +727,55 @@ def merge_checkpoints_on_ranks(config: MergeConfig) -> MergeResult:
 
     Every rank calls it at the same point with the same configuration. Rank 0 validates, loads
     the statistics and opens the output folder; each rank merges its run of tensors
-    (:func:`merge_part`) into the shared shards; after all are done rank 0 writes the index,
+    (:func:`merge_parts`) into the shared shards; after all are done rank 0 writes the index,
     config and manifest and publishes the folder. A failure anywhere is raised on every rank,
     and the folder then never appears. Outside a process group this is :func:`merge_checkpoints`.
     """
-    prepared: _Prepared | MergeResult | None = None
+    return merge_sweep_on_ranks([config])[0]
+
+
+def merge_sweep_on_ranks(configs: Sequence[MergeConfig]) -> list[MergeResult]:
+    """:func:`merge_sweep` with the work split between the ranks of the running process group (collective,
+    as :func:`merge_checkpoints_on_ranks`): each rank reads its run of tensors once for every merge."""
+    configs = list(configs)
+    if not configs:
+        return []
+    prepared: list[_Prepared | MergeResult] = []
     with ExitStack() as stack:
 
-        def prepare() -> MergeJob | MergeResult:
-            nonlocal prepared
-            prepared = _prepare(stack, config)
-            return prepared if isinstance(prepared, MergeResult) else prepared.job
+        def prepare() -> list[MergeJob | MergeResult]:
+            prepared.extend(_prepare_all(stack, configs))
+            return [p if isinstance(p, MergeResult) else p.job for p in prepared]
 
         shared = run_on_main(prepare, "preparing the merge")
-        if isinstance(shared, MergeResult):
-            return shared
-        show = config.progress and is_main_process()
-        reports = run_on_every_rank(lambda: merge_part(shared, rank(), world_size(), progress=show), "merging")
+        jobs = [job for job in shared if isinstance(job, MergeJob)]
+        show = configs[0].progress and is_main_process()
+        leader = [p for p in prepared if isinstance(p, _Prepared)]  # rank 0's open readers; empty elsewhere
 
-        def finish() -> MergeResult:
-            assert isinstance(prepared, _Prepared)
-            result = _finish(prepared, reports)
-            stack.close()  # publishes the folder; a failure here reaches every rank too
-            return result
+        def merge(group: list[MergeJob], first: int) -> list[EngineReport]:
+            inputs = (leader[first].base, leader[first].readers) if leader else None
+            return merge_parts(group, rank(), world_size(), progress=show, inputs=inputs)
 
-        result = run_on_main(finish, "finishing the merge")
+        def merge_all() -> dict[int, EngineReport]:
+            return _by_group(jobs, merge)
+
+        per_rank = run_on_every_rank(merge_all, "merging")
+
+        def finish() -> list[MergeResult]:
+            merges = [p for p in prepared if isinstance(p, _Prepared)]
+            finished = iter([_finish(p, [reports[i] for reports in per_rank]) for i, p in enumerate(merges)])
+            results = [p if isinstance(p, MergeResult) else next(finished) for p in prepared]
+            stack.close()  # publishes the folders; a failure here reaches every rank too
+            return results
+
+        results = run_on_main(finish, "finishing the merge")
     if is_main_process():
-        logger.info("merged %d checkpoints into %s in %.1f s", len(result.checkpoints), config.output, _total(result))
-    return result
+        for result in results:
+            if result.output is not None:
+                logger.info(
+                    "merged %d checkpoints into %s in %.1f s", len(result.checkpoints), result.output, _total(result)
+                )
+    return results
 
 
 def _total(result: MergeResult) -> float:

@@ -247,17 +247,33 @@ def merge_variants(
     output_root: Path,
     merge: Callable[[MergeConfig], object] | None = None,
 ) -> dict[str, Path]:
-    """Merge the same checkpoints once per variant into ``output_root/<name>``; statistics are computed
-    once and reused from the statistics cache. ``merge`` makes one merge (default
-    :func:`~obim_trainer.pipeline.merge.merge_checkpoints`; the callback passes the one split between ranks)."""
-    from obim_trainer.pipeline.merge import merge_checkpoints
+    """Merge the same checkpoints once per variant into ``output_root/<name>``.
 
-    merge = merge or merge_checkpoints
-    folders = {}
-    for i, variant in enumerate(variants):
-        logger.info("merge %d/%d: %s", i + 1, len(variants), variant.name)
-        output = Path(output_root) / variant.name
-        values = {**config.model_dump(), "method": variant.method, "params": variant.params, "output": output}
-        merge(MergeConfig.build(values))
-        folders[variant.name] = output
+    ``merge`` makes one merge (default :func:`~obim_trainer.pipeline.merge.merge_checkpoints`; the
+    callback passes :func:`~obim_trainer.pipeline.merge.merge_checkpoints_on_ranks`). For those two the
+    variants are made together (:func:`~obim_trainer.pipeline.merge.merge_sweep`, or split between the
+    ranks): each input tensor is read once for all of them, the bytes are those of separate merges, and
+    the folders appear together at the end. Any other ``merge`` is called once per variant, statistics
+    then coming from the statistics cache after the first.
+    """
+    from obim_trainer.pipeline import merge as pipeline
+
+    folders = {variant.name: Path(output_root) / variant.name for variant in variants}
+    configs = [
+        MergeConfig.build({**config.model_dump(), "method": v.method, "params": v.params, "output": folders[v.name]})
+        for v in variants
+    ]
+    sweeps = {
+        pipeline.merge_checkpoints: pipeline.merge_sweep,
+        pipeline.merge_checkpoints_on_ranks: pipeline.merge_sweep_on_ranks,
+    }
+    sweep = sweeps.get(merge or pipeline.merge_checkpoints)
+    if sweep is not None:
+        logger.info("merging %d variants in one pass: %s", len(configs), ", ".join(folders))
+        sweep(configs)
+        return folders
+    assert merge is not None
+    for i, (name, one) in enumerate(zip(folders, configs, strict=True)):
+        logger.info("merge %d/%d: %s", i + 1, len(configs), name)
+        merge(one)
     return folders

@@ -1,5 +1,5 @@
-"""A merge split between two real gloo ranks writes the bytes of a one-process merge, and a failure on
-one rank stops both with nothing published."""
+"""A merge, and a sweep of variants, split between two real gloo ranks write the bytes of one-process
+merges, and a failure on one rank stops both with nothing published."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from obim_trainer.distributed.teardown import process_group_teardown
 from obim_trainer.pipeline.merge import merge_checkpoints, merge_checkpoints_on_ranks
+from obim_trainer.pipeline.variants import merge_variants, plan_variants
 from obim_trainer.settings.merge import MergeConfig
 from tests.conftest import copy_tree
 
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.slow  # two processes
 
 WORLD = 2
 POISONED = "lm_head.weight"
+SWEPT = ["obim", "ties"]
 
 
 def worker(local_rank: int, init_file: str, settings: dict, folder: str) -> None:
@@ -32,6 +34,9 @@ def worker(local_rank: int, init_file: str, settings: dict, folder: str) -> None
                 out[name] = {"output": str(result.output), "workers": result.manifest["output"]["workers"]}
             except Exception as exc:
                 out[name] = {"error": [type(exc).__name__, str(exc)]}
+        config = MergeConfig.build(settings["good"])
+        variants = plan_variants(SWEPT, {}, [1.0, 0.6], num_models=len(config.checkpoints))
+        merge_variants(config, variants, Path(folder) / "sweep", merge=merge_checkpoints_on_ranks)
         (Path(folder) / f"rank-{local_rank}.json").write_text(json.dumps(out))
 
 
@@ -76,3 +81,19 @@ def test_a_failure_on_one_rank_is_raised_on_both_and_nothing_is_published(ranks_
     assert all(POISONED in e[1] and "NaN or Inf" in e[1] for e in errors)
     assert not (folder / "never").exists()
     assert not [p for p in folder.iterdir() if ".tmp-" in p.name], "temporary folder left behind"
+
+
+def test_a_sweep_on_two_ranks_writes_the_bytes_of_one_process_merges(ranks_out):
+    """The callback's sweep: every rank reads its run of tensors once for all the variants."""
+    folder, settings, _ = ranks_out
+    swept = sorted(p.name for p in (folder / "sweep").iterdir())
+    assert swept == ["obim", "obim@0.6", "ties"]
+    for variant in plan_variants(SWEPT, {}, [1.0, 0.6], num_models=3):
+        alone = folder / "alone" / variant.name
+        merge_checkpoints(
+            MergeConfig.build(settings["good"]), method=variant.method, params=variant.params, output=alone
+        )
+        manifest = json.loads((folder / "sweep" / variant.name / "obim_merge.json").read_text())
+        assert manifest["output"]["workers"] == 2, "split between the ranks"
+        written = {p.name: p.read_bytes() for p in sorted((folder / "sweep" / variant.name).glob("model*"))}
+        assert written == {p.name: p.read_bytes() for p in sorted(alone.glob("model*"))}, variant.name

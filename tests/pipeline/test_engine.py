@@ -10,7 +10,7 @@ import torch
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.errors import ConfigError
 from obim_trainer.merging import ParamKind, TensorTask, build_method
-from obim_trainer.pipeline.engine import MergeEngine, TensorPlan, plan_merge, split_plan
+from obim_trainer.pipeline.engine import MergeEngine, TensorPlan, plan_merge, run_together, split_plan
 from obim_trainer.pipeline.layout import ModelLayout
 
 
@@ -62,6 +62,28 @@ def test_the_method_gets_every_input_on_the_engines_device(llama_family):
         assert task.checkpoint(1).device == torch.device("meta")
         assert task.scratch("scores").device == torch.device("meta")
         assert all(t is not None and t.device.type == "cpu" for t in engine.read_inputs(linear)), "read on the CPU"
+
+
+def test_engines_run_together_merge_as_each_alone(llama_tied_bf16_family):
+    """ties_im takes θ_0's buffer over as its result; the engines after it still get θ_0 as read."""
+    methods = [("ties_im", {}), ("ties", {"density": 0.4}), ("ties_im", {})]
+    with ExitStack() as stack:
+        base, readers, layout, plan = opened(stack, llama_tied_bf16_family)
+
+        def engine(method: str, params: dict) -> MergeEngine:
+            return MergeEngine(base, readers, build_method(method, params, num_models=len(readers)), layout, seed=3)
+
+        together: list[dict[str, torch.Tensor]] = [{} for _ in methods]
+        engines = [engine(*m) for m in methods]
+        run_together(engines, plan, [out.__setitem__ for out in together], progress=False)
+        for (method, params), out in zip(methods, together, strict=True):
+            alone: dict[str, torch.Tensor] = {}
+            engine(method, params).run(plan, alone.__setitem__, progress=False)
+            assert list(out) == list(alone) and all(torch.equal(out[n], alone[n]) for n in alone), method
+        other = stack.enter_context(open_checkpoint(readers[0].path))
+        apart = MergeEngine(base, [other, *readers[1:]], build_method("ties", {}, num_models=len(readers)), layout)
+        with pytest.raises(ValueError, match="share the opened base and checkpoint readers"):
+            run_together([engines[0], apart], plan, [print, print], progress=False)
 
 
 def _fake_stats(plan: TensorPlan, layout: ModelLayout):

@@ -1,0 +1,111 @@
+"""A sweep of V variants reads each input tensor once and writes the bytes V separate merges write; shards are
+fsynced once."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+
+from obim_trainer.checkpoints import dispatch
+from obim_trainer.checkpoints.reader import SafetensorsReader
+from obim_trainer.pipeline.merge import merge_checkpoints
+from obim_trainer.pipeline.variants import MergeVariant, merge_variants, plan_variants
+from obim_trainer.settings.merge import MergeConfig
+from tests.test_merge_bytes import _ONE_CHECKPOINT, _cases, _record, tensor_hashes
+
+
+def recorded_config(family, language_files: dict[str, Path], tmp_path: Path, **settings) -> MergeConfig:
+    """The settings ``tests/test_merge_bytes.py`` recorded its merges with."""
+    base, ckpts = family
+    values = {"base": base, "checkpoints": ckpts, "calibration_data": language_files, "new_languages": ["zh"]}
+    values |= {"calibration_samples": 12, "calibration_max_length": 32, "stats_cache_dir": tmp_path / "cache"}
+    return MergeConfig.build({**values, "output": tmp_path / "unused", "progress": False, **settings})
+
+
+def test_a_sweep_of_every_method_split_between_two_workers_writes_the_recorded_bytes(
+    llama_family, language_files, tmp_path
+):
+    """Every method at once, in several shards, split between two workers (sequential RegMean in its own pass),
+    each method getting the inputs as read whatever the merges before it did with theirs: every tensor is the
+    one ``tests/data/merge_bytes.json`` records for that method's merge made alone."""
+    record = _record()
+    if record["cpu_capability"] != torch.backends.cpu.get_cpu_capability():
+        pytest.skip(f"record made on {record['cpu_capability']}, this CPU is {torch.backends.cpu.get_cpu_capability()}")
+    cases = [c for c in _cases() if c[1] == "llama_family" and c[2] not in _ONE_CHECKPOINT]
+    variants = [MergeVariant(case, method, params) for case, _, method, params in cases]
+    config = recorded_config(llama_family, language_files, tmp_path, out_shard_size="100KB", workers=2)
+    folders = merge_variants(config, variants, tmp_path / "sweep")
+    assert len(list(folders["obim"].glob("*.safetensors"))) > 2, "several shards"
+    manifest = json.loads((folders["obim"] / "obim_merge.json").read_text())
+    assert manifest["output"]["workers"] == 2
+    changed = [case for case, *_ in cases if tensor_hashes(folders[case]) != record["merges"][case]]
+    assert not changed, f"{len(changed)} of {len(cases)} merges differ from the record: {changed}"
+
+
+class CountingReader(SafetensorsReader):
+    """The real safetensors reader, counting the folders it opens and the tensors it reads."""
+
+    opened: ClassVar[Counter[Path]] = Counter()
+    reads: ClassVar[Counter[tuple[Path, str]]] = Counter()
+
+    def __init__(self, path: Path, files: list[Path]) -> None:
+        super().__init__(path, files)
+        CountingReader.opened[Path(path)] += 1
+
+    def read_into(self, name, allocate):
+        CountingReader.reads[(Path(self.path), name)] += 1
+        return super().read_into(name, allocate)
+
+
+def test_a_three_variant_sweep_opens_its_inputs_once_and_reads_each_tensor_once(
+    llama_family, calibration_jsonl, tmp_path, monkeypatch
+):
+    base, ckpts = llama_family
+    config = MergeConfig.build(
+        {
+            "base": base,
+            "checkpoints": ckpts,
+            "calibration_data": calibration_jsonl,
+            "stats_cache_dir": tmp_path / "cache",
+            "output": tmp_path / "statistics",
+            "progress": False,
+        }
+    )
+    merge_checkpoints(config)  # the activation statistics, into the cache
+    monkeypatch.setattr(dispatch, "SafetensorsReader", CountingReader)
+    CountingReader.opened.clear()
+    CountingReader.reads.clear()
+    variants = plan_variants(["obim", "ties"], {}, [1.0, 0.6], num_models=len(ckpts))
+    assert len(variants) == 3
+    merge_variants(config, variants, tmp_path / "sweep")
+    folders = [Path(base), *map(Path, ckpts)]
+    assert CountingReader.opened == Counter(folders), "each input folder opened once"
+    names = list(SafetensorsReader(Path(base), [Path(base) / "model.safetensors"]).tensor_infos())
+    assert CountingReader.reads == Counter({(f, n): 1 for f in folders for n in names}), "each tensor read once"
+
+
+def test_every_output_file_is_fsynced_once(llama_family, tmp_path, monkeypatch):
+    """The writer leaves the fsync to the atomic output folder, which syncs every file before the rename."""
+    synced: Counter[str] = Counter()
+    fsync = os.fsync
+
+    out = tmp_path / "merged"
+
+    def counting_fsync(fd: int) -> None:
+        target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if target.is_file() and target.parent.name.startswith(f".{out.name}.tmp-"):  # the output's temporary folder
+            synced[target.name] += 1
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    base, ckpts = llama_family
+    merge_checkpoints(base=base, checkpoints=ckpts, method="ties", output=out, out_shard_size="100KB", progress=False)
+    written = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert sum(name.endswith(".safetensors") for name in written) > 2
+    assert synced == Counter(written), "each shard, the index and every other file fsynced exactly once"
