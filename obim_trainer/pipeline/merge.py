@@ -52,7 +52,15 @@ from obim_trainer.merging import MergeMethod, build_method
 from obim_trainer.merging.native_library import kernel_state
 from obim_trainer.merging.registry import StatisticsNeeds
 from obim_trainer.merging.regmean import RIDGED_NOTE
-from obim_trainer.pipeline.engine import EngineReport, MergeEngine, MergePlan, ModelStatistics, plan_merge, split_plan
+from obim_trainer.pipeline.engine import (
+    EngineReport,
+    MergeEngine,
+    MergePlan,
+    ModelStatistics,
+    plan_merge,
+    sampled_blocks,
+    split_plan,
+)
 from obim_trainer.pipeline.layout import ModelLayout
 from obim_trainer.pipeline.manifest import MergeManifest, describe_input
 from obim_trainer.pipeline.sequential_regmean import sequential_regmean, sequential_write_order
@@ -73,6 +81,8 @@ class MergeResult:
     plan: MergePlan
     manifest: dict[str, Any] | None = None
     plan_text: str | None = None
+    report: EngineReport | None = None
+    """The engine's measurements of this merge (ownership per tensor, sampled saliency), ``None`` for a dry run."""
 
 
 def resolve_checkpoints(config: MergeConfig) -> list[Path]:
@@ -309,6 +319,8 @@ class MergeJob:
     statistics: ModelStatistics = field(default_factory=ModelStatistics)
     sequential: tuple[CalibrationSet, CalibrationSet] | None = None
     """For a model-level merge (:attr:`StatisticsNeeds.sequential`): the base's and the checkpoints' texts."""
+    saliency_blocks: list[int] = field(default_factory=list)
+    """Decoder blocks whose saliency the engine samples into its report (:attr:`EngineReport.log_saliency`)."""
 
     def writer(self, part: Sequence[str]) -> ShardedSafetensorsWriter:
         """A writer of ``part`` of the plan into the output folder's shared shard layout."""
@@ -340,6 +352,7 @@ def merge_part(job: MergeJob, part: int, parts: int, *, progress: bool = True) -
             seed=config.seed,
             new_rows=config.new_rows,
             new_rows_source=job.new_rows_source,
+            saliency_blocks=job.saliency_blocks,
         )
         with job.writer([t.name for t in tensors]) as writer:
             return engine.run(tensors, writer.write, progress=progress, recycle_written=True)  # writes, keeps none
@@ -426,10 +439,11 @@ class _Prepared:
     start: float
 
 
-def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
+def _prepare(stack: ExitStack, config: MergeConfig, saliency_blocks: int = 0) -> _Prepared | MergeResult:
     """Validate everything, compute (or load) statistics and open the temporary output folder.
 
     Returns a :class:`MergeResult` for a dry run. The readers and the output folder live in ``stack``.
+    ``saliency_blocks``: how many evenly spaced decoder blocks the engine samples saliency on for its report.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -475,6 +489,7 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
         t0 = time.perf_counter()
         stats, statistics, stats_sources = _measure(config, needs, calibration, texts, base, readers, plan, device)
         timings["statistics_s"] = time.perf_counter() - t0
+    blocks = {t.block_index for t in plan.tensors if t.block_index is not None}
     job = MergeJob(
         config=config.model_copy(update={"calibration_data": None}),  # read already; may not pickle
         checkpoints=checkpoints,
@@ -486,6 +501,7 @@ def _prepare(stack: ExitStack, config: MergeConfig) -> _Prepared | MergeResult:
         metadata={"format": "pt", "merged_by": "obim-trainer", "method": method.name},
         statistics=statistics,
         sequential=sequential,
+        saliency_blocks=sampled_blocks(blocks, saliency_blocks),
     )
     return _Prepared(config, job, base, readers, method, tokenizer_dir, calibration, stats_sources, timings, start)
 
@@ -557,7 +573,7 @@ def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult
         timings=timings,
         kernels=_kernels(resolve_device(config.device)),
     ).write(folder)
-    return MergeResult(output=config.output, checkpoints=job.checkpoints, plan=plan, manifest=manifest)
+    return MergeResult(output=config.output, checkpoints=job.checkpoints, plan=plan, manifest=manifest, report=report)
 
 
 def _build_config(config: MergeConfig | None, kwargs: dict[str, Any]) -> MergeConfig:
@@ -590,7 +606,7 @@ def merge_checkpoints(config: MergeConfig | None = None, /, **kwargs: Any) -> Me
     return result
 
 
-def merge_checkpoints_on_ranks(config: MergeConfig) -> MergeResult:
+def merge_checkpoints_on_ranks(config: MergeConfig, *, saliency_blocks: int = 0) -> MergeResult:
     """:func:`merge_checkpoints` with the work split between the ranks of the running process group.
 
     Every rank calls it at the same point with the same configuration. Rank 0 validates, loads
@@ -598,13 +614,14 @@ def merge_checkpoints_on_ranks(config: MergeConfig) -> MergeResult:
     (:func:`merge_part`) into the shared shards; after all are done rank 0 writes the index,
     config and manifest and publishes the folder. A failure anywhere is raised on every rank,
     and the folder then never appears. Outside a process group this is :func:`merge_checkpoints`.
+    ``saliency_blocks``: decoder blocks sampled for the saliency in ``result.report`` (the callback logs it).
     """
     prepared: _Prepared | MergeResult | None = None
     with ExitStack() as stack:
 
         def prepare() -> MergeJob | MergeResult:
             nonlocal prepared
-            prepared = _prepare(stack, config)
+            prepared = _prepare(stack, config, saliency_blocks)
             return prepared if isinstance(prepared, MergeResult) else prepared.job
 
         shared = run_on_main(prepare, "preparing the merge")
