@@ -245,6 +245,21 @@ def checkpoint_stats(
     return stats, {"kind": "activations", "checkpoint": str(reader.path), "key": key, "source": source}
 
 
+def _held_or_measured(
+    reader: CheckpointReader,
+    calibration: CalibrationSet,
+    config: MergeConfig,
+    device: torch.device,
+    held: tuple[ActivationStats, str] | None,
+) -> tuple[ActivationStats, dict[str, Any]]:
+    """The statistics the caller holds when they are of exactly these texts and weights (same key as
+    :func:`checkpoint_stats` computes), else :func:`checkpoint_stats` (cached or computed)."""
+    key = stats_key(calibration.fingerprint(), reader.fingerprint())
+    if held is None or held[1] != key:
+        return checkpoint_stats(reader, calibration, config, device)
+    return held[0], {"kind": "activations", "checkpoint": str(reader.path), "key": key, "source": "memory"}
+
+
 def _open_inputs(
     stack: ExitStack, config: MergeConfig, checkpoints: list[Path]
 ) -> tuple[CheckpointReader, list[CheckpointReader]]:
@@ -439,11 +454,19 @@ class _Prepared:
     start: float
 
 
-def _prepare(stack: ExitStack, config: MergeConfig, saliency_blocks: int = 0) -> _Prepared | MergeResult:
+KnownStats = Sequence[tuple[ActivationStats, str] | None]
+"""Per checkpoint, activation statistics the caller already holds and their key (see :func:`stats_key`), or
+``None``: the callback's, measured on the live model at the save, so the merge needs no reload."""
+
+
+def _prepare(
+    stack: ExitStack, config: MergeConfig, saliency_blocks: int = 0, known_stats: KnownStats | None = None
+) -> _Prepared | MergeResult:
     """Validate everything, compute (or load) statistics and open the temporary output folder.
 
     Returns a :class:`MergeResult` for a dry run. The readers and the output folder live in ``stack``.
     ``saliency_blocks``: how many evenly spaced decoder blocks the engine samples saliency on for its report.
+    ``known_stats``: statistics the caller holds, used where their key is that of this merge's texts and weights.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -487,7 +510,9 @@ def _prepare(stack: ExitStack, config: MergeConfig, saliency_blocks: int = 0) ->
         sequential = (calibration.side("base", needs.per_language), calibration.side("checkpoints", needs.per_language))
     elif calibration is not None:
         t0 = time.perf_counter()
-        stats, statistics, stats_sources = _measure(config, needs, calibration, texts, base, readers, plan, device)
+        stats, statistics, stats_sources = _measure(
+            config, needs, calibration, texts, base, readers, plan, device, known_stats
+        )
         timings["statistics_s"] = time.perf_counter() - t0
     blocks = {t.block_index for t in plan.tensors if t.block_index is not None}
     job = MergeJob(
@@ -515,13 +540,15 @@ def _measure(
     readers: list[CheckpointReader],
     plan: MergePlan,
     device: torch.device,
+    known_stats: KnownStats | None = None,
 ) -> tuple[list[ActivationStats] | None, ModelStatistics, list[dict[str, Any]]]:
     """The statistics ``needs`` asks for (cached or computed) and their records: activations of each checkpoint
     on all the texts, Grams and Fisher diagonals of the base and of each checkpoint on their sides' texts."""
     stats, records = None, []
     if needs.activations:
         everything = calibration.all()
-        pairs = [checkpoint_stats(r, everything, config, device) for r in readers]
+        known = list(known_stats or [None] * len(readers))
+        pairs = [_held_or_measured(r, everything, config, device, held) for r, held in zip(readers, known, strict=True)]
         stats = [s for s, _ in pairs]
         records = [{**src, "model": "checkpoint", "languages": list(calibration.sets)} for _, src in pairs]
     base_calibration = None
@@ -606,7 +633,9 @@ def merge_checkpoints(config: MergeConfig | None = None, /, **kwargs: Any) -> Me
     return result
 
 
-def merge_checkpoints_on_ranks(config: MergeConfig, *, saliency_blocks: int = 0) -> MergeResult:
+def merge_checkpoints_on_ranks(
+    config: MergeConfig, *, saliency_blocks: int = 0, known_stats: KnownStats | None = None
+) -> MergeResult:
     """:func:`merge_checkpoints` with the work split between the ranks of the running process group.
 
     Every rank calls it at the same point with the same configuration. Rank 0 validates, loads
@@ -614,14 +643,15 @@ def merge_checkpoints_on_ranks(config: MergeConfig, *, saliency_blocks: int = 0)
     (:func:`merge_part`) into the shared shards; after all are done rank 0 writes the index,
     config and manifest and publishes the folder. A failure anywhere is raised on every rank,
     and the folder then never appears. Outside a process group this is :func:`merge_checkpoints`.
-    ``saliency_blocks``: decoder blocks sampled for the saliency in ``result.report`` (the callback logs it).
+    ``saliency_blocks``: decoder blocks sampled for the saliency in ``result.report`` (the callback logs it);
+    ``known_stats``: rank 0's statistics already in memory (see :data:`KnownStats`).
     """
     prepared: _Prepared | MergeResult | None = None
     with ExitStack() as stack:
 
         def prepare() -> MergeJob | MergeResult:
             nonlocal prepared
-            prepared = _prepare(stack, config, saliency_blocks)
+            prepared = _prepare(stack, config, saliency_blocks, known_stats)
             return prepared if isinstance(prepared, MergeResult) else prepared.job
 
         shared = run_on_main(prepare, "preparing the merge")

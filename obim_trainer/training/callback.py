@@ -133,6 +133,8 @@ class OBIMCallback(TrainerCallback):
         self.record = RunRecord()
         """Rank 0's record of the run (candidates, selection, merges); empty on the other ranks."""
         self.schedule = MergeSchedule.of(config)
+        self._held: dict[int, tuple[ActivationStats, str]] = {}
+        """Rank 0: the selected checkpoints' statistics (and key) as measured at their saves, for the merge."""
         self.latest_merge: Path | None = None
         self._trainer_metrics: dict[int, dict[str, float]] = {}
         self._recorded_steps: set[int] = set()
@@ -364,7 +366,8 @@ class OBIMCallback(TrainerCallback):
         blocks = self.config.saliency_blocks if self.run_logger.enabled and self.config.log_saliency else 0
         evaluated_before = timings.get(EVALUATION_TIME, 0.0)
         start = time.perf_counter()
-        comparison = run_pending(pending, evaluator, self.config, self._device, blocks)
+        known = [self._held.get(c.step) for c in pending.chosen]
+        comparison = run_pending(pending, evaluator, self.config, self._device, blocks, known)
         evaluation = timings.get(EVALUATION_TIME, 0.0) - evaluated_before
         timings["merge_s"] = time.perf_counter() - start - evaluation
         return comparison
@@ -389,6 +392,7 @@ class OBIMCallback(TrainerCallback):
         candidate.protected = self.guard.protect(candidate.path, step)
         if stats is not None:
             candidate.stats_key = self._store_stats(stats, candidate)
+            self._held[step] = (stats, candidate.stats_key)
         self.record.candidates[step] = candidate
         self.record.saves += 1
         self.run_logger.log_checkpoint(step, candidate.metrics)
@@ -436,6 +440,7 @@ class OBIMCallback(TrainerCallback):
             elif candidate.step not in chosen and candidate.protected is not None:
                 self.guard.release(candidate.step)
                 candidate.protected = None
+                self._held.pop(candidate.step, None)
         changed = set(chosen) != set(record.selected)
         record.selected = chosen
         self.run_logger.log_candidates(step, list(record.candidates.values()), self._selected_candidates())

@@ -27,7 +27,7 @@ from obim_trainer.evaluation import ModelEvaluator
 from obim_trainer.evaluation.comparison import ComparisonTable, evaluate_folders
 from obim_trainer.evaluation.trainer_eval import eval_datasets, evaluate_like_checkpoints
 from obim_trainer.pipeline.compare import Comparison, merge_evaluate_pick
-from obim_trainer.pipeline.merge import MergeResult, merge_checkpoints_on_ranks
+from obim_trainer.pipeline.merge import KnownStats, MergeResult, merge_checkpoints_on_ranks
 from obim_trainer.pipeline.variants import MergeVariant
 from obim_trainer.settings.callback import OBIMConfig
 from obim_trainer.settings.merge import MergeConfig
@@ -111,12 +111,14 @@ def run_pending(
     config: OBIMConfig,
     device: str,
     saliency_blocks: int,
+    known_stats: KnownStats | None = None,
 ) -> Comparison:
     """Merge, evaluate and (for a sweep) pick, on every rank at the same point (collective).
 
     A sweep is evaluated by the OBIM evaluator only (``eval_data``, which a sweep requires), as before;
     one merge by the Trainer and the evaluator both. ``saliency_blocks``: decoder blocks whose saliency
-    the merge's report samples for W&B (0: none).
+    the merge's report samples for W&B (0: none); ``known_stats``: rank 0's statistics of the chosen
+    checkpoints, still in memory from their saves.
     """
     if pending.sweep and evaluator is not None:
         evaluator = CallbackEvaluator(None, evaluator.evaluator, evaluator.timings)
@@ -128,7 +130,7 @@ def run_pending(
             rows = {name: (path, "merge") for name, path in folders.items()}
             return evaluate_folders(rows, used, device=config.eval_device or device, progress=is_main_process())
 
-    merge = partial(merge_checkpoints_on_ranks, saliency_blocks=saliency_blocks)
+    merge = partial(merge_checkpoints_on_ranks, saliency_blocks=saliency_blocks, known_stats=known_stats)
     with plain_model_loading():
         return merge_evaluate_pick(
             [(pending.config, pending.variants)],
