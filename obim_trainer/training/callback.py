@@ -6,6 +6,7 @@ checkpoint) and its per-language evaluation. On rank 0 it then keeps the best ch
 (protected from ``save_total_limit``) and, when the schedule says so, every rank merges them with
 the base, evaluates and picks through the shared pipeline; rank 0 logs it all to the W&B run the
 Trainer opened. This module is the Trainer-event glue; each rank's state and work live in
+:mod:`~obim_trainer.training.setup` (checks and data before training),
 :mod:`~obim_trainer.training.schedule` (when to merge), :mod:`~obim_trainer.training.record`
 (``candidates.json``, resume, archive), :mod:`~obim_trainer.training.sweep` (what to merge and which
 merge to keep), :mod:`~obim_trainer.training.selectors`, :mod:`~obim_trainer.training.checkpoint_guard`,
@@ -31,12 +32,10 @@ from obim_trainer.checkpoints import open_checkpoint, parse_size
 from obim_trainer.checkpoints.detect import hf_format
 from obim_trainer.distributed import ZeroGatherer, collect_live_stats, plain_model_loading, run_on_main
 from obim_trainer.errors import ConfigError, OBIMError
-from obim_trainer.evaluation import METRIC_PREFIX, PerLanguageEvaluator, load_eval_sets
+from obim_trainer.evaluation import PerLanguageEvaluator
 from obim_trainer.evaluation.trainer_eval import eval_datasets, find_trainer, rng_kept
-from obim_trainer.merging import build_method
 from obim_trainer.pipeline.compare import Comparison
-from obim_trainer.pipeline.merge import checkpoint_stats, prepare_calibration
-from obim_trainer.pipeline.variants import MergeVariant
+from obim_trainer.pipeline.merge import checkpoint_stats
 from obim_trainer.quiet import ZeroToFp32AdviceHidden, deepspeed_deprecations_hidden
 from obim_trainer.settings.callback import OBIMConfig
 from obim_trainer.tracking import RunLogger, make_run_logger, summarize_report
@@ -52,6 +51,7 @@ from obim_trainer.training.record import (
 )
 from obim_trainer.training.schedule import MergeSchedule
 from obim_trainer.training.selectors import Candidate, Selector, build_selector
+from obim_trainer.training.setup import check_select_metric, check_setup, needs_live_stats, prepare_data
 from obim_trainer.training.sweep import (
     EVALUATION_TIME,
     CallbackEvaluator,
@@ -159,14 +159,17 @@ class OBIMCallback(TrainerCallback):
                 "OBIMCallback is not called by a transformers Trainer it can evaluate with, and eval_data is "
                 "not set: merges will not be evaluated; set eval_data={language: file}"
             )
-        self._check_setup(args)
+        check_setup(self.config, args)
+        self._needs_stats = needs_live_stats(self.config)
         if self.config.consolidate_checkpoints:  # the callback writes the weights that advice is about
             self._advice_hidden.start()
         with deepspeed_deprecations_hidden():
             self._begin(args, state, kwargs.get("model"))
 
     def _begin(self, args: TrainingArguments, state: TrainerState, model: nn.Module | None) -> None:
-        calibration, eval_sets = run_on_main(self._prepare_data, "preparing OBIM calibration and evaluation data")
+        calibration, eval_sets = run_on_main(
+            lambda: prepare_data(self.config, self._needs_stats), "preparing OBIM calibration and evaluation data"
+        )
         self.calibration = calibration
         self.evaluator = PerLanguageEvaluator(eval_sets, batch_size=self.config.eval_batch_size) if eval_sets else None
         if state.global_step > 0:
@@ -227,7 +230,8 @@ class OBIMCallback(TrainerCallback):
             metrics = dict(self._trainer_metrics.pop(step, {}))
             if self.evaluator is not None:
                 metrics.update(self.evaluator.evaluate_model(model, device))
-        self._check_select_metric(metrics)
+        if not self._metric_checked:
+            self._metric_checked = check_select_metric(getattr(self.selector, "metric", None), metrics)
         candidate = Candidate(step=step, path=folder, metrics=metrics)
         pending = self._guarded(lambda: self._after_save(candidate, stats), f"OBIM selection at step {step}")
         self._merge_and_record(step, pending, timings)
@@ -257,65 +261,6 @@ class OBIMCallback(TrainerCallback):
                 ZeroGatherer(model).load_checkpoint(self.latest_merge)
 
     # ---- every rank ----
-
-    def _check_setup(self, args: TrainingArguments) -> None:
-        config = self.config
-        # activation statistics are recorded on the live model at each save; Grams, Fisher diagonals and the
-        # layer-by-layer merge read the saved checkpoints at merge time, for the selected ones only
-        variants = config.plan_candidates(config.top_k) or [MergeVariant(config.method, config.method, config.params)]
-        self._needs_stats = any(
-            build_method(v.method, v.params, num_models=config.top_k).statistics().activations for v in variants
-        )
-        if config.select_metric.startswith(METRIC_PREFIX) and config.eval_data is None:
-            raise ConfigError(
-                f"select_metric '{config.select_metric}' comes from the OBIM evaluator, which has no eval_data; "
-                "give eval_data={language: file} or select by a Trainer metric such as eval_loss"
-            )
-        if config.selector == "top_k" and config.select_metric.startswith("eval_") and args.eval_strategy == "no":
-            raise ConfigError(
-                f"select_metric '{config.select_metric}' is a Trainer evaluation metric but eval_strategy is 'no'; "
-                "set eval_strategy (with eval_steps equal to save_steps) or select by an obim_<language>_loss metric"
-            )
-
-    def _check_select_metric(self, metrics: Mapping[str, float]) -> None:
-        """At the first save evaluated by the family of ``select_metric`` (the Trainer's ``eval_*`` or the
-        evaluator's), fail unless the metric is there: otherwise the run trains to the end and never merges.
-        Every rank has the same metrics, so every rank raises alike."""
-        metric = getattr(self.selector, "metric", None)
-        family = [m for m in metrics if m.startswith("eval_") == metric.startswith("eval_")] if metric else []
-        if self._metric_checked or not family:
-            return
-        self._metric_checked = True
-        if metric not in metrics:
-            raise ConfigError(
-                f"select_metric '{metric}' is not among the metrics of the first evaluated save "
-                f"({', '.join(sorted(metrics))}); set select_metric to one of them"
-            )
-
-    def _prepare_data(self) -> tuple[CalibrationSet | None, dict[str, CalibrationSet] | None]:
-        """Calibration and evaluation samples, tokenized once on rank 0 and sent to every rank."""
-        from transformers import AutoTokenizer
-
-        config = self.config
-        if not (config.base_model / "config.json").is_file():
-            raise ConfigError(
-                f"base_model {config.base_model} has no config.json; give the folder of the model the run started from"
-            )
-        calibration = None
-        if self._needs_stats:
-            # prepare_calibration reads only the calibration and tokenizer fields of the merge configuration
-            calibration = prepare_calibration(config.merge_config([config.base_model], None))
-        eval_sets = None
-        if config.eval_data is not None:
-            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_source or config.base_model)
-            eval_sets = load_eval_sets(
-                config.eval_data,
-                tokenizer,
-                max_samples=config.eval_samples,
-                max_length=config.eval_max_length,
-                text_field=config.eval_text_field,
-            )
-        return calibration, eval_sets
 
     def _ensure_weights(self, model: nn.Module, folder: Path) -> None:
         """Write Hugging Face weights into a checkpoint that has none (ZeRO-3 without 16-bit gathering)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from obim_trainer.calibration import ActivationStats
@@ -90,3 +91,12 @@ def test_grouping_by_block_splits_each_blocks_ownership(merges):
     assert totals == [sum(s.owned[k] for s in by_type.values()) for k in range(3)]
     rotation = [by_block[b].ownership_share() for b in ("block 0", "block 1")]
     assert rotation[0] != rotation[1]  # the merge order rotates by block, so the shares differ
+
+
+def test_sampling_saliency_leaves_the_merged_bytes_as_they_are(merges, tmp_path):
+    common, obim, _ = merges
+    unsampled = merge_checkpoints_on_ranks(_config(common, method="obim", output=tmp_path / "plain"))
+    assert not unsampled.report.log_saliency
+    ours, theirs = load_file(obim.output / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert unsampled.report.owned == obim.report.owned
