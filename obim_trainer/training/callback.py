@@ -27,24 +27,24 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from obim_trainer.calibration import ActivationStats, CalibrationSet, stats_key, stats_path
-from obim_trainer.checkpoints import open_checkpoint, parse_size
+from obim_trainer.calibration import ActivationStats, CalibrationSet
+from obim_trainer.checkpoints import parse_size
 from obim_trainer.checkpoints.detect import hf_format
-from obim_trainer.distributed import ZeroGatherer, collect_live_stats, plain_model_loading, run_on_main
+from obim_trainer.distributed import ZeroGatherer, collect_live_stats, run_on_main
 from obim_trainer.errors import ConfigError, OBIMError
 from obim_trainer.evaluation import PerLanguageEvaluator
 from obim_trainer.evaluation.trainer_eval import eval_datasets, find_trainer, rng_kept
 from obim_trainer.pipeline.compare import Comparison
-from obim_trainer.pipeline.merge import checkpoint_stats
 from obim_trainer.quiet import ZeroToFp32AdviceHidden, deepspeed_deprecations_hidden
 from obim_trainer.settings.callback import OBIMConfig
 from obim_trainer.tracking import RunLogger, make_run_logger, summarize_report
-from obim_trainer.training.checkpoint_guard import CheckpointGuard, link_or_copy
+from obim_trainer.training.checkpoint_guard import CheckpointGuard
 from obim_trainer.training.record import (
     MergedModel,
     RunRecord,
     archive_previous_record,
-    logged_metrics,
+    recorded_afterwards,
+    store_stats,
     trainer_eval_metrics,
     unrecorded_checkpoints,
     weights_from_zero_shards,
@@ -336,7 +336,8 @@ class OBIMCallback(TrainerCallback):
         step = candidate.step
         candidate.protected = self.guard.protect(candidate.path, step)
         if stats is not None:
-            candidate.stats_key = self._store_stats(stats, candidate)
+            assert self.calibration is not None
+            candidate.stats_key = store_stats(stats, candidate, self.calibration)
             self._held[step] = (stats, candidate.stats_key)
         self.record.candidates[step] = candidate
         self.record.saves += 1
@@ -354,22 +355,6 @@ class OBIMCallback(TrainerCallback):
             self.run_logger.log_timings(step, timings)
             self.record.write(self.root, self.config.select_metric)
         return self.latest_merge
-
-    def _store_stats(self, stats: ActivationStats, candidate: Candidate) -> str:
-        """Store the statistics under the key the offline merge computes for this checkpoint's weights.
-
-        The key comes from the protected copy, which holds exactly the Hugging Face weights the merge
-        reads; the file is linked beside the original too, where it serves every reader of the same files.
-        """
-        assert self.calibration is not None and candidate.protected is not None
-        with open_checkpoint(candidate.protected) as reader:
-            key = stats_key(self.calibration.fingerprint(), reader.fingerprint())
-        stored = stats_path(candidate.protected, key)
-        stats.save(stored, key)
-        beside = stats_path(candidate.path, key)
-        beside.parent.mkdir(exist_ok=True)
-        link_or_copy(str(stored), str(beside))
-        return key
 
     def _select(self, step: int) -> bool:
         """Update the selection; protected copies of checkpoints that are not selected are released.
@@ -441,7 +426,9 @@ class OBIMCallback(TrainerCallback):
         for step, folder in unrecorded_checkpoints(output_dir, global_step, set(self.record.candidates)):
             if hf_format(folder) is None:
                 weights_from_zero_shards(folder, parse_size(self.config.out_shard_size))
-            self.record.candidates[step] = self._recorded_afterwards(step, folder)
+            self.record.candidates[step] = recorded_afterwards(
+                step, folder, self.guard, self.evaluator, self.calibration, self.config, self._device
+            )
             self.record.saves += 1
             steps.append(step)
         if steps:
@@ -453,18 +440,3 @@ class OBIMCallback(TrainerCallback):
                 steps,
                 self.record.selected,
             )
-
-    def _recorded_afterwards(self, step: int, folder: Path) -> Candidate:
-        """A candidate made from a checkpoint's files: the Trainer's evaluation logged at its step, the
-        evaluator's (if any) and its statistics computed on its weights, as the merge would compute them."""
-        metrics = logged_metrics(folder, step)
-        if self.evaluator is not None:
-            metrics.update(self.evaluator.evaluate_folder(folder, self.config.eval_device or self._device))
-        candidate = Candidate(step=step, path=folder, metrics=metrics)
-        candidate.protected = self.guard.protect(folder, step)
-        if self.calibration is not None:
-            config = self.config.merge_config([self.config.base_model], None)
-            with open_checkpoint(candidate.protected) as reader, plain_model_loading():
-                _, info = checkpoint_stats(reader, self.calibration, config, torch.device(self._device))
-            candidate.stats_key = info["key"]
-        return candidate

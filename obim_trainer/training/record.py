@@ -20,9 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from obim_trainer.calibration import ActivationStats, CalibrationSet, stats_key, stats_path
 from obim_trainer.checkpoints import ShardedSafetensorsWriter, open_checkpoint
 from obim_trainer.checkpoints.atomic import write_atomically
 from obim_trainer.checkpoints.detect import hf_format
+from obim_trainer.distributed import plain_model_loading
+from obim_trainer.evaluation import ModelEvaluator
+from obim_trainer.pipeline.merge import checkpoint_stats
+from obim_trainer.settings.callback import OBIMConfig
+from obim_trainer.training.checkpoint_guard import CheckpointGuard, link_or_copy
 from obim_trainer.training.run_dir import ARCHIVE_MARK, CHECKPOINT_DIR, RECORD_FILE
 from obim_trainer.training.selectors import Candidate
 
@@ -167,3 +175,46 @@ def weights_from_zero_shards(folder: Path, max_shard_size: int) -> None:
         shutil.rmtree(staging, ignore_errors=True)
     assert hf_format(folder) is not None
     logger.warning("%s held only DeepSpeed ZeRO shards; its model weights were rebuilt from them", folder)
+
+
+def store_stats(stats: ActivationStats, candidate: Candidate, calibration: CalibrationSet) -> str:
+    """Store a checkpoint's statistics under the key the offline merge computes for its weights.
+
+    The key comes from the protected copy, which holds exactly the Hugging Face weights the merge
+    reads; the file is linked beside the original too, where it serves every reader of the same files.
+    """
+    assert candidate.protected is not None
+    with open_checkpoint(candidate.protected) as reader:
+        key = stats_key(calibration.fingerprint(), reader.fingerprint())
+    stored = stats_path(candidate.protected, key)
+    stats.save(stored, key)
+    beside = stats_path(candidate.path, key)
+    beside.parent.mkdir(exist_ok=True)
+    link_or_copy(str(stored), str(beside))
+    return key
+
+
+def recorded_afterwards(
+    step: int,
+    folder: Path,
+    guard: CheckpointGuard,
+    evaluator: ModelEvaluator | None,
+    calibration: CalibrationSet | None,
+    config: OBIMConfig,
+    device: str,
+) -> Candidate:
+    """A candidate made from a checkpoint's files after the save (a resumed run records what it missed): the
+    Trainer's evaluation logged at its step, the evaluator's (if any) and its statistics computed on its
+    weights, as the merge would compute them; protected from rotation like a candidate recorded at its save.
+    ``device``: the training's (the evaluator runs on ``eval_device`` when set)."""
+    metrics = logged_metrics(folder, step)
+    if evaluator is not None:
+        metrics.update(evaluator.evaluate_folder(folder, config.eval_device or device))
+    candidate = Candidate(step=step, path=folder, metrics=metrics)
+    candidate.protected = guard.protect(folder, step)
+    if calibration is not None:
+        merge_config = config.merge_config([config.base_model], None)
+        with open_checkpoint(candidate.protected) as reader, plain_model_loading():
+            _, info = checkpoint_stats(reader, calibration, merge_config, torch.device(device))
+        candidate.stats_key = info["key"]
+    return candidate
