@@ -159,7 +159,7 @@ SWEEPS = {
 
 def child_sweep(work: Path, k: int, name: str, together: bool) -> dict:
     """``merge_variants`` of the sweep ``name`` (see :data:`SWEEPS`): together (one read of the inputs for
-    all), or one merge per variant (a ``merge`` callable other than ``merge_checkpoints`` runs them one by one)."""
+    all), or one merge per variant (``merge_checkpoints`` on each configuration in turn)."""
     from obim_trainer.pipeline.merge import merge_checkpoints
     from obim_trainer.pipeline.variants import merge_variants, plan_variants
     from obim_trainer.settings.merge import MergeConfig
@@ -170,7 +170,8 @@ def child_sweep(work: Path, k: int, name: str, together: bool) -> dict:
     config = MergeConfig.build({**settings, "stats_beside_checkpoints": True, "output": work / "sweep"})
     methods, shares = SWEEPS[name]
     variants = plan_variants(methods, {}, shares, k)
-    merge_variants(config, variants, work / "sweep", merge=None if together else lambda c: merge_checkpoints(c))
+    one_by_one = None if together else lambda configs: [merge_checkpoints(c) for c in configs]
+    merge_variants(config, variants, work / "sweep", sweep=one_by_one)
     shutil.rmtree(work / "sweep", ignore_errors=True)
     return {"seconds": time.perf_counter() - start}
 

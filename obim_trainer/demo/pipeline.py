@@ -18,11 +18,10 @@ from obim_trainer.demo.plots import Point, plot_losses, plot_ownership, plot_tra
 from obim_trainer.demo.tokenizer import train_tokenizer
 from obim_trainer.demo.training import continue_pretraining, pretrain_base
 from obim_trainer.evaluation import metric_names
-from obim_trainer.evaluation.comparison import ComparisonTable, RowKind, evaluate_folders, pick
-from obim_trainer.merging import build_method
-from obim_trainer.pipeline.variants import merge_variants
-from obim_trainer.settings.merge import MergeConfig
-from obim_trainer.tracking import Image, Table, block_group, make_run_logger, summarize_merge
+from obim_trainer.evaluation.comparison import ComparisonTable, RowKind, evaluate_folders
+from obim_trainer.pipeline.compare import Comparison, merge_evaluate_pick
+from obim_trainer.pipeline.merge import MergeResult
+from obim_trainer.tracking import Image, Table, block_group, make_run_logger, summarize_report
 from obim_trainer.training.callback import OBIMCallback
 
 logger = logging.getLogger(__name__)
@@ -54,10 +53,12 @@ def run_demo(config: DemoConfig, output: Path) -> DemoResult:
     tokenizer_dir = train_tokenizer(texts, config.vocab_size, work / "tokenizer")
     base_dir = pretrain_base(config, corpus, tokenizer_dir, work / "base", work)
     callback = continue_pretraining(config, corpus, base_dir, work / "run")
-    table = compare(config, callback, base_dir, work)
+    comparison = compare(config, callback, base_dir, work)
+    table = comparison.table
+    assert table is not None
     result = DemoResult(table=table, forgetting=forgetting(config, table))
     result.files.update(zip(("table_md", "table_json"), table.write(output), strict=True))
-    result.files.update(draw(config, callback, table, base_dir, output))
+    result.files.update(draw(config, callback, comparison, output))
     result.files["report"] = write_report(config, result, output)
     log_to_wandb(config, callback, result)
     return result
@@ -68,32 +69,37 @@ def checkpoint_folders(corpus_run: Path) -> dict[str, tuple[Path, RowKind]]:
     return {f"ckpt-{p.name.rsplit('-', 1)[1]}": (p, "checkpoint") for p in folders}
 
 
-def merge_all(config: DemoConfig, merge_config: MergeConfig, num_models: int, root: Path) -> dict[str, Path]:
-    """Every entry of ``config.merges`` from the same checkpoints into ``root/<name>`` (an entry's own
-    ``calibration_samples`` replaces the demo's for its merges)."""
-    merges: dict[str, Path] = {}
-    for spec in config.merges:
-        samples = spec.calibration_samples or merge_config.calibration_samples
-        own = merge_config.model_copy(update={"calibration_samples": samples})
-        merges.update(merge_variants(own, spec.plan(num_models), root))
-    return merges
-
-
-def compare(config: DemoConfig, callback: OBIMCallback, base_dir: Path, work: Path) -> ComparisonTable:
-    """Merge the selected checkpoints as every entry of ``config.merges`` says, then evaluate the base,
-    every checkpoint and every merge with the callback's own evaluator; the objective picks one merge."""
+def compare(config: DemoConfig, callback: OBIMCallback, base_dir: Path, work: Path) -> Comparison:
+    """Merge the selected checkpoints as every entry of ``config.merges`` says (an entry's own
+    ``calibration_samples`` replaces the demo's for its merges), then evaluate the base, every checkpoint
+    and every merge with the callback's own evaluator; the objective picks one merge."""
     assert callback.evaluator is not None
+    evaluator = callback.evaluator
     chosen = [callback.candidates[s].merge_path for s in callback.selected]
-    merges = merge_all(config, callback.config.merge_config(chosen, work / "merges"), len(chosen), work / "merges")
-    folders: dict[str, tuple[Path, RowKind]] = {
-        "base": (base_dir, "base"),
-        **checkpoint_folders(work / "run"),
-        **{name: (path, "merge") for name, path in merges.items()},
-    }
-    table = evaluate_folders(folders, callback.evaluator)
-    pick(table, config.objective)
-    table.extra.update(families=config.family_of(), selected=[f"ckpt-{s}" for s in callback.selected])
-    return table
+    root = work / "merges"
+    merge_config = callback.config.merge_config(chosen, root)
+    batches = [
+        (
+            merge_config.model_copy(
+                update={"calibration_samples": spec.calibration_samples or merge_config.calibration_samples}
+            ),
+            spec.plan(len(chosen)),
+        )
+        for spec in config.merges
+    ]
+
+    def evaluate(merges: dict[str, Path]) -> ComparisonTable:
+        folders: dict[str, tuple[Path, RowKind]] = {
+            "base": (base_dir, "base"),
+            **checkpoint_folders(work / "run"),
+            **{name: (path, "merge") for name, path in merges.items()},
+        }
+        return evaluate_folders(folders, evaluator)
+
+    comparison = merge_evaluate_pick(batches, root, evaluate=evaluate, objective=config.objective)
+    assert comparison.table is not None
+    comparison.table.extra.update(families=config.family_of(), selected=[f"ckpt-{s}" for s in callback.selected])
+    return comparison
 
 
 def forgetting(config: DemoConfig, table: ComparisonTable) -> dict[str, float]:
@@ -103,9 +109,9 @@ def forgetting(config: DemoConfig, table: ComparisonTable) -> dict[str, float]:
     return {x: loss(last.metrics, x) - loss(rows["base"].metrics, x) for x in config.old_languages}
 
 
-def draw(
-    config: DemoConfig, callback: OBIMCallback, table: ComparisonTable, base_dir: Path, output: Path
-) -> dict[str, Path]:
+def draw(config: DemoConfig, callback: OBIMCallback, comparison: Comparison, output: Path) -> dict[str, Path]:
+    table = comparison.table
+    assert table is not None
     rows = {row.name: row for row in table.rows}
     curves = {
         x: {c.step: loss(c.metrics, x) for c in callback.candidates.values() if metric_names(x)[0] in c.metrics}
@@ -115,7 +121,7 @@ def draw(
     merges = {r.name: {x: loss(r.metrics, x) for x in config.languages} for r in table.rows if r.kind == "merge"}
     return {
         "losses_png": plot_losses(curves, base, merges, output / "losses.png"),
-        "ownership_png": plot_ownership(*ownership_by_block(config, callback, base_dir), output / "ownership.png"),
+        "ownership_png": plot_ownership(*ownership_by_block(callback, comparison.results), output / "ownership.png"),
         "tradeoff_png": plot_tradeoff(tradeoff_points(config, table), config.new_language, output / "tradeoff.png"),
     }
 
@@ -139,22 +145,20 @@ def tradeoff_points(config: DemoConfig, table: ComparisonTable) -> list[Point]:
 
 
 def ownership_by_block(
-    config: DemoConfig, callback: OBIMCallback, base_dir: Path
+    callback: OBIMCallback, results: dict[str, MergeResult]
 ) -> tuple[dict[str, list[float]], list[str]]:
-    """Per decoder block, the share of positions each selected checkpoint owns in the OBIM merge."""
-    chosen = [callback.candidates[s] for s in callback.selected]
-    method = build_method("obim", callback.config.params, num_models=len(chosen))
-    layers = summarize_merge(
-        base_dir,
-        [c.merge_path for c in chosen],
-        method,
-        [c.load_stats() for c in chosen],
-        seed=config.seed,
-        blocks=config.model.num_hidden_layers,
-        group_by=block_group,
-    )
-    shares = {name: summary.ownership_share() or [] for name, summary in layers.items()}
-    return shares, [f"ckpt-{c.step}" for c in chosen]
+    """Per decoder block, the share of positions each selected checkpoint owns in the OBIM merge (``obim``,
+    else the first merge that reports ownership), as that merge's engine counted them."""
+    owning = [name for name, r in results.items() if r.report is not None and r.report.owned]
+    name = "obim" if "obim" in owning else next(iter(owning), None)
+    labels = [f"ckpt-{s}" for s in callback.selected]
+    if name is None:
+        logger.info("no merge of the comparison reports ownership; the ownership plot is empty")
+        return {}, labels
+    result = results[name]
+    assert result.report is not None
+    layers = summarize_report(result.report, result.plan, group_by=block_group)
+    return {group: summary.ownership_share() or [] for group, summary in layers.items()}, labels
 
 
 def write_report(config: DemoConfig, result: DemoResult, output: Path) -> Path:

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from obim_trainer.calibration.data import load_calibration_texts
 from obim_trainer.errors import CalibrationError, ConfigError
 from obim_trainer.evaluation import ModelEvaluator, PerLanguageEvaluator, load_eval_sets
-from obim_trainer.evaluation.comparison import ComparisonTable, RowKind, evaluate_folders, pick
+from obim_trainer.evaluation.comparison import (
+    ComparisonRow,
+    ComparisonTable,
+    Objective,
+    RowKind,
+    evaluate_folders,
+    pick,
+)
 from obim_trainer.pipeline.variants import (
     MergeVariant,
     default_candidates,
@@ -28,6 +37,9 @@ from obim_trainer.pipeline.variants import (
 from obim_trainer.settings.comparison import ComparisonConfig
 from obim_trainer.settings.merge import MergeConfig
 from obim_trainer.settings.names import setting_name
+
+if TYPE_CHECKING:
+    from obim_trainer.pipeline.merge import MergeResult
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +144,51 @@ def plan_comparison(config: MergeConfig, comparison: ComparisonConfig) -> str:
     return "\n\n".join(blocks)
 
 
+Evaluation = Callable[[Mapping[str, Path]], ComparisonTable]
+"""Evaluates the merges (folder by name), with whatever references the caller adds, into one table."""
+
+
+@dataclass
+class Comparison:
+    """What :func:`merge_evaluate_pick` made: each merge's folder and result, the table and the pick."""
+
+    folders: dict[str, Path]
+    results: dict[str, MergeResult] = field(default_factory=dict)
+    table: ComparisonTable | None = None
+    best: ComparisonRow | None = None
+
+
+def merge_evaluate_pick(
+    batches: Sequence[tuple[MergeConfig, Sequence[MergeVariant]]],
+    output_root: Path,
+    *,
+    evaluate: Evaluation | None = None,
+    objective: Objective | None = None,
+    sweep: Callable[[Sequence[MergeConfig]], list[MergeResult]] | None = None,
+) -> Comparison:
+    """The one "variants → merge → evaluate → pick" of the command, the callback's sweep and the demo.
+
+    ``batches``: merges sharing one configuration, as ``(config, variants)`` (the demo gives an entry its own
+    calibration samples), each written to ``output_root/<variant name>`` by
+    :func:`~obim_trainer.pipeline.variants.merge_variants` through ``sweep`` (default
+    :func:`~obim_trainer.pipeline.merge.merge_sweep`; the callback splits the merges between its ranks).
+    ``evaluate`` turns the folders into a :class:`ComparisonTable` (the command's per-language evaluator, the
+    callback's, the demo's with the base and checkpoints beside); ``objective`` picks one merge of it.
+    """
+    results: dict[str, MergeResult] = {}
+    for config, variants in batches:
+        results.update(merge_variants(config, variants, output_root, sweep=sweep))
+    folders = {name: Path(output_root) / name for name in results}
+    if evaluate is None:
+        return Comparison(folders, results)
+    table = evaluate(folders)
+    if objective is None:  # one merge, evaluated only
+        return Comparison(folders, results, table)
+    best = pick(table, objective)
+    logger.info("picked %s (%s)", best.name, table.pick_reason)
+    return Comparison(folders, results, table, best)
+
+
 def compare_merges(
     config: MergeConfig, comparison: ComparisonConfig, evaluator: ModelEvaluator | None = None
 ) -> tuple[dict[str, Path], ComparisonTable | None]:
@@ -151,15 +208,18 @@ def compare_merges(
     _check_outputs_free(config.output, variants, config.overwrite)
     check_eval_files(comparison)
     chosen = config.model_copy(update={"checkpoints": checkpoints, "run_dir": None})
-    merged = merge_variants(chosen, variants, config.output)
-    if not comparison.evaluate and evaluator is None:
-        return merged, None
-    first = next(iter(merged.values()))
-    evaluator = evaluator or build_evaluator(comparison, first)
-    folders = reference_folders(config, checkpoints, first) if comparison.eval_checkpoints else {}
-    folders.update({name: (path, "merge") for name, path in merged.items()})
-    table = evaluate_folders(folders, evaluator, device=config.device, progress=config.progress)
-    best = pick(table, comparison.objective)
-    table.write(config.output)
-    logger.info("picked %s (%s)", best.name, table.pick_reason)
-    return merged, table
+
+    def evaluate(merged: Mapping[str, Path]) -> ComparisonTable:
+        first = next(iter(merged.values()))  # the merges' tokenizer (an extended vocabulary's)
+        folders = reference_folders(config, checkpoints, first) if comparison.eval_checkpoints else {}
+        folders.update({name: (path, "merge") for name, path in merged.items()})
+        used = evaluator or build_evaluator(comparison, first)
+        return evaluate_folders(folders, used, device=config.device, progress=config.progress)
+
+    evaluated = comparison.evaluate or evaluator is not None
+    made = merge_evaluate_pick(
+        [(chosen, variants)], config.output, evaluate=evaluate if evaluated else None, objective=comparison.objective
+    )
+    if made.table is not None:
+        made.table.write(config.output)
+    return made.folders, made.table

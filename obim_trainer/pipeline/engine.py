@@ -96,24 +96,48 @@ class MergePlan:
         return [(t.name, t.shape, t.dtype) for t in self.tensors]
 
 
+SALIENCY_SAMPLE = 1 << 16
+"""At most this many log-saliency values per tensor and checkpoint in a report (a seeded sample beyond)."""
+
+
+def sampled_blocks(block_indices: set[int], count: int) -> list[int]:
+    """``count`` evenly spaced decoder blocks, first and last included (the blocks a report samples saliency on)."""
+    ordered = sorted(block_indices)
+    if len(ordered) <= count:
+        return ordered
+    if count == 1:
+        return [ordered[len(ordered) // 2]]
+    return sorted({ordered[round(i * (len(ordered) - 1) / (count - 1))] for i in range(count)})
+
+
 @dataclass
 class EngineReport:
-    """What the streaming pass measured: ownership per tensor and time spent."""
+    """What the streaming pass measured: ownership per tensor, saliency on sampled blocks and time spent.
+
+    This is what W&B logs about a merge (:mod:`~obim_trainer.tracking.merge_summary`): the numbers of the
+    merge that was written, not of a second one. Its size is bounded: K counts per tensor, and at most
+    :data:`SALIENCY_SAMPLE` values per checkpoint for the tensors of the sampled blocks.
+    """
 
     owned: dict[str, list[int]] = field(default_factory=dict)
     seconds: float = 0.0
     notes: dict[str, int] = field(default_factory=dict)
     """Counts a method reports per tensor (:attr:`MergeOutput.notes`), summed over the tensors."""
+    log_saliency: dict[str, list[Tensor]] = field(default_factory=dict)
+    """Per Linear weight of a sampled block, per checkpoint: log10 of its positive OBM saliencies
+    s_ij = mean_j(x²)·δ_ij² (eq. 5), as measured on the merge's own inputs and statistics."""
 
     @classmethod
     def combined(cls, reports: Sequence[EngineReport]) -> EngineReport:
-        """One report for a merge split between workers: every tensor's ownership, the slowest worker's time,
-        the notes summed."""
+        """One report for a merge split between workers: every tensor's ownership and saliency, the slowest
+        worker's time, the notes summed."""
         owned = {name: counts for report in reports for name, counts in report.owned.items()}
+        saliency = {name: values for report in reports for name, values in report.log_saliency.items()}
         notes: Counter[str] = Counter()
         for report in reports:
             notes.update(report.notes)
-        return cls(owned=owned, seconds=max((r.seconds for r in reports), default=0.0), notes=dict(notes))
+        seconds = max((r.seconds for r in reports), default=0.0)
+        return cls(owned=owned, seconds=seconds, notes=dict(notes), log_saliency=saliency)
 
     def base_share(self, plan: MergePlan) -> float:
         """Share of the owned tensors' positions no checkpoint took (the base keeps them: Σ n_k < 1)."""
@@ -341,6 +365,8 @@ class MergeEngine:
         new_rows: How vocabulary rows the base lacks are merged (a key of :data:`NEW_ROWS`).
         new_rows_source: The checkpoint the ``best``/``first`` rules take new rows from.
         prefetch: How many tensors ahead the reading thread reads (memory: their inputs).
+        saliency_blocks: Decoder blocks whose Linear weights' saliency goes into the report (see
+            :attr:`EngineReport.log_saliency`); none by default.
     """
 
     def __init__(
@@ -357,6 +383,7 @@ class MergeEngine:
         new_rows: str = "obim",
         new_rows_source: int = 0,
         prefetch: int = 1,
+        saliency_blocks: Sequence[int] = (),
     ) -> None:
         if new_rows not in NEW_ROWS:
             raise ConfigError(f"new_rows must be one of {', '.join(NEW_ROWS)}, not {new_rows!r}")
@@ -375,6 +402,7 @@ class MergeEngine:
         self.new_rows = new_rows
         self.new_rows_source = new_rows_source
         self.prefetch = max(1, prefetch)
+        self.saliency_blocks = frozenset(saliency_blocks)
         self.workspace = Workspace()
         self.notes: Counter[str] = Counter()
         self.read_buffers = ReadBuffers()
@@ -551,6 +579,33 @@ class MergeEngine:
             tensor, owned = out.tensor, out.owned
         return self._own(tensor.to(device="cpu", dtype=plan.dtype)), owned
 
+    def log_saliency(self, plan: TensorPlan, inputs: Inputs) -> list[Tensor] | None:
+        """Per checkpoint, log10 of the positive OBM saliencies mean_j(x²)·δ_ij² (eq. 5) of a Linear weight of a
+        sampled block, from the inputs as read (before the method takes them over; the merge is untouched).
+
+        ``None`` for other tensors and for methods without activation statistics. Beyond
+        :data:`SALIENCY_SAMPLE` values a checkpoint's are sampled with a seed derived from the tensor's name.
+        """
+        if plan.block_index not in self.saliency_blocks or plan.kind is not ParamKind.LINEAR:
+            return None
+        if not self.needs.activations or inputs[0] is None or not inputs[0].is_floating_point():
+            return None
+        base = inputs[0].float()
+        rows = slice(0, base.shape[0])  # an extended vocabulary's new rows have no base, hence no δ
+        model_name = self.layout.model_name(plan.name)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, plan.name, "saliency-report"))
+        sampled = []
+        for k, checkpoint in enumerate(inputs[1:]):
+            sq_mean = _stats_for(self.stats[k], model_name, self.layout.prefix)
+            if checkpoint is None or sq_mean is None:
+                return None
+            scores = (checkpoint[rows].float() - base).square_().mul_(sq_mean).flatten()
+            values = scores[scores > 0].log10_()
+            if values.numel() > SALIENCY_SAMPLE:
+                values = values[torch.randint(values.numel(), (SALIENCY_SAMPLE,), generator=generator)]
+            sampled.append(values)
+        return sampled
+
     def run(
         self,
         plan: MergePlan | Sequence[TensorPlan],
@@ -650,6 +705,9 @@ def run_together(
             for v, engine in enumerate(engines):
                 inputs = shared if v == last else _copy_inputs(shared, buffers)
                 lent = list(inputs)
+                saliency = engine.log_saliency(tensor_plan, inputs)
+                if saliency is not None:
+                    reports[v].log_saliency[tensor_plan.name] = saliency
                 merged, owned = engine.merge_one(tensor_plan, inputs)
                 buffers.give_back(t for t in lent if t is not None and not _same_memory(t, merged))
                 del inputs, lent

@@ -66,6 +66,7 @@ from obim_trainer.pipeline.engine import (
     ModelStatistics,
     plan_merge,
     run_together,
+    sampled_blocks,
     split_plan,
 )
 from obim_trainer.pipeline.layout import ModelLayout
@@ -88,6 +89,8 @@ class MergeResult:
     plan: MergePlan
     manifest: dict[str, Any] | None = None
     plan_text: str | None = None
+    report: EngineReport | None = None
+    """The engine's measurements of this merge (ownership per tensor, sampled saliency), ``None`` for a dry run."""
 
 
 def resolve_checkpoints(config: MergeConfig) -> list[Path]:
@@ -253,6 +256,25 @@ def checkpoint_stats(
     return stats, {"kind": "activations", "checkpoint": str(reader.path), "key": key, "source": source}
 
 
+def _held_or_measured(
+    reader: CheckpointReader,
+    calibration: CalibrationSet,
+    config: MergeConfig,
+    device: torch.device,
+    held: tuple[ActivationStats, str] | None,
+) -> tuple[ActivationStats, dict[str, Any]]:
+    """The statistics the caller holds when they are of exactly these texts and weights (same key as
+    :func:`checkpoint_stats` computes), else :func:`checkpoint_stats` (cached or computed)."""
+    key = stats_key(calibration.fingerprint(), reader.fingerprint())
+    if held is None or held[1] != key:
+        return checkpoint_stats(reader, calibration, config, device)
+    return held[0], {"kind": "activations", "checkpoint": str(reader.path), "key": key, "source": "memory"}
+
+
+KnownStats = Sequence[tuple[ActivationStats, str] | None]
+"""Per checkpoint, activation statistics the caller already holds and their key (see :func:`stats_key`), or
+``None``: the callback's, measured on the live model at the save, so the merge needs no reload."""
+
 Inputs = tuple[CheckpointReader, list[CheckpointReader]]
 """The opened base and checkpoint readers of a merge."""
 InputsKey = tuple[Path, tuple[Path, ...], bool]
@@ -366,6 +388,8 @@ class MergeJob:
     statistics: ModelStatistics = field(default_factory=ModelStatistics)
     sequential: tuple[CalibrationSet, CalibrationSet] | None = None
     """For a model-level merge (:attr:`StatisticsNeeds.sequential`): the base's and the checkpoints' texts."""
+    saliency_blocks: list[int] = field(default_factory=list)
+    """Decoder blocks whose saliency the engine samples into its report (:attr:`EngineReport.log_saliency`)."""
 
     @property
     def folder(self) -> Path:
@@ -392,6 +416,7 @@ class MergeJob:
             seed=config.seed,
             new_rows=config.new_rows,
             new_rows_source=self.new_rows_source,
+            saliency_blocks=self.saliency_blocks,
         )
 
 
@@ -508,11 +533,19 @@ class _Prepared:
     start: float
 
 
-def _prepare(stack: ExitStack, config: MergeConfig, opened: dict[InputsKey, Inputs]) -> _Prepared | MergeResult:
+def _prepare(
+    stack: ExitStack,
+    config: MergeConfig,
+    opened: dict[InputsKey, Inputs],
+    saliency_blocks: int = 0,
+    known_stats: KnownStats | None = None,
+) -> _Prepared | MergeResult:
     """Validate everything, compute (or load) statistics and open the temporary output folder.
 
     Returns a :class:`MergeResult` for a dry run. The readers and the output folder live in ``stack``;
     the readers are taken from ``opened`` when another merge of the sweep opened the same inputs.
+    ``saliency_blocks``: how many evenly spaced decoder blocks the engine samples saliency on for its report.
+    ``known_stats``: statistics the caller holds, used where their key is that of this merge's texts and weights.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -557,9 +590,12 @@ def _prepare(stack: ExitStack, config: MergeConfig, opened: dict[InputsKey, Inpu
         sequential = (calibration.side("base", needs.per_language), calibration.side("checkpoints", needs.per_language))
     elif calibration is not None:
         t0 = time.perf_counter()
-        stats, statistics, stats_sources = _measure(config, needs, calibration, texts, base, readers, plan, device)
+        stats, statistics, stats_sources = _measure(
+            config, needs, calibration, texts, base, readers, plan, device, known_stats
+        )
         timings["statistics_s"] = time.perf_counter() - t0
     metadata = {"format": "pt", "merged_by": "obim-trainer", "method": method.name}
+    blocks = {t.block_index for t in plan.tensors if t.block_index is not None}
     job = MergeJob(
         config=config.model_copy(update={"calibration_data": None}),  # read already; may not pickle
         checkpoints=checkpoints,
@@ -571,6 +607,7 @@ def _prepare(stack: ExitStack, config: MergeConfig, opened: dict[InputsKey, Inpu
         new_rows_source=source,
         statistics=statistics,
         sequential=sequential,
+        saliency_blocks=sampled_blocks(blocks, saliency_blocks),
     )
     return _Prepared(config, job, base, readers, tokenizer_dir, calibration, stats_sources, timings, start)
 
@@ -584,13 +621,15 @@ def _measure(
     readers: list[CheckpointReader],
     plan: MergePlan,
     device: torch.device,
+    known_stats: KnownStats | None = None,
 ) -> tuple[list[ActivationStats] | None, ModelStatistics, list[dict[str, Any]]]:
     """The statistics ``needs`` asks for (cached or computed) and their records: activations of each checkpoint
     on all the texts, Grams and Fisher diagonals of the base and of each checkpoint on their sides' texts."""
     stats, records = None, []
     if needs.activations:
         everything = calibration.all()
-        pairs = [checkpoint_stats(r, everything, config, device) for r in readers]
+        known = list(known_stats or [None] * len(readers))
+        pairs = [_held_or_measured(r, everything, config, device, held) for r, held in zip(readers, known, strict=True)]
         stats = [s for s, _ in pairs]
         warn_unreached_experts([s.count for s in stats])
         records = [{**src, "model": "checkpoint", "languages": list(calibration.sets)} for _, src in pairs]
@@ -643,7 +682,7 @@ def _finish(prepared: _Prepared, reports: Sequence[EngineReport]) -> MergeResult
         timings=timings,
         kernels=_kernels(resolve_device(config.device)),
     ).write(folder)
-    return MergeResult(output=config.output, checkpoints=job.checkpoints, plan=plan, manifest=manifest)
+    return MergeResult(output=config.output, checkpoints=job.checkpoints, plan=plan, manifest=manifest, report=report)
 
 
 def _build_config(config: MergeConfig | None, kwargs: dict[str, Any]) -> MergeConfig:
@@ -683,10 +722,12 @@ def _by_group(jobs: Sequence[MergeJob], run: Callable[[list[MergeJob], int], lis
     return results
 
 
-def _prepare_all(stack: ExitStack, configs: Sequence[MergeConfig]) -> list[_Prepared | MergeResult]:
+def _prepare_all(
+    stack: ExitStack, configs: Sequence[MergeConfig], saliency_blocks: int = 0, known_stats: KnownStats | None = None
+) -> list[_Prepared | MergeResult]:
     """Every merge validated and prepared in order, the inputs each distinct set of folders needs opened once."""
     opened: dict[InputsKey, Inputs] = {}
-    return [_prepare(stack, config, opened) for config in configs]
+    return [_prepare(stack, config, opened, saliency_blocks, known_stats) for config in configs]
 
 
 def merge_sweep(configs: Sequence[MergeConfig]) -> list[MergeResult]:
@@ -722,7 +763,9 @@ def merge_sweep(configs: Sequence[MergeConfig]) -> list[MergeResult]:
     return results
 
 
-def merge_checkpoints_on_ranks(config: MergeConfig) -> MergeResult:
+def merge_checkpoints_on_ranks(
+    config: MergeConfig, *, saliency_blocks: int = 0, known_stats: KnownStats | None = None
+) -> MergeResult:
     """:func:`merge_checkpoints` with the work split between the ranks of the running process group.
 
     Every rank calls it at the same point with the same configuration. Rank 0 validates, loads
@@ -730,13 +773,20 @@ def merge_checkpoints_on_ranks(config: MergeConfig) -> MergeResult:
     (:func:`merge_parts`) into the shared shards; after all are done rank 0 writes the index,
     config and manifest and publishes the folder. A failure anywhere is raised on every rank,
     and the folder then never appears. Outside a process group this is :func:`merge_checkpoints`.
+    ``saliency_blocks`` and ``known_stats``: see :func:`merge_sweep_on_ranks`.
     """
-    return merge_sweep_on_ranks([config])[0]
+    return merge_sweep_on_ranks([config], saliency_blocks=saliency_blocks, known_stats=known_stats)[0]
 
 
-def merge_sweep_on_ranks(configs: Sequence[MergeConfig]) -> list[MergeResult]:
+def merge_sweep_on_ranks(
+    configs: Sequence[MergeConfig], *, saliency_blocks: int = 0, known_stats: KnownStats | None = None
+) -> list[MergeResult]:
     """:func:`merge_sweep` with the work split between the ranks of the running process group (collective,
-    as :func:`merge_checkpoints_on_ranks`): each rank reads its run of tensors once for every merge."""
+    as :func:`merge_checkpoints_on_ranks`): each rank reads its run of tensors once for every merge.
+
+    ``saliency_blocks``: decoder blocks sampled for the saliency in each ``result.report`` (the callback logs
+    it); ``known_stats``: rank 0's statistics of the checkpoints already in memory (see :data:`KnownStats`).
+    """
     configs = list(configs)
     if not configs:
         return []
@@ -744,7 +794,7 @@ def merge_sweep_on_ranks(configs: Sequence[MergeConfig]) -> list[MergeResult]:
     with ExitStack() as stack:
 
         def prepare() -> list[MergeJob | MergeResult]:
-            prepared.extend(_prepare_all(stack, configs))
+            prepared.extend(_prepare_all(stack, configs, saliency_blocks, known_stats))
             return [p if isinstance(p, MergeResult) else p.job for p in prepared]
 
         shared = run_on_main(prepare, "preparing the merge")

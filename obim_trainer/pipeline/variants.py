@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,6 +29,9 @@ from obim_trainer.errors import ConfigError
 from obim_trainer.merging import build_method, get_method
 from obim_trainer.settings.merge import MergeConfig
 from obim_trainer.settings.names import setting_name
+
+if TYPE_CHECKING:
+    from obim_trainer.pipeline.merge import MergeResult
 
 logger = logging.getLogger(__name__)
 
@@ -245,35 +248,23 @@ def merge_variants(
     config: MergeConfig,
     variants: Sequence[MergeVariant],
     output_root: Path,
-    merge: Callable[[MergeConfig], object] | None = None,
-) -> dict[str, Path]:
-    """Merge the same checkpoints once per variant into ``output_root/<name>``.
+    sweep: Callable[[Sequence[MergeConfig]], list[MergeResult]] | None = None,
+) -> dict[str, MergeResult]:
+    """Merge the same checkpoints once per variant into ``output_root/<name>``; each variant's result.
 
-    ``merge`` makes one merge (default :func:`~obim_trainer.pipeline.merge.merge_checkpoints`; the
-    callback passes :func:`~obim_trainer.pipeline.merge.merge_checkpoints_on_ranks`). For those two the
-    variants are made together (:func:`~obim_trainer.pipeline.merge.merge_sweep`, or split between the
-    ranks): each input tensor is read once for all of them, the bytes are those of separate merges, and
-    the folders appear together at the end. Any other ``merge`` is called once per variant, statistics
-    then coming from the statistics cache after the first.
+    ``sweep`` makes the merges, given one configuration per variant (default
+    :func:`~obim_trainer.pipeline.merge.merge_sweep`; the callback passes
+    :func:`~obim_trainer.pipeline.merge.merge_sweep_on_ranks`): each input tensor is read once for all of
+    them, the bytes are those of separate merges, and the folders appear together at the end.
     """
-    from obim_trainer.pipeline import merge as pipeline
+    from obim_trainer.pipeline.merge import merge_sweep
 
-    folders = {variant.name: Path(output_root) / variant.name for variant in variants}
+    names = [variant.name for variant in variants]
     configs = [
-        MergeConfig.build({**config.model_dump(), "method": v.method, "params": v.params, "output": folders[v.name]})
+        MergeConfig.build(
+            {**config.model_dump(), "method": v.method, "params": v.params, "output": Path(output_root) / v.name}
+        )
         for v in variants
     ]
-    sweeps = {
-        pipeline.merge_checkpoints: pipeline.merge_sweep,
-        pipeline.merge_checkpoints_on_ranks: pipeline.merge_sweep_on_ranks,
-    }
-    sweep = sweeps.get(merge or pipeline.merge_checkpoints)
-    if sweep is not None:
-        logger.info("merging %d variants in one pass: %s", len(configs), ", ".join(folders))
-        sweep(configs)
-        return folders
-    assert merge is not None
-    for i, (name, one) in enumerate(zip(folders, configs, strict=True)):
-        logger.info("merge %d/%d: %s", i + 1, len(configs), name)
-        merge(one)
-    return folders
+    logger.info("merging %d variant(s) in one pass: %s", len(configs), ", ".join(names))
+    return dict(zip(names, (sweep or merge_sweep)(configs), strict=True))

@@ -6,7 +6,7 @@ from obim_trainer.tracking.merge_summary import (
     block_group,
     layer_type,
     sampled_blocks,
-    summarize_merge,
+    summarize_report,
 )
 from obim_trainer.tracking.payload import Histogram, Image, Table
 from obim_trainer.tracking.wandb_logger import WandbLogger, make_run_logger
@@ -24,5 +24,5 @@ __all__ = [
     "layer_type",
     "make_run_logger",
     "sampled_blocks",
-    "summarize_merge",
+    "summarize_report",
 ]

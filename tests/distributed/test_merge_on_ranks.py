@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from obim_trainer.distributed.teardown import process_group_teardown
-from obim_trainer.pipeline.merge import merge_checkpoints, merge_checkpoints_on_ranks
+from obim_trainer.pipeline.merge import merge_checkpoints, merge_checkpoints_on_ranks, merge_sweep_on_ranks
 from obim_trainer.pipeline.variants import merge_variants, plan_variants
 from obim_trainer.settings.merge import MergeConfig
 from tests.conftest import copy_tree
@@ -36,7 +36,7 @@ def worker(local_rank: int, init_file: str, settings: dict, folder: str) -> None
                 out[name] = {"error": [type(exc).__name__, str(exc)]}
         config = MergeConfig.build(settings["good"])
         variants = plan_variants(SWEPT, {}, [1.0, 0.6], num_models=len(config.checkpoints))
-        merge_variants(config, variants, Path(folder) / "sweep", merge=merge_checkpoints_on_ranks)
+        merge_variants(config, variants, Path(folder) / "sweep", sweep=merge_sweep_on_ranks)
         (Path(folder) / f"rank-{local_rank}.json").write_text(json.dumps(out))
 
 

@@ -9,7 +9,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from obim_trainer.cli import main
 from obim_trainer.evaluation import PerLanguageEvaluator, load_eval_sets
-from obim_trainer.evaluation.comparison import _fmt
+from obim_trainer.evaluation.comparison import Objective, _fmt, evaluate_folders
+from obim_trainer.pipeline.compare import merge_evaluate_pick
+from obim_trainer.pipeline.variants import MergeSpec, plan_variants
+from obim_trainer.settings.merge import MergeConfig
 from tests.conftest import make_texts, write_jsonl
 
 
@@ -158,3 +161,37 @@ def test_one_merge_with_evaluate_prints_its_losses(llama_family, calibration_jso
     assert next(line for line in printed.splitlines() if line.startswith("| obim |")).startswith(
         f"| obim | merge | {_fmt(loss)} |"
     )
+
+
+def test_merge_evaluate_pick_merges_each_batch_with_its_settings_and_returns_the_results(
+    llama_family, calibration_jsonl, eval_files, tokenizer_dir, tmp_path
+):
+    """The one pipeline the command, the callback and the demo share: batches with their own settings (the
+    demo's per-entry calibration samples), one evaluation of every merge, the objective's pick."""
+    base, ckpts = llama_family
+    config = MergeConfig.build(
+        {
+            "base": base,
+            "checkpoints": ckpts,
+            "calibration_data": calibration_jsonl,
+            "output": tmp_path,
+            "progress": False,
+        }
+    )
+    fewer = config.model_copy(update={"calibration_samples": 8})
+    batches = [(config, plan_variants(["obim"], {}, None, 3)), (fewer, MergeSpec(method="obim", label="few").plan(3))]
+    evaluator = PerLanguageEvaluator(
+        load_eval_sets(eval_files, AutoTokenizer.from_pretrained(tokenizer_dir), max_length=24)
+    )
+
+    def evaluate(folders):
+        return evaluate_folders({name: (path, "merge") for name, path in folders.items()}, evaluator, progress=False)
+
+    made = merge_evaluate_pick(batches, tmp_path / "merges", evaluate=evaluate, objective=Objective())
+    assert list(made.folders) == list(made.results) == ["obim", "few"]
+    assert all(made.results[n].output == made.folders[n] == tmp_path / "merges" / n for n in made.folders)
+    samples = [made.results[n].manifest["calibration"]["samples"] for n in ("obim", "few")]
+    assert samples == [40, 8]  # each batch merged with its own settings
+    assert made.best is not None and made.table.picked == made.best.name
+    assert made.best.name == min(made.table.rows, key=made.table.average).name
+    assert made.results["obim"].report.owned  # the engine's own report comes back with each merge

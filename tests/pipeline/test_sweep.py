@@ -40,7 +40,7 @@ def test_a_sweep_of_every_method_split_between_two_workers_writes_the_recorded_b
     cases = [c for c in _cases() if c[1] == "llama_family" and c[2] not in _ONE_CHECKPOINT]
     variants = [MergeVariant(case, method, params) for case, _, method, params in cases]
     config = recorded_config(llama_family, language_files, tmp_path, out_shard_size="100KB", workers=2)
-    folders = merge_variants(config, variants, tmp_path / "sweep")
+    folders = {name: result.output for name, result in merge_variants(config, variants, tmp_path / "sweep").items()}
     assert len(list(folders["obim"].glob("*.safetensors"))) > 2, "several shards"
     manifest = json.loads((folders["obim"] / "obim_merge.json").read_text())
     assert manifest["output"]["workers"] == 2

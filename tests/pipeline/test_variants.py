@@ -54,7 +54,7 @@ def test_a_smaller_total_share_keeps_the_rest_of_the_base(llama_family, calibrat
         {"base": base, "checkpoints": ckpts, "calibration_data": calibration_jsonl, "output": tmp_path / "x"}
     )
     variants = plan_variants(["obim"], {}, [1.0, 0.3], num_models=len(ckpts))
-    folders = merge_variants(config, variants, tmp_path / "merges")
+    folders = {name: result.output for name, result in merge_variants(config, variants, tmp_path / "merges").items()}
     assert folders == {"obim": tmp_path / "merges" / "obim", "obim@0.3": tmp_path / "merges" / "obim@0.3"}
     for path in folders.values():  # each checkpoint still owns a third of what is merged
         shares = json.loads((path / "obim_merge.json").read_text())["ownership_share"]

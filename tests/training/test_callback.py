@@ -119,6 +119,7 @@ def test_the_merged_folder_appears_loads_and_is_the_offline_merge(run, tmp_path)
     views = [run.output / "obim" / "selected" / f"checkpoint-{s}" for s in run.best()]
     manifest = json.loads((merged / "obim_merge.json").read_text())
     assert [c["path"] for c in manifest["checkpoints"]] == [str(v.resolve()) for v in views]
+    assert [s["source"] for s in manifest["statistics"]] == ["memory", "memory"]  # as measured at the saves
     offline = merge_checkpoints(run.config().merge_config(views, tmp_path / "offline"))
     assert [s["source"] for s in offline.manifest["statistics"]] == ["cached", "cached"]
     ours, theirs = load_file(merged / "model.safetensors"), load_file(tmp_path / "offline" / "model.safetensors")
