@@ -191,10 +191,11 @@ def assert_recorded_stats_are_the_offline_ones(folder: Path, config: Any, scratc
     import torch
 
     from obim_trainer.calibration import ActivationStats, stats_key, stats_path
+    from obim_trainer.calibration.preparation import prepare_calibration
     from obim_trainer.checkpoints import open_checkpoint
-    from obim_trainer.pipeline.merge import checkpoint_stats, prepare_calibration
+    from obim_trainer.pipeline.merge import checkpoint_stats
 
-    calibration = prepare_calibration(config)
+    calibration = prepare_calibration(config, config.base, config.tokenizer_source)
     with open_checkpoint(folder) as reader:
         key = stats_key(calibration.fingerprint(), reader.fingerprint())
         live = ActivationStats.load(stats_path(reader.path, key), key)

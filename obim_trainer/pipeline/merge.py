@@ -30,7 +30,6 @@ from obim_trainer.calibration import (
     CalibrationSet,
     load_or_compute_stats,
     stats_key,
-    tokenize_calibration,
 )
 from obim_trainer.calibration.activation_stats import warn_unreached_experts
 from obim_trainer.calibration.languages import (
@@ -40,8 +39,8 @@ from obim_trainer.calibration.languages import (
     load_language_texts,
     missing_calibration,
 )
+from obim_trainer.calibration.preparation import prepare_language_calibration
 from obim_trainer.calibration.stats_cache import StatsOrigin
-from obim_trainer.calibration.token_cache import cached_tokenization
 from obim_trainer.checkpoints import (
     CheckpointReader,
     ShardedSafetensorsWriter,
@@ -111,26 +110,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def model_max_positions(folder: Path) -> int | None:
-    """The longest input the model accepts, from its ``config.json`` (``None`` if it does not say).
-
-    Read as JSON (the text model's part of a multimodal config first): importing transformers for
-    ``AutoConfig`` would take seconds of a merge that needs no tokenizer or model.
-    """
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"cannot read the model config in {folder} ({exc}); the base folder must hold a transformers config.json"
-        ) from None
-    for section in (config.get("text_config"), config):
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            value = section.get(key) if isinstance(section, dict) else None
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
-
-
 def resolve_tokenizer(config: MergeConfig, checkpoints: list[Path], plan: MergePlan, source: int) -> Path:
     """The folder whose tokenizer the output gets and calibration uses.
 
@@ -158,62 +137,6 @@ def new_rows_source(config: MergeConfig, checkpoints: list[Path], plan: MergePla
     if config.new_rows != "best" or plan.vocab_size is None or config.run_dir is not None:
         return 0  # with --run-dir the checkpoints are already best first
     return best_checkpoint(checkpoints, config.metric, config.metric_mode)
-
-
-def prepare_language_calibration(
-    config: MergeConfig, tokenizer_dir: Path | None = None, texts: dict[str, list[str]] | None = None
-) -> LanguageCalibration:
-    """Calibration texts per language (one entry, ``all``, for a single source), tokenized with ``tokenizer_dir``
-    (default: ``tokenizer_source`` or the base's), or as they were the last time
-    (:mod:`~obim_trainer.calibration.token_cache`). ``texts``: as :func:`load_language_texts` read them already."""
-    if config.calibration_data is None:
-        raise ConfigError(
-            f"method '{config.method}' scores weights by activations and needs calibration text: set "
-            f"{setting_name('calibration_data', 'FILE')} (JSONL with a 'text' field, .txt or .parquet; ~100 samples "
-            "of the new domain)"
-        )
-    tokenizer_dir = Path(tokenizer_dir or config.tokenizer_source or config.base)
-    if texts is None:
-        texts = load_language_texts(config.calibration_data, config.calibration_samples, config.calibration_text_field)
-    max_length = min(config.calibration_max_length, model_max_positions(config.base) or config.calibration_max_length)
-    if max_length < config.calibration_max_length:
-        logger.info("calibration samples are cut to %d tokens, the model's maximum number of positions", max_length)
-    tokenizers: list[Any] = []  # loaded once, and only if some language is not in the token cache
-
-    def tokenizer() -> Any:
-        from transformers import AutoTokenizer
-
-        if not tokenizers:
-            try:
-                tokenizers.append(AutoTokenizer.from_pretrained(tokenizer_dir))
-            except (OSError, ValueError) as exc:
-                raise ConfigError(
-                    f"cannot load a tokenizer from {tokenizer_dir} ({exc}); set "
-                    f"{setting_name('tokenizer_source', 'DIR')} to a folder with tokenizer files"
-                ) from None
-        return tokenizers[0]
-
-    if not tokenizer_dir.is_dir():
-        raise ConfigError(
-            f"tokenizer folder {tokenizer_dir} does not exist; set {setting_name('tokenizer_source', 'DIR')}"
-        )
-    sets = {
-        language: cached_tokenization(
-            samples, tokenizer_dir, max_length, lambda s=samples: tokenize_calibration(s, tokenizer(), max_length)
-        )
-        for language, samples in texts.items()
-    }
-    for language, calibration in sets.items():
-        logger.info(
-            "calibration %s: %d samples, %d tokens", language, len(calibration.input_ids), calibration.num_tokens
-        )
-    return LanguageCalibration(sets, list(config.new_languages))
-
-
-def prepare_calibration(config: MergeConfig, tokenizer_dir: Path | None = None) -> CalibrationSet:
-    """All calibration texts together (every language's, when given per language), tokenized as by
-    :func:`prepare_language_calibration`: what a method without a language split measures every model on."""
-    return prepare_language_calibration(config, tokenizer_dir).all()
 
 
 def checkpoint_stats(
@@ -575,7 +498,7 @@ def _prepare(
             f"'{method.name}' cannot run: set the method's parameter sequential: false "
             f"({setting_name('params', {'sequential': False})})"
         )
-    calibration = prepare_language_calibration(config, tokenizer_dir, texts) if texts is not None else None
+    calibration = prepare_language_calibration(config, config.base, tokenizer_dir, texts) if texts is not None else None
     if config.dry_run:
         text = format_plan(plan, method, checkpoints, config.new_rows, describe_statistics(needs, calibration))
         logger.info("dry run, nothing written:\n%s", text)
@@ -635,7 +558,7 @@ def _measure(
         records = [{**src, "model": "checkpoint", "languages": list(calibration.sets)} for _, src in pairs]
     base_calibration = None
     if (needs.grams or needs.fishers) and plan.vocab_size is not None:
-        base_calibration = prepare_language_calibration(config, config.base, texts)  # ids the base's vocabulary has
+        base_calibration = prepare_language_calibration(config, config.base, config.base, texts)  # the base's ids
     statistics, measured = model_statistics(base, readers, needs, calibration, config, device, base_calibration)
     return stats, statistics, records + measured
 

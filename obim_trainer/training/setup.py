@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from transformers import TrainingArguments
 
 from obim_trainer.calibration import CalibrationSet
+from obim_trainer.calibration.preparation import prepare_calibration
 from obim_trainer.errors import ConfigError
 from obim_trainer.evaluation import METRIC_PREFIX, load_eval_sets
 from obim_trainer.merging import build_method
-from obim_trainer.pipeline.merge import prepare_calibration
 from obim_trainer.pipeline.variants import MergeVariant
 from obim_trainer.settings.callback import OBIMConfig
 
@@ -67,8 +67,7 @@ def prepare_data(
         )
     calibration = None
     if needs_stats:
-        # prepare_calibration reads only the calibration and tokenizer fields of the merge configuration
-        calibration = prepare_calibration(config.merge_config([config.base_model], None))
+        calibration = prepare_calibration(config, config.base_model, config.tokenizer_source)
     eval_sets = None
     if config.eval_data is not None:
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_source or config.base_model)

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from obim_trainer.calibration.preparation import prepare_language_calibration
 from obim_trainer.cli import main
 from obim_trainer.merging.regmean import RIDGED_NOTE
-from obim_trainer.pipeline.merge import prepare_language_calibration
 from obim_trainer.settings.merge import MergeConfig
 from tests.calibration.test_gram_stats import reference_grams
 from tests.conftest import make_texts, write_jsonl
@@ -46,7 +46,7 @@ def test_the_command_merges_layer_by_layer_on_each_side_s_text(llama_family, lan
     config = MergeConfig.build(
         {"base": base, "checkpoints": ckpts, "output": tmp_path / "x", "calibration_data": language_files}
     )
-    sets = prepare_language_calibration(config).sets
+    sets = prepare_language_calibration(config, config.base).sets
     expected, _, report = _merge(base, ckpts, sets["en"], sets["zh"])
     written = _weights(tmp_path / "merged")
     assert set(written) == set(expected)
@@ -65,7 +65,7 @@ def test_sequential_false_solves_each_map_on_the_grams_of_the_original_models(ll
     config = MergeConfig.build(
         {"base": base, "checkpoints": ckpts, "output": tmp_path / "x", "calibration_data": language_files}
     )
-    sets = prepare_language_calibration(config).sets
+    sets = prepare_language_calibration(config, config.base).sets
     models = [AutoModelForCausalLM.from_pretrained(p).eval() for p in (base, *ckpts)]
     grams = [reference_grams(m, sets["en" if i == 0 else "zh"]) for i, m in enumerate(models)]
     written, k, c, checked = _weights(tmp_path / "fixed"), len(ckpts), 2.0, 0

@@ -18,13 +18,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from obim_trainer.calibration.fisher_stats import FisherStats
+from obim_trainer.calibration.preparation import prepare_language_calibration
 from obim_trainer.calibration.stats_cache import STATS_DIRNAME, stats_path
 from obim_trainer.errors import CalibrationError, ConfigError
 from obim_trainer.merging import MergeMethod, MergeOutput, TensorTask
 from obim_trainer.merging.registry import _REGISTRY, MethodParams, StatisticsNeeds, register_method
 from obim_trainer.pipeline import merge as merge_module
 from obim_trainer.pipeline.layout import ModelLayout
-from obim_trainer.pipeline.merge import merge_checkpoints, prepare_language_calibration
+from obim_trainer.pipeline.merge import merge_checkpoints
 from obim_trainer.settings.merge import MergeConfig
 from tests.calibration.test_fisher_stats import brute_force_fisher
 from tests.calibration.test_gram_stats import reference_grams
@@ -144,7 +145,7 @@ def test_the_method_gets_the_base_measured_on_old_text_and_checkpoints_on_new_te
         stats_cache_dir=tmp_path / "stats",
         progress=False,
     )
-    calibration = prepare_language_calibration(config)
+    calibration = prepare_language_calibration(config, config.base)
     old, new = (["en", "zh"], ["ru"]) if per_language else (["en", "zh", "ru"], ["en", "zh", "ru"])
     probe.expected = expected_statistics(base, ckpts, calibration, old, new, fishers=True)
     result = merge_checkpoints(config)

@@ -8,8 +8,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from obim_trainer.calibration import ActivationStats
+from obim_trainer.calibration.preparation import prepare_calibration
 from obim_trainer.checkpoints import open_checkpoint
-from obim_trainer.pipeline.merge import merge_checkpoints_on_ranks, prepare_calibration
+from obim_trainer.pipeline.merge import merge_checkpoints_on_ranks
 from obim_trainer.tracking import block_group, layer_type, sampled_blocks, summarize_report
 
 
@@ -63,7 +64,7 @@ def test_histograms_are_eq5_on_the_sampled_block_of_the_merge(merges):
     histograms = summarize_report(obim.report, obim.plan)["mlp.up_proj"].histograms(bins=10)
     assert len(histograms) == 3 and all(h is not None for h in histograms)
     # eq. 5 from the files: s = mean(x²)·δ² of checkpoint 0, with its statistics measured here
-    calibration = prepare_calibration(_config(common, method="obim", dry_run=True))
+    calibration = prepare_calibration(_config(common, method="obim", dry_run=True), base)
     stats = ActivationStats.collect(AutoModelForCausalLM.from_pretrained(ckpts[0]), calibration, progress=False)
     name = f"model.layers.{block}.mlp.up_proj.weight"
     with open_checkpoint(base) as b, open_checkpoint(ckpts[0]) as c:

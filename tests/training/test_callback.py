@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from obim_trainer.calibration import stats_key, stats_path
+from obim_trainer.calibration.preparation import prepare_calibration
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.evaluation import PerLanguageEvaluator, load_eval_sets
-from obim_trainer.pipeline.merge import merge_checkpoints, prepare_calibration
+from obim_trainer.pipeline.merge import merge_checkpoints
 from obim_trainer.settings.callback import OBIMConfig
 from obim_trainer.tracking import NullLogger, WandbLogger
 from obim_trainer.training.callback import OBIMCallback
@@ -100,7 +101,7 @@ def test_selected_checkpoints_survive_save_total_limit(run):
 
 def test_checkpoints_get_the_statistics_the_offline_merge_looks_for(run, tmp_path):
     config = run.config().merge_config([run.inputs.base], None)
-    calibration = prepare_calibration(config)
+    calibration = prepare_calibration(config, config.base, config.tokenizer_source)
     for step in run.best():
         folder = run.output / "obim" / "selected" / f"checkpoint-{step}"
         assert_recorded_stats_are_the_offline_ones(folder, config, tmp_path)

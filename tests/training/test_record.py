@@ -9,9 +9,9 @@ import logging
 import torch
 from safetensors.torch import load_file
 
+from obim_trainer.calibration.preparation import prepare_calibration
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.checkpoints.detect import hf_format
-from obim_trainer.pipeline.merge import prepare_calibration
 from obim_trainer.settings.callback import OBIMConfig
 from obim_trainer.training.callback import OBIMCallback
 from obim_trainer.training.checkpoint_guard import CheckpointGuard
@@ -44,7 +44,7 @@ def test_a_zero_save_without_weights_is_rebuilt_from_its_shards_and_recorded(
     callback = OBIMCallback(config)
     callback.root = output / "obim"
     callback.guard = CheckpointGuard(callback.root / "selected")
-    callback.calibration = prepare_calibration(config.merge_config([base], None))
+    callback.calibration = prepare_calibration(config, base)
 
     with caplog.at_level(logging.WARNING):
         callback._resume(4, output)  # resumed at step 4: checkpoint-2 is not the resume point
