@@ -153,10 +153,11 @@ class GramStats:
         # no_grad, not inference_mode: ZeRO-3's parameter-gathering hooks break on inference tensors
         with evaluation_mode(model), torch.no_grad(), spool.writing():
             parts = _walkable(model, calibration, batch_size, device, layers, all_reduce)
+            run = _Pass(calibration, batch_size, device, progress, label, spool, all_reduce)
             if parts is None:
-                _whole_model(model, calibration, batch_size, device, progress, label, spool, all_reduce)
+                _whole_model(model, run)
             else:
-                _block_by_block(model, parts, calibration, batch_size, device, progress, label, spool, all_reduce)
+                _block_by_block(model, parts, run)
         stats = spool.stats()
         unseen = [n for n, g in stats.maps.items() if stats.count[g] == 0 and expert_of(n) is None]
         if unseen:
@@ -308,45 +309,40 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _whole_model(
-    model: nn.Module,
-    calibration: CalibrationSet,
-    batch_size: int,
-    device: torch.device,
-    progress: bool,
-    label: str,
-    spool: _Spool,
-    all_reduce: bool,
-) -> None:
+@dataclass
+class _Pass:
+    """One collection's texts, batching, device, progress bar, output and whether ranks sum their Grams."""
+
+    calibration: CalibrationSet
+    batch_size: int
+    device: torch.device
+    progress: bool
+    label: str
+    spool: _Spool
+    all_reduce: bool
+
+
+def _whole_model(model: nn.Module, run: _Pass) -> None:
     """Every Gram in one pass over the whole model (memory: all of them), for models not run block by block."""
     logger.warning(
-        "%s cannot be run block by block; its input Grams are collected in one pass, all of them in memory", label
+        "%s cannot be run block by block; its input Grams are collected in one pass, all of them in memory", run.label
     )
     recorder = GramRecorder(model)
     with recorder.attached():
-        for ids, mask in device_batches(calibration, batch_size, device, progress=progress, desc=label):
+        batches = device_batches(run.calibration, run.batch_size, run.device, progress=run.progress, desc=run.label)
+        for ids, mask in batches:
             recorder.set_token_mask(mask)
             model(input_ids=ids, attention_mask=mask, use_cache=False)
-    spool.write(recorder.stats(), all_reduce=all_reduce)
+    run.spool.write(recorder.stats(), all_reduce=run.all_reduce)
 
 
-def _block_by_block(
-    model: nn.Module,
-    parts: DecoderParts,
-    calibration: CalibrationSet,
-    batch_size: int,
-    device: torch.device,
-    progress: bool,
-    label: str,
-    spool: _Spool,
-    all_reduce: bool,
-) -> None:
+def _block_by_block(model: nn.Module, parts: DecoderParts, run: _Pass) -> None:
     """Each block over every batch, its Grams written before the next runs, then the LM head on the final
     norm's outputs. Hidden states at the current block's input: one per token of the calibration text."""
     from tqdm.auto import tqdm
 
-    stream = catch_block_inputs(model, parts.blocks[0], calibration, batch_size, device)
-    for index, block in enumerate(tqdm(parts.blocks, desc=label, unit="block", disable=not progress)):
+    stream = catch_block_inputs(model, parts.blocks[0], run.calibration, run.batch_size, run.device)
+    for index, block in enumerate(tqdm(parts.blocks, desc=run.label, unit="block", disable=not run.progress)):
         recorder = GramRecorder(block)
         outputs = []
         with recorder.attached():
@@ -354,8 +350,8 @@ def _block_by_block(
                 recorder.set_token_mask(batch.mask)
                 outputs.append(run_block(block, batch))
         stream = advanced(stream, outputs)
-        spool.write(recorder.stats(), f"{parts.blocks_name}.{index}.", all_reduce)
-    _head(model, stream, parts, spool, all_reduce)
+        run.spool.write(recorder.stats(), f"{parts.blocks_name}.{index}.", run.all_reduce)
+    _head(model, stream, parts, run.spool, run.all_reduce)
 
 
 def _output_head(model: nn.Module) -> tuple[str, nn.Module] | None:
