@@ -16,8 +16,8 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from obim_trainer.checkpoints.atomic import atomic_output_file, rename_durably
 from obim_trainer.checkpoints.reader import SAFETENSORS_DTYPES
 from obim_trainer.errors import CalibrationError
 
@@ -58,19 +59,15 @@ def header_room(tensors: Mapping[str, tuple[int, ...]], metadata: Mapping[str, A
 class StatsFileWriter:
     """Streams tensors into a statistics file, one at a time; :meth:`finish` writes the header and publishes it.
 
-    The data goes into a temporary file beside ``path`` after ``header_bytes`` reserved for the header
-    (:func:`header_room`); nothing is at ``path`` until :meth:`finish` renames the fsynced file there, so a
-    failure or an interrupt leaves no partial statistics. Memory: the tensor being written.
+    The data goes into a temporary file beside ``path`` (:func:`~obim_trainer.checkpoints.atomic.atomic_output_file`)
+    after ``header_bytes`` reserved for the header (:func:`header_room`); nothing is at ``path`` until
+    :meth:`finish` publishes the fsynced file there, so a failure or an interrupt leaves no partial
+    statistics. Memory: the tensor being written.
     """
 
     def __init__(self, path: Path, header_bytes: int) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self._partial = Path(partial)
-        self._file = os.fdopen(handle, "w+b")
-        self._room = header_bytes + (-header_bytes % 8)  # data 8-byte aligned, so it maps without a copy
-        self._file.seek(8 + self._room)
+        self._open(header_bytes + (-header_bytes % 8))  # data 8-byte aligned, so it maps without a copy
         self._entries: dict[str, dict[str, Any]] = {}
         self._position = 0
 
@@ -96,31 +93,34 @@ class StatsFileWriter:
             self._grow_room(len(header))
         self._file.seek(0)
         self._file.write(self._room.to_bytes(8, "little") + header + b" " * (self._room - len(header)))
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self._partial, self.path)
-        _fsync_folder(self.path.parent)
+        self._publish.close()  # fsynced and renamed into place
         return StatsFile(self.path, kind, dict(metadata))
+
+    def _open(self, room: int) -> None:
+        """A new temporary file with ``room`` bytes for the header, positioned where the data starts."""
+        self._publish = ExitStack()
+        partial = self._publish.enter_context(atomic_output_file(self.path))
+        self._file = open(partial, "w+b")  # noqa: SIM115 (closed by finish or abort)
+        self._room = room
+        self._file.seek(8 + room)
 
     def _grow_room(self, needed: int) -> None:
         """Move the data behind a larger header room (a copy on disk; only when the reservation was too small)."""
         logger.info(
             "the header of %s needs %d bytes, %d were reserved; rewriting the data", self.path, needed, self._room
         )
-        handle, partial = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        grown = os.fdopen(handle, "w+b")
-        room = needed + (-needed % 8)
-        grown.seek(8 + room)
-        self._file.seek(8 + self._room)
-        shutil.copyfileobj(self._file, grown, 16 << 20)
-        self.abort()
-        self._file, self._partial, self._room = grown, Path(partial), room
+        old, old_room, old_publish = self._file, self._room, self._publish
+        self._open(needed + (-needed % 8))
+        old.seek(8 + old_room)
+        shutil.copyfileobj(old, self._file, 16 << 20)
+        old.close()
+        _drop(old_publish)
 
     def abort(self) -> None:
         """Drop what was written (nothing appears at ``path``)."""
         self._file.close()
-        self._partial.unlink(missing_ok=True)
+        _drop(self._publish)
 
     def __enter__(self) -> StatsFileWriter:
         return self
@@ -132,12 +132,12 @@ class StatsFileWriter:
             self.abort()
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class _Dropped(Exception):
+    """Thrown into an unpublished temporary file's context: it is deleted, nothing appears."""
+
+
+def _drop(publish: ExitStack) -> None:
+    publish.__exit__(_Dropped, _Dropped(), None)
 
 
 def write_stats_file(path: Path, tensors: Mapping[str, Tensor], key: str, kind: str, metadata: dict[str, Any]) -> None:
@@ -173,21 +173,13 @@ def move_stats_file(source: Path, target: Path) -> None:
     into a temporary file beside ``target``, fsynced, renamed, and the source removed."""
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.replace(source, target)
+        rename_durably(source, target)
     except OSError as exc:
         if exc.errno != errno.EXDEV:  # another filesystem: copy
             raise
-        handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as out, open(source, "rb") as src:
-                shutil.copyfileobj(src, out, 16 << 20)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(partial, target)
-        finally:
-            Path(partial).unlink(missing_ok=True)
+        with atomic_output_file(target) as partial, open(partial, "wb") as out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out, 16 << 20)
         source.unlink()
-    _fsync_folder(target.parent)
 
 
 @dataclass

@@ -171,7 +171,7 @@ def weights_from_zero_shards(folder: Path, max_shard_size: int) -> None:
                     writer.write(name, reader.read(name).contiguous())
                 files = writer.close()
         for file in files:
-            os.replace(file, folder / file.name)
+            rename_durably(file, folder / file.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     assert hf_format(folder) is not None
