@@ -209,9 +209,7 @@ def _params(
     return found
 
 
-def _stored_name_function(
-    stored_names: set[str], prefix: str, renamed: dict[str, str]
-) -> Callable[[str], str | None]:
+def _stored_name_function(stored_names: set[str], prefix: str, renamed: dict[str, str]) -> Callable[[str], str | None]:
     """Module parameter name → the name in the files (which may lack the ``base_model_prefix``, or be one that
     transformers renames on load, ``renamed``: loaded → stored, e.g. Mixtral's router ``mlp.gate`` is stored as
     ``block_sparse_moe.gate``)."""
@@ -294,6 +292,7 @@ def _fused_parameters(
                 f"{experts.name} is not (stored fused, transposed or with biases): use sequential: false"
             )
     return fused
+
 
 def sequential_write_order(plan: MergePlan, layout: ModelLayout) -> MergePlan:
     """The plan in the order the sequential merge writes it: tensors outside the blocks, then block by block
