@@ -35,11 +35,21 @@ accumulate in float64; a group holds K + 3 float64 [in, in] matrices while it is
 Precision: the originals run in float32 whatever their stored dtype; the merged model runs with its
 weights as they are written (rounded to the output dtype), so later maps see the model that is saved.
 
+MoE: a router is solved as a linear map. A fused experts module (transformers loads Mixtral/Qwen-MoE experts
+as 3-D parameters, the files store one 2-D tensor per expert) forms a group of its own, solved expert by
+expert on the tokens the partially merged model routes to it — the merged model is what will run those
+tokens — against each original's own inputs of the same tokens (whatever the original routed them to); each
+side's terms are divided by its routed-token count, as the non-sequential per-expert Grams are, so the two
+coincide when the merged inputs equal the originals'. ``down_proj`` reads act(gate)·up: the merged one from the
+just-merged first projection, each original's from its own. An expert a side routes no token to gets the
+shrink rule, counted in one warning.
+
 Limits: maps run more than once per forward pass (shared weights) are refused, maps the calibration text
-never reaches (unrouted MoE experts) and parameters that are not ``nn.Linear``/``Conv1D`` weights (fused
-3-D expert tensors) get the shrink rule; vocabularies the checkpoints extend are refused (use the
-non-sequential merge). Tested against a whole-model reference on Llama (MHA and GQA, tied bf16 and untied),
-GPT-2 (Conv1D, fused qkv), Qwen2 (q/k/v biases), Phi-3 (fused qkv_proj, gate_up_proj) and Gemma (scaled embeddings).
+never reaches get the shrink rule; experts stored fused or with biases, and vocabularies the checkpoints
+extend, are refused (use the non-sequential merge). Tested against a whole-model reference on Llama (MHA and
+GQA, tied bf16 and untied), GPT-2 (Conv1D, fused qkv), Qwen2 (q/k/v biases), Phi-3 (fused qkv_proj,
+gate_up_proj) and Gemma (scaled embeddings); on Mixtral, Qwen2-MoE and Qwen3-MoE against the non-sequential
+solve where the two must agree.
 
 The merge writes in a fixed order (:func:`sequential_write_order`): tensors outside the blocks first,
 then block by block, the untied LM head last. Build the writer from that order.
@@ -88,9 +98,11 @@ ACCUMULATE_DTYPE = torch.float64
 
 @dataclass
 class SequentialReport:
-    """What the sequential merge did: the maps whose solve needed a ridge, tensors written, time."""
+    """What the sequential merge did: the maps whose solve needed a ridge, tensors written, MoE experts a side's
+    text never reached (layer, expert), time."""
 
     ridged: list[str] = field(default_factory=list)
+    unreached_experts: list[tuple[str, int]] = field(default_factory=list)
     tensors: int = 0
     solved: int = 0
     seconds: float = 0.0
@@ -725,7 +737,7 @@ class _SequentialMerge:
         them. Each side's terms are divided by its routed-token count, as the expert's non-sequential Grams
         are, so with identical models this is the non-sequential merge. First projection (gate/up, one input),
         then ``down_proj`` on act(gate)·up: the merged one from the just-merged slice, each original's from its
-        own. An expert a side routes no token to keeps the shrink rule θ_B + mean δ/(1+c), with one warning.
+        own. An expert a side routes no token to keeps the shrink rule θ_B + mean δ/(1+c) (counted in the report).
         """
         assert entry.experts is not None
         experts, (first, down) = entry.experts, fused
@@ -736,13 +748,12 @@ class _SequentialMerge:
         inputs = [torch.cat(batches).to(self.device) for batches in originals]
         sides = [inputs[:1], inputs[1:]]
         pending: dict[str, Tensor] = {}
-        unreached = 0
         for e in range(experts.num_experts):
             chosen = [(routes == e).any(1) for _hidden, routes in merged]
             counts = [int(c.sum()) for c in chosen]
             names = [s for p in fused for s, place in p.slices if place.expert == e]
             if min(counts) == 0:
-                unreached += 1
+                self.report.unreached_experts.append((entry.name, e))
                 pending |= {name: self.shrink(name) for name in names}
                 continue
             x_merged = [hidden[c] for (hidden, _r), c in zip(merged, chosen, strict=True)]
@@ -754,14 +765,6 @@ class _SequentialMerge:
             a_originals = [[experts.activation(x, w) for x, w in zip(x_originals[0], own[:1], strict=True)]]
             a_originals.append([experts.activation(x, w) for x, w in zip(x_originals[1], own[1:], strict=True)])
             pending |= self.solve_expert(down, e, a_merged, a_originals, counts)
-        if unreached:
-            logger.warning(
-                "%d of %d experts of %s got no calibration token on the old or the new text in the merged model; "
-                "they get θ_B + mean δ/(1+c) — give more calibration text",
-                unreached,
-                experts.num_experts,
-                entry.name,
-            )
         return pending
 
     def solve_expert(
@@ -931,6 +934,13 @@ def sequential_regmean(
     finally:
         bar.close()
     merge.report.seconds = time.perf_counter() - start
+    if unreached := merge.report.unreached_experts:
+        logger.warning(
+            "%d MoE expert(s) in %d layer(s) got no calibration token on the old or the new text in the merged "
+            "model; they get θ_B + mean δ/(1+c) — give more calibration text",
+            len(unreached),
+            len({layer for layer, _e in unreached}),
+        )
     logger.info(
         "sequential regmean: %d tensors (%d maps solved, %d with a ridge) in %.1fs",
         merge.report.tensors,

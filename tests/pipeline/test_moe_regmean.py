@@ -21,7 +21,7 @@ from obim_trainer.calibration.gram_stats import GramStats
 from obim_trainer.pipeline.layout import ModelLayout
 from obim_trainer.pipeline.merge import MergeResult, merge_checkpoints
 from tests.architectures import MOE, tiny_causal_lm
-from tests.conftest import save_model_folder
+from tests.conftest import save_model_folder, write_jsonl
 from tests.test_architectures import family
 
 EXPERT = "model.layers.1.block_sparse_moe.experts.2.{}.weight"
@@ -139,3 +139,27 @@ def test_fisher_merging_weighs_each_expert_by_its_rows_of_the_fused_fisher(mixtr
         numerator = f[0] * w[0] + sum(fk * wk for fk, wk in zip(f[1:], w[1:], strict=True)) / k
         expected = numerator / (f[0] + sum(f[1:]) / k)
         torch.testing.assert_close(merged[name].double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_experts_a_side_never_reaches_keep_the_shrink_rule_with_one_warning(mixtral, language_files, tmp_path, caplog):
+    """New-language text of one short text reaches only some experts (top-2 of 4, a few tokens): those get
+    θ_B + mean δ/(1+c), every other expert is solved, and one warning counts them."""
+    base, ckpts = mixtral
+    files = {"en": language_files["en"], "zh": write_jsonl(tmp_path / "zh.jsonl", ["a"])}
+    with caplog.at_level(logging.WARNING):
+        result = _merge(base, ckpts, files, tmp_path / "m", "regmean", base_weight=3.0)
+    warnings = [r.getMessage() for r in caplog.records if "MoE expert(s)" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    merged = load_file(Path(result.output) / "model.safetensors")
+    models = [load_file(Path(d) / "model.safetensors") for d in (base, *ckpts)]
+    shrunk, solved = 0, 0
+    for layer in range(2):
+        for e in range(4):
+            name = f"model.layers.{layer}.block_sparse_moe.experts.{e}.w2.weight"
+            mean_delta = sum(m[name] - models[0][name] for m in models[1:]) / len(ckpts)
+            if torch.allclose(merged[name], models[0][name] + mean_delta / 4.0, rtol=0, atol=1e-6):
+                shrunk += 1
+            else:
+                solved += 1
+    assert shrunk >= 1 and solved >= 1
+    assert warnings[0].startswith(f"{shrunk} MoE expert(s)")
