@@ -20,8 +20,8 @@ from obim_trainer.calibration.fisher_stats import FisherStats
 from obim_trainer.calibration.gram_stats import GramStats
 from obim_trainer.pipeline.layout import ModelLayout
 from obim_trainer.pipeline.merge import MergeResult, merge_checkpoints
-from tests.architectures import MOE, tiny_causal_lm
-from tests.conftest import save_model_folder, write_jsonl
+from tests.architectures import COMMON, EXPERTS, MOE, tiny_causal_lm
+from tests.conftest import perturbed_copy, save_model_folder, write_jsonl
 from tests.test_architectures import family
 
 EXPERT = "model.layers.1.block_sparse_moe.experts.2.{}.weight"
@@ -168,3 +168,37 @@ def test_experts_a_side_never_reaches_keep_the_shrink_rule_with_a_warning(
     assert shrunk >= 1 and solved >= 1
     if sequential:
         assert warnings[0].startswith(f"{shrunk} MoE expert(s)")
+
+
+@pytest.mark.parametrize(("method", "warned"), [("obim", "scored at random"), ("fisher_merging", None)])
+def test_experts_stored_fused_are_named_in_one_warning(method, warned, tokenizer_dir, language_files, tmp_path, caplog):
+    """gpt-oss stores its experts as 3-D tensors ``[E, in, out]``: no per-expert statistics exist for them, so a
+    method that reads per-map statistics says so once (OBIM: scored at random); Fisher diagonals cover them."""
+    import transformers
+
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no GptOssConfig")
+    config = transformers.GptOssConfig(
+        **{**COMMON, **EXPERTS, "intermediate_size": 32, "num_local_experts": 4, "head_dim": 16},
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    base = transformers.AutoModelForCausalLM.from_config(config)
+    base_dir = save_model_folder(base, tmp_path / "base", tokenizer_dir)
+    ckpts = [save_model_folder(perturbed_copy(base, seed=10 + i, scale=0.05), tmp_path / f"c{i}", None) for i in (0, 1)]
+    fused = [n for n, t in load_file(base_dir / "model.safetensors").items() if t.dim() == 3]
+    assert len(fused) == 4  # 2 blocks × (gate_up_proj, down_proj)
+    with caplog.at_level(logging.WARNING):
+        merge_checkpoints(
+            base=base_dir,
+            checkpoints=ckpts,
+            calibration_data=language_files,
+            new_languages=["zh"],
+            method=method,
+            output=tmp_path / "m",
+            dry_run=True,
+        )
+    warnings = [r.getMessage() for r in caplog.records if "stored fused" in r.getMessage()]
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith("4 tensor(s)") and warned in warnings[0], warnings
