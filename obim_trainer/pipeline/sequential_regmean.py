@@ -188,6 +188,8 @@ class _Skeleton:
     head_axis: int = 1
     fused: dict[str, list[tuple[str, StoredSlice]]] = field(default_factory=dict)
     """Fused MoE parameter name in the model → its stored per-expert tensors and their places in it."""
+    layout: ModelLayout = field(default_factory=ModelLayout)
+    """The base's layout (stored names, kinds), built once from this skeleton."""
 
     def block_params(self, index: int) -> list[_Param]:
         return _params(self.blocks[index], f"{self.blocks_name}.{index}", self.stored_name, self.fused)
@@ -284,7 +286,9 @@ def _build_skeleton(base_dir: Path, stored_names: set[str], device: torch.device
     ]
     tail_ids = {id(m) for module in tail for m in module.modules()}
     tail_params = [p for p in outside if id(p.owner) in tail_ids]
-    return _Skeleton(model, blocks, blocks_name, stored_name, outside, tail, tail_params, head, head_axis, fused)
+    return _Skeleton(
+        model, blocks, blocks_name, stored_name, outside, tail, tail_params, head, head_axis, fused, layout
+    )
 
 
 def _fused_parameters(
@@ -902,7 +906,7 @@ def sequential_regmean(
     start = time.perf_counter()
     device = torch.device(device)
     skeleton = _build_skeleton(Path(base_dir), set(base.tensor_infos()), device)
-    order = sequential_write_order(plan, ModelLayout.from_model(skeleton.model))
+    order = sequential_write_order(plan, skeleton.layout)
     blocks = len(skeleton.blocks)
     beyond = [t.name for t in order.tensors if t.block_index is not None and t.block_index >= blocks]
     if beyond:
