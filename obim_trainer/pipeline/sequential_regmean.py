@@ -485,7 +485,8 @@ class _Side:
     """One calibration text: the merged model's stream on it, and the originals measured on it (with weights).
 
     ``originals[i][b]`` are original model i's inputs to the group on batch b; ``weights[i]`` its weight in
-    the objective (c/n_B for the base on old text, 1/(K·n_N) for each checkpoint on new text)."""
+    the objective (c/n_B for the base on old text, 1/(K·n_N) for each checkpoint on new text). An MoE expert's
+    sides carry only the weights; its rows are given to :func:`_accumulate` directly."""
 
     stream: Stream
     originals: list[list[Tensor]]
@@ -623,20 +624,18 @@ class _SequentialMerge:
 
     # the least-squares solve
 
-    def sides(
-        self,
-        merged: _Streams,
-        base_inputs: list[Tensor],
-        checkpoint_inputs: list[list[Tensor]],
-        tokens: tuple[int, int] | None = None,
-    ) -> list[_Side]:
-        """The two sides' weights; ``tokens`` (old, new) overrides the texts' token counts n_B, n_N (an expert's
-        terms are divided by the tokens routed to it, as its non-sequential Grams are)."""
+    def weights(self, n_old: int, n_new: int) -> list[tuple[list[float], float]]:
+        """Per side (old text with n_old tokens, new text with n_new), each original's weight and the merged
+        inputs' Gram weight: c/n_B for the base, 1/(K·n_N) for each checkpoint, 1/n_N for the new side's Gram."""
         c, k = self.base_weight, len(self.checkpoints)
-        n_old, n_new = tokens or (self.old_tokens, self.new_tokens)
-        old = _Side(merged.merged_old, [base_inputs], [c / n_old], c / n_old)
-        new = _Side(merged.merged_new, checkpoint_inputs, [1.0 / (k * n_new)] * k, 1.0 / n_new)
-        return [old, new]
+        return [([c / n_old], c / n_old), ([1.0 / (k * n_new)] * k, 1.0 / n_new)]
+
+    def sides(self, merged: _Streams, base_inputs: list[Tensor], checkpoint_inputs: list[list[Tensor]]) -> list[_Side]:
+        (old, old_gram), (new, new_gram) = self.weights(self.old_tokens, self.new_tokens)
+        return [
+            _Side(merged.merged_old, [base_inputs], old, old_gram),
+            _Side(merged.merged_new, checkpoint_inputs, new, new_gram),
+        ]
 
     def solve(self, name: str, axis: int, crosses: Sequence[Tensor], gram: Tensor) -> Tensor:
         """W* = Σ_i W_i·(w_i·reg(X_iᵀX̂)) · (Σ w·reg(X̂ᵀX̂))⁻¹ for one map, stored as the files store it."""
@@ -774,8 +773,9 @@ class _SequentialMerge:
     def solve_expert(
         self, p: _Param, expert: int, merged: list[Tensor], originals: list[list[Tensor]], counts: list[int]
     ) -> dict[str, Tensor]:
-        """One expert's stored tensors of fused parameter ``p`` on its routed rows (per side: merged, originals)."""
-        sides = self.sides(_Streams([], [], [], []), [], [], tokens=(counts[0], counts[1]))
+        """One expert's stored tensors of fused parameter ``p`` on its routed rows (per side: merged, originals);
+        each side's terms divided by its routed-token count, as the expert's non-sequential Grams are."""
+        sides = [_Side([], [], weights, gram_weight) for weights, gram_weight in self.weights(*counts)]
         rows = [[(m, o)] for m, o in zip(merged, originals, strict=True)]
         crosses, gram = _accumulate(sides, rows, merged[0].shape[1], self.alpha, self.device)
         return {
