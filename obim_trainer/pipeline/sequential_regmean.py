@@ -351,7 +351,14 @@ def _sharing_arguments(stream: Stream, like: Stream) -> Stream:
 
 def _rows(inputs: Tensor, in_features: int, mask: Tensor) -> Tensor:
     """The non-pad tokens' inputs as ``[n, in]`` rows."""
-    return inputs.detach().reshape(-1, in_features)[mask]
+    rows = inputs.detach().reshape(-1, in_features)
+    if rows.shape[0] != mask.numel():
+        raise ConfigError(
+            f"a linear map reads {rows.shape[0]} rows for {mask.numel()} token positions (MoE experts as separate "
+            "Linear layers see only their routed tokens), which the layer-by-layer merge cannot align: use "
+            "sequential: false"
+        )
+    return rows[mask]
 
 
 @dataclass
