@@ -39,7 +39,9 @@ from obim_trainer.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+"""Part of every statistics key (all kinds): 2 since MoE routers and experts have entries, so statistics cached
+before (which lack them) are recomputed, never read as "no statistics"."""
 TOKEN_COUNTS_KEY = "__token_counts__"
 # DDP / DeepSpeed engines and torch.compile wrap the model; its own parameter names come after these
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")

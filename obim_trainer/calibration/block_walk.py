@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from obim_trainer.calibration.data import CalibrationSet
 from obim_trainer.errors import ConfigError
-from obim_trainer.pipeline.layout import BLOCK_INDEX
+from obim_trainer.pipeline import layout  # the module, read at call time: layout imports calibration in turn
 
 
 class BlockWalkError(ConfigError):
@@ -75,7 +75,7 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
         (
             (name, child)
             for name, child in base_model.named_children()
-            if isinstance(child, nn.ModuleList) and len(child) > 0 and BLOCK_INDEX.search(f"{name}.0.x")
+            if isinstance(child, nn.ModuleList) and len(child) > 0 and layout.BLOCK_INDEX.search(f"{name}.0.x")
         ),
         None,
     )

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from obim_trainer.calibration.activation_stats import WRAPPER_PREFIXES
+from obim_trainer.calibration.activation_stats import WRAPPER_PREFIXES, expert_layers
 from obim_trainer.calibration.data import CalibrationSet
 from obim_trainer.calibration.forward import device_batches, evaluation_mode, input_device, model_label
+from obim_trainer.calibration.moe import stored_expert_slices
 from obim_trainer.calibration.reduction import all_reduce_counts, all_reduce_sums
 from obim_trainer.calibration.stats_file import StatsFile, write_stats_file
 from obim_trainer.errors import CalibrationError
@@ -35,8 +36,9 @@ logger = logging.getLogger(__name__)
 
 FISHER_BATCH_SIZE = 4
 """Texts per mini-batch b: the Fisher of the mean gradient of 4 texts, as the measurements behind issue 19 used."""
-KIND = f"fisher-v1-b{FISHER_BATCH_SIZE}"
-"""Names the kind, format and batch size of a Fisher file; part of its cache key."""
+KIND = f"fisher-v2-b{FISHER_BATCH_SIZE}"
+"""Names the kind, format and batch size of a Fisher file; part of its cache key. v2: fused MoE experts are
+stored per expert tensor (v1 files lack those entries and are recomputed)."""
 BATCHES = "batches"
 
 
@@ -63,7 +65,10 @@ def _all_trainable(params: list[Tensor]) -> Iterator[None]:
 class FisherStats:
     """Σ_b (∇L_b)² per parameter and the number of batches, in memory (after :meth:`collect`) or in a file.
 
-    Keys are parameter names as the model names them (``model.layers.0.mlp.up_proj.weight``).
+    Keys are parameter names as the model names them (``model.layers.0.mlp.up_proj.weight``), except fused MoE
+    experts: a fused parameter's F is sliced into the tensors the checkpoints store
+    (``model.layers.0.block_sparse_moe.experts.3.w1.weight``), since F is per element and each stored tensor
+    is some rows of one expert (:func:`split_fused_experts`).
     """
 
     batches: int
@@ -120,7 +125,8 @@ class FisherStats:
                 batches += 1
         if batches == 0:
             raise CalibrationError("no calibration text is longer than one token; Fisher statistics need more text")
-        return cls(batches=batches, sums={n: s.cpu() for n, s in sums.items()}, names=frozenset(sums))
+        sums = split_fused_experts(model, {n: s.cpu() for n, s in sums.items()})
+        return cls(batches=batches, sums=sums, names=frozenset(sums))
 
     def all_reduce(self, group: Any = None) -> None:
         """Sum over all ranks of ``group`` (no-op outside ``torch.distributed``); before :meth:`save`."""
@@ -151,3 +157,19 @@ class FisherStats:
         except Exception:
             raise CalibrationError(f"statistics file {path} is inconsistent; delete it to recompute") from None
         return cls(batches=batches, file=file, names=names)
+
+
+def split_fused_experts(model: nn.Module, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``sums`` with each fused MoE expert parameter (``mlp.experts.gate_up_proj`` ``[E, d1, d2]``) replaced by
+    its slices under the names the checkpoints store them: that expert's rows of the fused gradient², laid out
+    as transformers' own save-time conversion lays them (:func:`~obim_trainer.calibration.moe.stored_expert_slices`),
+    so Fisher merging finds one F per stored tensor. Parameters the files keep fused stay as they are."""
+    slices = stored_expert_slices(model, expert_layers(model))
+    split = {place.param for place in slices.values() if place.param in sums}
+    out = {name: value for name, value in sums.items() if name not in split}
+    for stored, place in slices.items():
+        if place.param in split:
+            fused = sums[place.param]
+            rows = fused.reshape(-1, fused.shape[-1])[place.rows]
+            out[stored] = (rows.T if place.transposed else rows).contiguous()
+    return out

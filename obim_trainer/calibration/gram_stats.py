@@ -162,7 +162,8 @@ class GramStats:
         unseen = [n for n, g in stats.maps.items() if stats.count[g] == 0 and expert_of(n) is None]
         if unseen:
             logger.warning("%d linear map(s) never ran on the calibration data (e.g. %s)", len(unseen), unseen[0])
-        warn_unreached_experts([stats.count], f"their input Grams are zero ({label})")
+        consequence = f"their input Grams are zero ({label}): regmean gives them θ_B + mean δ/(1+c)"
+        warn_unreached_experts([stats.count], consequence)
         return stats
 
     def all_reduce(self, group: Any = None) -> None:

@@ -12,8 +12,9 @@ c trades one against the other. Each Gram is first shrunk toward its diagonal,
 G ← α·G + (1−α)·diag(G) (RegMean's eq. 4; α = 1 keeps the full covariance, which measured best here).
 
 Everything that is not a linear map's weight with Grams — embeddings, norms, biases, an LM head tied to
-the embeddings — gets θ_B + mean_k δ_k/(1 + c). That is what the formula above gives when every model's
-statistics are equal (G_B = G_k = G): W* = (c·W_B + mean_k W_k)·G·((c + 1)·G)⁻¹ = θ_B + mean_k δ_k/(1+c).
+the embeddings, an MoE expert one side's text never reaches — gets θ_B + mean_k δ_k/(1 + c). That is what
+the formula above gives when every model's statistics are equal (G_B = G_k = G):
+W* = (c·W_B + mean_k W_k)·G·((c + 1)·G)⁻¹ = θ_B + mean_k δ_k/(1+c).
 Embedding rows of tokens the calibration text never uses thus still move toward the checkpoints.
 
 ``sequential: true`` (the default, RegMean++) is a model-level pipeline: it merges the linear maps in
@@ -90,8 +91,17 @@ class RegMean(MergeMethod):
         c = self._params.base_weight
         if task.kind is not ParamKind.LINEAR or task.base_gram is None or task.checkpoint_grams is None:
             return MergeOutput(tensor=shrink_toward_base(task.base, mean_delta(task), c))
+        if _unreached(task.base_gram, task.checkpoint_grams):
+            return MergeOutput(tensor=shrink_toward_base(task.base, mean_delta(task), c))
         merged, ridged = regmean_linear(task, c, self._params.alpha)
         return MergeOutput(tensor=merged, notes={RIDGED_NOTE: int(ridged)})
+
+
+def _unreached(base_gram: Tensor, checkpoint_grams: Sequence[Tensor]) -> bool:
+    """Whether one side's Grams are all zero: the map never ran on that side's text (an MoE expert no token of
+    it was routed to; the statistics pass warned and counted them). With no evidence on one side the solve
+    would copy the other; such a map gets θ_B + mean δ/(1+c), as in the sequential merge."""
+    return not bool(base_gram.any()) or not any(bool(gram.any()) for gram in checkpoint_grams)
 
 
 def _as_out_in(weight: Tensor, in_axis: int) -> Tensor:

@@ -456,6 +456,8 @@ class MergeEngine:
             raise ConfigError(f"method '{self.method.name}' reads Fisher diagonals, but the merge was given none")
         model_name = self.layout.model_name(plan.name)
         fishers = []
+        if plan.name in checkpoints[0].names:  # an MoE expert's F is stored under its stored name (its rows only)
+            model_name = plan.name
         for k, stats in enumerate(checkpoints):
             fisher = stats.fisher(model_name, rows)
             if fisher is None:

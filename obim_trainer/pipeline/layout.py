@@ -11,7 +11,6 @@ then never imports transformers.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import logging
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from obim_trainer._user_cache import cache_dir, installed_version
-from obim_trainer.calibration.moe import FusedExperts, expert_key, fused_experts, router_in_features
+from obim_trainer.calibration.moe import FusedExperts, fused_experts, router_in_features, stored_expert_slices
 from obim_trainer.checkpoints.atomic import write_atomically
 from obim_trainer.errors import CheckpointError
 from obim_trainer.merging.task import ParamKind
@@ -81,55 +80,6 @@ def _stored_names(model: nn.Module, loaded: dict[str, ParamKind]) -> dict[str, s
     return {s: name for name, s in stored.items() if s != name}
 
 
-def _expert_names(model: nn.Module, experts: list[FusedExperts]) -> dict[str, tuple[str, int]]:
-    """Stored name → ``(statistics key, input axis)`` of every expert's stored 2-D tensor.
-
-    transformers saves fused experts one tensor per expert, through its own conversion mapping reversed.
-    Running that reversal on small numbered stand-ins (``[E, rows, 1]``, every row of both fused
-    parameters of one experts module its own number) tells, for every stored tensor, which expert of
-    which fused parameter it is, with no architecture special-cased here. One module at a time, so the
-    stand-ins stay small (E·rows numbers: 23 MB for a 256-expert layer of hidden size 7168).
-    """
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # older transformers load per-expert Linear layers, which need no mapping
-        return {}
-    if not hasattr(model, "config"):
-        return {}
-    names: dict[str, tuple[str, int]] = {}
-    for group in experts:
-        starts: list[tuple[int, str, int]] = []  # (first number, fused parameter, rows)
-        stand_ins: dict[str, torch.Tensor] = {}
-        start = 0
-        for param in group.params():
-            rows = getattr(group.module, param.rsplit(".", 1)[1]).shape[1]
-            size = group.num_experts * rows
-            stand_ins[param] = torch.arange(start, start + size, dtype=torch.float64).view(group.num_experts, rows, 1)
-            starts.append((start, param, rows))
-            start += size
-        for stored, numbers in revert_weight_conversion(model, stand_ins).items():
-            if (found := _expert_slice(numbers, starts, group)) is not None:
-                names[stored] = found
-    return names
-
-
-def _expert_slice(
-    numbers: torch.Tensor, starts: list[tuple[int, str, int]], group: FusedExperts
-) -> tuple[str, int] | None:
-    """``(statistics key, input axis)`` of a reverted stand-in, ``None`` unless it is one expert's 2-D slice
-    (a checkpoint may store experts fused, 3-D, or several together). The stand-in's last axis is the fused
-    parameter's last: the input axis unless ``is_transposed``."""
-    if numbers.ndim != 2:
-        return None
-    low, high = int(numbers.min()), int(numbers.max())
-    begin, param, rows = starts[bisect.bisect_right([s[0] for s in starts], low) - 1]
-    expert = (low - begin) // rows
-    if (high - begin) // rows != expert or expert >= group.num_experts:
-        return None
-    last_axis = 0 if numbers.shape[0] == 1 and numbers.shape[1] != 1 else 1  # where the fused last axis went
-    return expert_key(param, expert), last_axis if group.in_axis == 1 else 1 - last_axis
-
-
 @dataclass
 class ModelLayout:
     """Kinds of the model's parameters and which pair of names is tied.
@@ -184,10 +134,10 @@ class ModelLayout:
             return f"{module_names[id(module)]}.weight" if module is not None and id(module) in module_names else None
 
         stored_names = _stored_names(model, kinds)
-        for stored, (key, in_axis) in _expert_names(model, experts).items():
-            stored_names[stored], kinds[key] = key, ParamKind.LINEAR  # one expert's map: scored as a Linear weight
-            if in_axis == 0:
-                transposed.add(key)
+        for stored, found in stored_expert_slices(model, experts).items():
+            stored_names[stored], kinds[found.key] = found.key, ParamKind.LINEAR  # scored as a Linear weight
+            if found.in_axis == 0:
+                transposed.add(found.key)
         config = getattr(model, "config", None)
         text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
         return cls(

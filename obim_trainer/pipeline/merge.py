@@ -71,7 +71,7 @@ from obim_trainer.pipeline.engine import (
 from obim_trainer.pipeline.layout import ModelLayout
 from obim_trainer.pipeline.manifest import MergeManifest, describe_input
 from obim_trainer.pipeline.sequential_regmean import sequential_regmean, sequential_write_order
-from obim_trainer.pipeline.statistics import describe_statistics, model_statistics, raise_nonfinite
+from obim_trainer.pipeline.statistics import describe_statistics, model_statistics, raise_nonfinite, warn_stored_fused
 from obim_trainer.settings.merge import MergeConfig
 from obim_trainer.settings.names import setting_name
 from obim_trainer.training.run_dir import best_checkpoint, select_top_checkpoints
@@ -488,6 +488,7 @@ def _prepare(
     base, readers = _shared_inputs(stack, config, checkpoints, opened)
     layout = ModelLayout.from_pretrained_dir(config.base)
     plan = plan_merge(base, readers, layout, config.dtype)
+    warn_stored_fused(plan, needs)
     source = new_rows_source(config, checkpoints, plan)
     tokenizer_dir = resolve_tokenizer(config, checkpoints, plan, source)
     if needs.any and texts is None:

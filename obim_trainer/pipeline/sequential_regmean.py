@@ -35,11 +35,21 @@ accumulate in float64; a group holds K + 3 float64 [in, in] matrices while it is
 Precision: the originals run in float32 whatever their stored dtype; the merged model runs with its
 weights as they are written (rounded to the output dtype), so later maps see the model that is saved.
 
+MoE: a router is solved as a linear map. A fused experts module (transformers loads Mixtral/Qwen-MoE experts
+as 3-D parameters, the files store one 2-D tensor per expert) forms a group of its own, solved expert by
+expert on the tokens the partially merged model routes to it — the merged model is what will run those
+tokens — against each original's own inputs of the same tokens (whatever the original routed them to); each
+side's terms are divided by its routed-token count, as the non-sequential per-expert Grams are, so the two
+coincide when the merged inputs equal the originals'. ``down_proj`` reads act(gate)·up: the merged one from the
+just-merged first projection, each original's from its own. An expert a side routes no token to gets the
+shrink rule, counted in one warning.
+
 Limits: maps run more than once per forward pass (shared weights) are refused, maps the calibration text
-never reaches (unrouted MoE experts) and parameters that are not ``nn.Linear``/``Conv1D`` weights (fused
-3-D expert tensors) get the shrink rule; vocabularies the checkpoints extend are refused (use the
-non-sequential merge). Tested against a whole-model reference on Llama (MHA and GQA, tied bf16 and untied),
-GPT-2 (Conv1D, fused qkv), Qwen2 (q/k/v biases), Phi-3 (fused qkv_proj, gate_up_proj) and Gemma (scaled embeddings).
+never reaches get the shrink rule; experts stored fused or with biases, and vocabularies the checkpoints
+extend, are refused (use the non-sequential merge). Tested against a whole-model reference on Llama (MHA and
+GQA, tied bf16 and untied), GPT-2 (Conv1D, fused qkv), Qwen2 (q/k/v biases), Phi-3 (fused qkv_proj,
+gate_up_proj) and Gemma (scaled embeddings); on Mixtral, Qwen2-MoE and Qwen3-MoE against the non-sequential
+solve where the two must agree.
 
 The merge writes in a fixed order (:func:`sequential_write_order`): tensors outside the blocks first,
 then block by block, the untied LM head last. Build the writer from that order.
@@ -50,7 +60,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +70,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from obim_trainer.calibration.activation_stats import linear_layers
+from obim_trainer.calibration.activation_stats import expert_layers, linear_layers
 from obim_trainer.calibration.block_walk import (
     BlockInput,
     BlockWalkError,
@@ -72,6 +82,7 @@ from obim_trainer.calibration.block_walk import (
     run_block,
 )
 from obim_trainer.calibration.data import CalibrationSet
+from obim_trainer.calibration.moe import FusedExperts, StoredSlice, routing_arguments, stored_expert_slices
 from obim_trainer.checkpoints.reader import CheckpointReader
 from obim_trainer.errors import CalibrationError, CheckpointError, ConfigError
 from obim_trainer.merging.least_squares import regularize_gram, shrink_toward_base, solve_least_squares
@@ -87,9 +98,11 @@ ACCUMULATE_DTYPE = torch.float64
 
 @dataclass
 class SequentialReport:
-    """What the sequential merge did: the maps whose solve needed a ridge, tensors written, time."""
+    """What the sequential merge did: the maps whose solve needed a ridge, tensors written, MoE experts a side's
+    text never reached (layer, expert), time."""
 
     ridged: list[str] = field(default_factory=list)
+    unreached_experts: list[tuple[str, int]] = field(default_factory=list)
     tensors: int = 0
     solved: int = 0
     seconds: float = 0.0
@@ -144,6 +157,9 @@ class _Param:
     owner: nn.Module
     attr: str
     stored: str
+    """The stored name; for a fused MoE parameter, its name in the model (the files store it per expert)."""
+    slices: list[tuple[str, StoredSlice]] = field(default_factory=list)
+    """A fused MoE parameter's stored 2-D tensors and where each lies in it; empty for any other."""
 
     def set(self, value: Tensor) -> None:
         self.owner._parameters[self.attr] = nn.Parameter(value, requires_grad=False)
@@ -170,13 +186,23 @@ class _Skeleton:
     head: _Param | None
     """The untied LM head, solved as a linear map; ``None`` when tied or not stored."""
     head_axis: int = 1
+    fused: dict[str, list[tuple[str, StoredSlice]]] = field(default_factory=dict)
+    """Fused MoE parameter name in the model → its stored per-expert tensors and their places in it."""
+    layout: ModelLayout = field(default_factory=ModelLayout)
+    """The base's layout (stored names, kinds), built once from this skeleton."""
 
     def block_params(self, index: int) -> list[_Param]:
-        return _params(self.blocks[index], f"{self.blocks_name}.{index}", self.stored_name)
+        return _params(self.blocks[index], f"{self.blocks_name}.{index}", self.stored_name, self.fused)
 
 
-def _params(module: nn.Module, prefix: str, stored_name: Callable[[str], str | None]) -> list[_Param]:
-    """Every parameter under ``module`` (a tied one once), with the name the files store it under."""
+def _params(
+    module: nn.Module,
+    prefix: str,
+    stored_name: Callable[[str], str | None],
+    fused: dict[str, list[tuple[str, StoredSlice]]],
+) -> list[_Param]:
+    """Every parameter under ``module`` (a tied one once), with the name the files store it under (a fused
+    MoE parameter with its stored per-expert tensors, ``fused``)."""
     found, seen = [], set()
     for owner_name, owner in module.named_modules():
         for attr, param in owner.named_parameters(recurse=False):
@@ -184,6 +210,9 @@ def _params(module: nn.Module, prefix: str, stored_name: Callable[[str], str | N
                 continue
             seen.add(id(param))
             full = ".".join(part for part in (prefix, owner_name, attr) if part)
+            if full in fused:
+                found.append(_Param(owner, attr, full, fused[full]))
+                continue
             stored = stored_name(full)
             if stored is None:
                 raise CheckpointError(
@@ -194,10 +223,13 @@ def _params(module: nn.Module, prefix: str, stored_name: Callable[[str], str | N
     return found
 
 
-def _stored_name_function(stored_names: set[str], prefix: str) -> Callable[[str], str | None]:
-    """Module parameter name → the name in the files (which may lack the ``base_model_prefix``)."""
+def _stored_name_function(stored_names: set[str], prefix: str, renamed: dict[str, str]) -> Callable[[str], str | None]:
+    """Module parameter name → the name in the files (which may lack the ``base_model_prefix``, or be one that
+    transformers renames on load, ``renamed``: loaded → stored, e.g. Mixtral's router ``mlp.gate`` is stored as
+    ``block_sparse_moe.gate``)."""
 
     def stored_name(full: str) -> str | None:
+        full = renamed.get(full, full)
         if full in stored_names:
             return full
         if prefix and full.startswith(prefix + ".") and full[len(prefix) + 1 :] in stored_names:
@@ -228,7 +260,11 @@ def _build_skeleton(base_dir: Path, stored_names: set[str], device: torch.device
     """The base's architecture on ``meta`` (buffers on ``device``), with its parts located
     (:func:`~obim_trainer.calibration.block_walk.decoder_parts`)."""
     model = _build_model(base_dir, device)
-    stored_name = _stored_name_function(stored_names, getattr(model, "base_model_prefix", "") or "")
+    layout = ModelLayout.from_model(model)
+    slices = stored_expert_slices(model, expert_layers(model))
+    renamed = {loaded: stored for stored, loaded in layout.stored_names.items() if stored not in slices}
+    stored_name = _stored_name_function(stored_names, layout.prefix, renamed)
+    fused = _fused_parameters(model, slices, stored_names)
     try:
         parts = decoder_parts(model)
     except BlockWalkError as exc:
@@ -245,12 +281,33 @@ def _build_skeleton(base_dir: Path, stored_names: set[str], device: torch.device
     in_blocks = {id(m) for m in blocks.modules()}
     outside = [
         p
-        for p in _params(model, "", stored_name)
+        for p in _params(model, "", stored_name, fused)
         if id(p.owner) not in in_blocks and not (head is not None and p.owner is head.owner and p.attr == "weight")
     ]
     tail_ids = {id(m) for module in tail for m in module.modules()}
     tail_params = [p for p in outside if id(p.owner) in tail_ids]
-    return _Skeleton(model, blocks, blocks_name, stored_name, outside, tail, tail_params, head, head_axis)
+    return _Skeleton(
+        model, blocks, blocks_name, stored_name, outside, tail, tail_params, head, head_axis, fused, layout
+    )
+
+
+def _fused_parameters(
+    model: nn.Module, slices: dict[str, StoredSlice], stored_names: set[str]
+) -> dict[str, list[tuple[str, StoredSlice]]]:
+    """Fused MoE parameter → its stored per-expert tensors. Experts the sequential walk cannot evaluate one at a
+    time (biases, transposed layout, stored fused) are refused with the way out."""
+    fused: dict[str, list[tuple[str, StoredSlice]]] = {}
+    for stored, found in slices.items():
+        fused.setdefault(found.param, []).append((stored, found))
+    for experts in expert_layers(model):
+        module = experts.module
+        stored_whole = all(p in fused and {s for s, _ in fused[p]} <= stored_names for p in experts.params())
+        if getattr(module, "has_bias", False) or experts.in_axis == 0 or not stored_whole:
+            raise ConfigError(
+                f"sequential regmean merges MoE experts stored one 2-D tensor per expert without biases; "
+                f"{experts.name} is not (stored fused, transposed or with biases): use sequential: false"
+            )
+    return fused
 
 
 def sequential_write_order(plan: MergePlan, layout: ModelLayout) -> MergePlan:
@@ -294,7 +351,14 @@ def _sharing_arguments(stream: Stream, like: Stream) -> Stream:
 
 def _rows(inputs: Tensor, in_features: int, mask: Tensor) -> Tensor:
     """The non-pad tokens' inputs as ``[n, in]`` rows."""
-    return inputs.detach().reshape(-1, in_features)[mask]
+    rows = inputs.detach().reshape(-1, in_features)
+    if rows.shape[0] != mask.numel():
+        raise ConfigError(
+            f"a linear map reads {rows.shape[0]} rows for {mask.numel()} token positions (MoE experts as separate "
+            "Linear layers see only their routed tokens), which the layer-by-layer merge cannot align: use "
+            "sequential: false"
+        )
+    return rows[mask]
 
 
 @dataclass
@@ -305,6 +369,8 @@ class _Map:
     module: nn.Module
     axis: int
     in_features: int
+    experts: FusedExperts | None = None
+    """For a fused experts module (``name`` its name in the model): merged expert by expert, in a group alone."""
 
 
 def _groups(block: nn.Module, batch: BlockInput, maps: list[_Map]) -> list[list[_Map]]:
@@ -337,7 +403,8 @@ def _groups(block: nn.Module, batch: BlockInput, maps: list[_Map]) -> list[list[
     groups: list[list[_Map]] = []
     previous: Tensor | None = None
     for entry, inputs in calls:
-        if previous is not None and inputs is previous:
+        alone = entry.experts is not None or bool(groups and groups[-1][0].experts is not None)
+        if previous is not None and inputs is previous and not alone:
             groups[-1].append(entry)
         else:
             groups.append([entry])
@@ -395,6 +462,28 @@ def _merged_inputs(block: nn.Module, leader: _Map, batch: BlockInput) -> Tensor:
     return found[0]
 
 
+def _merged_routing(block: nn.Module, experts: _Map, batch: BlockInput) -> tuple[Tensor, Tensor]:
+    """The partially merged block's inputs to a fused experts module on one batch and its routing (``[n, k]``
+    expert indices), non-pad rows; the forward stops there."""
+    found: list[tuple[Tensor, Tensor]] = []
+
+    def record(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        routed = routing_arguments(args, kwargs)
+        assert routed is not None, f"{experts.name} was called without its routing"
+        hidden, index = routed
+        found.append((_rows(hidden, experts.in_features, batch.mask), index.reshape(hidden.shape[0], -1)[batch.mask]))
+        raise Stop
+
+    handle = experts.module.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        run_block(block, batch)
+    except Stop:
+        pass
+    finally:
+        handle.remove()
+    return found[0]
+
+
 # --- the normal equations ----------------------------------------------------------------------------------------
 
 
@@ -403,7 +492,8 @@ class _Side:
     """One calibration text: the merged model's stream on it, and the originals measured on it (with weights).
 
     ``originals[i][b]`` are original model i's inputs to the group on batch b; ``weights[i]`` its weight in
-    the objective (c/n_B for the base on old text, 1/(K·n_N) for each checkpoint on new text)."""
+    the objective (c/n_B for the base on old text, 1/(K·n_N) for each checkpoint on new text). An MoE expert's
+    sides carry only the weights; its rows are given to :func:`_accumulate` directly."""
 
     stream: Stream
     originals: list[list[Tensor]]
@@ -421,16 +511,32 @@ def _normal_equations(
 ) -> tuple[list[Tensor], Tensor]:
     """Per original model (in side order), its weighted, shrunk cross term w_i·reg(X_iᵀX̂); and the weighted,
     shrunk Gram of the merged inputs Σ_sides w·reg(X̂ᵀX̂). Accumulated in float64 over non-pad tokens."""
+
+    def chunks(side: _Side) -> Iterator[tuple[Tensor, list[Tensor]]]:
+        for b, batch in enumerate(side.stream):
+            yield merged_inputs(batch), [inputs[b] for inputs in side.originals]
+
+    return _accumulate(sides, [chunks(side) for side in sides], in_features, alpha, device)
+
+
+def _accumulate(
+    sides: Sequence[_Side],
+    rows: Sequence[Iterable[tuple[Tensor, Sequence[Tensor]]]],
+    in_features: int,
+    alpha: float,
+    device: torch.device,
+) -> tuple[list[Tensor], Tensor]:
+    """:func:`_normal_equations` from each side's ``(merged rows, [each original's rows])`` chunks."""
     crosses: list[Tensor] = []
     gram_total = torch.zeros(in_features, in_features, dtype=ACCUMULATE_DTYPE, device=device)
-    for side in sides:
+    for side, chunks in zip(sides, rows, strict=True):
         gram = torch.zeros_like(gram_total)
-        cross = [torch.zeros_like(gram_total) for _ in side.originals]
-        for b, batch in enumerate(side.stream):
-            merged = merged_inputs(batch).to(ACCUMULATE_DTYPE)
+        cross = [torch.zeros_like(gram_total) for _ in side.weights]
+        for merged_rows, original_rows in chunks:
+            merged = merged_rows.to(device, ACCUMULATE_DTYPE)
             gram.addmm_(merged.T, merged)
-            for i, inputs in enumerate(side.originals):
-                cross[i].addmm_(inputs[b].to(device, ACCUMULATE_DTYPE).T, merged)
+            for i, inputs in enumerate(original_rows):
+                cross[i].addmm_(inputs.to(device, ACCUMULATE_DTYPE).T, merged)
         gram_total.add_(regularize_gram(gram, alpha), alpha=side.gram_weight)
         crosses += [regularize_gram(c, alpha).mul_(w) for c, w in zip(cross, side.weights, strict=True)]
     return crosses, gram_total
@@ -482,7 +588,29 @@ class _SequentialMerge:
 
     def load(self, params: Sequence[_Param], reader: CheckpointReader) -> None:
         for p in params:
-            p.set(self.read(reader, p.stored).to(self.device, COMPUTE_DTYPE))
+            if p.slices:
+                p.set(self.assemble(p, lambda stored: self.read(reader, stored)))
+            else:
+                p.set(self.read(reader, p.stored).to(self.device, COMPUTE_DTYPE))
+
+    def assemble(self, p: _Param, tensor: Callable[[str], Tensor]) -> Tensor:
+        """A fused MoE parameter ``[E, d1, d2]`` from its stored per-expert tensors (``tensor(stored name)``)."""
+        shape = p.owner._parameters[p.attr].shape
+        fused = torch.empty(shape[0] * shape[1], shape[2], dtype=COMPUTE_DTYPE, device=self.device)
+        for stored, place in p.slices:
+            value = tensor(stored).to(self.device, COMPUTE_DTYPE)
+            fused[place.rows.to(self.device)] = value.T if place.transposed else value
+        return fused.view(shape)
+
+    def expert_slice(self, p: _Param, expert: int, tensor: Callable[[str], Tensor]) -> Tensor:
+        """One expert's ``[d1, d2]`` slice of a fused parameter from its stored tensors."""
+        rows = p.owner._parameters[p.attr].shape[1]
+        out = torch.empty(rows, p.owner._parameters[p.attr].shape[2], dtype=COMPUTE_DTYPE, device=self.device)
+        for stored, place in p.slices:
+            if place.expert == expert:
+                value = tensor(stored).to(self.device, COMPUTE_DTYPE)
+                out[(place.rows - expert * rows).to(self.device)] = value.T if place.transposed else value
+        return out
 
     def shrink(self, name: str) -> Tensor:
         """θ_B + mean_k δ_k/(1+c) in the output dtype, on the CPU (integer buffers: the base's)."""
@@ -503,12 +631,18 @@ class _SequentialMerge:
 
     # the least-squares solve
 
-    def sides(self, merged: _Streams, base_inputs: list[Tensor], checkpoint_inputs: list[list[Tensor]]) -> list[_Side]:
+    def weights(self, n_old: int, n_new: int) -> list[tuple[list[float], float]]:
+        """Per side (old text with n_old tokens, new text with n_new), each original's weight and the merged
+        inputs' Gram weight: c/n_B for the base, 1/(K·n_N) for each checkpoint, 1/n_N for the new side's Gram."""
         c, k = self.base_weight, len(self.checkpoints)
-        old = _Side(merged.merged_old, [base_inputs], [c / self.old_tokens], c / self.old_tokens)
-        new_weight = 1.0 / (k * self.new_tokens)
-        new = _Side(merged.merged_new, checkpoint_inputs, [new_weight] * k, 1.0 / self.new_tokens)
-        return [old, new]
+        return [([c / n_old], c / n_old), ([1.0 / (k * n_new)] * k, 1.0 / n_new)]
+
+    def sides(self, merged: _Streams, base_inputs: list[Tensor], checkpoint_inputs: list[list[Tensor]]) -> list[_Side]:
+        (old, old_gram), (new, new_gram) = self.weights(self.old_tokens, self.new_tokens)
+        return [
+            _Side(merged.merged_old, [base_inputs], old, old_gram),
+            _Side(merged.merged_new, checkpoint_inputs, new, new_gram),
+        ]
 
     def solve(self, name: str, axis: int, crosses: Sequence[Tensor], gram: Tensor) -> Tensor:
         """W* = Σ_i W_i·(w_i·reg(X_iᵀX̂)) · (Σ w·reg(X̂ᵀX̂))⁻¹ for one map, stored as the files store it."""
@@ -580,7 +714,7 @@ class _SequentialMerge:
         group being merged, so no map runs before it is solved."""
         pending: dict[str, Tensor] = {}
         for p in params:
-            if p.stored in solved:
+            if p.stored in solved or p.slices:
                 p.release()
             else:
                 pending[p.stored] = self.shrink(p.stored)
@@ -602,6 +736,61 @@ class _SequentialMerge:
         )
         return {entry.name: self.solve(entry.name, entry.axis, crosses, gram) for entry in group}
 
+    def merge_experts(
+        self, block: nn.Module, entry: _Map, fused: list[_Param], streams: _Streams, originals: list[list[Tensor]]
+    ) -> dict[str, Tensor]:
+        """Solve every expert of a fused experts module (its stored per-expert tensors, in the output dtype).
+
+        Expert e is solved on the tokens the partially merged model routes to it (its router is merged
+        already): on old text X̂_B against the base's own inputs of those tokens, on new text X̂_N against each
+        checkpoint's, whether or not the original routed them there, since the merged model is what will run
+        them. Each side's terms are divided by its routed-token count, as the expert's non-sequential Grams
+        are, so with identical models this is the non-sequential merge. First projection (gate/up, one input),
+        then ``down_proj`` on act(gate)·up: the merged one from the just-merged slice, each original's from its
+        own. An expert a side routes no token to keeps the shrink rule θ_B + mean δ/(1+c) (counted in the report).
+        """
+        assert entry.experts is not None
+        experts, (first, down) = entry.experts, fused
+        merged = []
+        for stream in (streams.merged_old, streams.merged_new):
+            hidden, routes = zip(*(_merged_routing(block, entry, batch) for batch in stream), strict=True)
+            merged.append((torch.cat(hidden), torch.cat(routes)))
+        inputs = [torch.cat(batches).to(self.device) for batches in originals]
+        sides = [inputs[:1], inputs[1:]]
+        pending: dict[str, Tensor] = {}
+        for e in range(experts.num_experts):
+            chosen = [(routes == e).any(1) for _hidden, routes in merged]
+            counts = [int(c.sum()) for c in chosen]
+            names = [s for p in fused for s, place in p.slices if place.expert == e]
+            if min(counts) == 0:
+                self.report.unreached_experts.append((entry.name, e))
+                pending |= {name: self.shrink(name) for name in names}
+                continue
+            x_merged = [hidden[c] for (hidden, _r), c in zip(merged, chosen, strict=True)]
+            x_originals = [[x[c] for x in side] for side, c in zip(sides, chosen, strict=True)]
+            pending |= self.solve_expert(first, e, x_merged, x_originals, counts)
+            merged_slice = self.expert_slice(first, e, pending.__getitem__)
+            a_merged = [experts.activation(x, merged_slice) for x in x_merged]
+            own = [self.expert_slice(first, e, lambda s, r=reader: self.read(r, s)) for reader in self.models]
+            a_originals = [[experts.activation(x, w) for x, w in zip(x_originals[0], own[:1], strict=True)]]
+            a_originals.append([experts.activation(x, w) for x, w in zip(x_originals[1], own[1:], strict=True)])
+            pending |= self.solve_expert(down, e, a_merged, a_originals, counts)
+        return pending
+
+    def solve_expert(
+        self, p: _Param, expert: int, merged: list[Tensor], originals: list[list[Tensor]], counts: list[int]
+    ) -> dict[str, Tensor]:
+        """One expert's stored tensors of fused parameter ``p`` on its routed rows (per side: merged, originals);
+        each side's terms divided by its routed-token count, as the expert's non-sequential Grams are."""
+        sides = [_Side([], [], weights, gram_weight) for weights, gram_weight in self.weights(*counts)]
+        rows = [[(m, o)] for m, o in zip(merged, originals, strict=True)]
+        crosses, gram = _accumulate(sides, rows, merged[0].shape[1], self.alpha, self.device)
+        return {
+            stored: self.solve(stored, place.in_axis, crosses, gram)
+            for stored, place in p.slices
+            if place.expert == expert
+        }
+
     def block(self, index: int, streams: _Streams, tensors: Sequence[TensorPlan]) -> None:
         """Merge block ``index`` group by group, write its tensors, and advance every stream through it."""
         skeleton = self.skeleton
@@ -609,10 +798,13 @@ class _SequentialMerge:
         params = skeleton.block_params(index)
         by_name = {p.stored: p for p in params}
         maps = []
-        for local, module, axis, in_features in linear_layers(block):
+        for local, module, axis, in_features in linear_layers(block, routers=True):  # a router is a linear map
             stored = skeleton.stored_name(f"{skeleton.blocks_name}.{index}.{local}")
             if stored is not None:
                 maps.append(_Map(stored, module, axis, in_features))
+        for experts in expert_layers(block):
+            name = f"{skeleton.blocks_name}.{index}.{experts.name}"
+            maps.append(_Map(name, experts.module, 1, next(experts.maps())[1], experts))
         self.load(params, self.base)
         groups = _groups(block, streams.base_old[0], maps)
         leaders = [group[0] for group in groups]
@@ -621,10 +813,16 @@ class _SequentialMerge:
         pending = self.shrunk_block(params, solved={m.name for group in groups for m in group})
         for g, group in enumerate(groups):
             originals = [base_inputs, *checkpoint_inputs]
-            solved = self.merge_group(block, group, streams, [inputs[g] for inputs in originals])
-            for name, value in solved.items():
-                pending[name] = value
-                by_name[name].set(value.to(self.device, COMPUTE_DTYPE))
+            if group[0].experts is not None:
+                fused = [by_name[f"{skeleton.blocks_name}.{index}.{param}"] for param in group[0].experts.params()]
+                pending |= self.merge_experts(block, group[0], fused, streams, [inputs[g] for inputs in originals])
+                for p in fused:
+                    p.set(self.assemble(p, pending.__getitem__))
+            else:
+                solved = self.merge_group(block, group, streams, [inputs[g] for inputs in originals])
+                for name, value in solved.items():
+                    pending[name] = value
+                    by_name[name].set(value.to(self.device, COMPUTE_DTYPE))
             for inputs in originals:
                 inputs[g] = []  # the originals' inputs to this group are used up
         streams.merged_old = advanced(streams.merged_old, [run_block(block, b) for b in streams.merged_old])
@@ -715,7 +913,7 @@ def sequential_regmean(
     start = time.perf_counter()
     device = torch.device(device)
     skeleton = _build_skeleton(Path(base_dir), set(base.tensor_infos()), device)
-    order = sequential_write_order(plan, ModelLayout.from_model(skeleton.model))
+    order = sequential_write_order(plan, skeleton.layout)
     blocks = len(skeleton.blocks)
     beyond = [t.name for t in order.tensors if t.block_index is not None and t.block_index >= blocks]
     if beyond:
@@ -747,6 +945,13 @@ def sequential_regmean(
     finally:
         bar.close()
     merge.report.seconds = time.perf_counter() - start
+    if unreached := merge.report.unreached_experts:
+        logger.warning(
+            "%d MoE expert(s) in %d layer(s) got no calibration token on the old or the new text in the merged "
+            "model; they get θ_B + mean δ/(1+c) — give more calibration text",
+            len(unreached),
+            len({layer for layer, _e in unreached}),
+        )
     logger.info(
         "sequential regmean: %d tensors (%d maps solved, %d with a ridge) in %.1fs",
         merge.report.tensors,

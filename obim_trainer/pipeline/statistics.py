@@ -30,7 +30,7 @@ from obim_trainer.checkpoints import CheckpointReader
 from obim_trainer.checkpoints.model_loading import load_model
 from obim_trainer.errors import CheckpointError
 from obim_trainer.merging.registry import StatisticsNeeds
-from obim_trainer.pipeline.engine import ModelStatistics
+from obim_trainer.pipeline.engine import MergePlan, ModelStatistics
 from obim_trainer.settings.merge import MergeConfig
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,24 @@ def describe_statistics(needs: StatisticsNeeds, calibration: LanguageCalibration
         lines.append(f"statistics: {kind.label} of the base on {base} and of each checkpoint on {checkpoints}")
     lines.append("statistics are computed unless cached for these inputs and texts (--recompute-stats: always)")
     return lines
+
+
+def warn_stored_fused(plan: MergePlan, needs: StatisticsNeeds) -> int:
+    """One warning when the checkpoints store MoE experts fused (3-D tensors, e.g. gpt-oss's
+    ``mlp.experts.gate_up_proj`` ``[E, in, out]``) and the method would read per-map statistics for them:
+    no statistics are kept per slice of a stored 3-D tensor, so OBIM scores them at random (as the paper does
+    for parameters without a Hessian estimate) and RegMean gives them θ_B + mean δ/(1+c). Fisher diagonals
+    are per element and cover them. Returns how many tensors it names."""
+    fused = [t.name for t in plan.tensors if len(t.shape) == 3 and t.dtype.is_floating_point]
+    if fused and (needs.activations or needs.grams):  # the sequential merge refuses them with the way out
+        consequence = "scored at random" if needs.activations else "merged as θ_B + mean δ/(1+c)"
+        logger.warning(
+            "%d tensor(s) are stored fused, 3-D (MoE experts, e.g. %s): no per-expert statistics, they are %s",
+            len(fused),
+            fused[0],
+            consequence,
+        )
+    return len(fused)
 
 
 def raise_nonfinite(reader: CheckpointReader) -> None:

@@ -20,7 +20,9 @@ from obim_trainer.calibration import (
     stats_path,
     tokenize_calibration,
 )
-from obim_trainer.calibration.stats_cache import STATS_DIRNAME, StatsOrigin, describe_calibration
+from obim_trainer.calibration.fisher_stats import KIND as FISHER_KIND
+from obim_trainer.calibration.gram_stats import KIND as GRAM_KIND
+from obim_trainer.calibration.stats_cache import ACTIVATIONS, STATS_DIRNAME, StatsOrigin, describe_calibration
 from obim_trainer.checkpoints import open_checkpoint
 from obim_trainer.errors import CalibrationError
 from tests.conftest import copy_tree
@@ -248,3 +250,14 @@ def test_a_merge_says_in_one_line_why_it_cannot_reuse_the_stored_statistics(
     (ckpt / "config.json").write_text((ckpt / "config.json").read_text() + " ")
     os.utime(ckpt / "model.safetensors")  # the files changed: training wrote into the folder again
     assert "the files of checkpoint-10 changed since its activation statistics were computed" in merge_asks(fewer)
+
+
+@pytest.mark.parametrize("kind", [ACTIVATIONS, GRAM_KIND, FISHER_KIND])
+def test_statistics_of_the_format_before_moe_experts_are_never_looked_up(kind, monkeypatch):
+    """Files written before MoE routers and experts had entries (format 1) lack them; every kind's key names the
+    format, so a merge now computes new statistics instead of reading those as "no statistics" for the experts."""
+    from obim_trainer.calibration import stats_cache
+
+    now = stats_key("calibration", "checkpoint", kind)
+    monkeypatch.setattr(stats_cache, "FORMAT_VERSION", "1")
+    assert stats_key("calibration", "checkpoint", kind) != now
