@@ -91,7 +91,8 @@ class TensorTask:
         base_stored: θ_B in its stored dtype on the compute device; read-only (methods that copy
             values start from it without arithmetic). ``None``: only ``base_float32`` exists.
         workspace: Scratch buffers shared across the tensors of a merge (``None``: allocate).
-        _view: θ_k as stored without taking it over (see :meth:`checkpoint_view`); ``None``: ``_load``.
+        _view: θ_k as stored, where it lies (the engine: on the CPU), without taking it over (see
+            :meth:`checkpoint_view`); ``None``: every access loads through ``_load``.
         base_float32: θ_B in float32, if the caller has it; otherwise :attr:`base` converts
             ``base_stored`` on first use, so a method that never computes with θ_B (iterative
             merging on the CPU) never pays for the conversion.
@@ -167,10 +168,11 @@ class TensorTask:
         A 16-bit θ_k is converted from :meth:`checkpoint_view` (the conversion is the caller's tensor),
         so the merges of a sweep need no copy of it; a float32 one is taken over.
         """
-        view = self.checkpoint_view(k)
-        if view.dtype == torch.float32:
-            return self.checkpoint_stored(k)
-        return view.to(torch.float32)
+        self._check_index(k)
+        stored = self._view(k) if self._view is not None else None  # not moved yet: its dtype decides
+        if stored is None or stored.dtype == torch.float32:
+            return self.checkpoint_stored(k).to(torch.float32)
+        return self.checkpoint_view(k).to(torch.float32)
 
     def checkpoint_stored(self, k: int) -> Tensor:
         """θ_k in its stored dtype on the compute device, a tensor the caller owns (loaded on each call).
@@ -190,7 +192,7 @@ class TensorTask:
         a copy for every merge of the sweep but the last. Reading costs nothing extra.
         """
         self._check_index(k)
-        return self._load(k) if self._view is None else self._view(k)
+        return self._load(k) if self._view is None else self._view(k).to(self.device)
 
     def _check_index(self, k: int) -> None:
         if not 0 <= k < self.num_models:

@@ -533,7 +533,7 @@ class MergeEngine:
 
         def view(k: int) -> Tensor:
             tensor = inputs[k + 1]
-            return (tensor if tensor is not None else read(k)).to(self.device)
+            return tensor if tensor is not None else read(k)
 
         stored = inputs[0]
         if stored is None:  # the new rows of an extended vocabulary
