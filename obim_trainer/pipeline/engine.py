@@ -703,7 +703,8 @@ def run_together(
 
     Three stages overlap: a reading thread reads (and checks) the inputs of the next ``prefetch``
     tensors, this thread merges the current one with each engine in turn, and a writing thread
-    writes the previous tensor's results. Inputs are read into recycled buffers, given back once
+    writes each result as soon as it is merged (the previous tensor's may still be writing: merging
+    waits only for the one before). Inputs are read into recycled buffers, given back once
     merged. ``recycle_written``: the writes keep nothing of the tensors they get (they copy them to
     a file), so a result's buffer is recycled too once written; otherwise results keep their
     memory. Memory: the inputs of 1 + ``prefetch`` tensors, the copies one engine takes over, two results
@@ -722,13 +723,14 @@ def run_together(
     writer = ThreadPoolExecutor(1, thread_name_prefix="obim-write")
     read = partial(first.read_inputs, buffers=buffers)
     queued: deque[Future[Inputs]] = deque(reads.submit(read, t) for t in tensors[: first.prefetch])
-    writing: list[tuple[Future[None], Tensor]] = []
+    writing: deque[list[tuple[Future[None], Tensor]]] = deque()  # per tensor, oldest first: its results' writes
 
-    def finish_writes() -> None:
-        for future, tensor in writing:
-            future.result()
-            _written(buffers, tensor, recycle_written)
-        writing.clear()
+    def finish_writes(keep: int) -> None:
+        """Wait for the writes of all but the newest ``keep`` tensors (their buffers recycled)."""
+        while len(writing) > keep:
+            for future, tensor in writing.popleft():
+                future.result()
+                _written(buffers, tensor, recycle_written)
 
     try:
         for i, tensor_plan in enumerate(tensors):
@@ -736,7 +738,9 @@ def run_together(
             shared = queued.popleft().result()
             if i + first.prefetch < len(tensors):
                 queued.append(reads.submit(read, tensors[i + first.prefetch]))
-            results = []
+            finish_writes(keep=1)  # the previous tensor's results may still be writing
+            results: list[tuple[Future[None], Tensor]] = []
+            writing.append(results)
             for v, engine in enumerate(engines):
                 saliency = engine.log_saliency(tensor_plan, shared)
                 if saliency is not None:
@@ -749,13 +753,11 @@ def run_together(
                 del lent, lending
                 if owned is not None:
                     reports[v].owned[tensor_plan.name] = list(owned)
-                results.append(merged)
-            del shared
-            finish_writes()
-            writing.extend((writer.submit(w, tensor_plan.name, r), r) for w, r in zip(writes, results, strict=True))
-            del results
+                results.append((writer.submit(writes[v], tensor_plan.name, merged), merged))  # written meanwhile
+                del merged
+            del shared, results
             bar.update()
-        finish_writes()
+        finish_writes(keep=0)
     finally:
         for future in queued:
             future.cancel()
