@@ -526,9 +526,10 @@ class MergeEngine:
             return self._read(self.checkpoints[k], name)[rows or slice(None)]
 
         def load(k: int) -> Tensor:
-            if shared is not None and inputs[k + 1] is not None:
-                return shared.copy(inputs[k + 1]).to(self.device)  # type: ignore[arg-type]
-            tensor, inputs[k + 1] = inputs[k + 1], None
+            tensor = inputs[k + 1]
+            if shared is not None and tensor is not None:  # moving it to a GPU copies it already
+                return shared.copy(tensor) if self.device.type == "cpu" else tensor.to(self.device)
+            inputs[k + 1] = None
             return (tensor if tensor is not None else read(k)).to(self.device)
 
         def view(k: int) -> Tensor:
