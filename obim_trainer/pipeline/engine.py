@@ -704,8 +704,8 @@ def run_together(
 
     Three stages overlap: a reading thread reads (and checks) the inputs of the next ``prefetch``
     tensors, this thread merges the current one with each engine in turn, and a writing thread
-    writes each result as soon as it is merged (the previous tensor's may still be writing: merging
-    waits only for the one before). Inputs are read into recycled buffers, given back once
+    writes each result as soon as it is merged (merging a tensor waits for the writes of the tensor
+    two before it; the previous one's may still be running). Inputs are read into recycled buffers, given back once
     merged. ``recycle_written``: the writes keep nothing of the tensors they get (they copy them to
     a file), so a result's buffer is recycled too once written; otherwise results keep their
     memory. Memory: the inputs of 1 + ``prefetch`` tensors, the copies one engine takes over, two results
@@ -739,7 +739,7 @@ def run_together(
             shared = queued.popleft().result()
             if i + first.prefetch < len(tensors):
                 queued.append(reads.submit(read, tensors[i + first.prefetch]))
-            finish_writes(keep=1)  # the previous tensor's results may still be writing
+            finish_writes(keep=1)  # the tensor two before is written; the previous one's may still be writing
             results: list[tuple[Future[None], Tensor]] = []
             writing.append(results)
             for v, engine in enumerate(engines):
