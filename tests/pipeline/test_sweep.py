@@ -19,6 +19,7 @@ from obim_trainer.pipeline import engine
 from obim_trainer.pipeline.merge import merge_checkpoints
 from obim_trainer.pipeline.variants import MergeVariant, merge_variants, plan_variants
 from obim_trainer.settings.merge import MergeConfig
+from tests.pipeline.test_merge import NEW_TOKENS, VOCAB_SIZE, extended_run  # noqa: F401 - a fixture
 from tests.test_merge_bytes import _ONE_CHECKPOINT, _cases, _record, tensor_hashes
 
 
@@ -74,6 +75,23 @@ def test_a_bf16_sweep_copies_only_the_checkpoint_each_obim_merge_writes_into(
     files = together["obim"].output.glob("*.safetensors")
     numel = sum(t.numel() for file in files for t in load_file(file).values())
     assert sum(copied) == 2 * numel, "one checkpoint's tensor per tensor, for each OBIM merge but none for TIES"
+    for name in together:
+        assert tensor_hashes(together[name].output) == tensor_hashes(alone[name].output), name
+
+
+def test_a_sweep_of_checkpoints_with_an_extended_vocabulary_writes_the_bytes_of_each_merge_alone(
+    extended_run,  # noqa: F811 - the fixture imported above
+    tmp_path,
+):
+    """The base's rows and the new rows of the embedding and lm_head are two tasks on slices of the shared
+    inputs; the merges before the last copy only the slices they write into."""
+    base, ckpts, calib = extended_run
+    settings = {"base": base, "checkpoints": ckpts, "calibration_data": calib, "progress": False}
+    config = MergeConfig.build({**settings, "stats_cache_dir": tmp_path / "cache", "output": tmp_path / "unused"})
+    variants = plan_variants(["obim", "ties"], {}, [1.0, 0.6], num_models=len(ckpts))
+    alone = merge_variants(config, variants, tmp_path / "alone", sweep=lambda cs: [merge_checkpoints(c) for c in cs])
+    together = merge_variants(config, variants, tmp_path / "together")
+    assert together["obim"].manifest["output"]["vocab_size"] == VOCAB_SIZE + NEW_TOKENS, "the new rows are merged"
     for name in together:
         assert tensor_hashes(together[name].output) == tensor_hashes(alone[name].output), name
 
