@@ -36,7 +36,8 @@ def iterative_merge(
         The merged tensor and ``owned[k]`` = number of positions taken from checkpoint k, which
         is :func:`~obim_trainer.merging.topk.apportion` of the ratios in this order.
 
-    Each checkpoint is loaded once, and only one at a time besides the first, in its stored dtype.
+    Each checkpoint is loaded once, and only one at a time besides the first, in its stored dtype;
+    only the first is taken over (the others are read in place, :meth:`TensorTask.checkpoint_view`).
     At owned positions θ_k itself is copied, which equals θ_B + δ_k without the rounding of that
     sum, so the result stays in the inputs' (promoted) dtype: no arithmetic touches it. The result
     starts as the first checkpoint's θ (its positions then need no copy), the others' positions are
@@ -57,7 +58,8 @@ def iterative_merge(
     for k, count in zip(order, counts, strict=True):
         if count == 0:
             continue
-        theta = task.checkpoint_stored(k)
+        # only the first checkpoint becomes the result (is written into); the others are only read
+        theta = task.checkpoint_stored(k) if result is None else task.checkpoint_view(k)
         dtype = torch.promote_types(base.dtype if result is None else result.dtype, theta.dtype)
         theta = theta.to(dtype)
         if result is None:

@@ -91,6 +91,8 @@ class TensorTask:
         base_stored: θ_B in its stored dtype on the compute device; read-only (methods that copy
             values start from it without arithmetic). ``None``: only ``base_float32`` exists.
         workspace: Scratch buffers shared across the tensors of a merge (``None``: allocate).
+        _view: θ_k as stored, where it lies (the engine: on the CPU), without taking it over (see
+            :meth:`checkpoint_view`); ``None``: every access loads through ``_load``.
         base_float32: θ_B in float32, if the caller has it; otherwise :attr:`base` converts
             ``base_stored`` on first use, so a method that never computes with θ_B (iterative
             merging on the CPU) never pays for the conversion.
@@ -113,6 +115,7 @@ class TensorTask:
     base_stored: Tensor | None = None
     workspace: Workspace | None = None
     base_float32: Tensor | None = field(default=None, repr=False)
+    _view: Callable[[int], Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.base_stored is None and self.base_float32 is None:
@@ -133,6 +136,7 @@ class TensorTask:
             name=name,
             base_float32=base32,
             _load=lambda k: models[k].clone(),
+            _view=lambda k: models[k],
             num_models=len(models),
             base_stored=base.clone(),
             **kwargs,  # type: ignore[arg-type]
@@ -159,8 +163,16 @@ class TensorTask:
         return self._any_base.device
 
     def checkpoint(self, k: int) -> Tensor:
-        """θ_k in float32 on the compute device: a fresh tensor the caller owns (loaded on each call)."""
-        return self.checkpoint_stored(k).to(torch.float32)
+        """θ_k in float32 on the compute device: a fresh tensor the caller owns (loaded on each call).
+
+        A 16-bit θ_k is converted from :meth:`checkpoint_view` (the conversion is the caller's tensor),
+        so the merges of a sweep need no copy of it; a float32 one is taken over.
+        """
+        self._check_index(k)
+        stored = self._view(k) if self._view is not None else None  # not moved yet: its dtype decides
+        if stored is None or stored.dtype == torch.float32:
+            return self.checkpoint_stored(k).to(torch.float32)
+        return self.checkpoint_view(k).to(torch.float32)
 
     def checkpoint_stored(self, k: int) -> Tensor:
         """θ_k in its stored dtype on the compute device, a tensor the caller owns (loaded on each call).
@@ -169,9 +181,22 @@ class TensorTask:
         itself at owned positions) use it to move half the bytes; casting the stored values
         to float32 and back is exact, so the result is the same.
         """
+        self._check_index(k)
+        return self._load(k)
+
+    def checkpoint_view(self, k: int) -> Tensor:
+        """θ_k in its stored dtype on the compute device, to read only: never write into it.
+
+        In a sweep every merge reads the same θ_k (:func:`~obim_trainer.pipeline.engine.run_together`);
+        a method that writes into θ_k takes it with :meth:`checkpoint_stored` instead, which then costs
+        a copy for every merge of the sweep but the last. Reading costs nothing extra.
+        """
+        self._check_index(k)
+        return self._load(k) if self._view is None else self._view(k).to(self.device)
+
+    def _check_index(self, k: int) -> None:
         if not 0 <= k < self.num_models:
             raise IndexError(f"checkpoint index {k} out of range for {self.num_models} checkpoints")
-        return self._load(k)
 
     def scratch(self, role: str, dtype: torch.dtype = torch.float32) -> Tensor:
         """An uninitialised tensor shaped like the base for ``role``, from the workspace if there is one."""

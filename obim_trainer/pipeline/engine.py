@@ -17,8 +17,9 @@ a distributed run) merges a contiguous run of tensors into the shared output lay
 
 Sweeps: V merges of the same inputs (methods side by side, OBIM at several total shares) run
 together (:func:`run_together`): each input tensor is read and checked once, and every merge
-gets it (a copy in a recycled buffer for all but the last, since a method may take its inputs
-over), so V merges read the inputs once instead of V times.
+reads it in place; only a checkpoint tensor a method takes over to write into (iterative merging's
+first checkpoint, a float32 one a method computes in) is copied, into a recycled buffer, for every
+merge but the last, so V merges read the inputs once instead of V times.
 
 Extended vocabularies: continued pre-training for a new language often adds tokens
 (``resize_token_embeddings``), so the checkpoints' embedding and lm_head have more rows than
@@ -347,7 +348,27 @@ def _missing(what: str, name: str) -> CheckpointError:
 Inputs = list[Tensor | None]
 """The base's and the K checkpoints' tensors of one name, as stored, on the CPU (see :meth:`MergeEngine.read_inputs`).
 
-A method takes each checkpoint tensor over on its first load (the slot becomes ``None``)."""
+A method takes a checkpoint tensor over when it loads it to write into (the slot becomes ``None``);
+reading it (:meth:`TensorTask.checkpoint_view`) leaves it there."""
+
+
+@dataclass
+class SharedInputs:
+    """Lends one merge of a sweep the inputs every merge reads (:func:`run_together`), without letting it
+    write into them: a checkpoint tensor it takes over is a copy in a recycled buffer, kept in
+    :attr:`copies` for the caller to give back."""
+
+    buffers: ReadBuffers
+    copies: list[Tensor] = field(default_factory=list)
+
+    def copy(self, tensor: Tensor) -> Tensor:
+        """``tensor`` copied into a recycled buffer (or a fresh one when empty)."""
+        if tensor.numel() == 0:
+            return tensor.clone()
+        raw = self.buffers.take(tensor.numel() * tensor.element_size())
+        copied = raw.view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        self.copies.append(copied)
+        return copied
 
 
 class MergeEngine:
@@ -468,14 +489,21 @@ class MergeEngine:
             raise _missing("Fisher diagonal of the base", plan.name)
         return base_fisher.to(self.device, torch.float32), fishers
 
-    def task(self, plan: TensorPlan, inputs: Inputs | None = None, rows: slice | None = None) -> TensorTask:
+    def task(
+        self,
+        plan: TensorPlan,
+        inputs: Inputs | None = None,
+        rows: slice | None = None,
+        shared: SharedInputs | None = None,
+    ) -> TensorTask:
         """The :class:`TensorTask` for one tensor, its inputs on the compute device.
 
-        ``inputs`` as :meth:`read_inputs` gives them (read here when ``None``); a checkpoint loaded
-        a second time is read again. ``rows`` restricts the task to rows of the checkpoints'
+        ``inputs`` as :meth:`read_inputs` gives them (read here when ``None``); a checkpoint taken
+        over a second time is read again. ``rows`` restricts the task to rows of the checkpoints'
         tensor (``inputs`` then holds those rows): those the base has (the base as usual), or the
         new rows of an extended vocabulary (the base is zero there, and the seed is derived apart
-        so that their random saliency is not a copy of the first rows').
+        so that their random saliency is not a copy of the first rows'). ``shared``: the inputs are
+        read by other merges too; the method writes only into copies of them.
         """
         name = plan.name
         if inputs is None:
@@ -496,11 +524,19 @@ class MergeEngine:
             counts = _padded(first_stats.token_counts.to(torch.float32), plan.shape[0])[rows or slice(None)]
             token_counts = counts.view(-1, *([1] * (len(plan.shape) - 1))).to(self.device)
 
+        def read(k: int) -> Tensor:
+            return self._read(self.checkpoints[k], name)[rows or slice(None)]
+
         def load(k: int) -> Tensor:
-            tensor, inputs[k + 1] = inputs[k + 1], None
-            if tensor is None:
-                tensor = self._read(self.checkpoints[k], name)[rows or slice(None)]
-            return tensor.to(self.device)
+            tensor = inputs[k + 1]
+            if shared is not None and tensor is not None:  # moving it to a GPU copies it already
+                return shared.copy(tensor) if self.device.type == "cpu" else tensor.to(self.device)
+            inputs[k + 1] = None
+            return (tensor if tensor is not None else read(k)).to(self.device)
+
+        def view(k: int) -> Tensor:
+            tensor = inputs[k + 1]
+            return tensor if tensor is not None else read(k)
 
         stored = inputs[0]
         if stored is None:  # the new rows of an extended vocabulary
@@ -513,6 +549,7 @@ class MergeEngine:
         return TensorTask(
             name=name,
             _load=load,
+            _view=view,
             num_models=len(self.checkpoints),
             kind=plan.kind,
             block_index=plan.block_index,
@@ -537,15 +574,18 @@ class MergeEngine:
         """
         return tensor.clone() if self.workspace.holds(tensor) else tensor
 
-    def _merge_extended(self, plan: TensorPlan, inputs: Inputs) -> tuple[Tensor, list[int] | None]:
+    def _merge_extended(
+        self, plan: TensorPlan, inputs: Inputs, shared: SharedInputs | None
+    ) -> tuple[Tensor, list[int] | None]:
         """An extended vocabulary tensor: the base's rows as without the extension, then the new rows."""
         assert plan.base_rows is not None
         kept_rows, new_rows = slice(0, plan.base_rows), slice(plan.base_rows, plan.shape[0])
         new_inputs: Inputs = [None, *(t[new_rows] if t is not None else None for t in inputs[1:])]
-        kept = self._merge(self.task(plan, [inputs[0], *(t[kept_rows] for t in inputs[1:])], kept_rows))
+        kept_inputs: Inputs = [inputs[0], *(t[kept_rows] if t is not None else None for t in inputs[1:])]
+        kept = self._merge(self.task(plan, kept_inputs, kept_rows, shared))
         kept_tensor, owned = self._own(kept.tensor), kept.owned
         if self.new_rows == "obim":
-            new = self._merge(self.task(plan, new_inputs, new_rows))
+            new = self._merge(self.task(plan, new_inputs, new_rows, shared))
             tensor = new.tensor
             if owned is not None and new.owned is not None:
                 owned = [a + b for a, b in zip(owned, new.owned, strict=True)]
@@ -568,18 +608,27 @@ class MergeEngine:
             self.notes.update(out.notes)
         return out
 
-    def merge_one(self, plan: TensorPlan, inputs: Inputs) -> tuple[Tensor, list[int] | None]:
-        """One merged tensor in its output dtype on the CPU (memory it owns), and its ownership counts."""
+    def merge_one(
+        self, plan: TensorPlan, inputs: Inputs, shared: SharedInputs | None = None
+    ) -> tuple[Tensor, list[int] | None]:
+        """One merged tensor in its output dtype on the CPU (memory it owns), and its ownership counts.
+
+        ``shared``: other merges read ``inputs`` too (see :meth:`task`); the result is then never one of them.
+        """
         base = inputs[0]
         assert base is not None
         if not base.is_floating_point():
-            return base, None  # integer buffers are not merged (run() keeps their read buffer until written)
+            # integer buffers are not merged (run() keeps their read buffer until written)
+            return (base if shared is None else shared.copy(base)), None
         if plan.base_rows is not None:
-            tensor, owned = self._merge_extended(plan, inputs)
+            tensor, owned = self._merge_extended(plan, inputs, shared)
         else:
-            out = self._merge(self.task(plan, inputs))
+            out = self._merge(self.task(plan, inputs, shared=shared))
             tensor, owned = out.tensor, out.owned
-        return self._own(tensor.to(device="cpu", dtype=plan.dtype)), owned
+        tensor = self._own(tensor.to(device="cpu", dtype=plan.dtype))
+        if shared is not None and any(t is not None and _same_memory(t, tensor) for t in inputs):
+            tensor = shared.copy(tensor)  # a method that returned an input as it is
+        return tensor, owned
 
     def log_saliency(self, plan: TensorPlan, inputs: Inputs) -> list[Tensor] | None:
         """Per checkpoint, log10 of the positive OBM saliencies mean_j(x²)·δ_ij² (eq. 5) of a Linear weight of a
@@ -623,19 +672,6 @@ class MergeEngine:
         return run_together([self], plan, [write], progress=progress, recycle_written=recycle_written)[0]
 
 
-def _copy_inputs(inputs: Inputs, buffers: ReadBuffers) -> Inputs:
-    """The tensors of ``inputs`` copied into recycled buffers: one merge of a sweep may take its inputs over
-    (iterative merging writes into θ_0), so every merge but the last gets its own copy."""
-
-    def copy(tensor: Tensor) -> Tensor:
-        if tensor.numel() == 0:
-            return tensor.clone()
-        raw = buffers.take(tensor.numel() * tensor.element_size())
-        return raw.view(tensor.dtype).view(tensor.shape).copy_(tensor)
-
-    return [None if t is None else copy(t) for t in inputs]
-
-
 def _share_buffers(engines: Sequence[MergeEngine]) -> ReadBuffers:
     """Let every engine read through the first one's buffers and lock (a re-read on the merging thread must
     not seek a file handle the reading thread is using) and compute in its workspace (the engines merge one
@@ -670,10 +706,11 @@ def run_together(
 
     Three stages overlap: a reading thread reads (and checks) the inputs of the next ``prefetch``
     tensors, this thread merges the current one with each engine in turn, and a writing thread
-    writes the previous tensor's results. Inputs are read into recycled buffers, given back once
+    writes each result as soon as it is merged (merging a tensor waits for the writes of the tensor
+    two before it; the previous one's may still be running). Inputs are read into recycled buffers, given back once
     merged. ``recycle_written``: the writes keep nothing of the tensors they get (they copy them to
     a file), so a result's buffer is recycled too once written; otherwise results keep their
-    memory. Memory: the inputs of 1 + ``prefetch`` tensors, one engine's copy of them, two results
+    memory. Memory: the inputs of 1 + ``prefetch`` tensors, the copies one engine takes over, two results
     per engine, the recycled buffers, and one workspace (a few buffers the size of the largest tensor).
     """
     if len(writes) != len(engines) or not engines:
@@ -689,13 +726,14 @@ def run_together(
     writer = ThreadPoolExecutor(1, thread_name_prefix="obim-write")
     read = partial(first.read_inputs, buffers=buffers)
     queued: deque[Future[Inputs]] = deque(reads.submit(read, t) for t in tensors[: first.prefetch])
-    writing: list[tuple[Future[None], Tensor]] = []
+    writing: deque[list[tuple[Future[None], Tensor]]] = deque()  # per tensor, oldest first: its results' writes
 
-    def finish_writes() -> None:
-        for future, tensor in writing:
-            future.result()
-            _written(buffers, tensor, recycle_written)
-        writing.clear()
+    def finish_writes(keep: int) -> None:
+        """Wait for the writes of all but the newest ``keep`` tensors (their buffers recycled)."""
+        while len(writing) > keep:
+            for future, tensor in writing.popleft():
+                future.result()
+                _written(buffers, tensor, recycle_written)
 
     try:
         for i, tensor_plan in enumerate(tensors):
@@ -703,25 +741,26 @@ def run_together(
             shared = queued.popleft().result()
             if i + first.prefetch < len(tensors):
                 queued.append(reads.submit(read, tensors[i + first.prefetch]))
-            results = []
+            finish_writes(keep=1)  # the tensor two before is written; the previous one's may still be writing
+            results: list[tuple[Future[None], Tensor]] = []
+            writing.append(results)
             for v, engine in enumerate(engines):
-                inputs = shared if v == last else _copy_inputs(shared, buffers)
-                lent = list(inputs)
-                saliency = engine.log_saliency(tensor_plan, inputs)
+                saliency = engine.log_saliency(tensor_plan, shared)
                 if saliency is not None:
                     reports[v].log_saliency[tensor_plan.name] = saliency
-                merged, owned = engine.merge_one(tensor_plan, inputs)
+                # every merge but the last reads the inputs in place and takes copies over; the last takes them
+                lending = None if v == last else SharedInputs(buffers)
+                lent = list(shared) if lending is None else lending.copies
+                merged, owned = engine.merge_one(tensor_plan, list(shared), lending)
                 buffers.give_back(t for t in lent if t is not None and not _same_memory(t, merged))
-                del inputs, lent
+                del lent, lending
                 if owned is not None:
                     reports[v].owned[tensor_plan.name] = list(owned)
-                results.append(merged)
-            del shared
-            finish_writes()
-            writing.extend((writer.submit(w, tensor_plan.name, r), r) for w, r in zip(writes, results, strict=True))
-            del results
+                results.append((writer.submit(writes[v], tensor_plan.name, merged), merged))  # written meanwhile
+                del merged
+            del shared, results
             bar.update()
-        finish_writes()
+        finish_writes(keep=0)
     finally:
         for future in queued:
             future.cancel()

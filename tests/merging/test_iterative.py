@@ -129,6 +129,25 @@ def test_each_checkpoint_is_loaded_once_and_only_the_result_and_one_more_are_hel
     assert task.base_float32 is None, "no float32 copy of the base was made"
 
 
+def test_only_the_first_checkpoint_is_taken_over_the_others_are_read_in_place():
+    """In a sweep the merges share their inputs: iterative merging writes into the first checkpoint it loads
+    (its result) and only reads the others, so only that one needs a copy."""
+    base, ckpts, scores = family(k=3)
+    shared = [c.clone() for c in ckpts]
+    taken: list[int] = []
+
+    def load(k):
+        taken.append(k)
+        return shared[k].clone()
+
+    task = TensorTask(name="w", base_stored=base.clone(), _load=load, _view=shared.__getitem__, num_models=3)
+    out = iterative_merge(task, [0.3, 0.3, 0.3], [2, 0, 1], given_scores(scores))
+    assert taken == [2], "only the checkpoint that becomes the result is taken over"
+    assert all(torch.equal(s, c) for s, c in zip(shared, ckpts, strict=True)), "the shared inputs are unchanged"
+    expected, _ = plain_iterative(base, ckpts, scores, [0.3, 0.3, 0.3], [2, 0, 1])
+    assert torch.equal(out.tensor, expected)
+
+
 def test_partial_shares_leave_the_base_elsewhere():
     base, ckpts, scores = family(shape=(11, 13))
     out = iterative_merge(TensorTask.from_tensors("w", base, ckpts), [0.1, 0.25, 0.15], [0, 1, 2], given_scores(scores))

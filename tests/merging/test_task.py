@@ -33,3 +33,21 @@ def test_checkpoints_come_stored_or_in_float32_and_random_scores_use_the_workspa
     assert workspace.holds(noise)
     plain = TensorTask.from_tensors("model.norm.weight", base, ckpts).rand_like_base("saliency", 0)
     assert torch.equal(noise, plain), "the same draw with or without a workspace"
+
+
+def test_a_16_bit_checkpoint_in_float32_is_converted_from_the_shared_view_a_float32_one_is_taken_over():
+    """Methods compute in float32: a 16-bit θ_k converts into a new tensor without taking the shared one
+    over (no copy in a sweep); a float32 θ_k is taken over, since the method may write into it."""
+    for dtype, takes_over in ((torch.bfloat16, False), (torch.float32, True)):
+        shared = [torch.randn(3, 4).to(dtype)]
+        taken: list[int] = []
+
+        def load(k: int, shared: list[torch.Tensor] = shared, taken: list[int] = taken) -> torch.Tensor:
+            taken.append(k)
+            return shared[k].clone()
+
+        task = TensorTask(name="w", base_stored=shared[0].clone(), _load=load, _view=shared.__getitem__, num_models=1)
+        delta = task.delta(0)
+        assert delta.dtype == torch.float32 and not bool(delta.any())
+        assert task.checkpoint_view(0) is shared[0]
+        assert (taken == [0]) is takes_over, dtype

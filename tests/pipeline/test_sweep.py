@@ -11,12 +11,15 @@ from typing import ClassVar
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from obim_trainer.checkpoints import dispatch
 from obim_trainer.checkpoints.reader import SafetensorsReader
+from obim_trainer.pipeline import engine
 from obim_trainer.pipeline.merge import merge_checkpoints
 from obim_trainer.pipeline.variants import MergeVariant, merge_variants, plan_variants
 from obim_trainer.settings.merge import MergeConfig
+from tests.pipeline.test_merge import NEW_TOKENS, VOCAB_SIZE, extended_run  # noqa: F401 - a fixture
 from tests.test_merge_bytes import _ONE_CHECKPOINT, _cases, _record, tensor_hashes
 
 
@@ -46,6 +49,51 @@ def test_a_sweep_of_every_method_split_between_two_workers_writes_the_recorded_b
     assert manifest["output"]["workers"] == 2
     changed = [case for case, *_ in cases if tensor_hashes(folders[case]) != record["merges"][case]]
     assert not changed, f"{len(changed)} of {len(cases)} merges differ from the record: {changed}"
+
+
+def test_a_bf16_sweep_copies_only_the_checkpoint_each_obim_merge_writes_into(
+    llama_tied_bf16_family, calibration_jsonl, tmp_path, monkeypatch
+):
+    """The merges of a sweep read the shared inputs in place: of each tensor, an OBIM merge that is not the
+    last copies only the checkpoint it builds its result in (never the base or the checkpoints it only reads),
+    TIES on 16-bit inputs copies nothing, and every merge writes the bytes it writes made alone."""
+    base, ckpts = llama_tied_bf16_family
+    settings = {"base": base, "checkpoints": ckpts, "calibration_data": calibration_jsonl, "progress": False}
+    config = MergeConfig.build({**settings, "stats_cache_dir": tmp_path / "cache", "output": tmp_path / "unused"})
+    variants = plan_variants(["obim", "ties"], {}, [1.0, 0.6], num_models=len(ckpts))
+    assert [v.method for v in variants] == ["obim", "obim", "ties"]
+    alone = merge_variants(config, variants, tmp_path / "alone", sweep=lambda cs: [merge_checkpoints(c) for c in cs])
+    copied: list[int] = []
+    copy = engine.SharedInputs.copy
+
+    def counting_copy(self: engine.SharedInputs, tensor: torch.Tensor) -> torch.Tensor:
+        copied.append(tensor.numel())
+        return copy(self, tensor)
+
+    monkeypatch.setattr(engine.SharedInputs, "copy", counting_copy)
+    together = merge_variants(config, variants, tmp_path / "together")
+    files = together["obim"].output.glob("*.safetensors")
+    numel = sum(t.numel() for file in files for t in load_file(file).values())
+    assert sum(copied) == 2 * numel, "one checkpoint's tensor per tensor, for each OBIM merge but none for TIES"
+    for name in together:
+        assert tensor_hashes(together[name].output) == tensor_hashes(alone[name].output), name
+
+
+def test_a_sweep_of_checkpoints_with_an_extended_vocabulary_writes_the_bytes_of_each_merge_alone(
+    extended_run,  # noqa: F811 - the fixture imported above
+    tmp_path,
+):
+    """The base's rows and the new rows of the embedding and lm_head are two tasks on slices of the shared
+    inputs; the merges before the last copy only the slices they write into."""
+    base, ckpts, calib = extended_run
+    settings = {"base": base, "checkpoints": ckpts, "calibration_data": calib, "progress": False}
+    config = MergeConfig.build({**settings, "stats_cache_dir": tmp_path / "cache", "output": tmp_path / "unused"})
+    variants = plan_variants(["obim", "ties"], {}, [1.0, 0.6], num_models=len(ckpts))
+    alone = merge_variants(config, variants, tmp_path / "alone", sweep=lambda cs: [merge_checkpoints(c) for c in cs])
+    together = merge_variants(config, variants, tmp_path / "together")
+    assert together["obim"].manifest["output"]["vocab_size"] == VOCAB_SIZE + NEW_TOKENS, "the new rows are merged"
+    for name in together:
+        assert tensor_hashes(together[name].output) == tensor_hashes(alone[name].output), name
 
 
 class CountingReader(SafetensorsReader):
