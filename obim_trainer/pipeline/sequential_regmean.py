@@ -444,15 +444,16 @@ def _record_inputs(block: nn.Module, leaders: list[_Map], stream: Stream) -> tup
     return recorded, outputs
 
 
-def _merged_inputs(block: nn.Module, leader: _Map, batch: BlockInput) -> Tensor:
-    """The partially merged block's inputs to ``leader`` on one batch (the forward stops there)."""
-    found: list[Tensor] = []
+def _first_call(block: nn.Module, module: nn.Module, batch: BlockInput) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments ``module`` is first called with when the partially merged ``block`` runs on one batch (the
+    forward stops there)."""
+    found: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
     def record(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        found.append(_rows(args[0] if args else next(iter(kwargs.values())), leader.in_features, batch.mask))
+        found.append((args, kwargs))
         raise Stop
 
-    handle = leader.module.register_forward_pre_hook(record, with_kwargs=True)
+    handle = module.register_forward_pre_hook(record, with_kwargs=True)
     try:
         run_block(block, batch)
     except Stop:
@@ -460,28 +461,21 @@ def _merged_inputs(block: nn.Module, leader: _Map, batch: BlockInput) -> Tensor:
     finally:
         handle.remove()
     return found[0]
+
+
+def _merged_inputs(block: nn.Module, leader: _Map, batch: BlockInput) -> Tensor:
+    """The partially merged block's inputs to ``leader`` on one batch, non-pad rows."""
+    args, kwargs = _first_call(block, leader.module, batch)
+    return _rows(args[0] if args else next(iter(kwargs.values())), leader.in_features, batch.mask)
 
 
 def _merged_routing(block: nn.Module, experts: _Map, batch: BlockInput) -> tuple[Tensor, Tensor]:
     """The partially merged block's inputs to a fused experts module on one batch and its routing (``[n, k]``
-    expert indices), non-pad rows; the forward stops there."""
-    found: list[tuple[Tensor, Tensor]] = []
-
-    def record(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        routed = routing_arguments(args, kwargs)
-        assert routed is not None, f"{experts.name} was called without its routing"
-        hidden, index = routed
-        found.append((_rows(hidden, experts.in_features, batch.mask), index.reshape(hidden.shape[0], -1)[batch.mask]))
-        raise Stop
-
-    handle = experts.module.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        run_block(block, batch)
-    except Stop:
-        pass
-    finally:
-        handle.remove()
-    return found[0]
+    expert indices), non-pad rows."""
+    routed = routing_arguments(*_first_call(block, experts.module, batch))
+    assert routed is not None, f"{experts.name} was called without its routing"
+    hidden, index = routed
+    return _rows(hidden, experts.in_features, batch.mask), index.reshape(hidden.shape[0], -1)[batch.mask]
 
 
 # --- the normal equations ----------------------------------------------------------------------------------------
