@@ -27,11 +27,10 @@ from obim_trainer.calibration.data import CalibrationSet
 from obim_trainer.calibration.forward import input_device, model_label, record_forward_passes
 from obim_trainer.calibration.moe import (
     FusedExperts,
-    expert_key,
     expert_of,
     fused_experts,
+    routed_inputs_hook,
     router_in_features,
-    routing_arguments,
 )
 from obim_trainer.calibration.reduction import all_reduce_counts, all_reduce_sums
 from obim_trainer.checkpoints.atomic import write_atomically
@@ -323,22 +322,10 @@ class ActivationRecorder:
         acc.add_(x.float().square().sum(0).to(acc.device))
         self._count[name] = self._count.get(name, 0) + x.shape[0]
 
-    def _experts_hook(self, experts: FusedExperts) -> Callable[..., None]:
-        """Σx² of each expert's two maps over the real tokens routed to it (eq. 6 restricted to those tokens)."""
-        first, down = experts.params()
-
-        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            routing = routing_arguments(args, kwargs)
-            if routing is None:
-                return
-            hidden, index = routing
-            mask = self._mask
-            keep = mask.to(hidden.device).bool() if mask is not None and mask.numel() == index.shape[0] else None
-            for e, x, activation in experts.routed_inputs(hidden.detach(), index, keep):
-                self._add(expert_key(first, e), x)
-                self._add(expert_key(down, e), activation)
-
-        return hook
+    def _kept(self, tokens: int, device: torch.device) -> Tensor | None:
+        """The token mask of the batch for a call over all its ``tokens`` (an experts module's), else ``None``."""
+        mask = self._mask
+        return mask.to(device).bool() if mask is not None and mask.numel() == tokens else None
 
     @contextmanager
     def attached(self) -> Iterator[ActivationRecorder]:
@@ -349,7 +336,9 @@ class ActivationRecorder:
             for name, module, _axis, in_features in self._layers
         ]
         handles += [
-            experts.module.register_forward_pre_hook(self._experts_hook(experts), with_kwargs=True)
+            experts.module.register_forward_pre_hook(
+                routed_inputs_hook(experts, self._kept, self._add), with_kwargs=True
+            )
             for experts in self._experts
         ]
         try:

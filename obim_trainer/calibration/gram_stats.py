@@ -59,7 +59,7 @@ from obim_trainer.calibration.block_walk import (
 )
 from obim_trainer.calibration.data import CalibrationSet
 from obim_trainer.calibration.forward import device_batches, evaluation_mode, input_device, model_label
-from obim_trainer.calibration.moe import FusedExperts, expert_key, expert_of, routing_arguments
+from obim_trainer.calibration.moe import expert_of, routed_inputs_hook
 from obim_trainer.calibration.reduction import all_reduce_counts, all_reduce_sums
 from obim_trainer.calibration.stats_file import (
     KEY_PLACEHOLDER,
@@ -471,24 +471,13 @@ class GramRecorder:
 
         return hook
 
-    def _experts_hook(self, experts: FusedExperts) -> Callable[..., None]:
-        """Each expert's two Grams over the real tokens routed to it; an expert's input is never shared."""
-        first, down = experts.params()
-
-        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            routing = routing_arguments(args, kwargs)
-            if routing is None:
-                return
-            hidden, index = routing
-            keep = None
-            if self._rows is not None and self._mask_numel == index.shape[0]:
-                keep = torch.zeros(index.shape[0], dtype=torch.bool, device=hidden.device)
-                keep[self._rows.to(hidden.device)] = True
-            for e, x, activation in experts.routed_inputs(hidden.detach(), index, keep):
-                self._add(expert_key(first, e), x)
-                self._add(expert_key(down, e), activation)
-
-        return hook
+    def _kept(self, tokens: int, device: torch.device) -> Tensor | None:
+        """The batch's non-padding tokens as a mask for a call over all its ``tokens`` (an experts module's)."""
+        if self._rows is None or self._mask_numel != tokens:
+            return None
+        keep = torch.zeros(tokens, dtype=torch.bool, device=device)
+        keep[self._rows.to(device)] = True
+        return keep
 
     @contextmanager
     def attached(self) -> Iterator[GramRecorder]:
@@ -499,7 +488,9 @@ class GramRecorder:
             for (name, _axis, features), module in zip(self._layers, self._modules, strict=True)
         ]
         handles += [
-            experts.module.register_forward_pre_hook(self._experts_hook(experts), with_kwargs=True)
+            experts.module.register_forward_pre_hook(
+                routed_inputs_hook(experts, self._kept, self._add), with_kwargs=True
+            )
             for experts in self._experts
         ]
         try:

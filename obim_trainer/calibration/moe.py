@@ -18,8 +18,9 @@ Statistics of expert e of parameter ``P`` are keyed ``P.e`` (``model.layers.0.ml
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -149,6 +150,29 @@ def routing_arguments(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor] | None
     if torch.is_tensor(hidden) and torch.is_tensor(index) and not index.is_floating_point():
         return hidden, index
     return None
+
+
+def routed_inputs_hook(
+    experts: FusedExperts,
+    keep: Callable[[int, torch.device], Tensor | None],
+    add: Callable[[str, Tensor], None],
+) -> Callable[..., None]:
+    """A forward pre-hook (``with_kwargs=True``) on a fused experts module that gives a recorder each expert's two
+    inputs over the real tokens routed to it: ``add(key, rows)`` with the hidden states (first projection) and the
+    activation (``down_proj``) under :func:`expert_key`. ``keep(tokens, device)`` is the recorder's token mask for
+    a call of that many tokens (``None``: keep all)."""
+    first, down = experts.params()
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        routing = routing_arguments(args, kwargs)
+        if routing is None:
+            return
+        hidden, index = routing
+        for e, x, activation in experts.routed_inputs(hidden.detach(), index, keep(index.shape[0], hidden.device)):
+            add(expert_key(first, e), x)
+            add(expert_key(down, e), activation)
+
+    return hook
 
 
 @dataclass(frozen=True)
