@@ -188,10 +188,9 @@ def _held_or_measured(
 ) -> tuple[ActivationStats, dict[str, Any]]:
     """The statistics the caller holds when they are of exactly these texts and weights (same key as
     :func:`checkpoint_stats` computes), else :func:`checkpoint_stats` (cached or computed)."""
-    key = stats_key(calibration.fingerprint(), reader.fingerprint())
-    if held is None or held[1] != key:
+    if held is None or held[1] != stats_key(calibration.fingerprint(), reader.fingerprint()):
         return checkpoint_stats(reader, calibration, config, device)
-    return held[0], {"kind": "activations", "checkpoint": str(reader.path), "key": key, "source": "memory"}
+    return held[0], {"kind": "activations", "checkpoint": str(reader.path), "key": held[1], "source": "memory"}
 
 
 KnownStats = Sequence[tuple[ActivationStats, str] | None]
