@@ -1,14 +1,19 @@
-"""One step of iterative merging in two passes over memory: collect, then take.
+"""One step of iterative merging in two passes over memory: select, then take.
 
 A checkpoint's step in Algorithm 1 scores its task vector, selects its top ``count`` free
 positions, copies θ_k there and marks them taken. With torch calls that is about fifteen
 full-size passes; here it is two, in :mod:`~obim_trainer.merging.native_library`'s fused loops:
 
-1. **collect**: with ``hi``/``lo`` bracketing the threshold from a strided sample (as
-   :func:`~obim_trainer.merging.topk.select_top` does), count the free scores above ``hi``
-   and gather the few percent between ``lo`` and ``hi`` with their indices;
-2. **take**: the exact threshold and tie cut come from the gathered scores; one pass copies θ_k
-   bit for bit where a free score beats them and updates the free mask.
+1. **select**: with ``hi``/``lo`` bracketing the threshold from a strided sample (as
+   :func:`~obim_trainer.merging.topk.select_top` does), count the free scores above ``hi``,
+   gather the few percent between ``lo`` and ``hi`` with their indices and rank them: the exact
+   threshold and tie cut;
+2. **take**: one pass copies θ_k bit for bit where a free score beats them and updates the free mask.
+
+Both passes serve several selections of the same scores at once (:func:`take_top_many`): the merges of
+a sweep that differ only in their shares (OBIM at several total shares) have their own free masks and
+counts but score θ_k alike, so each position is scored once per step for all of them, and the
+per-tensor work outside the loops (sampling, bracketing, ranking) runs in one native call.
 
 OBM scores (a :class:`~obim_trainer.merging.saliency.ScaledSquare`, eq. 5) are computed inside
 both passes from θ_k, θ_B and x̄², tile by tile in cache, rounded as torch rounds them, and so
@@ -22,21 +27,22 @@ small tensor, a missed bracket) and the caller takes the torch path.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from obim_trainer.merging.native_library import native_library
-from obim_trainer.merging.random_scores import RandomScores, uniform_at
+from obim_trainer.merging.random_scores import RandomScores
 from obim_trainer.merging.saliency import ScaledSquare, Scores
-from obim_trainer.merging.task import Workspace
-from obim_trainer.merging.topk import SAMPLED_MIN, bracket_from_sample, bracket_stride
+from obim_trainer.merging.topk import SAMPLED_MIN, bracket_stride
 
 _CANDIDATE_SHARE = 8  # room for 1/8 of the positions between hi and lo (a bracket holds 1-2%)
 _MIN_SAMPLES, _MAX_SAMPLES = 1 << 12, 1 << 17
 _GIVEN, _OBM_BF16, _OBM_F32, _RANDOM = 0, 1, 2, 3
 _OBM_KINDS = {torch.bfloat16: _OBM_BF16, torch.float32: _OBM_F32}
+_FOUND, _INVALID = 0, 2
 
 
 @dataclass(frozen=True)
@@ -59,23 +65,23 @@ class _Source:
     width: int
     """The tensor's row width, which the sampling stride avoids sharing a factor with."""
 
-    def arguments(self) -> tuple[int | None, int | None, int | None, int, int, int]:
-        pointers = (_ptr(self.given), _ptr(self.base), _ptr(self.scale))
+    def arguments(self, theta: Tensor) -> tuple[int | None, ...]:
+        """The loops' leading arguments: the scores' sources, with ``theta`` the tensor copied (and scored)."""
+        pointers = (_ptr(self.given), theta.data_ptr(), _ptr(self.base), _ptr(self.scale))
         return (*pointers, self.kind, int(self.per_row), self.seed)
 
-    def sample(self, stride: int, free: Tensor | None) -> Tensor:
-        """The scores of the free positions among every ``stride``-th one, in float32."""
-        if self.given is not None:
-            sample = self.given.view(-1)[::stride]
-        elif self.kind == _RANDOM:
-            sample = uniform_at(self.seed, torch.arange(0, self.rows * self.cols, stride))
-        else:
-            assert self.theta is not None and self.base is not None and self.scale is not None
-            delta = torch.sub(self.theta.view(-1)[::stride], self.base.view(-1)[::stride])  # a new tensor
-            positions = torch.arange(0, self.rows * self.cols, stride)
-            scale = self.scale.view(-1)[positions // self.cols if self.per_row else positions % self.cols]
-            sample = delta.square_().mul_(scale)
-        return sample if free is None else sample[free[::stride]]
+
+@dataclass
+class Pick:
+    """One selection of a step: take the ``count`` best of the ``num_free`` free positions (``free``: a bool
+    mask, ``None``: all), copy θ there into ``result`` (``None``: θ is the result already, only the mask
+    changes) and mark what stays free in ``free_out`` (may be ``free`` itself); ``0 < count < num_free``."""
+
+    count: int
+    free: Tensor | None
+    num_free: int
+    result: Tensor | None
+    free_out: Tensor
 
 
 def _sample_stride(numel: int, cols: int) -> int:
@@ -84,14 +90,12 @@ def _sample_stride(numel: int, cols: int) -> int:
     return bracket_stride(numel, cols, samples)
 
 
-def _buffer(workspace: Workspace | None, role: str, size: int, dtype: torch.dtype) -> Tensor:
-    if workspace is None:
-        return torch.empty(size, dtype=dtype)
-    return workspace.get(role, (size,), dtype, torch.device("cpu"))
-
-
 def _ptr(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
+
+
+def _pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array[ctypes.c_void_p]:
+    return (ctypes.c_void_p * len(tensors))(*map(_ptr, tensors))
 
 
 def _on_cpu(*tensors: Tensor | None) -> bool:
@@ -136,34 +140,83 @@ def _source(scores: Scores) -> _Source | None:
     return _Source(None, theta, base, scale, kind, per_row, 0, rows, cols, cols)
 
 
-def _threshold(
-    library: ctypes.CDLL, source: _Source, free: Tensor | None, count: int, num_free: int, workspace: Workspace | None
-) -> tuple[float, int] | None:
-    """``(threshold, tie_cut)`` selecting exactly ``count`` free scores, or ``None`` when the bracket missed."""
+def _loops_source(scores: Scores, theta: Tensor) -> _Source | None:
+    """The loops' view of ``scores`` of ``theta`` (materialized when the loops cannot compute them in place)."""
+    source = _source(scores)
+    if source is not None and source.theta is not None and source.theta.data_ptr() != theta.data_ptr():
+        source = None  # scored against another tensor than the one copied: score in torch
+    if source is None:
+        if not isinstance(scores, ScaledSquare) or not _on_cpu(scores.vector.theta):
+            return None
+        source = _source(scores.materialize())  # a layout the fused scores do not cover
+    return source
+
+
+def _thresholds(
+    library: ctypes.CDLL, source: _Source, theta: Tensor, picks: Sequence[Pick]
+) -> list[tuple[float, int] | None]:
+    """Per pick, ``(threshold, tie_cut)`` selecting exactly its ``count`` free scores (``None``: bracket missed)."""
+    n = len(picks)
     numel = source.rows * source.cols
-    hi, lo = bracket_from_sample(source.sample(_sample_stride(numel, source.width), free), count, num_free)
-    cap = numel // _CANDIDATE_SHARE + 4096
-    index = _buffer(workspace, "candidate-index", cap, torch.int64)
-    value = _buffer(workspace, "candidate-value", cap, torch.float32)
-    above, gathered = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
-    status = library.obim_collect(
-        _ptr(source.given), _ptr(source.theta), *source.arguments()[1:], _ptr(free), source.rows, source.cols,
-        hi, lo, cap, above.data_ptr(), gathered.data_ptr(), index.data_ptr(), value.data_ptr(),
-        torch.get_num_threads(),
+    threshold, tie_cut = (ctypes.c_float * n)(), (ctypes.c_int64 * n)()
+    status = (ctypes.c_int * n)()
+    frees = _pointers([None if p.free is None else p.free.view(-1) for p in picks])
+    counts = (ctypes.c_int64 * n)(*(p.count for p in picks))
+    num_free = (ctypes.c_int64 * n)(*(p.num_free for p in picks))
+    invalid = library.obim_select(
+        *source.arguments(theta), source.rows, source.cols, _sample_stride(numel, source.width), n, frees, counts,
+        num_free, numel // _CANDIDATE_SHARE + 4096, threshold, tie_cut, status, torch.get_num_threads(),
     )  # fmt: skip
-    if status == 2:
+    if invalid == _INVALID:
         raise ValueError("scores must be non-negative and not NaN (saliencies are)")
-    need = count - int(above)
-    size = int(gathered)
-    if status != 0 or need < 0 or size < need:
-        return None
-    if need == 0:
-        return hi, 0
-    value, index = value[:size], index[:size]
-    ranked = _buffer(workspace, "candidate-rank", size, torch.float32).copy_(value)
-    threshold = library.obim_kth_largest(ranked.data_ptr(), size, need)
-    ties_needed = need - int(torch.count_nonzero(value > threshold))
-    return threshold, int(index[value == threshold][ties_needed - 1]) + 1
+    return [(threshold[v], tie_cut[v]) if status[v] == _FOUND else None for v in range(n)]
+
+
+def _take(
+    library: ctypes.CDLL,
+    source: _Source | None,
+    theta: Tensor,
+    picks: Sequence[Pick],
+    chosen: Sequence[tuple[float, int]],
+) -> None:
+    """The take pass of ``picks`` with their ``chosen`` thresholds (``source`` ``None``: take every free position)."""
+    n, rows, cols = len(picks), theta.numel(), 1
+    if source is not None:
+        rows, cols = source.rows, source.cols
+    library.obim_take_many(
+        *(source.arguments(theta) if source is not None else (None, theta.data_ptr(), None, None, _GIVEN, 0, 0)),
+        int(source is not None), n, _pointers([p.free for p in picks]), _pointers([p.free_out for p in picks]),
+        (ctypes.c_float * n)(*(t for t, _ in chosen)), (ctypes.c_int64 * n)(*(c for _, c in chosen)),
+        _pointers([p.result for p in picks]), rows, cols, theta.element_size(), torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def take_top_many(scores: Scores, picks: Sequence[Pick], theta: Tensor) -> list[Tensor | None]:
+    """Every pick of ``picks`` (see :class:`Pick`) on the same ``scores`` of ``theta``, each position scored once.
+
+    Returns each pick's ``free_out``, or ``None`` for a pick the fused path did not make (no
+    compiler, a GPU tensor, an unusual layout or dtype, a small tensor, a missed bracket), whose
+    result and masks are then untouched: the caller selects it otherwise.
+
+    Raises:
+        ValueError: a score is negative or NaN.
+    """
+    library = native_library()
+    missed: list[Tensor | None] = [None] * len(picks)
+    if library is None or theta.numel() < SAMPLED_MIN or not _on_cpu(theta):
+        return missed
+    if not all(_copyable(theta if p.result is None else p.result, theta) for p in picks):
+        return missed
+    if not all(_on_cpu(p.free, p.result, p.free_out) for p in picks):
+        return missed
+    source = _loops_source(scores, theta)
+    if source is None:
+        return missed
+    chosen = _thresholds(library, source, theta, picks)
+    made = [v for v, c in enumerate(chosen) if c is not None]
+    if made:
+        _take(library, source, theta, [picks[v] for v in made], [c for c in chosen if c is not None])
+    return [picks[v].free_out if chosen[v] is not None else None for v in range(len(picks))]
 
 
 def take_top(
@@ -174,44 +227,19 @@ def take_top(
     result: Tensor | None,
     theta: Tensor,
     free_out: Tensor,
-    workspace: Workspace | None = None,
 ) -> Tensor | None:
     """Copy θ at the ``count`` free positions with the highest scores into ``result``; return the new free mask.
 
-    ``free`` (``None``: every position; ``num_free`` of them) and ``free_out`` (may be ``free``
-    itself) are bool masks shaped like the tensor; ``result`` and ``theta`` share a dtype
-    (``result`` ``None``: θ is the result already, only the mask changes), and
-    ``0 < count < num_free``. Returns ``free_out``, or ``None`` when the fused path does not apply
-    and nothing was written. ``workspace`` lends the buffers for the gathered candidates.
+    One :class:`Pick` of :func:`take_top_many`: ``free`` (``None``: every position; ``num_free`` of
+    them) and ``free_out`` (may be ``free`` itself) are bool masks shaped like the tensor; ``result``
+    and ``theta`` share a dtype (``result`` ``None``: θ is the result already, only the mask
+    changes), and ``0 < count < num_free``. Returns ``free_out``, or ``None`` when the fused path
+    does not apply and nothing was written.
 
     Raises:
         ValueError: a score is negative or NaN.
     """
-    library = native_library()
-    if library is None or theta.numel() < SAMPLED_MIN:
-        return None
-    if not _copyable(theta if result is None else result, theta):
-        return None
-    if not _on_cpu(free, result, theta, free_out):
-        return None
-    source = _source(scores)
-    if source is not None and source.theta is not None and source.theta.data_ptr() != theta.data_ptr():
-        source = None  # scored against another tensor than the one copied: score in torch
-    if source is None:
-        if not isinstance(scores, ScaledSquare) or not _on_cpu(scores.vector.theta):
-            return None
-        source = _source(scores.materialize())  # a layout the fused scores do not cover
-        if source is None:
-            return None
-    chosen = _threshold(library, source, None if free is None else free.view(-1), count, num_free, workspace)
-    if chosen is None:
-        return None
-    threshold, tie_cut = chosen
-    library.obim_take(
-        *source.arguments(), 1, _ptr(free), free_out.data_ptr(), source.rows, source.cols, threshold, tie_cut,
-        _ptr(result), theta.data_ptr(), theta.element_size(), torch.get_num_threads(),
-    )  # fmt: skip
-    return free_out
+    return take_top_many(scores, [Pick(count, free, num_free, result, free_out)], theta)[0]
 
 
 def copy_where(mask: Tensor, result: Tensor, theta: Tensor) -> bool:
@@ -222,8 +250,5 @@ def copy_where(mask: Tensor, result: Tensor, theta: Tensor) -> bool:
     library = native_library()
     if library is None or not _copyable(result, theta) or not _on_cpu(mask, result, theta):
         return False
-    library.obim_take(
-        None, None, None, _GIVEN, 0, 0, 0, mask.data_ptr(), mask.data_ptr(), mask.numel(), 1, 0.0, 0, result.data_ptr(),
-        theta.data_ptr(), result.element_size(), torch.get_num_threads(),
-    )  # fmt: skip
+    _take(library, None, theta, [Pick(0, mask, 0, result, mask)], [(0.0, 0)])
     return True

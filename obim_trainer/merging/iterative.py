@@ -10,12 +10,13 @@ by another's; positions outside M keep the base (Σ n_k ≤ 1, the footnote to e
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from obim_trainer.merging.fused_take import Pick, take_top_many
 from obim_trainer.merging.fused_take import copy_where as fused_copy_where
-from obim_trainer.merging.fused_take import take_top
 from obim_trainer.merging.saliency import SaliencyFn, Scores, TaskVector, scores_tensor
 from obim_trainer.merging.task import MergeOutput, TensorTask
 from obim_trainer.merging.topk import apportion, select_top
@@ -46,68 +47,136 @@ def iterative_merge(
     mask and the selection's masks are bool scratch buffers. A checkpoint whose count equals the
     positions still free takes all of them without being scored.
     """
+    return iterative_merge_many(task, [ratios], order, saliency)[0]
+
+
+@dataclass
+class _Merge:
+    """One merge of :func:`iterative_merge_many` in progress: its counts in order, result and free mask."""
+
+    counts: list[int]
+    num_free: int
+    owned: list[int]
+    role: str
+    """The workspace role of its free mask."""
+    result: Tensor | None = None
+    holds_theta: bool = False
+    """The result was loaded in this step: it holds θ_k everywhere already."""
+    free: Tensor | None = None  # None: every position is free
+
+
+def iterative_merge_many(
+    task: TensorTask, ratios: Sequence[Sequence[float]], order: Sequence[int], saliency: SaliencyFn
+) -> list[MergeOutput]:
+    """:func:`iterative_merge` of one tensor for several share vectors at once (a sweep's merges that differ
+    only in their shares), each output equal to its own :func:`iterative_merge`, bit for bit.
+
+    Checkpoint k's scores do not depend on the shares, so each step scores θ_k once for every merge
+    and the fused loops select each merge's positions (its own free mask and count) in the same passes
+    (:func:`~obim_trainer.merging.fused_take.take_top_many`). Each merge's result is its own load of the
+    first checkpoint it takes from (:meth:`TensorTask.checkpoint_stored`); θ_k is otherwise only read.
+    """
     if len(set(order)) != len(order) or not set(order) <= set(range(task.num_models)):
         raise ValueError(f"merge order {list(order)} must list distinct checkpoint indices < {task.num_models}")
     base = task.base_stored if task.base_stored is not None else task.base
     numel = base.numel()
-    counts = apportion(numel, [ratios[k] for k in order])
-    result: Tensor | None = None
-    free: Tensor | None = None  # None: every position is free
-    num_free = numel
-    owned = [0] * task.num_models
-    for k, count in zip(order, counts, strict=True):
-        if count == 0:
+    merges = [
+        _Merge(apportion(numel, [shares[k] for k in order]), numel, [0] * task.num_models, f"free-{i}")
+        for i, shares in enumerate(ratios)
+    ]
+    for step, k in enumerate(order):
+        active = [m for m in merges if m.counts[step]]
+        if not active:
             continue
-        # only the first checkpoint becomes the result (is written into); the others are only read
-        theta = task.checkpoint_stored(k) if result is None else task.checkpoint_view(k)
-        dtype = torch.promote_types(base.dtype if result is None else result.dtype, theta.dtype)
-        theta = theta.to(dtype)
-        if result is None:
-            result = theta  # a tensor this merge owns; the first checkpoint's positions already hold θ_k
-        elif result.dtype != dtype:
-            result = result.to(dtype)
-        if count == num_free:
-            if result is not theta:
-                _take_rest(task, result, theta, free)
-        else:
-            scores = saliency(task, k, TaskVector(task, theta))
-            free = _take_top(task, scores, count, free, num_free, None if result is theta else result, theta)
-            del scores
-        del theta
-        num_free -= count
-        owned[k] = count
-    if result is None:
-        return MergeOutput(tensor=base.clone(), owned=owned)
-    if num_free:
-        _take_rest(task, result, base.to(result.dtype), free)  # positions nobody owns keep θ_B
-    return MergeOutput(tensor=result, owned=owned)
+        _step_all(task, k, step, base.dtype, active, saliency)  # holds θ_k only while it runs
+        for m in active:
+            m.num_free -= m.counts[step]
+            m.owned[k] = m.counts[step]
+            m.holds_theta = False
+    outputs = []
+    for m in merges:
+        if m.result is None:
+            outputs.append(MergeOutput(tensor=base.clone(), owned=m.owned))
+            continue
+        if m.num_free:
+            _take_rest(task, m.result, base.to(m.result.dtype), m.free)  # positions nobody owns keep θ_B
+        outputs.append(MergeOutput(tensor=m.result, owned=m.owned))
+    return outputs
 
 
-def _take_top(
-    task: TensorTask,
-    scores: Scores,
-    count: int,
-    free: Tensor | None,
-    num_free: int,
-    result: Tensor | None,
-    theta: Tensor,
-) -> Tensor:
-    """result = θ_k at the ``count`` best free positions by ``scores``; returns the positions still free.
+def _step_all(
+    task: TensorTask, k: int, step: int, base_dtype: torch.dtype, active: Sequence[_Merge], saliency: SaliencyFn
+) -> None:
+    for theta, group in _thetas(task, k, base_dtype, active).items():
+        _step(task, k, [(m, m.counts[step]) for m in group], theta, saliency)
 
-    ``result`` ``None``: θ_k is the result already, only the free mask changes. The fused native
-    pass when it applies (:mod:`~obim_trainer.merging.fused_take`), else :func:`select_top` and a
-    masked copy: the same positions either way.
+
+def _thetas(task: TensorTask, k: int, base_dtype: torch.dtype, active: Sequence[_Merge]) -> dict[Tensor, list[_Merge]]:
+    """θ_k for this step's ``active`` merges, in the (promoted) dtype of their results, and the merges of each.
+
+    A merge taking from its first checkpoint loads θ_k as its result; the first such result also
+    serves as the step's θ_k (nothing writes into it during the step). Only merges already under way
+    read θ_k in place. Their dtypes agree unless the checkpoints are stored in different dtypes.
     """
-    free_out = task.scratch("free", torch.bool)
-    fused = take_top(scores, count, free, num_free, result, theta, free_out, task.workspace)
-    if fused is not None:
-        return fused
-    mask = select_top(scores_tensor(scores), count, free, num_available=num_free, scratch=_bool_scratch(task))
-    if result is not None:
-        _copy_where(task, result, theta, mask)
-    if free is None:
-        return torch.logical_not(mask, out=free_out)
-    return free.bitwise_xor_(mask)  # mask ⊆ free
+    starting = [m for m in active if m.result is None]
+    loaded = [task.checkpoint_stored(k) for _ in starting]
+    view = task.checkpoint_view(k) if len(starting) < len(active) else None
+    stored = (loaded[0] if loaded else view).dtype  # type: ignore[union-attr]
+    thetas: dict[torch.dtype, Tensor] = {}
+    for m, tensor in zip(starting, loaded, strict=True):
+        m.result, m.holds_theta = tensor.to(torch.promote_types(base_dtype, stored)), True
+        thetas.setdefault(m.result.dtype, m.result)
+    groups: dict[Tensor, list[_Merge]] = {}
+    for m in active:
+        assert m.result is not None
+        dtype = torch.promote_types(m.result.dtype, stored)
+        if m.result.dtype != dtype:
+            m.result = m.result.to(dtype)
+        if dtype not in thetas:
+            assert view is not None
+            thetas[dtype] = view.to(dtype)
+        groups.setdefault(thetas[dtype], []).append(m)
+    return groups
+
+
+def _step(task: TensorTask, k: int, merges: Sequence[tuple[_Merge, int]], theta: Tensor, saliency: SaliencyFn) -> None:
+    """Checkpoint k's step for ``merges`` (each with its count), whose results share θ_k's dtype.
+
+    A merge whose count is all its free positions takes them unscored; the others select theirs by
+    k's saliency, scored once for all of them.
+    """
+    scored = []
+    for m, count in merges:
+        if count < m.num_free:
+            scored.append((m, count))
+        elif not m.holds_theta:
+            assert m.result is not None
+            _take_rest(task, m.result, theta, m.free)
+    if scored:
+        scores = saliency(task, k, TaskVector(task, theta))
+        _take_top_many(task, scores, scored, theta)
+
+
+def _take_top_many(task: TensorTask, scores: Scores, merges: Sequence[tuple[_Merge, int]], theta: Tensor) -> None:
+    """Each merge's result = θ_k at its ``count`` best free positions by ``scores``; its free mask updated.
+
+    The fused native passes when they apply (:func:`~obim_trainer.merging.fused_take.take_top_many`),
+    else :func:`select_top` and a masked copy: the same positions either way.
+    """
+    picks = [
+        Pick(count, m.free, m.num_free, None if m.holds_theta else m.result, task.scratch(m.role, torch.bool))
+        for m, count in merges
+    ]
+    fused = take_top_many(scores, picks, theta)
+    flat = None
+    for (m, count), pick, free in zip(merges, picks, fused, strict=True):
+        if free is None:
+            flat = scores_tensor(scores) if flat is None else flat
+            mask = select_top(flat, count, m.free, num_available=m.num_free, scratch=_bool_scratch(task))
+            if pick.result is not None:
+                _copy_where(task, pick.result, theta, mask)
+            free = torch.logical_not(mask, out=pick.free_out) if m.free is None else m.free.bitwise_xor_(mask)
+        m.free = free
 
 
 def _take_rest(task: TensorTask, result: Tensor, theta: Tensor, free: Tensor | None) -> None:

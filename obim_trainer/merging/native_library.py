@@ -61,14 +61,16 @@ LOCK_TIMEOUT_S = 600
 
 _i64, _u64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_uint64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES: dict[str, tuple[type, list[type]]] = {
-    "obim_collect": (
+    "obim_select": (
         _int,
-        [_ptr, _ptr, _ptr, _ptr, _int, _int, _u64, _ptr, _i64, _i64, _f32, _f32, _i64, _ptr, _ptr, _ptr, _ptr, _int],
+        [
+            *(_ptr, _ptr, _ptr, _ptr, _int, _int, _u64),  # the scores' sources
+            *(_i64, _i64, _i64, _int, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _int),
+        ],
     ),
-    "obim_kth_largest": (_f32, [_ptr, _i64, _i64]),
-    "obim_take": (
+    "obim_take_many": (
         _int,
-        [_ptr, _ptr, _ptr, _int, _int, _u64, _int, _ptr, _ptr, _i64, _i64, _f32, _i64, _ptr, _ptr, _int, _int],
+        [_ptr, _ptr, _ptr, _ptr, _int, _int, _u64, _int, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _int, _int],
     ),
     "obim_cpu_level": (_int, []),
     "obim_build_level": (_int, []),

@@ -11,13 +11,15 @@ holds the parameters and their validation; the math lives in :mod:`~obim_trainer
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
 from pydantic import Field
 
 from obim_trainer.errors import ConfigError
-from obim_trainer.merging.iterative import iterative_merge
+from obim_trainer.merging.iterative import iterative_merge, iterative_merge_many
 from obim_trainer.merging.order import OrderMode, merge_order
 from obim_trainer.merging.registry import MergeMethod, MethodParams, StatisticsNeeds, register_method
 from obim_trainer.merging.saliency import (
@@ -123,3 +125,13 @@ class OBIM(MergeMethod):
 
     def merge(self, task: TensorTask) -> MergeOutput:
         return iterative_merge(task, self.ratios, self.order_for(task.block_index), self.saliency())
+
+    def joint_key(self, block_index: int | None) -> Hashable:
+        """Merges by this method that differ only in their shares select from the same scores in the same order."""
+        others = json.dumps(self.params.model_dump(mode="json", exclude={"ratios"}), sort_keys=True)
+        return self.name, self.num_models, tuple(self.order_for(block_index)), others
+
+    def merge_together(self, task: TensorTask, methods: Sequence[MergeMethod]) -> list[MergeOutput]:
+        ratios = [method.ratios for method in methods if isinstance(method, OBIM)]
+        assert len(ratios) == len(methods), "merged together only with OBIM merges (same joint_key)"
+        return iterative_merge_many(task, ratios, self.order_for(task.block_index), self.saliency())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import import_module
 from importlib.metadata import entry_points
@@ -109,6 +109,20 @@ class MergeMethod(ABC):
     @abstractmethod
     def merge(self, task: TensorTask) -> MergeOutput:
         """Merge one tensor. Return float32 on ``task.device``."""
+
+    def joint_key(self, block_index: int | None) -> Hashable | None:
+        """What this method's merge of a tensor of block ``block_index`` shares with other merges of it.
+
+        The merges of one tensor (a sweep's, over the same inputs and statistics) whose methods give the
+        same key are made by one :meth:`merge_together` call, e.g. OBIM at several shares, which scores
+        each checkpoint once for all. ``None`` (the default): this method merges alone.
+        """
+        return None
+
+    def merge_together(self, task: TensorTask, methods: Sequence[MergeMethod]) -> list[MergeOutput]:
+        """The merges of ``task`` by ``methods`` (this one first; all with this one's :meth:`joint_key`), each
+        equal to its own :meth:`merge`. Only called where :meth:`joint_key` is not ``None``."""
+        raise NotImplementedError(f"method '{self.name}' merges alone (its joint_key is None)")
 
     def describe_tensor(self, block_index: int | None) -> str:
         """A short note on how a tensor of block ``block_index`` is merged (shown by ``--dry-run``)."""

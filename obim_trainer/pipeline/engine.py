@@ -34,10 +34,11 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -625,10 +626,35 @@ class MergeEngine:
         else:
             out = self._merge(self.task(plan, inputs, shared=shared))
             tensor, owned = out.tensor, out.owned
+        return self._output(plan, tensor, inputs, shared), owned
+
+    def joint_key(self, plan: TensorPlan) -> Hashable | None:
+        """The method's :meth:`~obim_trainer.merging.registry.MergeMethod.joint_key` for this tensor: engines of
+        a sweep with equal keys (and equal tasks, see :func:`_same_tasks`) merge it together. ``None``: alone
+        (so are integer buffers and extended vocabularies)."""
+        if plan.base_rows is not None or not plan.dtype.is_floating_point:
+            return None
+        return self.method.joint_key(plan.block_index)
+
+    def merge_together(
+        self, others: Sequence[MergeEngine], plan: TensorPlan, inputs: Inputs, shared: SharedInputs
+    ) -> list[tuple[Tensor, list[int] | None]]:
+        """:meth:`merge_one` of this engine and ``others`` (same :meth:`joint_key`, same tasks) in one call of the
+        method's ``merge_together``: one task, each input read once for all. The inputs stay ``shared``."""
+        engines = [self, *others]
+        outputs = self.method.merge_together(self.task(plan, inputs, shared=shared), [e.method for e in engines])
+        merged = []
+        for engine, out in zip(engines, outputs, strict=True):
+            engine.notes.update(out.notes or {})
+            merged.append((engine._output(plan, out.tensor, inputs, shared), out.owned))
+        return merged
+
+    def _output(self, plan: TensorPlan, tensor: Tensor, inputs: Inputs, shared: SharedInputs | None) -> Tensor:
+        """A merged tensor in its output dtype on the CPU, in memory it owns (never one of shared ``inputs``)."""
         tensor = self._own(tensor.to(device="cpu", dtype=plan.dtype))
         if shared is not None and any(t is not None and _same_memory(t, tensor) for t in inputs):
             tensor = shared.copy(tensor)  # a method that returned an input as it is
-        return tensor, owned
+        return tensor
 
     def log_saliency(self, plan: TensorPlan, inputs: Inputs) -> list[Tensor] | None:
         """Per checkpoint, log10 of the positive OBM saliencies mean_j(x²)·δ_ij² (eq. 5) of a Linear weight of a
@@ -685,6 +711,44 @@ def _share_buffers(engines: Sequence[MergeEngine]) -> ReadBuffers:
     return first.read_buffers
 
 
+def _same_tasks(engines: Sequence[MergeEngine]) -> list[list[int]]:
+    """The engines (by index) that build the same tasks: same readers (see :func:`_share_buffers`), the same
+    statistics objects (a sweep loads them once, see ``pipeline/merge.py``), layout and settings."""
+
+    def key(engine: MergeEngine) -> tuple[Any, ...]:
+        stats = tuple(map(id, engine.stats))
+        statistics = tuple(map(id, vars(engine.statistics).values()))
+        settings = (engine.device, engine.seed, engine.new_rows, engine.new_rows_source, id(engine.layout))
+        return stats, statistics, settings
+
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for v, engine in enumerate(engines):
+        groups.setdefault(key(engine), []).append(v)
+    return list(groups.values())
+
+
+def _merge_units(
+    engines: Sequence[MergeEngine], together: Sequence[Sequence[int]], plan: TensorPlan
+) -> list[list[int]]:
+    """The engines merging ``plan`` in one call each (same tasks, same :meth:`MergeEngine.joint_key`), in order."""
+    units: dict[tuple[int, Hashable], list[int]] = {}
+    for g, group in enumerate(together):
+        for v in group:
+            joint = engines[v].joint_key(plan)
+            units.setdefault((g, joint if joint is not None else ("alone", v)), []).append(v)
+    return sorted(units.values())
+
+
+def _merge_unit(
+    engines: Sequence[MergeEngine], unit: Sequence[int], plan: TensorPlan, inputs: Inputs, shared: SharedInputs | None
+) -> list[tuple[Tensor, list[int] | None]]:
+    """The merged tensors and ownership counts of the engines of one unit (see :func:`_merge_units`)."""
+    if len(unit) == 1:
+        return [engines[unit[0]].merge_one(plan, inputs, shared)]
+    assert shared is not None
+    return engines[unit[0]].merge_together([engines[v] for v in unit[1:]], plan, inputs, shared)
+
+
 def _written(buffers: ReadBuffers, tensor: Tensor, recycle: bool) -> None:
     """After ``write`` returned: a result living in a read buffer gives it back, or takes it along."""
     if recycle:
@@ -716,7 +780,8 @@ def run_together(
     if len(writes) != len(engines) or not engines:
         raise ValueError(f"run_together needs one write per engine, got {len(writes)} for {len(engines)}")
     buffers = _share_buffers(engines)
-    first, last = engines[0], len(engines) - 1
+    first = engines[0]
+    together = _same_tasks(engines)
     tensors = list(plan.tensors if isinstance(plan, MergePlan) else plan)
     reports = [EngineReport() for _ in engines]
     start = time.perf_counter()
@@ -744,20 +809,23 @@ def run_together(
             finish_writes(keep=1)  # the tensor two before is written; the previous one's may still be writing
             results: list[tuple[Future[None], Tensor]] = []
             writing.append(results)
-            for v, engine in enumerate(engines):
-                saliency = engine.log_saliency(tensor_plan, shared)
-                if saliency is not None:
-                    reports[v].log_saliency[tensor_plan.name] = saliency
+            units = _merge_units(engines, together, tensor_plan)
+            for u, unit in enumerate(units):
+                for v in unit:
+                    saliency = engines[v].log_saliency(tensor_plan, shared)
+                    if saliency is not None:
+                        reports[v].log_saliency[tensor_plan.name] = saliency
                 # every merge but the last reads the inputs in place and takes copies over; the last takes them
-                lending = None if v == last else SharedInputs(buffers)
+                lending = None if u == len(units) - 1 and len(unit) == 1 else SharedInputs(buffers)
                 lent = list(shared) if lending is None else lending.copies
-                merged, owned = engine.merge_one(tensor_plan, list(shared), lending)
-                buffers.give_back(t for t in lent if t is not None and not _same_memory(t, merged))
+                merged = _merge_unit(engines, unit, tensor_plan, list(shared), lending)
+                buffers.give_back(t for t in lent if t is not None and not any(_same_memory(t, m) for m, _ in merged))
                 del lent, lending
-                if owned is not None:
-                    reports[v].owned[tensor_plan.name] = list(owned)
-                results.append((writer.submit(writes[v], tensor_plan.name, merged), merged))  # written meanwhile
-                del merged
+                for v, (tensor, owned) in zip(unit, merged, strict=True):
+                    if owned is not None:
+                        reports[v].owned[tensor_plan.name] = list(owned)
+                    results.append((writer.submit(writes[v], tensor_plan.name, tensor), tensor))  # written meanwhile
+                del merged, tensor
             del shared, results
             bar.update()
         finish_writes(keep=0)

@@ -193,6 +193,38 @@ def _held_or_measured(
     return held[0], {"kind": "activations", "checkpoint": str(reader.path), "key": held[1], "source": "memory"}
 
 
+@dataclass
+class _Shared:
+    """What the merges of one sweep prepare once for all: the opened inputs (by :func:`_inputs_key`), the model
+    layout and the activation statistics of each checkpoint on each calibration set, so that merges of the
+    same inputs also hold the same layout and statistics (the engine then lets methods that can merge a tensor
+    together do so, see ``engine._same_tasks``)."""
+
+    inputs: dict[InputsKey, Inputs] = field(default_factory=dict)
+    layouts: dict[Path, ModelLayout] = field(default_factory=dict)
+    activations: dict[tuple[int, str, str, int], tuple[ActivationStats, dict[str, Any]]] = field(default_factory=dict)
+
+    def layout(self, base: Path) -> ModelLayout:
+        """The model layout of the base folder ``base``, read once."""
+        if base not in self.layouts:
+            self.layouts[base] = ModelLayout.from_pretrained_dir(base)
+        return self.layouts[base]
+
+    def activation_stats(
+        self,
+        reader: CheckpointReader,
+        calibration: CalibrationSet,
+        config: MergeConfig,
+        device: torch.device,
+        held: tuple[ActivationStats, str] | None,
+    ) -> tuple[ActivationStats, dict[str, Any]]:
+        """:func:`_held_or_measured`, once per reader, calibration set, device and batch size."""
+        key = (id(reader), calibration.fingerprint(), str(device), config.calibration_batch_size)
+        if key not in self.activations:
+            self.activations[key] = _held_or_measured(reader, calibration, config, device, held)
+        return self.activations[key]
+
+
 KnownStats = Sequence[tuple[ActivationStats, str] | None]
 """Per checkpoint, activation statistics the caller already holds and their key (see :func:`stats_key`), or
 ``None``: the callback's, measured on the live model at the save, so the merge needs no reload."""
@@ -216,14 +248,12 @@ def _open_inputs(stack: ExitStack, config: MergeConfig, checkpoints: list[Path])
     return base, readers
 
 
-def _shared_inputs(
-    stack: ExitStack, config: MergeConfig, checkpoints: list[Path], opened: dict[InputsKey, Inputs]
-) -> Inputs:
+def _shared_inputs(stack: ExitStack, config: MergeConfig, checkpoints: list[Path], shared: _Shared) -> Inputs:
     """The readers of ``config``'s inputs: those another merge of the sweep opened already, or opened now."""
     key = _inputs_key(config, checkpoints)
-    if key not in opened:
-        opened[key] = _open_inputs(stack, config, checkpoints)
-    return opened[key]
+    if key not in shared.inputs:
+        shared.inputs[key] = _open_inputs(stack, config, checkpoints)
+    return shared.inputs[key]
 
 
 def _write_config(folder: Path, plan: MergePlan) -> None:
@@ -458,14 +488,14 @@ class _Prepared:
 def _prepare(
     stack: ExitStack,
     config: MergeConfig,
-    opened: dict[InputsKey, Inputs],
+    shared: _Shared,
     saliency_blocks: int = 0,
     known_stats: KnownStats | None = None,
 ) -> _Prepared | MergeResult:
     """Validate everything, compute (or load) statistics and open the temporary output folder.
 
     Returns a :class:`MergeResult` for a dry run. The readers and the output folder live in ``stack``;
-    the readers are taken from ``opened`` when another merge of the sweep opened the same inputs.
+    the readers and statistics are taken from ``shared`` when another merge of the sweep has them already.
     ``saliency_blocks``: how many evenly spaced decoder blocks the engine samples saliency on for its report.
     ``known_stats``: statistics the caller holds, used where their key is that of this merge's texts and weights.
     """
@@ -484,8 +514,8 @@ def _prepare(
     texts = None
     if needs.any and config.calibration_data is not None:  # every file read (an empty one refused) before any input
         texts = load_language_texts(config.calibration_data, config.calibration_samples, config.calibration_text_field)
-    base, readers = _shared_inputs(stack, config, checkpoints, opened)
-    layout = ModelLayout.from_pretrained_dir(config.base)
+    base, readers = _shared_inputs(stack, config, checkpoints, shared)
+    layout = shared.layout(config.base)
     plan = plan_merge(base, readers, layout, config.dtype)
     warn_stored_fused(plan, needs)
     source = new_rows_source(config, checkpoints, plan)
@@ -514,7 +544,7 @@ def _prepare(
     elif calibration is not None:
         t0 = time.perf_counter()
         stats, statistics, stats_sources = _measure(
-            config, needs, calibration, texts, base, readers, plan, device, known_stats
+            config, needs, calibration, texts, base, readers, plan, device, shared, known_stats
         )
         timings["statistics_s"] = time.perf_counter() - t0
     metadata = {"format": "pt", "merged_by": "obim-trainer", "method": method.name}
@@ -544,6 +574,7 @@ def _measure(
     readers: list[CheckpointReader],
     plan: MergePlan,
     device: torch.device,
+    shared: _Shared,
     known_stats: KnownStats | None = None,
 ) -> tuple[list[ActivationStats] | None, ModelStatistics, list[dict[str, Any]]]:
     """The statistics ``needs`` asks for (cached or computed) and their records: activations of each checkpoint
@@ -552,7 +583,9 @@ def _measure(
     if needs.activations:
         everything = calibration.all()
         known = list(known_stats or [None] * len(readers))
-        pairs = [_held_or_measured(r, everything, config, device, held) for r, held in zip(readers, known, strict=True)]
+        pairs = [
+            shared.activation_stats(r, everything, config, device, held) for r, held in zip(readers, known, strict=True)
+        ]
         stats = [s for s, _ in pairs]
         warn_unreached_experts([s.count for s in stats])
         records = [{**src, "model": "checkpoint", "languages": list(calibration.sets)} for _, src in pairs]
@@ -649,8 +682,8 @@ def _prepare_all(
     stack: ExitStack, configs: Sequence[MergeConfig], saliency_blocks: int = 0, known_stats: KnownStats | None = None
 ) -> list[_Prepared | MergeResult]:
     """Every merge validated and prepared in order, the inputs each distinct set of folders needs opened once."""
-    opened: dict[InputsKey, Inputs] = {}
-    return [_prepare(stack, config, opened, saliency_blocks, known_stats) for config in configs]
+    shared = _Shared()
+    return [_prepare(stack, config, shared, saliency_blocks, known_stats) for config in configs]
 
 
 def merge_sweep(configs: Sequence[MergeConfig]) -> list[MergeResult]:

@@ -24,6 +24,11 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(INTS[tensor.element_size()])
 
 
+def take_top(scores, count, free, num_free, result, theta, free_out):
+    """One pick of :func:`fused_take.take_top_many`: its new free mask, or ``None`` when the fused path declined."""
+    return fused_take.take_top_many(scores, [fused_take.Pick(count, free, num_free, result, free_out)], theta)[0]
+
+
 def torch_take(scores, count, free, result, theta):
     """The torch path's step: select_top, a masked copy, the free mask updated."""
     mask = select_top(scores, count, free)
@@ -56,7 +61,7 @@ def test_given_scores_select_the_torch_paths_positions(dtype, kind, with_free):
         expected, expected_free = torch_take(scores, count, free, result, theta)
         got = result.clone()
         free_out = torch.empty(ROWS, COLS, dtype=torch.bool)
-        left = fused_take.take_top(scores, count, free, num_free, got, theta, free_out)
+        left = take_top(scores, count, free, num_free, got, theta, free_out)
         assert left is free_out, (kind, count)
         assert torch.equal(bits(got), bits(expected)), (kind, count)
         assert torch.equal(left, expected_free), (kind, count)
@@ -95,7 +100,7 @@ def test_obm_scores_computed_inside_the_loops_round_like_torch(theta_dtype, per_
     for count in (num_free // 3, num_free // 2):  # thresholds above the 30% that tie at zero
         expected, expected_free = torch_take(scores, count, free, result, theta)
         got = result.clone()
-        left = fused_take.take_top(lazy, count, free, num_free, got, theta, torch.empty_like(free), task.workspace)
+        left = take_top(lazy, count, free, num_free, got, theta, torch.empty_like(free))
         assert left is not None
         assert torch.equal(bits(got), bits(expected))
         assert torch.equal(left, expected_free)
@@ -138,7 +143,7 @@ def test_a_misleading_sample_falls_back_and_nothing_is_written():
     result = torch.zeros(ROWS * COLS)
     theta = torch.ones(ROWS * COLS)
     free_out = torch.ones(ROWS * COLS, dtype=torch.bool)
-    assert fused_take.take_top(scores, scores.numel() // 2, None, scores.numel(), result, theta, free_out) is None
+    assert take_top(scores, scores.numel() // 2, None, scores.numel(), result, theta, free_out) is None
     assert not result.any() and free_out.all()
 
 
@@ -152,7 +157,7 @@ def test_candidates_beyond_the_buffer_fall_back(monkeypatch, share):
     scores[torch.rand(ROWS * COLS, generator=gen) < 0.6] = 0.0
     result, theta = torch.zeros(ROWS * COLS), torch.ones(ROWS * COLS)
     out = torch.empty(ROWS * COLS, dtype=torch.bool)
-    assert fused_take.take_top(scores, scores.numel() // 2, None, scores.numel(), result, theta, out) is None
+    assert take_top(scores, scores.numel() // 2, None, scores.numel(), result, theta, out) is None
     assert not result.any()
 
 
@@ -162,9 +167,7 @@ def test_nan_or_negative_scores_are_an_error(bad):
     scores[777] = bad
     result, theta = torch.zeros(ROWS * COLS), torch.ones(ROWS * COLS)
     with pytest.raises(ValueError, match="non-negative and not NaN"):
-        fused_take.take_top(
-            scores, 100, None, scores.numel(), result, theta, torch.empty(ROWS * COLS, dtype=torch.bool)
-        )
+        take_top(scores, 100, None, scores.numel(), result, theta, torch.empty(ROWS * COLS, dtype=torch.bool))
 
 
 def test_copy_where_copies_the_free_positions_bit_for_bit():
@@ -181,30 +184,67 @@ def test_tensors_the_loops_cannot_read_are_left_to_torch():
     scores = torch.rand(ROWS, COLS)
     result, theta = torch.zeros(ROWS, COLS), torch.ones(ROWS, COLS)
     out = torch.empty(ROWS, COLS, dtype=torch.bool)
-    assert fused_take.take_top(scores.t(), 10, None, scores.numel(), result, theta, out) is None  # not contiguous
-    assert fused_take.take_top(scores, 10, None, scores.numel(), result, theta.double(), out) is None  # dtypes differ
+    assert take_top(scores.t(), 10, None, scores.numel(), result, theta, out) is None  # not contiguous
+    assert take_top(scores, 10, None, scores.numel(), result, theta.double(), out) is None  # dtypes differ
     small = torch.rand(100)
-    assert (
-        fused_take.take_top(small, 10, None, 100, torch.zeros(100), torch.ones(100), torch.empty(100, dtype=bool))
-        is None
-    )
+    assert take_top(small, 10, None, 100, torch.zeros(100), torch.ones(100), torch.empty(100, dtype=bool)) is None
     assert not result.any()
 
 
 def test_random_scores_hashed_in_the_loops_equal_the_torch_hash():
-    """Gathering every position (lo = 0, hi = inf) returns the loops' scores: they must be torch's, bit for bit."""
+    """The loops hash random scores themselves: they select exactly what torch's hash of the same seed selects."""
     numel, seed = 300_000, 0x5DEECE66D_1234
-    source = fused_take._source(RandomScores(seed, torch.Size([numel]), torch.device("cpu")))
-    index, value = torch.empty(numel, dtype=torch.int64), torch.empty(numel)
-    above, count = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
-    status = native_library().obim_collect(
-        None, None, *source.arguments()[1:], None, source.rows, source.cols, float("inf"), 0.0, numel,
-        above.data_ptr(), count.data_ptr(), index.data_ptr(), value.data_ptr(), 2,
-    )  # fmt: skip
-    assert status == 0 and int(count) == numel
-    assert torch.equal(index, torch.arange(numel))
     expected = uniform_at(seed, torch.arange(numel))
-    assert torch.equal(value.view(torch.int32), expected.view(torch.int32))
+    hashed = RandomScores(seed, torch.Size([numel]), torch.device("cpu"))
+    theta, result = torch.ones(numel), torch.zeros(numel)
+    for count in (1, 1000, numel // 3, numel - 1):
+        got = result.clone()
+        left = take_top(hashed, count, None, numel, got, theta, torch.empty(numel, dtype=torch.bool))
+        assert left is not None
+        assert torch.equal(got.bool(), select_top(expected, count)), count
     assert 0.49 < float(expected.mean()) < 0.51 and float(expected.min()) >= 0.0 and float(expected.max()) < 1.0
     assert torch.unique(expected).numel() > 0.99 * numel, "24 random bits: few ties"
     assert not torch.equal(uniform_at(seed + 1, torch.arange(1000)), expected[:1000])
+
+
+def test_several_picks_of_one_step_each_select_what_they_would_alone():
+    """A sweep's merges at one step: own free masks, counts and results (one holding θ already), scored once."""
+    gen = torch.Generator().manual_seed(11)
+    scores = scores_with("ties", (ROWS, COLS), gen)
+    theta = torch.randn(ROWS, COLS, generator=gen).to(torch.bfloat16)
+    frees = [None, torch.rand(ROWS, COLS, generator=gen) > 0.3, torch.rand(ROWS, COLS, generator=gen) > 0.6]
+    results = [None, torch.randn(ROWS, COLS, generator=gen).to(torch.bfloat16), torch.zeros(ROWS, COLS).bfloat16()]
+    picks, expected = [], []
+    for i, (free, result) in enumerate(zip(frees, results, strict=True)):
+        num_free = scores.numel() if free is None else int(free.sum())
+        count = num_free // (i + 2)
+        alone_result, alone_free = torch_take(scores, count, free, theta if result is None else result, theta)
+        expected.append((alone_result, alone_free))
+        out = torch.empty(ROWS, COLS, dtype=torch.bool)
+        picks.append(fused_take.Pick(count, free, num_free, None if result is None else result.clone(), out))
+    made = fused_take.take_top_many(scores, picks, theta)
+    for pick, left, (alone_result, alone_free) in zip(picks, made, expected, strict=True):
+        assert left is pick.free_out
+        assert torch.equal(left, alone_free)
+        if pick.result is not None:
+            assert torch.equal(bits(pick.result), bits(alone_result))
+
+
+def test_a_pick_whose_bracket_misses_is_declined_alone():
+    """One pick's sample misleads it (its sampled positions all score zero); the other pick is still made."""
+    gen = torch.Generator().manual_seed(6)
+    numel = ROWS * COLS
+    scores = torch.rand(numel, generator=gen) + 1.0
+    first_half = torch.arange(numel) < numel // 2
+    sampled = torch.zeros(numel, dtype=torch.bool)
+    sampled[:: fused_take._sample_stride(numel, numel)] = True
+    scores[sampled & first_half] = 0.0
+    theta = torch.ones(numel)
+    picks = [
+        fused_take.Pick(count, free, int(free.sum()), torch.zeros(numel), torch.empty(numel, dtype=torch.bool))
+        for count, free in ((numel // 4, first_half), (100, ~first_half))
+    ]
+    made = fused_take.take_top_many(scores, picks, theta)
+    assert made[0] is None and not picks[0].result.any()
+    assert made[1] is picks[1].free_out and int(picks[1].result.sum()) == 100
+    assert torch.equal(picks[1].result.bool(), select_top(scores, 100, ~first_half))

@@ -179,3 +179,35 @@ def test_large_bf16_tensors_through_a_reused_workspace_agree_with_the_plain_loop
         expected, _ = plain_iterative(base.float(), [c.float() for c in ckpts], scores, [1 / 3] * 3, [1, 0, 2])
         assert out.tensor.dtype == torch.bfloat16
         assert torch.equal(out.tensor.float(), expected), shape
+
+
+SHARE_SETS = [[1 / 3] * 3, [0.8 / 3] * 3, [0.6 / 3] * 3, [0.5, 0.0, 0.3], [0.0, 0.0, 0.0], [0.1, 0.7, 0.2]]
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("dtypes", [("bf16",) * 3, ("bf16", "f32", "bf16")])
+def test_merges_differing_in_shares_made_together_equal_each_made_alone(monkeypatch, native, dtypes):
+    """A sweep's OBIM merges of one tensor share each step's scores; every output is its own merge's, bit for
+    bit (fused loops or torch; checkpoints stored in one dtype or in several, so results change dtype midway)."""
+    from obim_trainer.merging import fused_take
+    from obim_trainer.merging.iterative import iterative_merge_many
+
+    if not native:
+        monkeypatch.setattr(fused_take, "native_library", lambda: None)
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(300, 256, generator=gen).to(torch.bfloat16)  # above the fused loops' minimum size
+    kinds = {"bf16": torch.bfloat16, "f32": torch.float32}
+    ckpts = [(base.float() + torch.randn(300, 256, generator=gen)).to(kinds[d]) for d in dtypes]
+    scores = [torch.randint(0, 50, (300, 256), generator=gen).float() for _ in ckpts]  # ties at every threshold
+    order = [1, 2, 0]
+    make = lambda: TensorTask.from_tensors("w", base, ckpts, workspace=Workspace())  # noqa: E731
+    saliency = given_scores(scores)
+    together = iterative_merge_many(make(), SHARE_SETS, order, saliency)
+    if len(set(dtypes)) == 1:
+        assert saliency.calls == order, "each checkpoint scored once for all the merges"
+    else:  # a merge starting at a bf16 checkpoint keeps bf16 while the others hold float32 since checkpoint 1
+        assert saliency.calls == [1, 2, 2, 0, 0], "once per step and result dtype"
+    for shares, out in zip(SHARE_SETS, together, strict=True):
+        alone = iterative_merge(make(), shares, order, given_scores(scores))
+        assert out.tensor.dtype == alone.tensor.dtype and out.owned == alone.owned, shares
+        assert torch.equal(out.tensor.view(torch.uint8), alone.tensor.view(torch.uint8)), shares

@@ -143,5 +143,11 @@ def test_the_library_loads_with_its_functions_typed(fresh_library, tmp_path):
     library = fresh_library()
     assert library is not None
     assert list((tmp_path / "kernels").glob("fused_take-base-*.so")), "built into $OBIM_CACHE_DIR/kernels"
-    values = (native.ctypes.c_float * 5)(3.0, 9.0, 1.0, 7.0, 5.0)
-    assert library.obim_kth_largest(values, 5, 2) == 7.0
+    c = native.ctypes
+    scores = (c.c_float * 5)(3.0, 9.0, 1.0, 7.0, 5.0)
+    threshold, tie_cut, status = (c.c_float * 1)(), (c.c_int64 * 1)(), (c.c_int * 1)()
+    no_mask, count, num_free = (c.c_void_p * 1)(None), (c.c_int64 * 1)(2), (c.c_int64 * 1)(5)
+    invalid = library.obim_select(
+        scores, None, None, None, 0, 0, 0, 5, 1, 1, 1, no_mask, count, num_free, 100, threshold, tie_cut, status, 1
+    )  # given scores, 5 rows of 1, every position sampled: the 2 best are 9 and 7
+    assert (invalid, status[0], threshold[0], tie_cut[0]) == (0, 0, 7.0, 4)

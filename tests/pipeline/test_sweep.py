@@ -79,6 +79,31 @@ def test_a_bf16_sweep_copies_only_the_checkpoint_each_obim_merge_writes_into(
         assert tensor_hashes(together[name].output) == tensor_hashes(alone[name].output), name
 
 
+def test_obim_merges_differing_only_in_shares_merge_each_tensor_together(
+    llama_family, calibration_jsonl, tmp_path, monkeypatch
+):
+    """OBIM at three total shares: one call merges each weight for all three (one task, each checkpoint
+    scored once per step), and every merge writes the bytes it writes made alone."""
+    base, ckpts = llama_family
+    settings = {"base": base, "checkpoints": ckpts, "calibration_data": calibration_jsonl, "progress": False}
+    config = MergeConfig.build({**settings, "stats_cache_dir": tmp_path / "cache", "output": tmp_path / "unused"})
+    variants = plan_variants(["obim"], {}, [1.0, 0.8, 0.6], num_models=len(ckpts))
+    alone = merge_variants(config, variants, tmp_path / "alone", sweep=lambda cs: [merge_checkpoints(c) for c in cs])
+    calls: list[int] = []
+    merge_together = engine.MergeEngine.merge_together
+
+    def counting(self, others, plan, inputs, shared):
+        calls.append(1 + len(others))
+        return merge_together(self, others, plan, inputs, shared)
+
+    monkeypatch.setattr(engine.MergeEngine, "merge_together", counting)
+    together = merge_variants(config, variants, tmp_path / "together")
+    floating = [t for t in load_file(next(together["obim"].output.glob("*.safetensors"))).values()]
+    assert calls and set(calls) == {3} and len(calls) == len([t for t in floating if t.is_floating_point()])
+    for name in together:
+        assert tensor_hashes(together[name].output) == tensor_hashes(alone[name].output), name
+
+
 def test_a_sweep_of_checkpoints_with_an_extended_vocabulary_writes_the_bytes_of_each_merge_alone(
     extended_run,  # noqa: F811 - the fixture imported above
     tmp_path,

@@ -10,8 +10,10 @@
 // other branch) and use restrict pointers so that the compiler vectorizes them.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -136,43 +138,122 @@ void for_tiles(const Scores& s, int64_t first, int64_t last, int64_t cols, Tile 
   }
 }
 
-struct CollectResult {
+// The score of flat position i alone (the sample that brackets a threshold), as the tiles compute it.
+inline float score_at(const Scores& s, int64_t i, int64_t cols) {
+  if (s.source == kGiven) return s.given[i];
+  if (s.source == kRandom) return random_score(s.seed, i);
+  const float scale = s.scale[s.per_row ? i / cols : i % cols];
+  float d;
+  if (s.source == kObmBf16) {
+    d = bf16_to_float(static_cast<const uint16_t*>(s.theta)[i]) - bf16_to_float(static_cast<const uint16_t*>(s.base)[i]);
+  } else {
+    d = static_cast<const float*>(s.theta)[i] - static_cast<const float*>(s.base)[i];
+  }
+  return (d * d) * scale;
+}
+
+// One variant's selection in a step: its free mask, how many it takes, and what it found.
+struct Pick {
+  const uint8_t* free;  // nullptr: every position is free
+  int64_t count;        // 0 < count < num_free
+  int64_t num_free;
+  float hi = 0.0f, lo = 0.0f;
+};
+
+// The k-th largest (1-based) of values, which are reordered (linear time).
+inline float kth_largest(std::vector<float>& values, int64_t k) {
+  std::nth_element(values.begin(), values.begin() + (k - 1), values.end(), [](float a, float b) { return a > b; });
+  return values[k - 1];
+}
+
+constexpr double kSigmas = 5.0;  // half-width of the bracket in standard deviations of the sampled rank
+
+// (hi, lo) that very probably hold the count-th largest free score between them: +-5 standard deviations
+// of its rank in the sample around the expected rank (as topk.bracket_from_sample).
+void bracket(std::vector<float>& sample, Pick& pick) {
+  const auto size = static_cast<int64_t>(sample.size());
+  const double expected = static_cast<double>(pick.count) * static_cast<double>(size) / static_cast<double>(pick.num_free);
+  const double spread = expected * std::max(1.0 - expected / static_cast<double>(std::max<int64_t>(size, 1)), 0.0);
+  const double margin = kSigmas * std::sqrt(spread) + 8.0;
+  const auto top = static_cast<int64_t>(std::floor(expected - margin));  // 0-based ranks from the top
+  const auto bottom = static_cast<int64_t>(std::ceil(expected + margin));
+  const float inf = std::numeric_limits<float>::infinity();
+  pick.hi = (0 <= top && top < size) ? kth_largest(sample, top + 1) : inf;
+  pick.lo = (0 <= bottom && bottom < size) ? kth_largest(sample, bottom + 1) : -inf;
+}
+
+// What one unit of rows found for one variant: the free scores above hi, and those inside the bracket.
+struct Found {
   int64_t above = 0;
-  bool invalid = false;
   std::vector<int64_t> index;
   std::vector<float> value;
 };
 
-template <int kSource, bool kPerRow, bool kFree>
-void collect_rows(const Scores& s, const uint8_t* free, int64_t first, int64_t last, int64_t cols, float hi, float lo,
-                  CollectResult& out) {
-  alignas(64) uint8_t inside[kTile + 8];
-  for_tiles<kSource, kPerRow>(s, first, last, cols, [&](int64_t offset, const float* __restrict scores, int64_t width) {
-    const uint8_t* __restrict f = free + (kFree ? offset : 0);
-    int32_t above = 0;
-    uint8_t bad = 0;
-    for (int64_t c = 0; c < width; ++c) {  // vectorized: counts and flags
-      const float v = scores[c];
-      const uint8_t available = kFree ? f[c] : uint8_t(1);
-      const uint8_t over = v > hi;
-      above += available & over;
-      bad |= !(v >= 0.0f);
-      inside[c] = available & static_cast<uint8_t>(v >= lo) & (over ^ uint8_t(1));
+// Counts the free scores of a tile above hi and gathers, in index order, those in [lo, hi].
+template <bool kFree>
+void collect_tile(const float* __restrict scores, const uint8_t* __restrict f, int64_t offset, int64_t width, float hi,
+                  float lo, uint8_t* __restrict inside, Found& out) {
+  int32_t above = 0;
+  for (int64_t c = 0; c < width; ++c) {  // vectorized: counts and flags
+    const float v = scores[c];
+    const uint8_t available = kFree ? f[c] : uint8_t(1);
+    const uint8_t over = v > hi;
+    above += available & over;
+    inside[c] = available & static_cast<uint8_t>(v >= lo) & (over ^ uint8_t(1));
+  }
+  std::memset(inside + width, 0, 8);
+  for (int64_t c = 0; c < width; c += 8) {  // gather the flagged few percent, eight flags at a time
+    uint64_t word;
+    std::memcpy(&word, inside + c, sizeof word);
+    while (word != 0) {
+      const int64_t j = c + __builtin_ctzll(word) / 8;
+      word &= word - 1;
+      out.index.push_back(offset + j);
+      out.value.push_back(scores[j]);
     }
-    std::memset(inside + width, 0, 8);
-    for (int64_t c = 0; c < width; c += 8) {  // gather the flagged few percent, eight flags at a time
-      uint64_t word;
-      std::memcpy(&word, inside + c, sizeof word);
-      while (word != 0) {
-        const int64_t j = c + __builtin_ctzll(word) / 8;
-        word &= word - 1;
-        out.index.push_back(offset + j);
-        out.value.push_back(scores[j]);
+  }
+  out.above += above;
+}
+
+// Status of a variant's selection.
+enum Status { kFound = 0, kMissed = 1, kInvalid = 2 };
+
+// The exact threshold and tie cut of one variant from what the units found (in unit order, which is index
+// order): the need-th largest candidate, ties at it taken in index order. kMissed when the bracket missed.
+Status finish_pick(const Pick& pick, const std::vector<Found>& found, int variants, int v, int64_t cap, float* threshold,
+                   int64_t* tie_cut) {
+  int64_t above = 0, size = 0;
+  for (size_t u = v; u < found.size(); u += variants) {
+    above += found[u].above;
+    size += static_cast<int64_t>(found[u].value.size());
+  }
+  const int64_t need = pick.count - above;
+  if (size > cap || need < 0 || size < need) return kMissed;
+  if (need == 0) {
+    *threshold = pick.hi;
+    *tie_cut = 0;
+    return kFound;
+  }
+  std::vector<float> ranked;
+  ranked.reserve(size);
+  for (size_t u = v; u < found.size(); u += variants) ranked.insert(ranked.end(), found[u].value.begin(), found[u].value.end());
+  const float t = kth_largest(ranked, need);
+  int64_t greater = 0;
+  for (size_t u = v; u < found.size(); u += variants) {
+    for (const float x : found[u].value) greater += x > t;
+  }
+  int64_t ties = need - greater;  // the ties at t to take, lowest indices first
+  for (size_t u = v; u < found.size(); u += variants) {
+    const Found& unit = found[u];
+    for (size_t j = 0; j < unit.value.size(); ++j) {
+      if (unit.value[j] == t && --ties == 0) {
+        *threshold = t;
+        *tie_cut = unit.index[j] + 1;
+        return kFound;
       }
     }
-    out.above += above;
-    out.invalid |= bad != 0;
-  });
+  }
+  return kMissed;  // not reached: ties >= 1 of them are among the candidates
 }
 
 // result = theta where free and (score > threshold, or >= it when kTies), over [first, last) of a tile
@@ -199,22 +280,35 @@ inline void take_span(const float* __restrict scores, const uint8_t* __restrict 
   }
 }
 
-template <class Word, int kSource, bool kPerRow, bool kScored, bool kFree>
-void take_rows(const Scores& s, const uint8_t* free_in, uint8_t* free_out, int64_t first, int64_t last, int64_t cols,
-               float threshold, int64_t tie_cut, Word* result, const Word* theta) {
-  auto body = [&](int64_t offset, const float* __restrict scores, int64_t width) {
-    const uint8_t* f = free_in + (kFree ? offset : 0);
-    // ties at the threshold are taken below flat index tie_cut only
-    const int64_t ties_end = std::clamp<int64_t>(tie_cut - offset, 0, width);
-    Word* r = result == nullptr ? nullptr : result + offset;
-    take_span<Word, kScored, kFree, true>(scores, f, free_out + offset, r, theta + offset, 0, ties_end, threshold);
-    take_span<Word, kScored, kFree, false>(scores, f, free_out + offset, r, theta + offset, ties_end, width,
-                                            threshold);
-  };
-  if constexpr (kScored) {
-    for_tiles<kSource, kPerRow>(s, first, last, cols, body);
-  } else {
-    body(first * cols, nullptr, (last - first) * cols);
+// Where one variant takes: its masks, its threshold and tie cut, and its result.
+struct Take {
+  const uint8_t* free_in;  // nullptr: all free
+  uint8_t* free_out;       // may alias free_in
+  float threshold;
+  int64_t tie_cut;
+  void* result;            // nullptr: theta is the result already
+};
+
+template <class Word, bool kScored, bool kFree>
+inline void take_tile(const float* scores, const Take& take, int64_t offset, int64_t width, const Word* theta) {
+  const uint8_t* f = take.free_in + (kFree ? offset : 0);
+  Word* r = take.result == nullptr ? nullptr : static_cast<Word*>(take.result) + offset;
+  const int64_t ties_end = kScored ? std::clamp<int64_t>(take.tie_cut - offset, 0, width) : 0;  // ties below tie_cut only
+  take_span<Word, kScored, kFree, true>(scores, f, take.free_out + offset, r, theta + offset, 0, ties_end,
+                                        take.threshold);
+  take_span<Word, kScored, kFree, false>(scores, f, take.free_out + offset, r, theta + offset, ties_end, width,
+                                         take.threshold);
+}
+
+template <class Word, bool kScored>
+inline void take_variants(const float* scores, const std::vector<Take>& takes, int64_t offset, int64_t width,
+                          const Word* theta) {
+  for (const Take& take : takes) {
+    if (take.free_in != nullptr) {
+      take_tile<Word, kScored, true>(scores, take, offset, width, theta);
+    } else {
+      take_tile<Word, kScored, false>(scores, take, offset, width, theta);
+    }
   }
 }
 
@@ -232,21 +326,17 @@ auto by_source(const Scores& s, Fn fn) {
 }
 
 template <class Word>
-void take_all(const Scores& s, bool scored, const uint8_t* free_in, uint8_t* free_out, int64_t rows, int64_t cols,
-              float threshold, int64_t tie_cut, void* result, const void* theta, int threads) {
-  auto* r = static_cast<Word*>(result);
-  const auto* t = static_cast<const Word*>(theta);
+void take_all(const Scores& s, bool scored, const std::vector<Take>& takes, int64_t rows, int64_t cols, int threads) {
+  const auto* theta = static_cast<const Word*>(s.theta);
   parallel_rows(rows, cols, threads, [&](int64_t, int64_t first, int64_t last) {
+    if (!scored) {
+      take_variants<Word, false>(nullptr, takes, first * cols, (last - first) * cols, theta);
+      return;
+    }
     by_source(s, [&]<int kSource, bool kPerRow>() {
-      if (scored && free_in != nullptr) {
-        take_rows<Word, kSource, kPerRow, true, true>(s, free_in, free_out, first, last, cols, threshold, tie_cut, r, t);
-      } else if (scored) {
-        take_rows<Word, kSource, kPerRow, true, false>(s, free_in, free_out, first, last, cols, threshold, tie_cut, r, t);
-      } else if (free_in != nullptr) {
-        take_rows<Word, kGiven, false, false, true>(s, free_in, free_out, first, last, cols, threshold, tie_cut, r, t);
-      } else {
-        take_rows<Word, kGiven, false, false, false>(s, free_in, free_out, first, last, cols, threshold, tie_cut, r, t);
-      }
+      for_tiles<kSource, kPerRow>(s, first, last, cols, [&](int64_t offset, const float* scores, int64_t width) {
+        take_variants<Word, true>(scores, takes, offset, width, theta);
+      });
     });
   });
 }
@@ -272,80 +362,90 @@ int obim_cpu_level() {
 #endif
 }
 
-// Among free positions (free == nullptr: all), counts scores > hi into *above and gathers, in
-// ascending index order, the index and score of each one with lo <= score <= hi into cand_index /
-// cand_value (room for cap entries). *count receives the number found.
-// Scores are `given`, with source 1/2 the OBM saliency of theta against the base (both bfloat16 or
-// both float32) and the float32 scale, or with source 3 uniform hashes of (seed, position). Returns 0; 1 when more than cap were found (nothing is
-// gathered; the caller falls back); 2 when a score is NaN or negative.
-int obim_collect(const float* given, const void* theta, const void* base, const float* scale, int source, int per_row,
-                 uint64_t seed, const uint8_t* free, int64_t rows, int64_t cols, float hi, float lo, int64_t cap, int64_t* above,
-                 int64_t* count, int64_t* cand_index, float* cand_value, int threads) {
+// The thresholds of one step of iterative merging for several variants at once (a sweep's merges of the
+// same tensor, each with its own free mask and count): variant v takes its free positions whose score is
+// > threshold[v], or == threshold[v] at a flat index below tie_cut[v] (exactly count[v] of them).
+// Scores as in obim_take_many, computed once for all variants: a sample of every stride-th position
+// brackets each variant's threshold, one pass counts the free scores above each bracket and gathers those
+// inside it, and the gathered ones are ranked. status[v]: 0 found, 1 the bracket missed or held more than
+// cap scores (the caller selects otherwise). Returns 0, or 2 when a score is NaN or negative.
+int obim_select(const float* given, const void* theta, const void* base, const float* scale, int source, int per_row,
+                uint64_t seed, int64_t rows, int64_t cols, int64_t stride, int variants, const uint8_t* const* free,
+                const int64_t* count, const int64_t* num_free, int64_t cap, float* threshold, int64_t* tie_cut,
+                int* status, int threads) {
   const Scores s{given, theta, base, scale, seed, source, per_row};
-  std::vector<CollectResult> units(unit_count(rows, cols));
+  const int64_t numel = rows * cols;
+  std::vector<float> sampled;
+  for (int64_t i = 0; i < numel; i += stride) sampled.push_back(score_at(s, i, cols));
+  std::vector<Pick> picks(variants);
+  for (int v = 0; v < variants; ++v) {
+    picks[v] = Pick{free[v], count[v], num_free[v]};
+    std::vector<float> sample;
+    sample.reserve(sampled.size());
+    for (size_t j = 0; j < sampled.size(); ++j) {
+      if (free[v] == nullptr || free[v][static_cast<int64_t>(j) * stride]) sample.push_back(sampled[j]);
+    }
+    bracket(sample, picks[v]);
+  }
+  std::vector<Found> found(unit_count(rows, cols) * variants);
+  std::atomic<bool> invalid{false};
   parallel_rows(rows, cols, threads, [&](int64_t u, int64_t first, int64_t last) {
+    alignas(64) uint8_t inside[kTile + 8];
     by_source(s, [&]<int kSource, bool kPerRow>() {
-      if (free != nullptr) {
-        collect_rows<kSource, kPerRow, true>(s, free, first, last, cols, hi, lo, units[u]);
-      } else {
-        collect_rows<kSource, kPerRow, false>(s, free, first, last, cols, hi, lo, units[u]);
-      }
+      for_tiles<kSource, kPerRow>(s, first, last, cols, [&](int64_t offset, const float* __restrict scores, int64_t width) {
+        uint8_t bad = 0;
+        for (int64_t c = 0; c < width; ++c) bad |= !(scores[c] >= 0.0f);
+        if (bad != 0) invalid = true;
+        for (int v = 0; v < variants; ++v) {
+          const Pick& pick = picks[v];
+          Found& out = found[u * variants + v];
+          if (pick.free != nullptr) {
+            collect_tile<true>(scores, pick.free + offset, offset, width, pick.hi, pick.lo, inside, out);
+          } else {
+            collect_tile<false>(scores, nullptr, offset, width, pick.hi, pick.lo, inside, out);
+          }
+        }
+      });
     });
   });
-  int64_t total_above = 0, total = 0;
-  bool invalid = false;
-  for (const auto& unit : units) {
-    total_above += unit.above;
-    total += static_cast<int64_t>(unit.index.size());
-    invalid |= unit.invalid;
-  }
-  *above = total_above;
-  *count = total;
   if (invalid) return 2;
-  if (total > cap) return 1;
-  int64_t at = 0;
-  for (const auto& unit : units) {  // in unit order, which is index order
-    std::memcpy(cand_index + at, unit.index.data(), unit.index.size() * sizeof(int64_t));
-    std::memcpy(cand_value + at, unit.value.data(), unit.value.size() * sizeof(float));
-    at += static_cast<int64_t>(unit.index.size());
-  }
+  for (int v = 0; v < variants; ++v) status[v] = finish_pick(picks[v], found, variants, v, cap, threshold + v, tie_cut + v);
   return 0;
 }
 
-// Takes the free positions whose score is > threshold, or == threshold at a flat index below
-// tie_cut (scores as in obim_collect; scored == 0: every free position): result = theta there, bit
-// for bit (result == nullptr: no copy), and free_out marks the positions still free afterwards (it
-// may alias free_in; free_in == nullptr: all were free). elem_size is the byte width of result and
-// theta (1, 2, 4 or 8). Returns 0, or 1 for another width.
-int obim_take(const float* given, const void* base, const float* scale, int source, int per_row, uint64_t seed,
-              int scored,
-              const uint8_t* free_in, uint8_t* free_out, int64_t rows, int64_t cols, float threshold, int64_t tie_cut,
-              void* result, const void* theta, int elem_size, int threads) {
+// For each variant v: result[v] = theta at the free positions whose score is > threshold[v], or
+// == threshold[v] at a flat index below tie_cut[v] (scored == 0: at every free position), bit for bit
+// (result[v] == nullptr: no copy), and free_out[v] marks the positions still free afterwards (it may
+// alias free_in[v]; free_in[v] == nullptr: all were free). Scores are computed once per position for all
+// variants: `given`, with source 1/2 the OBM saliency of theta against the base (both bfloat16 or both
+// float32) and the float32 scale, or with source 3 uniform hashes of (seed, position). elem_size is the
+// byte width of results and theta (1, 2, 4 or 8). Returns 0, or 1 for another width.
+int obim_take_many(const float* given, const void* theta, const void* base, const float* scale, int source, int per_row,
+                   uint64_t seed, int scored, int variants, const uint8_t* const* free_in, uint8_t* const* free_out,
+                   const float* threshold, const int64_t* tie_cut, void* const* result, int64_t rows, int64_t cols,
+                   int elem_size, int threads) {
   const Scores s{given, theta, base, scale, seed, source, per_row};
+  std::vector<Take> takes(variants);
+  for (int v = 0; v < variants; ++v) {
+    takes[v] = Take{free_in[v], free_out[v], scored ? threshold[v] : 0.0f, scored ? tie_cut[v] : 0, result[v]};
+  }
   const bool has_scores = scored != 0;
   switch (elem_size) {
     case 1:
-      take_all<uint8_t>(s, has_scores, free_in, free_out, rows, cols, threshold, tie_cut, result, theta, threads);
+      take_all<uint8_t>(s, has_scores, takes, rows, cols, threads);
       return 0;
     case 2:
-      take_all<uint16_t>(s, has_scores, free_in, free_out, rows, cols, threshold, tie_cut, result, theta, threads);
+      take_all<uint16_t>(s, has_scores, takes, rows, cols, threads);
       return 0;
     case 4:
-      take_all<uint32_t>(s, has_scores, free_in, free_out, rows, cols, threshold, tie_cut, result, theta, threads);
+      take_all<uint32_t>(s, has_scores, takes, rows, cols, threads);
       return 0;
     case 8:
-      take_all<uint64_t>(s, has_scores, free_in, free_out, rows, cols, threshold, tie_cut, result, theta, threads);
+      take_all<uint64_t>(s, has_scores, takes, rows, cols, threads);
       return 0;
     default:
       return 1;
   }
-}
-
-// The k-th largest (1-based) of values[0, n), which are reordered (std::nth_element: linear time,
-// a few times faster than torch.kthvalue on the CPU).
-float obim_kth_largest(float* values, int64_t n, int64_t k) {
-  std::nth_element(values, values + (k - 1), values + n, [](float a, float b) { return a > b; });
-  return values[k - 1];
 }
 
 }  // extern "C"
