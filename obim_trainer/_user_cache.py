@@ -9,6 +9,7 @@ that processes starting together (the ranks of a run, merge workers) never read 
 
 from __future__ import annotations
 
+import functools
 import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -24,6 +25,7 @@ def cache_dir(kind: str) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "obim_trainer" / kind
 
 
+@functools.cache
 def installed_version(package: str) -> str:
     """``package``'s installed version from its metadata (importing ``transformers`` to read
     ``__version__`` takes seconds), or ``"not installed"``. Used in the manifest and in cache keys."""

@@ -5,10 +5,12 @@ positions, copies θ_k there and marks them taken. With torch calls that is abou
 full-size passes; here it is two, in :mod:`~obim_trainer.merging.native_library`'s fused loops:
 
 1. **select**: with ``hi``/``lo`` bracketing the threshold from a strided sample (as
-   :func:`~obim_trainer.merging.topk.select_top` does), count the free scores above ``hi``,
-   gather the few percent between ``lo`` and ``hi`` with their indices and rank them: the exact
-   threshold and tie cut;
-2. **take**: one pass copies θ_k bit for bit where a free score beats them and updates the free mask.
+   :func:`~obim_trainer.merging.topk.select_top` does), count the free scores above ``hi`` and
+   bin the few percent between ``lo`` and ``hi`` in a histogram of their float bits (non-negative
+   floats are ordered like their bits): the bin that holds the ``count``-th score;
+2. **take**: one pass copies θ_k bit for bit where a free score lies above that bin and updates the
+   free mask, and gathers the few scores inside the bin (a few hundredths of a percent), of which the
+   best ones (ties to the lowest index) are taken after the pass.
 
 Both passes serve several selections of the same scores at once (:func:`take_top_many`): the merges of
 a sweep that differ only in their shares (OBIM at several total shares) have their own free masks and
@@ -152,41 +154,47 @@ def _loops_source(scores: Scores, theta: Tensor) -> _Source | None:
     return source
 
 
-def _thresholds(
-    library: ctypes.CDLL, source: _Source, theta: Tensor, picks: Sequence[Pick]
-) -> list[tuple[float, int] | None]:
-    """Per pick, ``(threshold, tie_cut)`` selecting exactly its ``count`` free scores (``None``: bracket missed)."""
+@dataclass(frozen=True)
+class _Choice:
+    """How a pick takes in the take pass: every free score > ``threshold`` (>= it below flat index ``tie_cut``),
+    then the ``need`` best free scores in [``low``, ``threshold``) (ties to the lowest index)."""
+
+    threshold: float = 0.0
+    tie_cut: int = 0
+    low: float = 0.0
+    need: int = 0
+
+
+def _choices(library: ctypes.CDLL, source: _Source, theta: Tensor, picks: Sequence[Pick]) -> list[_Choice | None]:
+    """Per pick, how it takes exactly its ``count`` best free scores (``None``: its bracket missed)."""
     n = len(picks)
     numel = source.rows * source.cols
     threshold, tie_cut = (ctypes.c_float * n)(), (ctypes.c_int64 * n)()
-    status = (ctypes.c_int * n)()
+    low, need, status = (ctypes.c_float * n)(), (ctypes.c_int64 * n)(), (ctypes.c_int * n)()
     frees = _pointers([None if p.free is None else p.free.view(-1) for p in picks])
     counts = (ctypes.c_int64 * n)(*(p.count for p in picks))
     num_free = (ctypes.c_int64 * n)(*(p.num_free for p in picks))
     invalid = library.obim_select(
         *source.arguments(theta), source.rows, source.cols, _sample_stride(numel, source.width), n, frees, counts,
-        num_free, numel // _CANDIDATE_SHARE + 4096, threshold, tie_cut, status, torch.get_num_threads(),
+        num_free, numel // _CANDIDATE_SHARE + 4096, threshold, tie_cut, low, need, status, torch.get_num_threads(),
     )  # fmt: skip
     if invalid == _INVALID:
         raise ValueError("scores must be non-negative and not NaN (saliencies are)")
-    return [(threshold[v], tie_cut[v]) if status[v] == _FOUND else None for v in range(n)]
+    return [_Choice(threshold[v], tie_cut[v], low[v], need[v]) if status[v] == _FOUND else None for v in range(n)]
 
 
 def _take(
-    library: ctypes.CDLL,
-    source: _Source | None,
-    theta: Tensor,
-    picks: Sequence[Pick],
-    chosen: Sequence[tuple[float, int]],
+    library: ctypes.CDLL, source: _Source | None, theta: Tensor, picks: Sequence[Pick], choices: Sequence[_Choice]
 ) -> None:
-    """The take pass of ``picks`` with their ``chosen`` thresholds (``source`` ``None``: take every free position)."""
+    """The take pass of ``picks`` with their ``choices`` (``source`` ``None``: take every free position)."""
     n, rows, cols = len(picks), theta.numel(), 1
     if source is not None:
         rows, cols = source.rows, source.cols
     library.obim_take_many(
         *(source.arguments(theta) if source is not None else (None, theta.data_ptr(), None, None, _GIVEN, 0, 0)),
         int(source is not None), n, _pointers([p.free for p in picks]), _pointers([p.free_out for p in picks]),
-        (ctypes.c_float * n)(*(t for t, _ in chosen)), (ctypes.c_int64 * n)(*(c for _, c in chosen)),
+        (ctypes.c_float * n)(*(c.threshold for c in choices)), (ctypes.c_int64 * n)(*(c.tie_cut for c in choices)),
+        (ctypes.c_float * n)(*(c.low for c in choices)), (ctypes.c_int64 * n)(*(c.need for c in choices)),
         _pointers([p.result for p in picks]), rows, cols, theta.element_size(), torch.get_num_threads(),
     )  # fmt: skip
 
@@ -212,11 +220,11 @@ def take_top_many(scores: Scores, picks: Sequence[Pick], theta: Tensor) -> list[
     source = _loops_source(scores, theta)
     if source is None:
         return missed
-    chosen = _thresholds(library, source, theta, picks)
-    made = [v for v, c in enumerate(chosen) if c is not None]
+    choices = _choices(library, source, theta, picks)
+    made = [v for v, c in enumerate(choices) if c is not None]
     if made:
-        _take(library, source, theta, [picks[v] for v in made], [c for c in chosen if c is not None])
-    return [picks[v].free_out if chosen[v] is not None else None for v in range(len(picks))]
+        _take(library, source, theta, [picks[v] for v in made], [c for c in choices if c is not None])
+    return [picks[v].free_out if choices[v] is not None else None for v in range(len(picks))]
 
 
 def take_top(
@@ -250,5 +258,5 @@ def copy_where(mask: Tensor, result: Tensor, theta: Tensor) -> bool:
     library = native_library()
     if library is None or not _copyable(result, theta) or not _on_cpu(mask, result, theta):
         return False
-    _take(library, None, theta, [Pick(0, mask, 0, result, mask)], [(0.0, 0)])
+    _take(library, None, theta, [Pick(0, mask, 0, result, mask)], [_Choice()])
     return True

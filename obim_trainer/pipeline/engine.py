@@ -749,6 +749,11 @@ def _merge_unit(
     return engines[unit[0]].merge_together([engines[v] for v in unit[1:]], plan, inputs, shared)
 
 
+def _not_among(tensors: Sequence[Tensor | None], kept: Sequence[Tensor]) -> list[Tensor]:
+    """The ``tensors`` whose memory none of ``kept`` uses."""
+    return [t for t in tensors if t is not None and not any(_same_memory(t, k) for k in kept)]
+
+
 def _written(buffers: ReadBuffers, tensor: Tensor, recycle: bool) -> None:
     """After ``write`` returned: a result living in a read buffer gives it back, or takes it along."""
     if recycle:
@@ -817,15 +822,16 @@ def run_together(
                         reports[v].log_saliency[tensor_plan.name] = saliency
                 # every merge but the last reads the inputs in place and takes copies over; the last takes them
                 lending = None if u == len(units) - 1 and len(unit) == 1 else SharedInputs(buffers)
-                lent = list(shared) if lending is None else lending.copies
                 merged = _merge_unit(engines, unit, tensor_plan, list(shared), lending)
-                buffers.give_back(t for t in lent if t is not None and not any(_same_memory(t, m) for m, _ in merged))
-                del lent, lending
+                if lending is not None:  # the copies it took over, but those that became results
+                    buffers.give_back(_not_among(lending.copies, [m for m, _ in merged]))
+                del lending
                 for v, (tensor, owned) in zip(unit, merged, strict=True):
                     if owned is not None:
                         reports[v].owned[tensor_plan.name] = list(owned)
                     results.append((writer.submit(writes[v], tensor_plan.name, tensor), tensor))  # written meanwhile
                 del merged, tensor
+            buffers.give_back(_not_among(shared, [t for _, t in results]))  # the inputs, but a result taken over
             del shared, results
             bar.update()
         finish_writes(keep=0)

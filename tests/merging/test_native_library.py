@@ -145,9 +145,54 @@ def test_the_library_loads_with_its_functions_typed(fresh_library, tmp_path):
     assert list((tmp_path / "kernels").glob("fused_take-base-*.so")), "built into $OBIM_CACHE_DIR/kernels"
     c = native.ctypes
     scores = (c.c_float * 5)(3.0, 9.0, 1.0, 7.0, 5.0)
-    threshold, tie_cut, status = (c.c_float * 1)(), (c.c_int64 * 1)(), (c.c_int * 1)()
-    no_mask, count, num_free = (c.c_void_p * 1)(None), (c.c_int64 * 1)(2), (c.c_int64 * 1)(5)
+    threshold, tie_cut, low, need = (c.c_float * 1)(), (c.c_int64 * 1)(), (c.c_float * 1)(), (c.c_int64 * 1)()
+    status, count, num_free, no_mask = (c.c_int * 1)(), (c.c_int64 * 1)(2), (c.c_int64 * 1)(5), (c.c_void_p * 1)()
     invalid = library.obim_select(
-        scores, None, None, None, 0, 0, 0, 5, 1, 1, 1, no_mask, count, num_free, 100, threshold, tie_cut, status, 1
-    )  # given scores, 5 rows of 1, every position sampled: the 2 best are 9 and 7
-    assert (invalid, status[0], threshold[0], tie_cut[0]) == (0, 0, 7.0, 4)
+        scores,
+        None,
+        None,
+        None,
+        0,
+        0,
+        0,
+        5,
+        1,
+        1,
+        1,
+        no_mask,
+        count,
+        num_free,
+        100,
+        threshold,
+        tie_cut,
+        low,
+        need,
+        status,
+        1,
+    )  # given scores, 5 rows of 1, every position sampled: take what lies above 7's bin (9), then 1 from it (7)
+    assert (invalid, status[0], need[0]) == (0, 0, 1)
+    assert 7.0 < threshold[0] <= 9.0 and low[0] <= 7.0 < threshold[0] and low[0] > 5.0
+    result, free_out = (c.c_float * 5)(), (c.c_uint8 * 5)()
+    library.obim_take_many(
+        scores,
+        scores,
+        None,
+        None,
+        0,
+        0,
+        0,
+        1,
+        1,
+        no_mask,
+        (c.c_void_p * 1)(c.addressof(free_out)),
+        threshold,
+        tie_cut,
+        low,
+        need,
+        (c.c_void_p * 1)(c.addressof(result)),
+        5,
+        1,
+        4,
+        1,
+    )  # copies the scores themselves into result where taken
+    assert list(result) == [0.0, 9.0, 0.0, 7.0, 0.0] and list(free_out) == [1, 0, 1, 0, 1]

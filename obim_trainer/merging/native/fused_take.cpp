@@ -59,7 +59,7 @@ void parallel_rows(int64_t rows, int64_t cols, int threads, Body body) {
   for (auto& worker : pool) worker.join();
 }
 
-inline float bf16_to_float(uint16_t bits) {
+[[gnu::always_inline]] inline float bf16_to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
   float value;
   std::memcpy(&value, &wide, sizeof value);
@@ -92,7 +92,7 @@ inline void tile_scores(const Scores& s, int64_t r, int64_t c, int64_t cols, int
 
 // 32-bit integer mixer (the "lowbias"-style finalizer with a multiplier below 2^27, so that the
 // torch version can multiply in int64 without overflow).
-inline uint32_t mix32(uint32_t v) {
+[[gnu::always_inline]] inline uint32_t mix32(uint32_t v) {
   v ^= v >> 16;
   v *= 0x45d9f3bu;
   v ^= v >> 16;
@@ -102,8 +102,8 @@ inline uint32_t mix32(uint32_t v) {
 }
 
 // Uniform [0, 1) score of flat position i: 24 bits of a hash of (seed, i), the same on every device
-// (obim_trainer/merging/random_scores.py computes it with torch).
-inline float random_score(uint64_t seed, int64_t i) {
+// (obim_trainer/merging/random_scores.py computes it with torch). Always inlined: the tile loops vectorize it.
+[[gnu::always_inline]] inline float random_score(uint64_t seed, int64_t i) {
   const uint32_t lo = static_cast<uint32_t>(seed & 0x7fffffffu), hi = static_cast<uint32_t>((seed >> 31) & 0x7fffffffu);
   const uint64_t u = static_cast<uint64_t>(i);
   const uint32_t h = mix32(static_cast<uint32_t>(u & 0xffffffffu) ^ lo ^ mix32(static_cast<uint32_t>(u >> 32) ^ hi));
@@ -152,12 +152,30 @@ inline float score_at(const Scores& s, int64_t i, int64_t cols) {
   return (d * d) * scale;
 }
 
-// One variant's selection in a step: its free mask, how many it takes, and what it found.
+inline uint32_t float_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+
+inline float bits_float(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+constexpr int kBins = 1024;  // bins of the bracket's histogram (one bin then holds ~0.003% of the positions)
+
+// One variant's selection in a step: its free mask, how many it takes, its bracket and histogram bins.
+// Non-negative floats are ordered like their bits, so bin = (bits(score) - low_bits) >> shift orders the
+// scores in [lo, hi] into kBins contiguous ranges.
 struct Pick {
   const uint8_t* free;  // nullptr: every position is free
   int64_t count;        // 0 < count < num_free
   int64_t num_free;
   float hi = 0.0f, lo = 0.0f;
+  uint32_t low_bits = 0, high_bits = 0;
+  int shift = 0;
 };
 
 // The k-th largest (1-based) of values, which are reordered (linear time).
@@ -169,7 +187,7 @@ inline float kth_largest(std::vector<float>& values, int64_t k) {
 constexpr double kSigmas = 5.0;  // half-width of the bracket in standard deviations of the sampled rank
 
 // (hi, lo) that very probably hold the count-th largest free score between them: +-5 standard deviations
-// of its rank in the sample around the expected rank (as topk.bracket_from_sample).
+// of its rank in the sample around the expected rank (as topk.bracket_from_sample), and its bins.
 void bracket(std::vector<float>& sample, Pick& pick) {
   const auto size = static_cast<int64_t>(sample.size());
   const double expected = static_cast<double>(pick.count) * static_cast<double>(size) / static_cast<double>(pick.num_free);
@@ -180,80 +198,84 @@ void bracket(std::vector<float>& sample, Pick& pick) {
   const float inf = std::numeric_limits<float>::infinity();
   pick.hi = (0 <= top && top < size) ? kth_largest(sample, top + 1) : inf;
   pick.lo = (0 <= bottom && bottom < size) ? kth_largest(sample, bottom + 1) : -inf;
+  pick.low_bits = float_bits(std::max(pick.lo, 0.0f) + 0.0f);  // scores are >= 0; -0.0 counts as +0.0
+  pick.high_bits = std::max(float_bits(pick.hi + 0.0f), pick.low_bits);
+  while (((pick.high_bits - pick.low_bits) >> pick.shift) >= static_cast<uint32_t>(kBins)) ++pick.shift;
 }
 
-// What one unit of rows found for one variant: the free scores above hi, and those inside the bracket.
-struct Found {
+// What one unit of rows counted for one variant: its free scores above hi, and those in [lo, hi] by bin.
+struct Counts {
   int64_t above = 0;
-  std::vector<int64_t> index;
-  std::vector<float> value;
+  std::vector<int64_t> bins;
 };
 
-// Counts the free scores of a tile above hi and gathers, in index order, those in [lo, hi].
+// Counts the free scores of a tile above hi and bins those in [lo, hi]; returns whether a score is NaN or negative.
 template <bool kFree>
-void collect_tile(const float* __restrict scores, const uint8_t* __restrict f, int64_t offset, int64_t width, float hi,
-                  float lo, uint8_t* __restrict inside, Found& out) {
+bool count_tile(const float* __restrict scores, const uint8_t* __restrict f, int64_t width, const Pick& pick,
+                uint8_t* __restrict inside, Counts& out) {
+  const float hi = pick.hi, lo = pick.lo;
   int32_t above = 0;
+  uint8_t bad = 0;
   for (int64_t c = 0; c < width; ++c) {  // vectorized: counts and flags
     const float v = scores[c];
     const uint8_t available = kFree ? f[c] : uint8_t(1);
     const uint8_t over = v > hi;
     above += available & over;
+    bad |= !(v >= 0.0f);
     inside[c] = available & static_cast<uint8_t>(v >= lo) & (over ^ uint8_t(1));
   }
   std::memset(inside + width, 0, 8);
-  for (int64_t c = 0; c < width; c += 8) {  // gather the flagged few percent, eight flags at a time
+  if (out.bins.empty()) out.bins.assign(kBins, 0);
+  int64_t* __restrict bins = out.bins.data();
+  const uint32_t low_bits = pick.low_bits;
+  const int shift = pick.shift;
+  for (int64_t c = 0; c < width; c += 8) {  // bin the flagged few percent, eight flags at a time
     uint64_t word;
     std::memcpy(&word, inside + c, sizeof word);
     while (word != 0) {
       const int64_t j = c + __builtin_ctzll(word) / 8;
       word &= word - 1;
-      out.index.push_back(offset + j);
-      out.value.push_back(scores[j]);
+      ++bins[(float_bits(scores[j] + 0.0f) - low_bits) >> shift];
     }
   }
   out.above += above;
+  return bad != 0;
 }
 
-// Status of a variant's selection.
-enum Status { kFound = 0, kMissed = 1, kInvalid = 2 };
+// How a variant takes in the take pass: every free score >= threshold (> it below tie_cut... see Take), and,
+// when need > 0, the need best of the free scores in [low, threshold), ties to the lowest index.
+struct Choice {
+  float threshold = 0.0f;
+  int64_t tie_cut = 0;
+  float low = 0.0f;
+  int64_t need = 0;
+};
 
-// The exact threshold and tie cut of one variant from what the units found (in unit order, which is index
-// order): the need-th largest candidate, ties at it taken in index order. kMissed when the bracket missed.
-Status finish_pick(const Pick& pick, const std::vector<Found>& found, int variants, int v, int64_t cap, float* threshold,
-                   int64_t* tie_cut) {
-  int64_t above = 0, size = 0;
-  for (size_t u = v; u < found.size(); u += variants) {
-    above += found[u].above;
-    size += static_cast<int64_t>(found[u].value.size());
+// The choice of one variant from the units' counts: the bin holding its count-th largest free score. What
+// lies above that bin is taken by threshold; the need best inside it are ranked in the take pass. kMissed
+// (1) when the bracket missed or the bin holds more than cap scores.
+int choose(const Pick& pick, const std::vector<Counts>& counts, int variants, int v, int64_t cap, Choice& choice) {
+  int64_t above = 0;
+  std::vector<int64_t> bins(kBins, 0);
+  for (size_t u = v; u < counts.size(); u += variants) {
+    above += counts[u].above;
+    for (size_t b = 0; b < counts[u].bins.size(); ++b) bins[b] += counts[u].bins[b];
   }
-  const int64_t need = pick.count - above;
-  if (size > cap || need < 0 || size < need) return kMissed;
-  if (need == 0) {
-    *threshold = pick.hi;
-    *tie_cut = 0;
-    return kFound;
+  if (above > pick.count) return 1;
+  if (above == pick.count) {
+    choice = Choice{pick.hi, 0, 0.0f, 0};  // exactly the scores above hi
+    return 0;
   }
-  std::vector<float> ranked;
-  ranked.reserve(size);
-  for (size_t u = v; u < found.size(); u += variants) ranked.insert(ranked.end(), found[u].value.begin(), found[u].value.end());
-  const float t = kth_largest(ranked, need);
-  int64_t greater = 0;
-  for (size_t u = v; u < found.size(); u += variants) {
-    for (const float x : found[u].value) greater += x > t;
-  }
-  int64_t ties = need - greater;  // the ties at t to take, lowest indices first
-  for (size_t u = v; u < found.size(); u += variants) {
-    const Found& unit = found[u];
-    for (size_t j = 0; j < unit.value.size(); ++j) {
-      if (unit.value[j] == t && --ties == 0) {
-        *threshold = t;
-        *tie_cut = unit.index[j] + 1;
-        return kFound;
-      }
-    }
-  }
-  return kMissed;  // not reached: ties >= 1 of them are among the candidates
+  int64_t taken = above;
+  int b = kBins - 1;
+  for (; b >= 0 && taken + bins[b] < pick.count; --b) taken += bins[b];
+  if (b < 0 || bins[b] > cap) return 1;
+  const uint64_t top = std::min<uint64_t>(uint64_t(pick.high_bits) + 1, pick.low_bits + (uint64_t(b + 1) << pick.shift));
+  // s >= threshold with tie_cut past every index: s > hi or s in a bin above b (threshold is NaN, which no
+  // score reaches, when hi is +inf and b the last bin)
+  choice = Choice{bits_float(static_cast<uint32_t>(top)), std::numeric_limits<int64_t>::max(),
+                  bits_float(pick.low_bits + (uint32_t(b) << pick.shift)), pick.count - taken};
+  return 0;
 }
 
 // result = theta where free and (score > threshold, or >= it when kTies), over [first, last) of a tile
@@ -280,35 +302,69 @@ inline void take_span(const float* __restrict scores, const uint8_t* __restrict 
   }
 }
 
-// Where one variant takes: its masks, its threshold and tie cut, and its result.
+// Where one variant takes: its masks, its choice and its result.
 struct Take {
   const uint8_t* free_in;  // nullptr: all free
   uint8_t* free_out;       // may alias free_in
-  float threshold;
-  int64_t tie_cut;
-  void* result;            // nullptr: theta is the result already
+  Choice choice;
+  void* result;  // nullptr: theta is the result already
 };
 
-template <class Word, bool kScored, bool kFree>
-inline void take_tile(const float* scores, const Take& take, int64_t offset, int64_t width, const Word* theta) {
-  const uint8_t* f = take.free_in + (kFree ? offset : 0);
-  Word* r = take.result == nullptr ? nullptr : static_cast<Word*>(take.result) + offset;
-  const int64_t ties_end = kScored ? std::clamp<int64_t>(take.tie_cut - offset, 0, width) : 0;  // ties below tie_cut only
-  take_span<Word, kScored, kFree, true>(scores, f, take.free_out + offset, r, theta + offset, 0, ties_end,
-                                        take.threshold);
-  take_span<Word, kScored, kFree, false>(scores, f, take.free_out + offset, r, theta + offset, ties_end, width,
-                                         take.threshold);
+// The free scores of a tile in [low, threshold) with their indices, in index order (before the tile's take,
+// which may overwrite the free mask).
+template <bool kFree>
+void gather_tile(const float* __restrict scores, const uint8_t* __restrict f, int64_t offset, int64_t width,
+                 const Choice& choice, uint8_t* __restrict inside, std::vector<std::pair<float, int64_t>>& out) {
+  uint8_t any = 0;  // most tiles hold none of the bin's few scores: one vectorized test skips them
+  for (int64_t c = 0; c < width; ++c) {
+    any |= static_cast<uint8_t>(scores[c] >= choice.low) & static_cast<uint8_t>(!(scores[c] >= choice.threshold));
+  }
+  if (any == 0) return;
+  for (int64_t c = 0; c < width; ++c) {
+    const uint8_t available = kFree ? f[c] : uint8_t(1);
+    inside[c] = available & static_cast<uint8_t>(scores[c] >= choice.low) &
+                static_cast<uint8_t>(!(scores[c] >= choice.threshold));
+  }
+  std::memset(inside + width, 0, 8);
+  for (int64_t c = 0; c < width; c += 8) {
+    uint64_t word;
+    std::memcpy(&word, inside + c, sizeof word);
+    while (word != 0) {
+      const int64_t j = c + __builtin_ctzll(word) / 8;
+      word &= word - 1;
+      out.emplace_back(scores[j], offset + j);
+    }
+  }
 }
 
-template <class Word, bool kScored>
-inline void take_variants(const float* scores, const std::vector<Take>& takes, int64_t offset, int64_t width,
-                          const Word* theta) {
-  for (const Take& take : takes) {
-    if (take.free_in != nullptr) {
-      take_tile<Word, kScored, true>(scores, take, offset, width, theta);
-    } else {
-      take_tile<Word, kScored, false>(scores, take, offset, width, theta);
-    }
+template <class Word, bool kScored, bool kFree>
+inline void take_tile(const float* scores, const Take& take, int64_t offset, int64_t width, const Word* theta,
+                      uint8_t* inside, std::vector<std::pair<float, int64_t>>* gathered) {
+  const uint8_t* f = take.free_in + (kFree ? offset : 0);
+  if (gathered != nullptr) gather_tile<kFree>(scores, f, offset, width, take.choice, inside, *gathered);
+  Word* r = take.result == nullptr ? nullptr : static_cast<Word*>(take.result) + offset;
+  const float threshold = take.choice.threshold;
+  // ties at the threshold are taken below flat index tie_cut only
+  const int64_t ties_end = kScored ? std::clamp<int64_t>(take.choice.tie_cut - offset, 0, width) : 0;
+  take_span<Word, kScored, kFree, true>(scores, f, take.free_out + offset, r, theta + offset, 0, ties_end, threshold);
+  take_span<Word, kScored, kFree, false>(scores, f, take.free_out + offset, r, theta + offset, ties_end, width,
+                                         threshold);
+}
+
+// The need best gathered scores of one variant (ties to the lowest index) are taken too: theta copied into
+// the result there and the positions marked taken.
+template <class Word>
+void take_gathered(std::vector<std::pair<float, int64_t>>& gathered, const Take& take, const Word* theta) {
+  const auto need = static_cast<size_t>(std::min<int64_t>(take.choice.need, gathered.size()));
+  auto better = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  if (need < gathered.size()) std::nth_element(gathered.begin(), gathered.begin() + need, gathered.end(), better);
+  auto* result = static_cast<Word*>(take.result);
+  for (size_t j = 0; j < need; ++j) {
+    const int64_t i = gathered[j].second;
+    if (result != nullptr) result[i] = theta[i];
+    take.free_out[i] = 0;
   }
 }
 
@@ -328,17 +384,40 @@ auto by_source(const Scores& s, Fn fn) {
 template <class Word>
 void take_all(const Scores& s, bool scored, const std::vector<Take>& takes, int64_t rows, int64_t cols, int threads) {
   const auto* theta = static_cast<const Word*>(s.theta);
-  parallel_rows(rows, cols, threads, [&](int64_t, int64_t first, int64_t last) {
+  const auto variants = static_cast<int64_t>(takes.size());
+  std::vector<std::vector<std::pair<float, int64_t>>> gathered(unit_count(rows, cols) * variants);
+  parallel_rows(rows, cols, threads, [&](int64_t u, int64_t first, int64_t last) {
     if (!scored) {
-      take_variants<Word, false>(nullptr, takes, first * cols, (last - first) * cols, theta);
+      for (const Take& take : takes) {
+        if (take.free_in != nullptr) {
+          take_tile<Word, false, true>(nullptr, take, first * cols, (last - first) * cols, theta, nullptr, nullptr);
+        } else {
+          take_tile<Word, false, false>(nullptr, take, first * cols, (last - first) * cols, theta, nullptr, nullptr);
+        }
+      }
       return;
     }
+    alignas(64) uint8_t inside[kTile + 8];
     by_source(s, [&]<int kSource, bool kPerRow>() {
       for_tiles<kSource, kPerRow>(s, first, last, cols, [&](int64_t offset, const float* scores, int64_t width) {
-        take_variants<Word, true>(scores, takes, offset, width, theta);
+        for (int64_t v = 0; v < variants; ++v) {
+          const Take& take = takes[v];
+          auto* out = take.choice.need > 0 ? &gathered[u * variants + v] : nullptr;
+          if (take.free_in != nullptr) {
+            take_tile<Word, true, true>(scores, take, offset, width, theta, inside, out);
+          } else {
+            take_tile<Word, true, false>(scores, take, offset, width, theta, inside, out);
+          }
+        }
       });
     });
   });
+  for (int64_t v = 0; v < variants; ++v) {
+    if (takes[v].choice.need == 0) continue;
+    std::vector<std::pair<float, int64_t>> all;
+    for (size_t u = v; u < gathered.size(); u += variants) all.insert(all.end(), gathered[u].begin(), gathered[u].end());
+    take_gathered<Word>(all, takes[v], theta);
+  }
 }
 
 }  // namespace
@@ -362,17 +441,18 @@ int obim_cpu_level() {
 #endif
 }
 
-// The thresholds of one step of iterative merging for several variants at once (a sweep's merges of the
-// same tensor, each with its own free mask and count): variant v takes its free positions whose score is
-// > threshold[v], or == threshold[v] at a flat index below tie_cut[v] (exactly count[v] of them).
+// How one step of iterative merging takes for several variants at once (a sweep's merges of the same
+// tensor, each with its own free mask and count): variant v takes its free positions whose score is
+// > threshold[v], or >= it at a flat index below tie_cut[v], and then the need[v] best (ties to the lowest
+// index) of its free scores in [low[v], threshold[v]) (obim_take_many does): exactly count[v] in all.
 // Scores as in obim_take_many, computed once for all variants: a sample of every stride-th position
-// brackets each variant's threshold, one pass counts the free scores above each bracket and gathers those
-// inside it, and the gathered ones are ranked. status[v]: 0 found, 1 the bracket missed or held more than
-// cap scores (the caller selects otherwise). Returns 0, or 2 when a score is NaN or negative.
+// brackets each variant's threshold, and one pass counts each variant's free scores above its bracket and
+// bins those inside it. status[v]: 0 chosen, 1 the bracket missed or its bin holds more than cap scores
+// (the caller selects otherwise). Returns 0, or 2 when a score is NaN or negative.
 int obim_select(const float* given, const void* theta, const void* base, const float* scale, int source, int per_row,
                 uint64_t seed, int64_t rows, int64_t cols, int64_t stride, int variants, const uint8_t* const* free,
                 const int64_t* count, const int64_t* num_free, int64_t cap, float* threshold, int64_t* tie_cut,
-                int* status, int threads) {
+                float* low, int64_t* need, int* status, int threads) {
   const Scores s{given, theta, base, scale, seed, source, per_row};
   const int64_t numel = rows * cols;
   std::vector<float> sampled;
@@ -387,34 +467,41 @@ int obim_select(const float* given, const void* theta, const void* base, const f
     }
     bracket(sample, picks[v]);
   }
-  std::vector<Found> found(unit_count(rows, cols) * variants);
+  std::vector<Counts> counts(unit_count(rows, cols) * variants);
   std::atomic<bool> invalid{false};
   parallel_rows(rows, cols, threads, [&](int64_t u, int64_t first, int64_t last) {
     alignas(64) uint8_t inside[kTile + 8];
     by_source(s, [&]<int kSource, bool kPerRow>() {
       for_tiles<kSource, kPerRow>(s, first, last, cols, [&](int64_t offset, const float* __restrict scores, int64_t width) {
-        uint8_t bad = 0;
-        for (int64_t c = 0; c < width; ++c) bad |= !(scores[c] >= 0.0f);
-        if (bad != 0) invalid = true;
+        bool bad = false;  // every variant sees every score (free or not) in its flags loop
         for (int v = 0; v < variants; ++v) {
           const Pick& pick = picks[v];
-          Found& out = found[u * variants + v];
+          Counts& out = counts[u * variants + v];
           if (pick.free != nullptr) {
-            collect_tile<true>(scores, pick.free + offset, offset, width, pick.hi, pick.lo, inside, out);
+            bad |= count_tile<true>(scores, pick.free + offset, width, pick, inside, out);
           } else {
-            collect_tile<false>(scores, nullptr, offset, width, pick.hi, pick.lo, inside, out);
+            bad |= count_tile<false>(scores, nullptr, width, pick, inside, out);
           }
         }
+        if (bad) invalid = true;
       });
     });
   });
   if (invalid) return 2;
-  for (int v = 0; v < variants; ++v) status[v] = finish_pick(picks[v], found, variants, v, cap, threshold + v, tie_cut + v);
+  for (int v = 0; v < variants; ++v) {
+    Choice choice;
+    status[v] = choose(picks[v], counts, variants, v, cap, choice);
+    threshold[v] = choice.threshold;
+    tie_cut[v] = choice.tie_cut;
+    low[v] = choice.low;
+    need[v] = choice.need;
+  }
   return 0;
 }
 
 // For each variant v: result[v] = theta at the free positions whose score is > threshold[v], or
-// == threshold[v] at a flat index below tie_cut[v] (scored == 0: at every free position), bit for bit
+// >= threshold[v] at a flat index below tie_cut[v], and at the need[v] best free scores in
+// [low[v], threshold[v]) (ties to the lowest index; scored == 0: at every free position), bit for bit
 // (result[v] == nullptr: no copy), and free_out[v] marks the positions still free afterwards (it may
 // alias free_in[v]; free_in[v] == nullptr: all were free). Scores are computed once per position for all
 // variants: `given`, with source 1/2 the OBM saliency of theta against the base (both bfloat16 or both
@@ -422,12 +509,13 @@ int obim_select(const float* given, const void* theta, const void* base, const f
 // byte width of results and theta (1, 2, 4 or 8). Returns 0, or 1 for another width.
 int obim_take_many(const float* given, const void* theta, const void* base, const float* scale, int source, int per_row,
                    uint64_t seed, int scored, int variants, const uint8_t* const* free_in, uint8_t* const* free_out,
-                   const float* threshold, const int64_t* tie_cut, void* const* result, int64_t rows, int64_t cols,
-                   int elem_size, int threads) {
+                   const float* threshold, const int64_t* tie_cut, const float* low, const int64_t* need,
+                   void* const* result, int64_t rows, int64_t cols, int elem_size, int threads) {
   const Scores s{given, theta, base, scale, seed, source, per_row};
   std::vector<Take> takes(variants);
   for (int v = 0; v < variants; ++v) {
-    takes[v] = Take{free_in[v], free_out[v], scored ? threshold[v] : 0.0f, scored ? tie_cut[v] : 0, result[v]};
+    const Choice choice = scored ? Choice{threshold[v], tie_cut[v], low[v], need[v]} : Choice{};
+    takes[v] = Take{free_in[v], free_out[v], choice, result[v]};
   }
   const bool has_scores = scored != 0;
   switch (elem_size) {
