@@ -7,7 +7,8 @@ loops, the model layout and the tokenized calibration set), then measures in fre
 on the same warm files, each timed from after its imports (Python and torch start-up excluded
 on both sides):
 
-* the I/O floor: read every tensor of the base and the K checkpoints, write one output;
+* the I/O floor: read every tensor of the base and the K checkpoints, write one output (and, for the
+  sweeps, write three);
 * OBIM with 1 worker and with N (``--workers``, default: one per core), and any other
   ``--methods``: ``merge_checkpoints`` end to end, and the streaming part alone (the engine's
   own timing: reading, merging and writing the tensors);
@@ -99,23 +100,31 @@ def write_tokenizer(folder: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>").save_pretrained(folder)
 
 
-def child_floor(work: Path, k: int) -> dict:
-    """Read every input tensor and write one output: the least any merge must do."""
+def child_floor(work: Path, k: int, outputs: int = 1) -> dict:
+    """Read every input tensor once and write ``outputs`` outputs: the least a merge (or a sweep of
+    ``outputs`` variants) must do."""
     from obim_trainer.checkpoints import ShardedSafetensorsWriter, open_checkpoint
 
     start = time.perf_counter()
     readers = [open_checkpoint(work / "base"), *(open_checkpoint(work / f"checkpoint-{i}") for i in range(k))]
     infos = readers[0].tensor_infos()
-    out = work / "floor-out"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
     plan = [(n, i.shape, i.dtype) for n, i in infos.items()]
-    with ShardedSafetensorsWriter(out, plan, max_shard_size=5 * 10**9, metadata={"format": "pt"}) as writer:
-        for name in infos:
-            tensors = [r.read(name).clone() for r in readers]  # clone: really touch every byte
+    folders = [work / f"floor-out-{j}" for j in range(outputs)]
+    writers = []
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        writers.append(ShardedSafetensorsWriter(folder, plan, max_shard_size=5 * 10**9, metadata={"format": "pt"}))
+    for name in infos:
+        tensors = [r.read(name).clone() for r in readers]  # clone: really touch every byte
+        for writer in writers:
             writer.write(name, tensors[-1])
+    for writer in writers:
         writer.close()
-    return {"seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"seconds": seconds}
 
 
 def calibration_kwargs(work: Path, method: str) -> dict:
@@ -183,15 +192,22 @@ def timed_sweep(work: Path, k: int, name: str, together: bool, repeats: int) -> 
     return {"seconds": min(r["seconds"] for r in runs), "peak_rss": max(r["peak_rss"] for r in runs)}
 
 
-def sweep_summary(work: Path, k: int, repeats: int, one: float) -> list[str]:
-    """Each of :data:`SWEEPS` made together and one merge after the other, against one OBIM merge."""
-    lines = []
+def sweep_summary(work: Path, k: int, repeats: int, one: float, floor: float) -> list[str]:
+    """Each of :data:`SWEEPS` made together and one merge after the other, against one OBIM merge; and,
+    since a sweep writes three outputs where a merge writes one, each against its own I/O floor."""
+    sweep_floor = min(run_child("floor", str(work), str(k), "3")["seconds"] for _ in range(repeats))
+    lines = [
+        f"I/O floor of a 3-variant sweep (read {k + 1} models once, write 3): {sweep_floor:.2f}s = "
+        f"{sweep_floor / one:.2f} x one merge; one merge / its floor: {one / floor:.2f}"
+    ]
+    logger.info(lines[-1])
     for name in SWEEPS:
         together, separate = (timed_sweep(work, k, name, mode, repeats) for mode in (True, False))
         lines.append(
             f"3-variant sweep ({name}) / one merge: {together['seconds'] / one:.2f} (target <= 1.5; "
-            f"{together['seconds']:.2f}s vs {one:.2f}s, peak RSS {together['peak_rss'] / 1e9:.2f}GB); one merge "
-            f"after the other: {separate['seconds'] / one:.2f} ({separate['seconds']:.2f}s, peak RSS "
+            f"{together['seconds']:.2f}s vs {one:.2f}s, / its floor {together['seconds'] / sweep_floor:.2f}, "
+            f"peak RSS {together['peak_rss'] / 1e9:.2f}GB); one merge after the other: "
+            f"{separate['seconds'] / one:.2f} ({separate['seconds']:.2f}s, peak RSS "
             f"{separate['peak_rss'] / 1e9:.2f}GB)"
         )
         logger.info(lines[-1])
@@ -340,7 +356,7 @@ def main() -> None:
     if args.child:
         kind, work, k = args.child[0], Path(args.child[1]), int(args.child[2])
         if kind == "floor":
-            result = child_floor(work, k)
+            result = child_floor(work, k, int(args.child[3]) if len(args.child) > 3 else 1)
         elif kind == "sweep":
             result = child_sweep(work, k, args.child[3], args.child[4] == "together")
         else:
@@ -406,7 +422,7 @@ def main() -> None:
         f"OBIM {args.workers} workers vs 1: {obim[1]['seconds'] / obim[args.workers]['seconds']:.2f}x as fast",
     ]
     if args.sweep:
-        summary += sweep_summary(work, args.k, args.repeats, obim[1]["seconds"])
+        summary += sweep_summary(work, args.k, args.repeats, obim[1]["seconds"], floor)
     if ties_mergekit:
         summary.append(f"mergekit TIES / OBIM: {ties_mergekit / best['seconds']:.2f}x (target >= 5; mk/ours above)")
     else:

@@ -29,6 +29,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor
 
+from obim_trainer.checkpoints.atomic import start_writeback
 from obim_trainer.checkpoints.reader import SAFETENSORS_DTYPES
 from obim_trainer.errors import ConfigError, OutputError
 
@@ -328,8 +329,11 @@ class ShardedSafetensorsWriter:
         if self._handle is None:
             self._handle = self._open_shard(slot.shard)
         try:
+            data = _tensor_bytes(tensor)
             self._handle.seek(slot.offset)
-            self._handle.write(_tensor_bytes(tensor))
+            self._handle.write(data)
+            self._handle.flush()
+            start_writeback(self._handle.fileno(), slot.offset, data.nbytes)  # disk works while the merge goes on
         except OSError as exc:
             raise _write_error(self._files[slot.shard], exc) from None
         self._position += 1

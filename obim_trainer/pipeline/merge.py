@@ -179,20 +179,6 @@ def checkpoint_stats(
     return stats, {"kind": "activations", "checkpoint": str(reader.path), "key": key, "source": source}
 
 
-def _held_or_measured(
-    reader: CheckpointReader,
-    calibration: CalibrationSet,
-    config: MergeConfig,
-    device: torch.device,
-    held: tuple[ActivationStats, str] | None,
-) -> tuple[ActivationStats, dict[str, Any]]:
-    """The statistics the caller holds when they are of exactly these texts and weights (same key as
-    :func:`checkpoint_stats` computes), else :func:`checkpoint_stats` (cached or computed)."""
-    if held is None or held[1] != stats_key(calibration.fingerprint(), reader.fingerprint()):
-        return checkpoint_stats(reader, calibration, config, device)
-    return held[0], {"kind": "activations", "checkpoint": str(reader.path), "key": held[1], "source": "memory"}
-
-
 @dataclass
 class _Shared:
     """What the merges of one sweep prepare once for all: the opened inputs (by :func:`_inputs_key`), the model
@@ -218,10 +204,16 @@ class _Shared:
         device: torch.device,
         held: tuple[ActivationStats, str] | None,
     ) -> tuple[ActivationStats, dict[str, Any]]:
-        """:func:`_held_or_measured`, once per reader, calibration set, device and batch size."""
+        """The statistics the caller holds when they are of exactly these texts and weights (same key as
+        :func:`checkpoint_stats` computes), else :func:`checkpoint_stats` (cached or computed); once per
+        reader, calibration set, device and batch size."""
         key = (id(reader), calibration.fingerprint(), str(device), config.calibration_batch_size)
         if key not in self.activations:
-            self.activations[key] = _held_or_measured(reader, calibration, config, device, held)
+            if held is None or held[1] != stats_key(calibration.fingerprint(), reader.fingerprint()):
+                self.activations[key] = checkpoint_stats(reader, calibration, config, device)
+            else:
+                source = {"kind": "activations", "checkpoint": str(reader.path), "key": held[1], "source": "memory"}
+                self.activations[key] = held[0], source
         return self.activations[key]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,18 @@ def test_fsync_tree_syncs_every_file_and_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
     fsync_tree(tmp_path)
     assert sorted(synced) == sorted(str(p) for p in (tmp_path, tmp_path / "a", tmp_path / "sub", tmp_path / "sub/b"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_writeback_starts_on_an_open_file_and_reports_what_it_cannot_do(tmp_path):
+    path = tmp_path / "shard.bin"
+    data = os.urandom(1 << 20)
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        assert atomic.start_writeback(handle.fileno(), 0, len(data))
+        assert not atomic.start_writeback(handle.fileno(), -1, len(data))  # EINVAL: nothing started
+    assert path.read_bytes() == data  # advisory: the bytes are what was written
+    read_only = os.open(path, os.O_RDONLY)
+    os.close(read_only)
+    assert not atomic.start_writeback(read_only, 0, len(data))  # EBADF: a closed descriptor
