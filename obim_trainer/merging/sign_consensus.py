@@ -37,16 +37,19 @@ def disjoint_merge(
 
     With ``normalize`` this is TIES' disjoint mean: divided, entry by entry, by Σ_k w_k over the
     agreeing checkpoints (by their count for unit weights); an entry nobody agrees on stays 0.
-    One checkpoint at a time, so the temporaries are the size of one delta.
+    One checkpoint at a time, in two buffers the size of one delta reused for every checkpoint.
     """
     merged = torch.zeros_like(sign)
     divisor = torch.zeros_like(sign) if normalize else None
     elected = sign != 0
+    agree = torch.empty(sign.shape, dtype=torch.bool, device=sign.device)
+    picked = torch.empty_like(sign)  # reused: fresh memory for every pass costs more than the pass
+    zero = torch.zeros((), dtype=sign.dtype, device=sign.device)
     for k, weight in enumerate(weights):
-        agree = (weighted_deltas[k].sign() == sign).logical_and_(elected)
-        merged.add_(torch.where(agree, weighted_deltas[k], 0.0))
+        torch.eq(torch.sign(weighted_deltas[k], out=picked), sign, out=agree).logical_and_(elected)
+        merged.add_(torch.where(agree, weighted_deltas[k], zero, out=picked))
         if divisor is not None:
-            divisor.add_(agree.to(divisor.dtype), alpha=weight)
+            divisor.add_(picked.copy_(agree), alpha=weight)
     if divisor is None:
         return merged
     return merged.div_(divisor.masked_fill_(divisor == 0, 1.0))

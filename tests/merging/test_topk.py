@@ -8,8 +8,11 @@ import random
 import pytest
 import torch
 
+from obim_trainer.merging import fused_take
+from obim_trainer.merging.native_library import native_library
 from obim_trainer.merging.topk import (
     RATIO_TOLERANCE,
+    _native_select,
     _radix_select,
     _sampled_select,
     apportion,
@@ -265,6 +268,29 @@ def test_sampled_and_radix_paths_agree_with_a_topk_reference(case):
         got = select_top(scores, count, free)
         assert int(got.sum()) == count
         assert torch.equal(got, expected), (case, count)
+
+
+@pytest.mark.skipif(native_library() is None, reason="no C++ compiler: the fused path is off")
+@pytest.mark.parametrize("case", CASES)
+def test_large_cpu_scores_are_selected_by_the_native_loops_with_the_same_mask(case, monkeypatch):
+    gen = torch.Generator().manual_seed(CASES.index(case))
+    scores = adversarial(case, gen).view(-1, 2048)
+    available = torch.rand(scores.shape, generator=gen) > 0.4
+    n_avail = int(available.sum())
+
+    def flags(role: str) -> torch.Tensor:
+        return torch.empty(scores.numel(), dtype=torch.bool)
+
+    for count, free in ((1, None), (N // 3, None), (N // 3, available), (n_avail - 1, available)):
+        expected = topk_reference(scores, count, free)
+        candidates = (scores.numel(), None) if free is None else (n_avail, free.flatten())
+        native = _native_select(scores, count, candidates[1], candidates[0], flags)
+        # huge groups of equal scores may overflow the loops' candidate room: they then leave it to torch
+        assert native is not None or case in {"all_equal", "mostly_zero", "few_values"}, (case, count)
+        assert native is None or torch.equal(native.view(scores.shape), expected), (case, count)
+    monkeypatch.setattr(fused_take, "native_library", lambda: None)  # no library: the torch paths
+    assert _native_select(scores, N // 3, None, scores.numel(), flags) is None
+    assert torch.equal(select_top(scores, N // 3), topk_reference(scores, N // 3))
 
 
 def test_the_sampled_path_is_taken_on_ordinary_scores_and_falls_back_when_its_sample_misleads():
