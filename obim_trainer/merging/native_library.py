@@ -3,7 +3,8 @@
 Elementwise torch calls each make a full pass over memory, and one step of iterative merging
 takes about fifteen of them (scores, comparisons, counts, masks, the bitwise copy). On a CPU that
 is what bounds a merge, not the arithmetic. ``native/fused_take.cpp`` does the same work in three
-passes. It uses no Python or torch headers.
+passes, and TIES' disjoint merge (:mod:`~obim_trainer.merging.sign_consensus`) in one. It uses no
+Python or torch headers.
 
 Where it comes from, in this order:
 
@@ -60,7 +61,7 @@ LOCK_TIMEOUT_S = 600
 """How long a process waits for another one's first-use build before it merges with torch."""
 
 _i64, _u64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_uint64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
-_SIGNATURES: dict[str, tuple[type, list[type]]] = {
+_SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "obim_select": (
         _int,
         [
@@ -77,6 +78,7 @@ _SIGNATURES: dict[str, tuple[type, list[type]]] = {
             *(_i64, _i64, _int, _int),
         ],
     ),
+    "obim_disjoint_merge": (None, [_ptr, _i64, _ptr, _ptr, _int, _ptr, _i64, _int]),
     "obim_cpu_level": (_int, []),
     "obim_build_level": (_int, []),
 }
@@ -159,10 +161,17 @@ def build_library(source: Path, directory: Path, compiler: str, level: str = "ba
 
 
 def load_library(path: Path) -> ctypes.CDLL:
-    """The compiled library with its functions' argument and result types declared."""
+    """The compiled library with its functions' argument and result types declared.
+
+    Raises:
+        OSError: it cannot be loaded, or lacks one of the functions (built from an older source).
+    """
     library = ctypes.CDLL(str(path))
     for name, (result, arguments) in _SIGNATURES.items():
-        function = getattr(library, name)
+        try:
+            function = getattr(library, name)
+        except AttributeError:
+            raise OSError(f"{path} has no {name}: it was built from an older source") from None
         function.restype = result
         function.argtypes = arguments
     return library

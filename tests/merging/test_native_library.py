@@ -196,3 +196,12 @@ def test_the_library_loads_with_its_functions_typed(fresh_library, tmp_path):
         1,
     )  # copies the scores themselves into result where taken
     assert list(result) == [0.0, 9.0, 0.0, 7.0, 0.0] and list(free_out) == [1, 0, 1, 0, 1]
+
+
+@needs_compiler
+def test_a_library_built_from_an_older_source_is_refused_by_name(tmp_path):
+    older = tmp_path / "fused_take.cpp"
+    older.write_text('extern "C" int obim_cpu_level() { return 1; }\n')  # lacks every later function
+    path = build_library(older, tmp_path / "out", COMPILER)
+    with pytest.raises(OSError, match=r"has no obim_select: it was built from an older source"):
+        native.load_library(path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from obim_trainer.merging import sign_consensus
+from obim_trainer.merging.native_library import native_library
 from obim_trainer.merging.sign_consensus import disjoint_merge, elect_sign
 
 
@@ -48,3 +50,23 @@ def test_the_vote_is_on_weighted_deltas():
     weighted = deltas * torch.tensor(weights).view(2, 1)
     assert elect_sign(weighted).item() == -1.0  # unweighted, the first checkpoint would win
     assert disjoint_merge(weighted, weights, elect_sign(weighted)).item() == pytest.approx(-0.6)
+
+
+@pytest.mark.skipif(native_library() is None, reason="no C++ compiler: the fused path is off")
+@pytest.mark.parametrize("tie", ["zero", "positive"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_native_pass_gives_the_torch_bits(tie, normalize, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    weights = [0.7, -0.3, 1.3, 0.7]  # a negative weight: divisors may cancel to 0 (then 1)
+    shape = (300, 257)  # several units of work and a ragged last tile
+    deltas = torch.randn(4, *shape, generator=gen)
+    deltas[:, :, ::5] = torch.randint(-2, 3, (4, 300, 52), generator=gen).float()  # zeros and exact cancellations
+    deltas[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -0.0])
+    weighted = deltas * torch.tensor(weights).view(4, 1, 1)
+    sign = elect_sign(weighted, tie)
+    native = sign_consensus._fused_disjoint_merge(weighted, weights, sign, normalize)
+    assert native is not None and torch.equal(native, disjoint_merge(weighted, weights, sign, normalize=normalize))
+    monkeypatch.setattr(sign_consensus, "native_library", lambda: None)
+    assert sign_consensus._fused_disjoint_merge(weighted, weights, sign, normalize) is None
+    torch_path = disjoint_merge(weighted, weights, sign, normalize=normalize)
+    assert torch.equal(native.view(torch.int32), torch_path.view(torch.int32))  # bit for bit, NaN and -0.0 too

@@ -1,4 +1,4 @@
-// Fused passes of iterative merging (see obim_trainer/merging/fused_take.py).
+// Fused passes of iterative merging (see obim_trainer/merging/fused_take.py), and TIES' disjoint merge.
 //
 // Plain C ABI, no Python or torch headers: it is built when the package is installed and loaded with
 // ctypes. A tensor is seen as rows x cols (cols = its last dimension); each function splits the
@@ -420,9 +420,57 @@ void take_all(const Scores& s, bool scored, const std::vector<Take>& takes, int6
   }
 }
 
+
+// TIES' disjoint merge of positions [offset, offset + width) (see obim_disjoint_merge), the agreeing
+// weights summed into div. Branch-free: a disagreeing delta or weight is masked to +0.0 by its bits.
+template <bool kNormalize>
+void disjoint_tile(const float* deltas, int64_t models, int64_t numel, const float* weights, const float* sign,
+                   float* out, int64_t offset, int64_t width, float* __restrict div) {
+  float* __restrict merged = out + offset;
+  const float* __restrict elected = sign + offset;
+  for (int64_t i = 0; i < width; ++i) merged[i] = 0.0f;
+  if constexpr (kNormalize) std::fill_n(div, width, 0.0f);
+  for (int64_t k = 0; k < models; ++k) {
+    const float* __restrict d = deltas + k * numel + offset;
+    const uint32_t w = float_bits(weights[k]);
+    for (int64_t i = 0; i < width; ++i) {
+      const float own = static_cast<float>(d[i] > 0.0f) - static_cast<float>(d[i] < 0.0f);  // torch.sign, NaN: 0
+      const uint32_t agree = 0u - static_cast<uint32_t>((own == elected[i]) & (elected[i] != 0.0f));
+      merged[i] += bits_float(float_bits(d[i]) & agree);
+      if constexpr (kNormalize) div[i] += bits_float(w & agree);
+    }
+  }
+  if constexpr (kNormalize) {
+    for (int64_t i = 0; i < width; ++i) {
+      const uint32_t none = 0u - static_cast<uint32_t>(div[i] == 0.0f);
+      merged[i] /= bits_float((float_bits(div[i]) & ~none) | (float_bits(1.0f) & none));
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
+
+// TIES' disjoint merge (obim_trainer/merging/sign_consensus.py) in one pass instead of a dozen torch passes:
+// out[i] = the sum, in checkpoint order, of deltas[k][i] whose sign is the elected sign[i] (never where it is
+// 0), divided when `normalize` by the sum of their weights (by 1 where none agrees). deltas is [models, numel]
+// float32, weighted already. The same float32 additions in the same order as torch's in-place ones, so the
+// same bits (adding +0.0 where a checkpoint disagrees leaves a sum unchanged: it is never -0.0).
+void obim_disjoint_merge(const float* deltas, int64_t models, const float* weights, const float* sign, int normalize,
+                         float* out, int64_t numel, int threads) {
+  parallel_rows(numel, 1, threads, [&](int64_t, int64_t first, int64_t last) {
+    alignas(64) float div[kTile];
+    for (int64_t offset = first; offset < last; offset += kTile) {
+      const int64_t width = std::min(kTile, last - offset);
+      if (normalize != 0) {
+        disjoint_tile<true>(deltas, models, numel, weights, sign, out, offset, width, div);
+      } else {
+        disjoint_tile<false>(deltas, models, numel, weights, sign, out, offset, width, div);
+      }
+    }
+  });
+}
 
 // The level this library was compiled for: 1 (the architecture's baseline) or 3 (x86-64-v3).
 int obim_build_level() { return OBIM_LEVEL; }
