@@ -156,11 +156,10 @@ def _loops_source(scores: Scores, theta: Tensor) -> _Source | None:
 
 @dataclass(frozen=True)
 class _Choice:
-    """How a pick takes in the take pass: every free score > ``threshold`` (>= it below flat index ``tie_cut``),
-    then the ``need`` best free scores in [``low``, ``threshold``) (ties to the lowest index)."""
+    """How a pick takes in the take pass: every free score >= ``threshold``, then the ``need`` best free scores
+    in [``low``, ``threshold``) (ties to the lowest index)."""
 
     threshold: float = 0.0
-    tie_cut: int = 0
     low: float = 0.0
     need: int = 0
 
@@ -169,18 +168,18 @@ def _choices(library: ctypes.CDLL, source: _Source, theta: Tensor, picks: Sequen
     """Per pick, how it takes exactly its ``count`` best free scores (``None``: its bracket missed)."""
     n = len(picks)
     numel = source.rows * source.cols
-    threshold, tie_cut = (ctypes.c_float * n)(), (ctypes.c_int64 * n)()
-    low, need, status = (ctypes.c_float * n)(), (ctypes.c_int64 * n)(), (ctypes.c_int * n)()
+    threshold, low = (ctypes.c_float * n)(), (ctypes.c_float * n)()
+    need, status = (ctypes.c_int64 * n)(), (ctypes.c_int * n)()
     frees = _pointers([None if p.free is None else p.free.view(-1) for p in picks])
     counts = (ctypes.c_int64 * n)(*(p.count for p in picks))
     num_free = (ctypes.c_int64 * n)(*(p.num_free for p in picks))
     invalid = library.obim_select(
         *source.arguments(theta), source.rows, source.cols, _sample_stride(numel, source.width), n, frees, counts,
-        num_free, numel // _CANDIDATE_SHARE + 4096, threshold, tie_cut, low, need, status, torch.get_num_threads(),
+        num_free, numel // _CANDIDATE_SHARE + 4096, threshold, low, need, status, torch.get_num_threads(),
     )  # fmt: skip
     if invalid == _INVALID:
         raise ValueError("scores must be non-negative and not NaN (saliencies are)")
-    return [_Choice(threshold[v], tie_cut[v], low[v], need[v]) if status[v] == _FOUND else None for v in range(n)]
+    return [_Choice(threshold[v], low[v], need[v]) if status[v] == _FOUND else None for v in range(n)]
 
 
 def _take(
@@ -193,8 +192,8 @@ def _take(
     library.obim_take_many(
         *(source.arguments(theta) if source is not None else (None, theta.data_ptr(), None, None, _GIVEN, 0, 0)),
         int(source is not None), n, _pointers([p.free for p in picks]), _pointers([p.free_out for p in picks]),
-        (ctypes.c_float * n)(*(c.threshold for c in choices)), (ctypes.c_int64 * n)(*(c.tie_cut for c in choices)),
-        (ctypes.c_float * n)(*(c.low for c in choices)), (ctypes.c_int64 * n)(*(c.need for c in choices)),
+        (ctypes.c_float * n)(*(c.threshold for c in choices)), (ctypes.c_float * n)(*(c.low for c in choices)),
+        (ctypes.c_int64 * n)(*(c.need for c in choices)),
         _pointers([p.result for p in picks]), rows, cols, theta.element_size(), torch.get_num_threads(),
     )  # fmt: skip
 

@@ -67,14 +67,14 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
         [
             *(_ptr, _ptr, _ptr, _ptr, _int, _int, _u64),  # the scores' sources
             *(_i64, _i64, _i64, _int, _ptr, _ptr, _ptr, _i64),  # shape, sample stride, the variants
-            *(_ptr, _ptr, _ptr, _ptr, _ptr, _int),  # what each variant takes, its status; threads
+            *(_ptr, _ptr, _ptr, _ptr, _int),  # what each variant takes, its status; threads
         ],
     ),
     "obim_take_many": (
         _int,
         [
             *(_ptr, _ptr, _ptr, _ptr, _int, _int, _u64),  # the scores' sources
-            *(_int, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr),  # the variants: masks, choices, results
+            *(_int, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr),  # the variants: masks, choices, results
             *(_i64, _i64, _int, _int),
         ],
     ),

@@ -280,9 +280,9 @@ def select_top(
     mask = None
     if flat.numel() >= SAMPLED_MIN:
         mask = _native_select(flat.view(scores.shape), count, available, num_available, flags)
-    if mask is None and flat.numel() >= SAMPLED_MIN:
-        width = scores.shape[-1] if scores.dim() else 1
-        mask = _sampled_select(flat, count, available, num_available, width, flags)
+        if mask is None:
+            width = scores.shape[-1] if scores.dim() else 1
+            mask = _sampled_select(flat, count, available, num_available, width, flags)
     if mask is None:
         mask = _radix_select(flat, count, available, flags)
     return mask.view(scores.shape)

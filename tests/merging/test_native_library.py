@@ -145,7 +145,7 @@ def test_the_library_loads_with_its_functions_typed(fresh_library, tmp_path):
     assert list((tmp_path / "kernels").glob("fused_take-base-*.so")), "built into $OBIM_CACHE_DIR/kernels"
     c = native.ctypes
     scores = (c.c_float * 5)(3.0, 9.0, 1.0, 7.0, 5.0)
-    threshold, tie_cut, low, need = (c.c_float * 1)(), (c.c_int64 * 1)(), (c.c_float * 1)(), (c.c_int64 * 1)()
+    threshold, low, need = (c.c_float * 1)(), (c.c_float * 1)(), (c.c_int64 * 1)()
     status, count, num_free, no_mask = (c.c_int * 1)(), (c.c_int64 * 1)(2), (c.c_int64 * 1)(5), (c.c_void_p * 1)()
     invalid = library.obim_select(
         scores,
@@ -164,7 +164,6 @@ def test_the_library_loads_with_its_functions_typed(fresh_library, tmp_path):
         num_free,
         100,
         threshold,
-        tie_cut,
         low,
         need,
         status,
@@ -186,7 +185,6 @@ def test_the_library_loads_with_its_functions_typed(fresh_library, tmp_path):
         no_mask,
         (c.c_void_p * 1)(c.addressof(free_out)),
         threshold,
-        tie_cut,
         low,
         need,
         (c.c_void_p * 1)(c.addressof(result)),

@@ -242,11 +242,10 @@ bool count_tile(const float* __restrict scores, const uint8_t* __restrict f, int
   return bad != 0;
 }
 
-// How a variant takes in the take pass: every free score >= threshold (> it below tie_cut... see Take), and,
-// when need > 0, the need best of the free scores in [low, threshold), ties to the lowest index.
+// How a variant takes in the take pass: every free score >= threshold and, when need > 0, the need best of
+// the free scores in [low, threshold), ties to the lowest index.
 struct Choice {
   float threshold = 0.0f;
-  int64_t tie_cut = 0;
   float low = 0.0f;
   int64_t need = 0;
 };
@@ -263,7 +262,7 @@ int choose(const Pick& pick, const std::vector<Counts>& counts, int variants, in
   }
   if (above > pick.count) return 1;
   if (above == pick.count) {
-    choice = Choice{pick.hi, 0, 0.0f, 0};  // exactly the scores above hi
+    choice = Choice{bits_float(float_bits(pick.hi + 0.0f) + 1), 0.0f, 0};  // exactly the scores above hi (finite)
     return 0;
   }
   int64_t taken = above;
@@ -271,31 +270,31 @@ int choose(const Pick& pick, const std::vector<Counts>& counts, int variants, in
   for (; b >= 0 && taken + bins[b] < pick.count; --b) taken += bins[b];
   if (b < 0 || bins[b] > cap) return 1;
   const uint64_t top = std::min<uint64_t>(uint64_t(pick.high_bits) + 1, pick.low_bits + (uint64_t(b + 1) << pick.shift));
-  // s >= threshold with tie_cut past every index: s > hi or s in a bin above b (threshold is NaN, which no
-  // score reaches, when hi is +inf and b the last bin)
-  choice = Choice{bits_float(static_cast<uint32_t>(top)), std::numeric_limits<int64_t>::max(),
-                  bits_float(pick.low_bits + (uint32_t(b) << pick.shift)), pick.count - taken};
+  // s >= threshold: s > hi or s in a bin above b (threshold is NaN, which no score reaches, when hi is +inf
+  // and b the last bin)
+  choice = Choice{bits_float(static_cast<uint32_t>(top)), bits_float(pick.low_bits + (uint32_t(b) << pick.shift)),
+                  pick.count - taken};
   return 0;
 }
 
-// result = theta where free and (score > threshold, or >= it when kTies), over [first, last) of a tile
-// (result == nullptr: theta is the result already, only the free mask changes).
-template <class Word, bool kScored, bool kFree, bool kTies>
+// result = theta where free and score >= threshold, over the width positions of a tile (result == nullptr:
+// theta is the result already, only the free mask changes).
+template <class Word, bool kScored, bool kFree>
 inline void take_span(const float* __restrict scores, const uint8_t* __restrict f, uint8_t* __restrict g,
-                      Word* __restrict r, const Word* __restrict t, int64_t first, int64_t last, float threshold) {
+                      Word* __restrict r, const Word* __restrict t, int64_t width, float threshold) {
   if (r == nullptr) {
-    for (int64_t c = first; c < last; ++c) {
+    for (int64_t c = 0; c < width; ++c) {
       const uint8_t available = kFree ? f[c] : uint8_t(1);
       uint8_t take = available;
-      if constexpr (kScored) take &= static_cast<uint8_t>(kTies ? scores[c] >= threshold : scores[c] > threshold);
+      if constexpr (kScored) take &= static_cast<uint8_t>(scores[c] >= threshold);
       g[c] = available & (take ^ uint8_t(1));
     }
     return;
   }
-  for (int64_t c = first; c < last; ++c) {
+  for (int64_t c = 0; c < width; ++c) {
     const Word available = kFree ? static_cast<Word>(f[c]) : Word(1);
     Word take = available;
-    if constexpr (kScored) take &= static_cast<Word>(kTies ? scores[c] >= threshold : scores[c] > threshold);
+    if constexpr (kScored) take &= static_cast<Word>(scores[c] >= threshold);
     const Word bits = static_cast<Word>(Word(0) - take);
     r[c] = static_cast<Word>((t[c] & bits) | (r[c] & static_cast<Word>(~bits)));
     g[c] = static_cast<uint8_t>(available & (take ^ Word(1)));
@@ -343,12 +342,18 @@ inline void take_tile(const float* scores, const Take& take, int64_t offset, int
   const uint8_t* f = take.free_in + (kFree ? offset : 0);
   if (gathered != nullptr) gather_tile<kFree>(scores, f, offset, width, take.choice, inside, *gathered);
   Word* r = take.result == nullptr ? nullptr : static_cast<Word*>(take.result) + offset;
-  const float threshold = take.choice.threshold;
-  // ties at the threshold are taken below flat index tie_cut only
-  const int64_t ties_end = kScored ? std::clamp<int64_t>(take.choice.tie_cut - offset, 0, width) : 0;
-  take_span<Word, kScored, kFree, true>(scores, f, take.free_out + offset, r, theta + offset, 0, ties_end, threshold);
-  take_span<Word, kScored, kFree, false>(scores, f, take.free_out + offset, r, theta + offset, ties_end, width,
-                                         threshold);
+  take_span<Word, kScored, kFree>(scores, f, take.free_out + offset, r, theta + offset, width, take.choice.threshold);
+}
+
+// take_tile for one variant, with or without a free mask.
+template <class Word, bool kScored>
+inline void take_variant(const float* scores, const Take& take, int64_t offset, int64_t width, const Word* theta,
+                         uint8_t* inside, std::vector<std::pair<float, int64_t>>* gathered) {
+  if (take.free_in != nullptr) {
+    take_tile<Word, kScored, true>(scores, take, offset, width, theta, inside, gathered);
+  } else {
+    take_tile<Word, kScored, false>(scores, take, offset, width, theta, inside, gathered);
+  }
 }
 
 // The need best gathered scores of one variant (ties to the lowest index) are taken too: theta copied into
@@ -389,11 +394,7 @@ void take_all(const Scores& s, bool scored, const std::vector<Take>& takes, int6
   parallel_rows(rows, cols, threads, [&](int64_t u, int64_t first, int64_t last) {
     if (!scored) {
       for (const Take& take : takes) {
-        if (take.free_in != nullptr) {
-          take_tile<Word, false, true>(nullptr, take, first * cols, (last - first) * cols, theta, nullptr, nullptr);
-        } else {
-          take_tile<Word, false, false>(nullptr, take, first * cols, (last - first) * cols, theta, nullptr, nullptr);
-        }
+        take_variant<Word, false>(nullptr, take, first * cols, (last - first) * cols, theta, nullptr, nullptr);
       }
       return;
     }
@@ -401,13 +402,8 @@ void take_all(const Scores& s, bool scored, const std::vector<Take>& takes, int6
     by_source(s, [&]<int kSource, bool kPerRow>() {
       for_tiles<kSource, kPerRow>(s, first, last, cols, [&](int64_t offset, const float* scores, int64_t width) {
         for (int64_t v = 0; v < variants; ++v) {
-          const Take& take = takes[v];
-          auto* out = take.choice.need > 0 ? &gathered[u * variants + v] : nullptr;
-          if (take.free_in != nullptr) {
-            take_tile<Word, true, true>(scores, take, offset, width, theta, inside, out);
-          } else {
-            take_tile<Word, true, false>(scores, take, offset, width, theta, inside, out);
-          }
+          auto* out = takes[v].choice.need > 0 ? &gathered[u * variants + v] : nullptr;
+          take_variant<Word, true>(scores, takes[v], offset, width, theta, inside, out);
         }
       });
     });
@@ -420,7 +416,6 @@ void take_all(const Scores& s, bool scored, const std::vector<Take>& takes, int6
   }
 }
 
-
 // TIES' disjoint merge of positions [offset, offset + width) (see obim_disjoint_merge), the agreeing
 // weights summed into div. Branch-free: a disagreeing delta or weight is masked to +0.0 by its bits.
 template <bool kNormalize>
@@ -428,7 +423,7 @@ void disjoint_tile(const float* deltas, int64_t models, int64_t numel, const flo
                    float* out, int64_t offset, int64_t width, float* __restrict div) {
   float* __restrict merged = out + offset;
   const float* __restrict elected = sign + offset;
-  for (int64_t i = 0; i < width; ++i) merged[i] = 0.0f;
+  std::fill_n(merged, width, 0.0f);
   if constexpr (kNormalize) std::fill_n(div, width, 0.0f);
   for (int64_t k = 0; k < models; ++k) {
     const float* __restrict d = deltas + k * numel + offset;
@@ -491,16 +486,16 @@ int obim_cpu_level() {
 
 // How one step of iterative merging takes for several variants at once (a sweep's merges of the same
 // tensor, each with its own free mask and count): variant v takes its free positions whose score is
-// > threshold[v], or >= it at a flat index below tie_cut[v], and then the need[v] best (ties to the lowest
-// index) of its free scores in [low[v], threshold[v]) (obim_take_many does): exactly count[v] in all.
+// >= threshold[v], and then the need[v] best (ties to the lowest index) of its free scores in
+// [low[v], threshold[v]) (obim_take_many does): exactly count[v] in all.
 // Scores as in obim_take_many, computed once for all variants: a sample of every stride-th position
 // brackets each variant's threshold, and one pass counts each variant's free scores above its bracket and
 // bins those inside it. status[v]: 0 chosen, 1 the bracket missed or its bin holds more than cap scores
 // (the caller selects otherwise). Returns 0, or 2 when a score is NaN or negative.
 int obim_select(const float* given, const void* theta, const void* base, const float* scale, int source, int per_row,
                 uint64_t seed, int64_t rows, int64_t cols, int64_t stride, int variants, const uint8_t* const* free,
-                const int64_t* count, const int64_t* num_free, int64_t cap, float* threshold, int64_t* tie_cut,
-                float* low, int64_t* need, int* status, int threads) {
+                const int64_t* count, const int64_t* num_free, int64_t cap, float* threshold, float* low,
+                int64_t* need, int* status, int threads) {
   const Scores s{given, theta, base, scale, seed, source, per_row};
   const int64_t numel = rows * cols;
   std::vector<float> sampled;
@@ -540,16 +535,15 @@ int obim_select(const float* given, const void* theta, const void* base, const f
     Choice choice;
     status[v] = choose(picks[v], counts, variants, v, cap, choice);
     threshold[v] = choice.threshold;
-    tie_cut[v] = choice.tie_cut;
     low[v] = choice.low;
     need[v] = choice.need;
   }
   return 0;
 }
 
-// For each variant v: result[v] = theta at the free positions whose score is > threshold[v], or
-// >= threshold[v] at a flat index below tie_cut[v], and at the need[v] best free scores in
-// [low[v], threshold[v]) (ties to the lowest index; scored == 0: at every free position), bit for bit
+// For each variant v: result[v] = theta at the free positions whose score is >= threshold[v], and at the
+// need[v] best free scores in [low[v], threshold[v]) (ties to the lowest index; scored == 0: at every free
+// position), bit for bit
 // (result[v] == nullptr: no copy), and free_out[v] marks the positions still free afterwards (it may
 // alias free_in[v]; free_in[v] == nullptr: all were free). Scores are computed once per position for all
 // variants: `given`, with source 1/2 the OBM saliency of theta against the base (both bfloat16 or both
@@ -557,12 +551,12 @@ int obim_select(const float* given, const void* theta, const void* base, const f
 // byte width of results and theta (1, 2, 4 or 8). Returns 0, or 1 for another width.
 int obim_take_many(const float* given, const void* theta, const void* base, const float* scale, int source, int per_row,
                    uint64_t seed, int scored, int variants, const uint8_t* const* free_in, uint8_t* const* free_out,
-                   const float* threshold, const int64_t* tie_cut, const float* low, const int64_t* need,
+                   const float* threshold, const float* low, const int64_t* need,
                    void* const* result, int64_t rows, int64_t cols, int elem_size, int threads) {
   const Scores s{given, theta, base, scale, seed, source, per_row};
   std::vector<Take> takes(variants);
   for (int v = 0; v < variants; ++v) {
-    const Choice choice = scored ? Choice{threshold[v], tie_cut[v], low[v], need[v]} : Choice{};
+    const Choice choice = scored ? Choice{threshold[v], low[v], need[v]} : Choice{};
     takes[v] = Take{free_in[v], free_out[v], choice, result[v]};
   }
   const bool has_scores = scored != 0;
