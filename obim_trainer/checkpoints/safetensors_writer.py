@@ -29,7 +29,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor
 
-from obim_trainer.checkpoints.atomic import start_writeback
+from obim_trainer.checkpoints.direct_write import DirectFile
 from obim_trainer.checkpoints.reader import SAFETENSORS_DTYPES
 from obim_trainer.errors import ConfigError, OutputError
 
@@ -287,6 +287,7 @@ class ShardedSafetensorsWriter:
             self._remaining[self._slots[name].shard] += 1
         self._position = 0
         self._handle: BinaryIO | None = None
+        self._direct: DirectFile | None = None
         self._closed = False
 
     @property
@@ -300,7 +301,9 @@ class ShardedSafetensorsWriter:
         try:
             handle = os.fdopen(os.open(file, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
             handle.write(self._headers[shard])
+            handle.flush()
             os.ftruncate(handle.fileno(), self._sizes[shard])
+            self._direct = DirectFile(file, handle.fileno())
         except OSError as exc:
             raise _write_error(file, exc) from None
         return handle
@@ -308,6 +311,7 @@ class ShardedSafetensorsWriter:
     def _finish_shard(self, shard: int) -> None:
         assert self._handle is not None
         try:
+            self._close_direct()
             self._handle.flush()
             if self._fsync:
                 os.fsync(self._handle.fileno())
@@ -329,17 +333,19 @@ class ShardedSafetensorsWriter:
         if self._handle is None:
             self._handle = self._open_shard(slot.shard)
         try:
-            data = _tensor_bytes(tensor)
-            self._handle.seek(slot.offset)
-            self._handle.write(data)
-            self._handle.flush()
-            start_writeback(self._handle.fileno(), slot.offset, data.nbytes)  # disk works while the merge goes on
+            assert self._direct is not None
+            self._direct.write_at(slot.offset, _tensor_bytes(tensor))
         except OSError as exc:
             raise _write_error(self._files[slot.shard], exc) from None
         self._position += 1
         self._remaining[slot.shard] -= 1
         if self._remaining[slot.shard] == 0:
             self._finish_shard(slot.shard)
+
+    def _close_direct(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
 
     def close(self) -> list[Path]:
         """Check every planned tensor (of this writer's part) was written and, for the whole plan, write
@@ -370,6 +376,7 @@ class ShardedSafetensorsWriter:
             if exc_type is None:
                 self.close()
         finally:  # on failure the partial files stay for the caller's atomic output folder to discard
+            self._close_direct()
             if self._handle is not None:
                 self._handle.close()
                 self._handle = None

@@ -3,7 +3,8 @@
 Elementwise torch calls each make a full pass over memory, and one step of iterative merging
 takes about fifteen of them (scores, comparisons, counts, masks, the bitwise copy). On a CPU that
 is what bounds a merge, not the arithmetic. ``native/fused_take.cpp`` does the same work in three
-passes, and TIES' disjoint merge (:mod:`~obim_trainer.merging.sign_consensus`) in one. It uses no
+passes, TIES' disjoint merge (:mod:`~obim_trainer.merging.sign_consensus`) in one, and the engine's
+NaN/Inf check of its inputs (:mod:`~obim_trainer.pipeline.input_check`) without torch's threads. It uses no
 Python or torch headers.
 
 Where it comes from, in this order:
@@ -79,6 +80,7 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
         ],
     ),
     "obim_disjoint_merge": (None, [_ptr, _i64, _ptr, _ptr, _int, _ptr, _i64, _int]),
+    "obim_all_finite": (_int, [_ptr, _i64, _int, _u64]),
     "obim_cpu_level": (_int, []),
     "obim_build_level": (_int, []),
 }

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import numpy
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -52,6 +53,7 @@ from obim_trainer.checkpoints.read_buffers import ReadBuffers
 from obim_trainer.errors import CheckpointError, ConfigError
 from obim_trainer.merging import MergeMethod, ParamKind, TensorTask, Workspace
 from obim_trainer.merging.task import MergeOutput, derive_seed
+from obim_trainer.pipeline.input_check import check_finite
 from obim_trainer.pipeline.layout import ModelLayout, block_index
 from obim_trainer.settings.names import setting_name
 
@@ -293,20 +295,6 @@ def _padded(counts: Tensor, rows: int) -> Tensor:
     return torch.cat([counts, counts.new_zeros(rows - counts.shape[0])])
 
 
-def _check_finite(tensor: Tensor, name: str, reader: CheckpointReader) -> Tensor:
-    """``tensor`` if it holds no NaN/Inf, else a :class:`CheckpointError` naming the file."""
-    if not tensor.is_floating_point():
-        return tensor
-    # NaN/Inf propagate into the sum; only a suspicious sum (or an overflow) pays for the exact check. The sum
-    # stays in the stored dtype (accumulated in float32 inside): asking for a float32 result is 10x slower
-    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
-        raise CheckpointError(
-            f"tensor {name} in {reader.tensor_infos()[name].file} contains NaN or Inf. The checkpoint is "
-            "broken (diverged training?); leave it out of the merge."
-        )
-    return tensor
-
-
 def _same_memory(a: Tensor, b: Tensor) -> bool:
     return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
@@ -367,7 +355,11 @@ class SharedInputs:
         if tensor.numel() == 0:
             return tensor.clone()
         raw = self.buffers.take(tensor.numel() * tensor.element_size())
-        copied = raw.view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        copied = raw.view(tensor.dtype).view(tensor.shape)
+        if tensor.is_contiguous():  # one thread: torch's copy wakes OpenMP threads that then spin on the merge's cores
+            numpy.copyto(raw.numpy(), tensor.reshape(-1).view(torch.uint8).numpy())
+        else:
+            copied.copy_(tensor)
         self.copies.append(copied)
         return copied
 
@@ -434,7 +426,7 @@ class MergeEngine:
         """One tensor as stored, on the CPU, checked for NaN/Inf (into a recycled buffer when ``buffers`` lends one)."""
         with self._reading:
             tensor = reader.read(name) if buffers is None else reader.read_into(name, buffers.take)
-        return _check_finite(tensor, name, reader)
+        return check_finite(tensor, name, reader)
 
     def read_inputs(self, plan: TensorPlan, buffers: ReadBuffers | None = None) -> Inputs:
         """The base's and every checkpoint's tensor (runs on the reading thread); integer buffers: the base's only.
@@ -774,8 +766,8 @@ def run_together(
     inputs read once; engine v's results go to ``writes[v]``, in plan order. One report per engine.
 
     Three stages overlap: a reading thread reads (and checks) the inputs of the next ``prefetch``
-    tensors, this thread merges the current one with each engine in turn, and a writing thread
-    writes each result as soon as it is merged (merging a tensor waits for the writes of the tensor
+    tensors, this thread merges the current one with each engine in turn, and one writing thread per
+    engine writes each of its results as soon as it is merged (merging a tensor waits for the writes of the tensor
     two before it; the previous one's may still be running). Inputs are read into recycled buffers, given back once
     merged. ``recycle_written``: the writes keep nothing of the tensors they get (they copy them to
     a file), so a result's buffer is recycled too once written; otherwise results keep their
@@ -793,7 +785,8 @@ def run_together(
     desc = f"merging ({', '.join(e.method.name for e in engines)})"
     bar = tqdm(total=len(tensors), desc=desc, unit="tensor", disable=not progress)
     reads = ThreadPoolExecutor(1, thread_name_prefix="obim-read")
-    writer = ThreadPoolExecutor(1, thread_name_prefix="obim-write")
+    # one writing thread per output: a sweep's outputs are written side by side while this thread waits for them
+    writers = [ThreadPoolExecutor(1, thread_name_prefix=f"obim-write-{v}") for v in range(len(writes))]
     read = partial(first.read_inputs, buffers=buffers)
     queued: deque[Future[Inputs]] = deque(reads.submit(read, t) for t in tensors[: first.prefetch])
     writing: deque[list[tuple[Future[None], Tensor]]] = deque()  # per tensor, oldest first: its results' writes
@@ -829,7 +822,7 @@ def run_together(
                 for v, (tensor, owned) in zip(unit, merged, strict=True):
                     if owned is not None:
                         reports[v].owned[tensor_plan.name] = list(owned)
-                    results.append((writer.submit(writes[v], tensor_plan.name, tensor), tensor))  # written meanwhile
+                    results.append((writers[v].submit(writes[v], tensor_plan.name, tensor), tensor))  # meanwhile
                 del merged, tensor
             buffers.give_back(_not_among(shared, [t for _, t in results]))  # the inputs, but a result taken over
             del shared, results
@@ -839,7 +832,8 @@ def run_together(
         for future in queued:
             future.cancel()
         reads.shutdown()
-        writer.shutdown()
+        for writing_thread in writers:
+            writing_thread.shutdown()
         bar.close()
     seconds = time.perf_counter() - start
     for report, engine in zip(reports, engines, strict=True):

@@ -87,7 +87,8 @@ from obim_trainer.checkpoints.reader import CheckpointReader
 from obim_trainer.errors import CalibrationError, CheckpointError, ConfigError
 from obim_trainer.merging.least_squares import regularize_gram, shrink_toward_base, solve_least_squares
 from obim_trainer.merging.task import ParamKind
-from obim_trainer.pipeline.engine import MergePlan, TensorPlan, _check_finite
+from obim_trainer.pipeline.engine import MergePlan, TensorPlan
+from obim_trainer.pipeline.input_check import check_finite
 from obim_trainer.pipeline.layout import ModelLayout
 
 logger = logging.getLogger(__name__)
@@ -578,7 +579,7 @@ class _SequentialMerge:
     # reading and the shrink rule
 
     def read(self, reader: CheckpointReader, name: str) -> Tensor:
-        return _check_finite(reader.read(name), name, reader)
+        return check_finite(reader.read(name), name, reader)
 
     def load(self, params: Sequence[_Param], reader: CheckpointReader) -> None:
         for p in params:

@@ -10,6 +10,8 @@ import torch
 from safetensors import safe_open
 
 from obim_trainer.checkpoints import ShardedSafetensorsWriter, parse_size
+from obim_trainer.checkpoints.direct_write import BLOCK, MIN_DIRECT_BYTES
+from obim_trainer.checkpoints.safetensors_writer import ShardLayout
 from obim_trainer.errors import ConfigError, OutputError
 from tests.conftest import make_tiny_llama
 
@@ -88,6 +90,29 @@ def test_mixed_dtypes_are_aligned_and_exact(tmp_path):
             assert got.dtype == t.dtype and torch.equal(
                 got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)
             )
+
+
+def test_large_tensors_written_by_two_workers_are_exact(tmp_path):
+    # tensors past the direct-write minimum at offsets inside blocks, their neighbours small, split between
+    # two writers of one layout (a parallel merge's workers) that write in either order
+    state = {
+        "norm": torch.randn(3, 5),
+        "big_f32": torch.randn(700, 1001),
+        "big_bf16": torch.randn(1001, 1003).to(torch.bfloat16),
+        "small_bf16": torch.randn(7, 3).to(torch.bfloat16),
+        "last_bf16": torch.randn(1500, 999).to(torch.bfloat16),
+    }
+    layout = ShardLayout.build(tmp_path, plan_of(state), 10**9)
+    big = [n for n, t in state.items() if t.numel() * t.element_size() > MIN_DIRECT_BYTES + 2 * BLOCK]
+    assert len(big) == 3 and all(layout.slots[n].offset % BLOCK for n in big)  # unaligned: partial blocks at both ends
+    names = list(state)
+    for part in (names[2:], names[:2]):
+        with ShardedSafetensorsWriter.on_layout(layout, part=part) as writer:
+            for name in part:
+                writer.write(name, state[name])
+    with safe_open(layout.files[0], "pt") as f:
+        for name, tensor in state.items():
+            assert torch.equal(f.get_tensor(name).view(torch.uint8), tensor.view(torch.uint8)), name
 
 
 def test_oversized_tensor_gets_its_own_shard(tmp_path):

@@ -443,9 +443,38 @@ void disjoint_tile(const float* deltas, int64_t models, int64_t numel, const flo
   }
 }
 
+// Whether no value has an all-ones exponent (Inf or NaN), in blocks that each vectorize into one OR-reduction.
+template <class Word>
+int all_finite(const Word* __restrict data, int64_t n, Word exponent) {
+  constexpr int64_t kBlock = 1 << 16;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min(n, start + kBlock);
+    Word bad = 0;
+    for (int64_t i = start; i < end; ++i) bad |= static_cast<Word>((data[i] & exponent) == exponent);
+    if (bad != 0) return 0;
+  }
+  return 1;
+}
+
 }  // namespace
 
 extern "C" {
+
+// 1 when none of the n floating-point values at data (elem_size bytes each: 2, 4 or 8) is Inf or NaN, that is
+// none has every bit of `exponent` (its format's exponent field) set; 0 when one is; -1 for another width.
+// One thread and one pass at memory speed: it runs on the engine's reading thread, beside the merge.
+int obim_all_finite(const void* data, int64_t n, int elem_size, uint64_t exponent) {
+  switch (elem_size) {
+    case 2:
+      return all_finite(static_cast<const uint16_t*>(data), n, static_cast<uint16_t>(exponent));
+    case 4:
+      return all_finite(static_cast<const uint32_t*>(data), n, static_cast<uint32_t>(exponent));
+    case 8:
+      return all_finite(static_cast<const uint64_t*>(data), n, exponent);
+    default:
+      return -1;
+  }
+}
 
 // TIES' disjoint merge (obim_trainer/merging/sign_consensus.py) in one pass instead of a dozen torch passes:
 // out[i] = the sum, in checkpoint order, of deltas[k][i] whose sign is the elected sign[i] (never where it is
