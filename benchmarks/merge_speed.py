@@ -155,8 +155,9 @@ def child_merge(work: Path, k: int, method: str, workers: int, params: dict | No
         progress=False,
         workers=workers,
     )
+    seconds = time.perf_counter() - start  # deleting the output is not part of the merge
     shutil.rmtree(work / f"merged-{method}", ignore_errors=True)
-    return {"seconds": time.perf_counter() - start, "stream_seconds": result.manifest["timings"]["merge_s"]}
+    return {"seconds": seconds, "stream_seconds": result.manifest["timings"]["merge_s"]}
 
 
 SWEEPS = {
@@ -181,8 +182,9 @@ def child_sweep(work: Path, k: int, name: str, together: bool) -> dict:
     variants = plan_variants(methods, {}, shares, k)
     one_by_one = None if together else lambda configs: [merge_checkpoints(c) for c in configs]
     merge_variants(config, variants, work / "sweep", sweep=one_by_one)
+    seconds = time.perf_counter() - start
     shutil.rmtree(work / "sweep", ignore_errors=True)
-    return {"seconds": time.perf_counter() - start}
+    return {"seconds": seconds}
 
 
 def timed_sweep(work: Path, k: int, name: str, together: bool, repeats: int) -> dict:

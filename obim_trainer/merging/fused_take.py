@@ -77,13 +77,16 @@ class _Source:
 class Pick:
     """One selection of a step: take the ``count`` best of the ``num_free`` free positions (``free``: a bool
     mask, ``None``: all), copy θ there into ``result`` (``None``: θ is the result already, only the mask
-    changes) and mark what stays free in ``free_out`` (may be ``free`` itself); ``0 < count < num_free``."""
+    changes) and mark what stays free in ``free_out`` (may be ``free`` itself); ``0 < count < num_free``.
+    ``prev``: the values ``result`` holds everywhere else, which the pass copies in (``result`` may then be
+    uninitialised: a sweep's result needs no copy of the first checkpoint); ``None``: ``result`` holds them."""
 
     count: int
     free: Tensor | None
     num_free: int
     result: Tensor | None
     free_out: Tensor
+    prev: Tensor | None = None
 
 
 def _sample_stride(numel: int, cols: int) -> int:
@@ -104,9 +107,10 @@ def _on_cpu(*tensors: Tensor | None) -> bool:
     return all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors)
 
 
-def _copyable(result: Tensor, theta: Tensor) -> bool:
-    """Whether the take loop can copy ``theta`` into ``result`` as machine words."""
-    return result.dtype == theta.dtype and result.element_size() in (1, 2, 4, 8)
+def _copyable(result: Tensor, theta: Tensor, prev: Tensor | None = None) -> bool:
+    """Whether the take loop can copy ``theta`` (and ``prev``) into ``result`` as machine words."""
+    same = result.dtype == theta.dtype and (prev is None or prev.dtype == result.dtype)
+    return same and result.element_size() in (1, 2, 4, 8)
 
 
 def _width(shape: torch.Size) -> int:
@@ -194,7 +198,8 @@ def _take(
         int(source is not None), n, _pointers([p.free for p in picks]), _pointers([p.free_out for p in picks]),
         (ctypes.c_float * n)(*(c.threshold for c in choices)), (ctypes.c_float * n)(*(c.low for c in choices)),
         (ctypes.c_int64 * n)(*(c.need for c in choices)),
-        _pointers([p.result for p in picks]), rows, cols, theta.element_size(), torch.get_num_threads(),
+        _pointers([p.result for p in picks]), _pointers([p.prev for p in picks]), rows, cols, theta.element_size(),
+        torch.get_num_threads(),
     )  # fmt: skip
 
 
@@ -212,9 +217,9 @@ def take_top_many(scores: Scores, picks: Sequence[Pick], theta: Tensor) -> list[
     missed: list[Tensor | None] = [None] * len(picks)
     if library is None or theta.numel() < SAMPLED_MIN or not _on_cpu(theta):
         return missed
-    if not all(_copyable(theta if p.result is None else p.result, theta) for p in picks):
+    if not all(_copyable(theta if p.result is None else p.result, theta, p.prev) for p in picks):
         return missed
-    if not all(_on_cpu(p.free, p.result, p.free_out) for p in picks):
+    if not all(_on_cpu(p.free, p.result, p.free_out, p.prev) for p in picks):
         return missed
     source = _loops_source(scores, theta)
     if source is None:
@@ -249,13 +254,14 @@ def take_top(
     return take_top_many(scores, [Pick(count, free, num_free, result, free_out)], theta)[0]
 
 
-def copy_where(mask: Tensor, result: Tensor, theta: Tensor) -> bool:
-    """``result[mask] = θ`` bit for bit in one pass, clearing ``mask`` (the last checkpoint takes what is left).
+def copy_where(mask: Tensor, result: Tensor, theta: Tensor, prev: Tensor | None = None) -> bool:
+    """``result[mask] = θ`` bit for bit in one pass, clearing ``mask`` (the last checkpoint takes what is left);
+    with ``prev``, ``result = prev`` everywhere else in the same pass (``result`` may be uninitialised).
 
     Returns ``False`` when the fused path does not apply and nothing was written.
     """
     library = native_library()
-    if library is None or not _copyable(result, theta) or not _on_cpu(mask, result, theta):
+    if library is None or not _copyable(result, theta, prev) or not _on_cpu(mask, result, theta, prev):
         return False
-    _take(library, None, theta, [Pick(0, mask, 0, result, mask)], [_Choice()])
+    _take(library, None, theta, [Pick(0, mask, 0, result, mask, prev)], [_Choice()])
     return True

@@ -37,12 +37,13 @@ def iterative_merge(
         The merged tensor and ``owned[k]`` = number of positions taken from checkpoint k, which
         is :func:`~obim_trainer.merging.topk.apportion` of the ratios in this order.
 
-    Each checkpoint is loaded once, and only one at a time besides the first, in its stored dtype;
-    only the first is taken over (the others are read in place, :meth:`TensorTask.checkpoint_view`).
-    At owned positions θ_k itself is copied, which equals θ_B + δ_k without the rounding of that
-    sum, so the result stays in the inputs' (promoted) dtype: no arithmetic touches it. The result
-    starts as the first checkpoint's θ (its positions then need no copy), the others' positions are
-    copied in, and positions nobody owns (Σ n_k < 1) get θ_B at the end; θ_B itself is only read.
+    Each checkpoint is read in place in its stored dtype (:meth:`TensorTask.checkpoint_view`). At
+    owned positions θ_k itself is copied, which equals θ_B + δ_k without the rounding of that sum,
+    so the result stays in the inputs' (promoted) dtype: no arithmetic touches it. The result holds
+    the first checkpoint's θ (its positions then need no copy): that tensor taken over where it
+    costs no copy, else filled in by the first write into it (:meth:`TensorTask.result_from`); the
+    others' positions are copied in, and positions nobody owns (Σ n_k < 1) get θ_B at the end; θ_B
+    itself is only read.
     Scores are float32, computed in place by the fused loops or in one scratch buffer; the free
     mask and the selection's masks are bool scratch buffers. A checkpoint whose count equals the
     positions still free takes all of them without being scored.
@@ -60,8 +61,11 @@ class _Merge:
     role: str
     """The workspace role of its free mask."""
     result: Tensor | None = None
+    kept: Tensor | None = None
+    """While ``result`` is still unwritten (an uninitialised buffer, see :meth:`TensorTask.result_from`): θ of
+    the first checkpoint it took from (read only), which the first write copies in wherever nothing is taken."""
     holds_theta: bool = False
-    """The result was loaded in this step: it holds θ_k everywhere already."""
+    """It started in this step: its values are θ_k everywhere already."""
     free: Tensor | None = None  # None: every position is free
 
 
@@ -73,8 +77,9 @@ def iterative_merge_many(
 
     Checkpoint k's scores do not depend on the shares, so each step scores θ_k once for every merge
     and the fused loops select each merge's positions (its own free mask and count) in the same passes
-    (:func:`~obim_trainer.merging.fused_take.take_top_many`). Each merge's result is its own load of the
-    first checkpoint it takes from (:meth:`TensorTask.checkpoint_stored`); θ_k is otherwise only read.
+    (:func:`~obim_trainer.merging.fused_take.take_top_many`). θ_k is only read; a merge's result is
+    :meth:`TensorTask.result_from` its first checkpoint: in a sweep an uninitialised buffer, which the
+    first write into it fills with that checkpoint's values as it goes, instead of a copy.
     """
     if len(set(order)) != len(order) or not set(order) <= set(range(task.num_models)):
         raise ValueError(f"merge order {list(order)} must list distinct checkpoint indices < {task.num_models}")
@@ -88,20 +93,23 @@ def iterative_merge_many(
         active = [m for m in merges if m.counts[step]]
         if not active:
             continue
-        _step_all(task, k, step, base.dtype, active, saliency)  # holds θ_k only while it runs
+        _step_all(task, k, step, base.dtype, active, saliency)
         for m in active:
             m.num_free -= m.counts[step]
             m.owned[k] = m.counts[step]
             m.holds_theta = False
-    outputs = []
-    for m in merges:
-        if m.result is None:
-            outputs.append(MergeOutput(tensor=base.clone(), owned=m.owned))
-            continue
-        if m.num_free:
-            _take_rest(task, m.result, base.to(m.result.dtype), m.free)  # positions nobody owns keep θ_B
-        outputs.append(MergeOutput(tensor=m.result, owned=m.owned))
-    return outputs
+    return [MergeOutput(tensor=_finish(task, m, base), owned=m.owned) for m in merges]
+
+
+def _finish(task: TensorTask, m: _Merge, base: Tensor) -> Tensor:
+    """The merged tensor: θ_B where nobody took (Σ n_k < 1)."""
+    if m.result is None:
+        return base.clone()
+    if m.num_free:
+        _take_rest(task, m, base.to(m.result.dtype))
+    else:
+        _fill(m, _unwritten(m))
+    return m.result
 
 
 def _step_all(
@@ -114,27 +122,42 @@ def _step_all(
 def _thetas(task: TensorTask, k: int, base_dtype: torch.dtype, active: Sequence[_Merge]) -> dict[Tensor, list[_Merge]]:
     """θ_k for this step's ``active`` merges, in the (promoted) dtype of their results, and the merges of each.
 
-    A merge taking from its first checkpoint loads θ_k as its result; the first such result also
-    serves as the step's θ_k (nothing writes into it during the step). Only merges already under way
-    read θ_k in place. Their dtypes agree unless the checkpoints are stored in different dtypes.
+    A merge that starts here takes its result from θ_k (:meth:`TensorTask.result_from`, converted when
+    the base's dtype promotes the checkpoint's); a result holding θ_k itself also serves as the step's
+    θ_k (nothing writes into it during the step), which is otherwise only read
+    (:meth:`TensorTask.checkpoint_view`, only when needed). Dtypes agree unless the checkpoints are
+    stored in different dtypes.
     """
-    starting = [m for m in active if m.result is None]
-    loaded = [task.checkpoint_stored(k) for _ in starting]
-    view = task.checkpoint_view(k) if len(starting) < len(active) else None
-    stored = (loaded[0] if loaded else view).dtype  # type: ignore[union-attr]
+    views: list[Tensor] = []
+
+    def view() -> Tensor:
+        if not views:
+            views.append(task.checkpoint_view(k))
+        return views[0]
+
     thetas: dict[torch.dtype, Tensor] = {}
-    for m, tensor in zip(starting, loaded, strict=True):
-        m.result, m.holds_theta = tensor.to(torch.promote_types(base_dtype, stored)), True
-        thetas.setdefault(m.result.dtype, m.result)
+    stored: torch.dtype | None = None
+    for m in active:
+        if m.result is None:  # starts here
+            m.holds_theta = True
+            m.result, holds = task.result_from(k)
+            m.kept, stored = (None if holds else view()), m.result.dtype
+            dtype = torch.promote_types(base_dtype, stored)
+            if m.result.dtype != dtype:
+                _fill(m, _unwritten(m))
+                m.result = m.result.to(dtype)
+            if m.kept is None:
+                thetas.setdefault(dtype, m.result)
     groups: dict[Tensor, list[_Merge]] = {}
     for m in active:
         assert m.result is not None
+        stored = stored or view().dtype
         dtype = torch.promote_types(m.result.dtype, stored)
         if m.result.dtype != dtype:
+            _fill(m, _unwritten(m))
             m.result = m.result.to(dtype)
         if dtype not in thetas:
-            assert view is not None
-            thetas[dtype] = view.to(dtype)
+            thetas[dtype] = view().to(dtype)
         groups.setdefault(thetas[dtype], []).append(m)
     return groups
 
@@ -150,11 +173,23 @@ def _step(task: TensorTask, k: int, merges: Sequence[tuple[_Merge, int]], theta:
         if count < m.num_free:
             scored.append((m, count))
         elif not m.holds_theta:
-            assert m.result is not None
-            _take_rest(task, m.result, theta, m.free)
+            _take_rest(task, m, theta)
     if scored:
         scores = saliency(task, k, TaskVector(task, theta))
         _take_top_many(task, scores, scored, theta)
+
+
+def _unwritten(m: _Merge) -> Tensor | None:
+    """The values ``m``'s result must get wherever the next write takes nothing (``None``: it holds them)."""
+    kept, m.kept = m.kept, None
+    return kept
+
+
+def _fill(m: _Merge, prev: Tensor | None) -> None:
+    """The result holds ``prev`` everywhere (before a torch path writes into it; ``None``: it does already)."""
+    if prev is not None:
+        assert m.result is not None
+        m.result.copy_(prev)
 
 
 def _take_top_many(task: TensorTask, scores: Scores, merges: Sequence[tuple[_Merge, int]], theta: Tensor) -> None:
@@ -163,10 +198,10 @@ def _take_top_many(task: TensorTask, scores: Scores, merges: Sequence[tuple[_Mer
     The fused native passes when they apply (:func:`~obim_trainer.merging.fused_take.take_top_many`),
     else :func:`select_top` and a masked copy: the same positions either way.
     """
-    picks = [
-        Pick(count, m.free, m.num_free, None if m.holds_theta else m.result, task.scratch(m.role, torch.bool))
-        for m, count in merges
-    ]
+    picks = []
+    for m, count in merges:
+        result, prev = (None, None) if m.holds_theta else (m.result, _unwritten(m))
+        picks.append(Pick(count, m.free, m.num_free, result, task.scratch(m.role, torch.bool), prev))
     fused = take_top_many(scores, picks, theta)
     flat = None
     for (m, count), pick, free in zip(merges, picks, fused, strict=True):
@@ -174,15 +209,19 @@ def _take_top_many(task: TensorTask, scores: Scores, merges: Sequence[tuple[_Mer
             flat = scores_tensor(scores) if flat is None else flat
             mask = select_top(flat, count, m.free, num_available=m.num_free, scratch=_bool_scratch(task))
             if pick.result is not None:
+                _fill(m, pick.prev)
                 _copy_where(task, pick.result, theta, mask)
             free = torch.logical_not(mask, out=pick.free_out) if m.free is None else m.free.bitwise_xor_(mask)
         m.free = free
 
 
-def _take_rest(task: TensorTask, result: Tensor, theta: Tensor, free: Tensor | None) -> None:
-    """result = ``theta`` at every free position (the free mask is spent: it may be cleared)."""
-    if free is None or not fused_copy_where(free, result, theta):
-        _copy_where(task, result, theta, free)
+def _take_rest(task: TensorTask, m: _Merge, theta: Tensor) -> None:
+    """``m``'s result = ``theta`` at every free position (the free mask is spent: it may be cleared)."""
+    prev = _unwritten(m)
+    assert m.result is not None
+    if m.free is None or not fused_copy_where(m.free, m.result, theta, prev):
+        _fill(m, prev)
+        _copy_where(task, m.result, theta, m.free)
 
 
 def _bool_scratch(task: TensorTask) -> Callable[[str], Tensor]:

@@ -75,7 +75,7 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
         _int,
         [
             *(_ptr, _ptr, _ptr, _ptr, _int, _int, _u64),  # the scores' sources
-            *(_int, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr),  # the variants: masks, choices, results
+            *(_int, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr),  # the variants: masks, choices, results
             *(_i64, _i64, _int, _int),
         ],
     ),

@@ -93,6 +93,7 @@ class TensorTask:
         workspace: Scratch buffers shared across the tensors of a merge (``None``: allocate).
         _view: θ_k as stored, where it lies (the engine: on the CPU), without taking it over (see
             :meth:`checkpoint_view`); ``None``: every access loads through ``_load``.
+        _result_for: Memory for a result that starts as θ_k (see :meth:`result_from`); ``None``: ``_load``.
         base_float32: θ_B in float32, if the caller has it; otherwise :attr:`base` converts
             ``base_stored`` on first use, so a method that never computes with θ_B (iterative
             merging on the CPU) never pays for the conversion.
@@ -116,6 +117,7 @@ class TensorTask:
     workspace: Workspace | None = None
     base_float32: Tensor | None = field(default=None, repr=False)
     _view: Callable[[int], Tensor] | None = field(default=None, repr=False)
+    _result_for: Callable[[int], tuple[Tensor, bool]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.base_stored is None and self.base_float32 is None:
@@ -193,6 +195,19 @@ class TensorTask:
         """
         self._check_index(k)
         return self._load(k) if self._view is None else self._view(k).to(self.device)
+
+    def result_from(self, k: int) -> tuple[Tensor, bool]:
+        """Memory for a result that starts as θ_k (its stored dtype and shape, on the compute device; the caller's
+        to keep), and whether it holds θ_k already.
+
+        θ_k itself where taking it over costs no copy (``True``); in a sweep, whose merges share their
+        inputs, an uninitialised buffer instead (``False``): the caller writes every position of it, as
+        iterative merging's fused passes do when they copy the kept values in, which saves the copy.
+        """
+        self._check_index(k)
+        if self._result_for is None:
+            return self._load(k), True
+        return self._result_for(k)
 
     def _check_index(self, k: int) -> None:
         if not 0 <= k < self.num_models:

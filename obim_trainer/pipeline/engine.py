@@ -350,17 +350,22 @@ class SharedInputs:
     buffers: ReadBuffers
     copies: list[Tensor] = field(default_factory=list)
 
+    def blank(self, like: Tensor) -> Tensor:
+        """An uninitialised tensor shaped like ``like``, in a recycled buffer (kept in :attr:`copies`)."""
+        raw = self.buffers.take(like.numel() * like.element_size())
+        blank = raw.view(like.dtype).view(like.shape)
+        self.copies.append(blank)
+        return blank
+
     def copy(self, tensor: Tensor) -> Tensor:
         """``tensor`` copied into a recycled buffer (or a fresh one when empty)."""
         if tensor.numel() == 0:
             return tensor.clone()
-        raw = self.buffers.take(tensor.numel() * tensor.element_size())
-        copied = raw.view(tensor.dtype).view(tensor.shape)
+        copied = self.blank(tensor)
         if tensor.is_contiguous():  # one thread: torch's copy wakes OpenMP threads that then spin on the merge's cores
-            numpy.copyto(raw.numpy(), tensor.reshape(-1).view(torch.uint8).numpy())
+            numpy.copyto(copied.view(-1).view(torch.uint8).numpy(), tensor.reshape(-1).view(torch.uint8).numpy())
         else:
             copied.copy_(tensor)
-        self.copies.append(copied)
         return copied
 
 
@@ -531,6 +536,12 @@ class MergeEngine:
             tensor = inputs[k + 1]
             return tensor if tensor is not None else read(k)
 
+        def result_for(k: int) -> tuple[Tensor, bool]:
+            tensor = inputs[k + 1]
+            if shared is None or tensor is None or self.device.type != "cpu":
+                return load(k), True
+            return shared.blank(tensor), False  # the merge fills it: no copy of θ_k
+
         stored = inputs[0]
         if stored is None:  # the new rows of an extended vocabulary
             like = next(t for t in inputs if t is not None)
@@ -543,6 +554,7 @@ class MergeEngine:
             name=name,
             _load=load,
             _view=view,
+            _result_for=result_for,
             num_models=len(self.checkpoints),
             kind=plan.kind,
             block_index=plan.block_index,

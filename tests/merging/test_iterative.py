@@ -184,11 +184,14 @@ def test_large_bf16_tensors_through_a_reused_workspace_agree_with_the_plain_loop
 SHARE_SETS = [[1 / 3] * 3, [0.8 / 3] * 3, [0.6 / 3] * 3, [0.5, 0.0, 0.3], [0.0, 0.0, 0.0], [0.1, 0.7, 0.2]]
 
 
+@pytest.mark.parametrize("blank", [False, True])
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("dtypes", [("bf16",) * 3, ("bf16", "f32", "bf16")])
-def test_merges_differing_in_shares_made_together_equal_each_made_alone(monkeypatch, native, dtypes):
+def test_merges_differing_in_shares_made_together_equal_each_made_alone(monkeypatch, native, dtypes, blank):
     """A sweep's OBIM merges of one tensor share each step's scores; every output is its own merge's, bit for
-    bit (fused loops or torch; checkpoints stored in one dtype or in several, so results change dtype midway)."""
+    bit (fused loops or torch; checkpoints stored in one dtype or in several, so results change dtype midway;
+    results taken over from the first checkpoint, or, as in the engine's sweeps, NaN-filled buffers that the
+    merge must fill entirely)."""
     from obim_trainer.merging import fused_take
     from obim_trainer.merging.iterative import iterative_merge_many
 
@@ -202,7 +205,10 @@ def test_merges_differing_in_shares_made_together_equal_each_made_alone(monkeypa
     order = [1, 2, 0]
     make = lambda: TensorTask.from_tensors("w", base, ckpts, workspace=Workspace())  # noqa: E731
     saliency = given_scores(scores)
-    together = iterative_merge_many(make(), SHARE_SETS, order, saliency)
+    task = make()
+    if blank:
+        task._result_for = lambda k: (torch.full_like(ckpts[k], float("nan")), False)
+    together = iterative_merge_many(task, SHARE_SETS, order, saliency)
     if len(set(dtypes)) == 1:
         assert saliency.calls == order, "each checkpoint scored once for all the merges"
     else:  # a merge starting at a bf16 checkpoint keeps bf16 while the others hold float32 since checkpoint 1

@@ -171,7 +171,8 @@ def test_the_library_loads_with_its_functions_typed(fresh_library, tmp_path):
     )  # given scores, 5 rows of 1, every position sampled: take what lies above 7's bin (9), then 1 from it (7)
     assert (invalid, status[0], need[0]) == (0, 0, 1)
     assert 7.0 < threshold[0] <= 9.0 and low[0] <= 7.0 < threshold[0] and low[0] > 5.0
-    result, free_out = (c.c_float * 5)(), (c.c_uint8 * 5)()
+    result, free_out = (c.c_float * 5)(*[42.0] * 5), (c.c_uint8 * 5)()  # uninitialised: prev fills it
+    prev = (c.c_float * 5)(-1.0, -2.0, -3.0, -4.0, -5.0)
     library.obim_take_many(
         scores,
         scores,
@@ -188,12 +189,14 @@ def test_the_library_loads_with_its_functions_typed(fresh_library, tmp_path):
         low,
         need,
         (c.c_void_p * 1)(c.addressof(result)),
+        (c.c_void_p * 1)(c.addressof(prev)),
         5,
         1,
         4,
         1,
-    )  # copies the scores themselves into result where taken
-    assert list(result) == [0.0, 9.0, 0.0, 7.0, 0.0] and list(free_out) == [1, 0, 1, 0, 1]
+    )  # copies the scores themselves into result where taken, prev's values elsewhere
+    assert list(result) == [-1.0, 9.0, -3.0, 7.0, -5.0] and list(free_out) == [1, 0, 1, 0, 1]
+    assert library.obim_all_finite(scores, 5, 4, 0x7F800000) == 1
 
 
 @needs_compiler

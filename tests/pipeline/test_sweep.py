@@ -51,30 +51,30 @@ def test_a_sweep_of_every_method_split_between_two_workers_writes_the_recorded_b
     assert not changed, f"{len(changed)} of {len(cases)} merges differ from the record: {changed}"
 
 
-def test_a_bf16_sweep_copies_only_the_checkpoint_each_obim_merge_writes_into(
-    llama_tied_bf16_family, calibration_jsonl, tmp_path, monkeypatch
-):
-    """The merges of a sweep read the shared inputs in place: of each tensor, an OBIM merge that is not the
-    last copies only the checkpoint it builds its result in (never the base or the checkpoints it only reads),
-    TIES on 16-bit inputs copies nothing, and every merge writes the bytes it writes made alone."""
+def test_a_bf16_sweep_copies_no_input(llama_tied_bf16_family, calibration_jsonl, tmp_path, monkeypatch):
+    """The merges of a sweep read the shared inputs in place and copy none of them: each OBIM merge builds its
+    result in a recycled buffer of its own, which its first write fills (the first checkpoint's values where
+    the next one takes nothing), TIES on 16-bit inputs allocates none, and every merge writes the bytes it
+    writes made alone."""
     base, ckpts = llama_tied_bf16_family
     settings = {"base": base, "checkpoints": ckpts, "calibration_data": calibration_jsonl, "progress": False}
     config = MergeConfig.build({**settings, "stats_cache_dir": tmp_path / "cache", "output": tmp_path / "unused"})
     variants = plan_variants(["obim", "ties"], {}, [1.0, 0.6], num_models=len(ckpts))
     assert [v.method for v in variants] == ["obim", "obim", "ties"]
     alone = merge_variants(config, variants, tmp_path / "alone", sweep=lambda cs: [merge_checkpoints(c) for c in cs])
-    copied: list[int] = []
-    copy = engine.SharedInputs.copy
+    calls: dict[str, list[int]] = {"copy": [], "blank": []}
+    for name, original in [("copy", engine.SharedInputs.copy), ("blank", engine.SharedInputs.blank)]:
 
-    def counting_copy(self: engine.SharedInputs, tensor: torch.Tensor) -> torch.Tensor:
-        copied.append(tensor.numel())
-        return copy(self, tensor)
+        def counting(self: engine.SharedInputs, tensor: torch.Tensor, name=name, original=original) -> torch.Tensor:
+            calls[name].append(tensor.numel())
+            return original(self, tensor)
 
-    monkeypatch.setattr(engine.SharedInputs, "copy", counting_copy)
+        monkeypatch.setattr(engine.SharedInputs, name, counting)
     together = merge_variants(config, variants, tmp_path / "together")
     files = together["obim"].output.glob("*.safetensors")
     numel = sum(t.numel() for file in files for t in load_file(file).values())
-    assert sum(copied) == 2 * numel, "one checkpoint's tensor per tensor, for each OBIM merge but none for TIES"
+    assert sum(calls["copy"]) == 0, "no input copied"
+    assert sum(calls["blank"]) == 2 * numel, "one result buffer per tensor for each OBIM merge, none for TIES"
     for name in together:
         assert tensor_hashes(together[name].output) == tensor_hashes(alone[name].output), name
 

@@ -277,11 +277,12 @@ int choose(const Pick& pick, const std::vector<Counts>& counts, int variants, in
   return 0;
 }
 
-// result = theta where free and score >= threshold, over the width positions of a tile (result == nullptr:
-// theta is the result already, only the free mask changes).
-template <class Word, bool kScored, bool kFree>
+// result = theta where free and score >= threshold, else the kept value (kPrev: prev's, else the result's own),
+// over the width positions of a tile (result == nullptr: theta is the result already, only the free mask changes).
+template <class Word, bool kScored, bool kFree, bool kPrev>
 inline void take_span(const float* __restrict scores, const uint8_t* __restrict f, uint8_t* __restrict g,
-                      Word* __restrict r, const Word* __restrict t, int64_t width, float threshold) {
+                      Word* __restrict r, const Word* __restrict p, const Word* __restrict t, int64_t width,
+                      float threshold) {
   if (r == nullptr) {
     for (int64_t c = 0; c < width; ++c) {
       const uint8_t available = kFree ? f[c] : uint8_t(1);
@@ -296,7 +297,8 @@ inline void take_span(const float* __restrict scores, const uint8_t* __restrict 
     Word take = available;
     if constexpr (kScored) take &= static_cast<Word>(scores[c] >= threshold);
     const Word bits = static_cast<Word>(Word(0) - take);
-    r[c] = static_cast<Word>((t[c] & bits) | (r[c] & static_cast<Word>(~bits)));
+    const Word kept = kPrev ? p[c] : r[c];
+    r[c] = static_cast<Word>((t[c] & bits) | (kept & static_cast<Word>(~bits)));
     g[c] = static_cast<uint8_t>(available & (take ^ Word(1)));
   }
 }
@@ -306,7 +308,8 @@ struct Take {
   const uint8_t* free_in;  // nullptr: all free
   uint8_t* free_out;       // may alias free_in
   Choice choice;
-  void* result;  // nullptr: theta is the result already
+  void* result;      // nullptr: theta is the result already
+  const void* prev;  // what the result keeps where nothing is taken; nullptr: its own values
 };
 
 // The free scores of a tile in [low, threshold) with their indices, in index order (before the tile's take,
@@ -336,23 +339,32 @@ void gather_tile(const float* __restrict scores, const uint8_t* __restrict f, in
   }
 }
 
-template <class Word, bool kScored, bool kFree>
+template <class Word, bool kScored, bool kFree, bool kPrev>
 inline void take_tile(const float* scores, const Take& take, int64_t offset, int64_t width, const Word* theta,
                       uint8_t* inside, std::vector<std::pair<float, int64_t>>* gathered) {
   const uint8_t* f = take.free_in + (kFree ? offset : 0);
   if (gathered != nullptr) gather_tile<kFree>(scores, f, offset, width, take.choice, inside, *gathered);
   Word* r = take.result == nullptr ? nullptr : static_cast<Word*>(take.result) + offset;
-  take_span<Word, kScored, kFree>(scores, f, take.free_out + offset, r, theta + offset, width, take.choice.threshold);
+  const Word* p = kPrev ? static_cast<const Word*>(take.prev) + offset : nullptr;
+  take_span<Word, kScored, kFree, kPrev>(scores, f, take.free_out + offset, r, p, theta + offset, width,
+                                         take.choice.threshold);
 }
 
-// take_tile for one variant, with or without a free mask.
+// take_tile for one variant, with or without a free mask and a source of kept values.
 template <class Word, bool kScored>
 inline void take_variant(const float* scores, const Take& take, int64_t offset, int64_t width, const Word* theta,
                          uint8_t* inside, std::vector<std::pair<float, int64_t>>* gathered) {
+  const bool prev = take.prev != nullptr && take.result != nullptr;
   if (take.free_in != nullptr) {
-    take_tile<Word, kScored, true>(scores, take, offset, width, theta, inside, gathered);
+    if (prev) {
+      take_tile<Word, kScored, true, true>(scores, take, offset, width, theta, inside, gathered);
+    } else {
+      take_tile<Word, kScored, true, false>(scores, take, offset, width, theta, inside, gathered);
+    }
+  } else if (prev) {
+    take_tile<Word, kScored, false, true>(scores, take, offset, width, theta, inside, gathered);
   } else {
-    take_tile<Word, kScored, false>(scores, take, offset, width, theta, inside, gathered);
+    take_tile<Word, kScored, false, false>(scores, take, offset, width, theta, inside, gathered);
   }
 }
 
@@ -573,20 +585,21 @@ int obim_select(const float* given, const void* theta, const void* base, const f
 // For each variant v: result[v] = theta at the free positions whose score is >= threshold[v], and at the
 // need[v] best free scores in [low[v], threshold[v]) (ties to the lowest index; scored == 0: at every free
 // position), bit for bit
-// (result[v] == nullptr: no copy), and free_out[v] marks the positions still free afterwards (it may
+// (result[v] == nullptr: no copy; prev[v] != nullptr: every other position of result[v] is prev[v]'s, so the
+// result need not start as a copy), and free_out[v] marks the positions still free afterwards (it may
 // alias free_in[v]; free_in[v] == nullptr: all were free). Scores are computed once per position for all
 // variants: `given`, with source 1/2 the OBM saliency of theta against the base (both bfloat16 or both
 // float32) and the float32 scale, or with source 3 uniform hashes of (seed, position). elem_size is the
 // byte width of results and theta (1, 2, 4 or 8). Returns 0, or 1 for another width.
 int obim_take_many(const float* given, const void* theta, const void* base, const float* scale, int source, int per_row,
                    uint64_t seed, int scored, int variants, const uint8_t* const* free_in, uint8_t* const* free_out,
-                   const float* threshold, const float* low, const int64_t* need,
-                   void* const* result, int64_t rows, int64_t cols, int elem_size, int threads) {
+                   const float* threshold, const float* low, const int64_t* need, void* const* result,
+                   const void* const* prev, int64_t rows, int64_t cols, int elem_size, int threads) {
   const Scores s{given, theta, base, scale, seed, source, per_row};
   std::vector<Take> takes(variants);
   for (int v = 0; v < variants; ++v) {
     const Choice choice = scored ? Choice{threshold[v], low[v], need[v]} : Choice{};
-    takes[v] = Take{free_in[v], free_out[v], choice, result[v]};
+    takes[v] = Take{free_in[v], free_out[v], choice, result[v], prev[v]};
   }
   const bool has_scores = scored != 0;
   switch (elem_size) {
