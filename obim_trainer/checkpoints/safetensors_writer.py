@@ -4,7 +4,8 @@
 knows every output name, shape and dtype before it starts, so all shard boundaries and
 headers are computed up front and each shard is written as a stream: 8-byte header length,
 JSON header padded with spaces to 8-byte alignment, then the raw bytes of each tensor as it
-is produced. Memory is one tensor, and the files are the ones transformers writes.
+is produced. Memory is one tensor, and the files are the ones transformers writes. Large tensors
+go to the file past the page cache (:mod:`~obim_trainer.checkpoints.direct_write`).
 
 Because the layout is fixed before any data, a merge split between workers (processes or the
 ranks of a distributed run) writes the same bytes: each worker's writer is given its ``part``
