@@ -4,9 +4,10 @@ The engine validates that the base and the K checkpoints describe the same model
 (names, shapes), decides each tensor's output dtype, and then, per tensor, reads the
 base and the checkpoints, checks every input for NaN/Inf, hands them to the method and
 writes the result. Reading the next tensor, merging this one and writing the previous one
-overlap (three threads; reads, writes and torch's kernels all release the GIL), so a merge
-runs at about the speed of the slower of the disk and the math. It knows block indices (for
-the merge order) and nothing else about the method; memory is a few tensors, never the model.
+overlap (a reading thread, this one, a writing thread per output; reads, writes, torch's kernels and
+the native loops all release the GIL), so a merge runs at about the speed of the slower of the
+disk and the math. It knows block indices (for the merge order) and nothing else about the method;
+memory is a few tensors, never the model.
 
 Device: inputs are read on the CPU and moved to ``device`` (``cpu`` or ``cuda[:N]``) for the
 math, and each result comes back to the CPU to be written; only the current tensor's inputs,
