@@ -181,7 +181,15 @@ def test_large_bf16_tensors_through_a_reused_workspace_agree_with_the_plain_loop
         assert torch.equal(out.tensor.float(), expected), shape
 
 
-SHARE_SETS = [[1 / 3] * 3, [0.8 / 3] * 3, [0.6 / 3] * 3, [0.5, 0.0, 0.3], [0.0, 0.0, 0.0], [0.1, 0.7, 0.2]]
+SHARE_SETS = [
+    [1 / 3] * 3,
+    [0.8 / 3] * 3,
+    [0.6 / 3] * 3,
+    [0.5, 0.0, 0.3],
+    [0.0, 0.0, 0.0],
+    [0.1, 0.7, 0.2],
+    [1.0, 0.0, 0.0],  # all from the last checkpoint in the order: its result is never written into
+]
 
 
 @pytest.mark.parametrize("blank", [False, True])
