@@ -142,24 +142,27 @@ def _thetas(task: TensorTask, k: int, base_dtype: torch.dtype, active: Sequence[
             m.holds_theta = True
             m.result, holds = task.result_from(k)
             m.kept, stored = (None if holds else view()), m.result.dtype
-            dtype = torch.promote_types(base_dtype, stored)
-            if m.result.dtype != dtype:
-                _fill(m, _unwritten(m))
-                m.result = m.result.to(dtype)
+            result = _promoted(m, torch.promote_types(base_dtype, stored))
             if m.kept is None:
-                thetas.setdefault(dtype, m.result)
+                thetas.setdefault(result.dtype, result)
+    stored = stored or view().dtype
     groups: dict[Tensor, list[_Merge]] = {}
     for m in active:
         assert m.result is not None
-        stored = stored or view().dtype
-        dtype = torch.promote_types(m.result.dtype, stored)
-        if m.result.dtype != dtype:
-            _fill(m, _unwritten(m))
-            m.result = m.result.to(dtype)
+        dtype = _promoted(m, torch.promote_types(m.result.dtype, stored)).dtype
         if dtype not in thetas:
             thetas[dtype] = view().to(dtype)
         groups.setdefault(thetas[dtype], []).append(m)
     return groups
+
+
+def _promoted(m: _Merge, dtype: torch.dtype) -> Tensor:
+    """``m``'s result, converted to ``dtype`` if it is not in it (its unwritten values filled in first)."""
+    assert m.result is not None
+    if m.result.dtype != dtype:
+        _fill(m, _unwritten(m))
+        m.result = m.result.to(dtype)
+    return m.result
 
 
 def _step(task: TensorTask, k: int, merges: Sequence[tuple[_Merge, int]], theta: Tensor, saliency: SaliencyFn) -> None:
