@@ -17,6 +17,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #ifndef OBIM_LEVEL
 #define OBIM_LEVEL 1  // the instruction-set level this copy is compiled for (see native/build.py)
 #endif
@@ -43,20 +47,25 @@ inline int64_t unit_rows(int64_t cols) { return std::max<int64_t>(1, kChunk / st
 
 inline int64_t unit_count(int64_t rows, int64_t cols) { return (rows + unit_rows(cols) - 1) / unit_rows(cols); }
 
-// Calls body(unit, first_row, last_row) for every unit, on up to `threads` threads that claim units
-// as they go: a thread the OS delays (the engine's reading thread shares the cores) takes fewer
-// units instead of holding the others up.
+// Calls body(i) for every i in [0, n), on up to `threads` threads that claim indices as they go: a thread the
+// OS delays (the engine's reading thread shares the cores) takes fewer instead of holding the others up.
 template <class Body>
-void parallel_rows(int64_t rows, int64_t cols, int threads, Body body) {
-  const int64_t step = unit_rows(cols), units = unit_count(rows, cols);
+void parallel_for(int64_t n, int threads, Body body) {
   std::atomic<int64_t> next{0};
   auto work = [&]() {
-    for (int64_t u = next++; u < units; u = next++) body(u, u * step, std::min(rows, (u + 1) * step));
+    for (int64_t i = next++; i < n; i = next++) body(i);
   };
   std::vector<std::thread> pool;
-  for (int64_t t = 1; t < std::min<int64_t>(threads, units); ++t) pool.emplace_back(work);
+  for (int64_t t = 1; t < std::min<int64_t>(threads, n); ++t) pool.emplace_back(work);
   work();
   for (auto& worker : pool) worker.join();
+}
+
+// Calls body(unit, first_row, last_row) for every unit of about kChunk positions (parallel_for).
+template <class Body>
+void parallel_rows(int64_t rows, int64_t cols, int threads, Body body) {
+  const int64_t step = unit_rows(cols);
+  parallel_for(unit_count(rows, cols), threads, [&](int64_t u) { body(u, u * step, std::min(rows, (u + 1) * step)); });
 }
 
 [[gnu::always_inline]] inline float bf16_to_float(uint16_t bits) {
@@ -178,12 +187,14 @@ struct Pick {
   int shift = 0;
 };
 
-// The k-th largest (1-based) of values, which are reordered (linear time).
-inline float kth_largest(std::vector<float>& values, int64_t k) {
-  std::nth_element(values.begin(), values.begin() + (k - 1), values.end(), [](float a, float b) { return a > b; });
-  return values[k - 1];
+// The value of 0-based rank k from the top among values[first:], which are reordered so that values[k] holds it
+// and every later value ranks below it (linear time).
+inline float ranked(std::vector<float>& values, int64_t first, int64_t k) {
+  std::nth_element(values.begin() + first, values.begin() + k, values.end(), [](float a, float b) { return a > b; });
+  return values[k];
 }
 
+constexpr int64_t kSampleBlock = 4096;  // sampled positions scored per unit of work
 constexpr double kSigmas = 5.0;  // half-width of the bracket in standard deviations of the sampled rank
 
 // (hi, lo) that very probably hold the count-th largest free score between them: +-5 standard deviations
@@ -196,8 +207,9 @@ void bracket(std::vector<float>& sample, Pick& pick) {
   const auto top = static_cast<int64_t>(std::floor(expected - margin));  // 0-based ranks from the top
   const auto bottom = static_cast<int64_t>(std::ceil(expected + margin));
   const float inf = std::numeric_limits<float>::infinity();
-  pick.hi = (0 <= top && top < size) ? kth_largest(sample, top + 1) : inf;
-  pick.lo = (0 <= bottom && bottom < size) ? kth_largest(sample, bottom + 1) : -inf;
+  const bool has_top = 0 <= top && top < size;
+  pick.hi = has_top ? ranked(sample, 0, top) : inf;
+  pick.lo = (0 <= bottom && bottom < size) ? ranked(sample, has_top ? top + 1 : 0, bottom) : -inf;  // bottom > top
   pick.low_bits = float_bits(std::max(pick.lo, 0.0f) + 0.0f);  // scores are >= 0; -0.0 counts as +0.0
   pick.high_bits = std::max(float_bits(pick.hi + 0.0f), pick.low_bits);
   while (((pick.high_bits - pick.low_bits) >> pick.shift) >= static_cast<uint32_t>(kBins)) ++pick.shift;
@@ -209,37 +221,110 @@ struct Counts {
   std::vector<int64_t> bins;
 };
 
-// Counts the free scores of a tile above hi and bins those in [lo, hi]; returns whether a score is NaN or negative.
+// Whether a score of the tile is NaN or negative (saliencies never are).
+inline bool any_invalid(const float* __restrict scores, int64_t width) {
+  uint8_t bad = 0;
+  for (int64_t c = 0; c < width; ++c) bad |= !(scores[c] >= 0.0f);  // vectorized
+  return bad != 0;
+}
+
+inline void bin_score(const float* scores, int64_t j, const Pick& pick, int64_t* __restrict bins) {
+  ++bins[(float_bits(scores[j] + 0.0f) - pick.low_bits) >> pick.shift];
+}
+
+// count_tile's loops on any CPU: one pass flags each position (a byte), a second bins the flagged few percent,
+// eight flags at a time.
 template <bool kFree>
-bool count_tile(const float* __restrict scores, const uint8_t* __restrict f, int64_t width, const Pick& pick,
-                uint8_t* __restrict inside, Counts& out) {
+void count_span(const float* __restrict scores, const uint8_t* __restrict f, int64_t width, const Pick& pick,
+                uint8_t* __restrict inside, int64_t* __restrict bins, int64_t& above_out) {
   const float hi = pick.hi, lo = pick.lo;
   int32_t above = 0;
-  uint8_t bad = 0;
   for (int64_t c = 0; c < width; ++c) {  // vectorized: counts and flags
     const float v = scores[c];
     const uint8_t available = kFree ? f[c] : uint8_t(1);
     const uint8_t over = v > hi;
     above += available & over;
-    bad |= !(v >= 0.0f);
     inside[c] = available & static_cast<uint8_t>(v >= lo) & (over ^ uint8_t(1));
   }
   std::memset(inside + width, 0, 8);
-  if (out.bins.empty()) out.bins.assign(kBins, 0);
-  int64_t* __restrict bins = out.bins.data();
-  const uint32_t low_bits = pick.low_bits;
-  const int shift = pick.shift;
-  for (int64_t c = 0; c < width; c += 8) {  // bin the flagged few percent, eight flags at a time
+  for (int64_t c = 0; c < width; c += 8) {
     uint64_t word;
     std::memcpy(&word, inside + c, sizeof word);
     while (word != 0) {
-      const int64_t j = c + __builtin_ctzll(word) / 8;
+      bin_score(scores, c + __builtin_ctzll(word) / 8, pick, bins);
       word &= word - 1;
-      ++bins[(float_bits(scores[j] + 0.0f) - low_bits) >> shift];
     }
   }
-  out.above += above;
-  return bad != 0;
+  above_out += above;
+}
+
+#if defined(__AVX2__)
+// For each 8-bit mask, the lanes whose bit is set, first: a permutation that packs those lanes to the front.
+struct PackTable {
+  alignas(32) uint32_t lanes[256][8];
+};
+
+constexpr PackTable pack_table() {
+  PackTable table{};
+  for (int mask = 0; mask < 256; ++mask) {
+    int k = 0;
+    for (int lane = 0; lane < 8; ++lane) {
+      if ((mask >> lane) & 1) table.lanes[mask][k++] = static_cast<uint32_t>(lane);
+    }
+  }
+  return table;
+}
+
+constexpr PackTable kPack = pack_table();
+
+// count_span for the first width - width % 8 positions with AVX2, without a branch per position: eight scores
+// at a time become bit masks (free, above hi, at least lo), counted with popcount; the bins of those in the
+// bracket are computed for all eight and packed into `binned`, counted after the loop (a branch per binned
+// score, about one in 30, would mispredict: that was most of the pass).
+template <bool kFree>
+int64_t count_span_avx2(const float* __restrict scores, const uint8_t* __restrict f, int64_t width,
+                        const Pick& pick, uint32_t* __restrict binned, int64_t* __restrict bins, int64_t& above_out) {
+  const __m256 hi = _mm256_set1_ps(pick.hi), lo = _mm256_set1_ps(pick.lo), zero = _mm256_setzero_ps();
+  const __m256i low_bits = _mm256_set1_epi32(static_cast<int>(pick.low_bits));
+  const __m128i shift = _mm_cvtsi32_si128(pick.shift);
+  const int64_t end = width - width % 8;
+  int64_t above = 0, count = 0;
+  for (int64_t c = 0; c < end; c += 8) {
+    uint32_t available = 0xffu;
+    if constexpr (kFree) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(f + c));
+      available = ~static_cast<uint32_t>(_mm_movemask_epi8(_mm_cmpeq_epi8(bytes, _mm_setzero_si128()))) & 0xffu;
+    }
+    const __m256 v = _mm256_loadu_ps(scores + c);
+    const auto over = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, hi, _CMP_GT_OQ)));
+    const auto at_least = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, lo, _CMP_GE_OQ)));
+    above += __builtin_popcount(available & over);
+    const uint32_t in = available & at_least & ~over;
+    const __m256i bits = _mm256_castps_si256(_mm256_add_ps(v, zero));  // -0.0 counts as +0.0
+    const __m256i bin = _mm256_srl_epi32(_mm256_sub_epi32(bits, low_bits), shift);
+    const __m256i pack = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPack.lanes[in]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(binned + count), _mm256_permutevar8x32_epi32(bin, pack));
+    count += __builtin_popcount(in);
+  }
+  for (int64_t j = 0; j < count; ++j) ++bins[binned[j]];
+  above_out += above;
+  return end;
+}
+#endif
+
+// Counts the free scores of a tile above hi and bins those in [lo, hi]; `inside` has room for kTile + 8 values.
+template <bool kFree>
+void count_tile(const float* __restrict scores, const uint8_t* __restrict f, int64_t width, const Pick& pick,
+                uint32_t* __restrict inside, Counts& out) {
+  if (out.bins.empty()) out.bins.assign(kBins, 0);
+  int64_t done = 0;
+#if defined(__AVX2__)
+  done = count_span_avx2<kFree>(scores, f, width, pick, inside, out.bins.data(), out.above);
+#endif
+  if (done < width) {
+    auto* flags = reinterpret_cast<uint8_t*>(inside);
+    count_span<kFree>(scores + done, kFree ? f + done : nullptr, width - done, pick, flags, out.bins.data(), out.above);
+  }
 }
 
 // How a variant takes in the take pass: every free score >= threshold and, when need > 0, the need best of
@@ -539,35 +624,42 @@ int obim_select(const float* given, const void* theta, const void* base, const f
                 int64_t* need, int* status, int threads) {
   const Scores s{given, theta, base, scale, seed, source, per_row};
   const int64_t numel = rows * cols;
-  std::vector<float> sampled;
-  for (int64_t i = 0; i < numel; i += stride) sampled.push_back(score_at(s, i, cols));
+  std::vector<float> sampled((numel + stride - 1) / stride);
+  const auto samples = static_cast<int64_t>(sampled.size());
+  parallel_for((samples + kSampleBlock - 1) / kSampleBlock, threads, [&](int64_t b) {
+    for (int64_t j = b * kSampleBlock; j < std::min(samples, (b + 1) * kSampleBlock); ++j) {
+      sampled[j] = score_at(s, j * stride, cols);
+    }
+  });
   std::vector<Pick> picks(variants);
-  for (int v = 0; v < variants; ++v) {
+  parallel_for(variants, threads, [&](int64_t v) {
     picks[v] = Pick{free[v], count[v], num_free[v]};
     std::vector<float> sample;
     sample.reserve(sampled.size());
-    for (size_t j = 0; j < sampled.size(); ++j) {
-      if (free[v] == nullptr || free[v][static_cast<int64_t>(j) * stride]) sample.push_back(sampled[j]);
+    for (int64_t j = 0; j < samples; ++j) {
+      if (free[v] == nullptr || free[v][j * stride]) sample.push_back(sampled[j]);
     }
     bracket(sample, picks[v]);
-  }
+  });
   std::vector<Counts> counts(unit_count(rows, cols) * variants);
   std::atomic<bool> invalid{false};
   parallel_rows(rows, cols, threads, [&](int64_t u, int64_t first, int64_t last) {
-    alignas(64) uint8_t inside[kTile + 8];
+    alignas(64) uint32_t inside[kTile + 8];  // the binned scores (AVX2) or the flags of a tile
     by_source(s, [&]<int kSource, bool kPerRow>() {
       for_tiles<kSource, kPerRow>(s, first, last, cols, [&](int64_t offset, const float* __restrict scores, int64_t width) {
-        bool bad = false;  // every variant sees every score (free or not) in its flags loop
+        if (any_invalid(scores, width)) {  // every score, free or not; binning one would index out of range
+          invalid = true;
+          return;
+        }
         for (int v = 0; v < variants; ++v) {
           const Pick& pick = picks[v];
           Counts& out = counts[u * variants + v];
           if (pick.free != nullptr) {
-            bad |= count_tile<true>(scores, pick.free + offset, width, pick, inside, out);
+            count_tile<true>(scores, pick.free + offset, width, pick, inside, out);
           } else {
-            bad |= count_tile<false>(scores, nullptr, width, pick, inside, out);
+            count_tile<false>(scores, nullptr, width, pick, inside, out);
           }
         }
-        if (bad) invalid = true;
       });
     });
   });
