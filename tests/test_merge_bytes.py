@@ -77,14 +77,14 @@ def _record() -> dict[str, Any]:
 def expected_hashes(record: dict[str, Any], case: str) -> dict[str, str]:
     """The recorded hashes of a case on this platform; skips the test where they depend on the platform and
     this one has no record."""
-    platforms = record["platforms"]
-    if platform_key() in platforms:
-        assert case in platforms[platform_key()], f"no record for {case}: regenerate with OBIM_RECORD_MERGE_BYTES=1"
-        return platforms[platform_key()][case]
+    platforms, here = record["platforms"], platform_key()
+    if here in platforms:
+        assert case in platforms[here], f"no record for {case}: regenerate with OBIM_RECORD_MERGE_BYTES=1"
+        return platforms[here][case]
     seen = [hashes[case] for hashes in platforms.values() if case in hashes]
     assert seen, f"no record for {case}: regenerate with OBIM_RECORD_MERGE_BYTES=1"
     if any(hashes != seen[0] for hashes in seen):
-        pytest.skip(f"{case}'s bytes differ between the recorded CPUs {sorted(platforms)}; this is {platform_key()}")
+        pytest.skip(f"{case}'s bytes differ between the recorded CPUs {sorted(platforms)}; this is {here}")
     return seen[0]
 
 
